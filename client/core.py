@@ -1,0 +1,361 @@
+"""Everything an edge client does, in plain Python: no Flower imports here.
+
+A client keeps the backbone it was sent (by fingerprint, on disk), embeds each of its images once
+(cached on disk by content), trains the head on those embeddings and scores it on its local test
+share. Its images and embeddings never leave this module except as head weights and numbers.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from common import wire
+from common.backbones import BackboneError, build_backbone, fingerprint, get_spec
+from common.config import NodeConfig, RunConfig
+from common.data import LabelledFiles, elpv_split, partition, scan_image_folder
+from common.embedding import Embedded, EmbeddingCache, embed_files, progress_logger
+from common.heads import Head, evaluate_head, head_arrays, load_head_arrays, make_head, train_head
+from common.preprocess import PreprocessSpec
+
+log = logging.getLogger(__name__)
+
+
+class FingerprintMismatch(BackboneError):
+    """Backbone weights do not hash to the fingerprint they were announced with."""
+
+
+# --- instructions from the server ---------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Instructions:
+    """What the server asks of one round (the message's ConfigRecord), typed."""
+
+    server_round: int
+    fingerprint: str
+    backbone_name: str
+    preprocess: PreprocessSpec
+    head: str
+    mlp_hidden: int
+    num_classes: int
+    local_epochs: int
+    learning_rate: float
+    weight_decay: float
+    batch_size: int
+    proximal_mu: float
+    seed: int
+
+    @classmethod
+    def from_record(cls, record: Mapping[str, object]) -> Instructions:
+        try:
+            return cls(
+                server_round=int(record[wire.SERVER_ROUND]),  # type: ignore[call-overload]
+                fingerprint=str(record[wire.FINGERPRINT]),
+                backbone_name=str(record[wire.BACKBONE_NAME]),
+                preprocess=PreprocessSpec.from_json(str(record[wire.PREPROCESS])),
+                head=str(record[wire.HEAD]),
+                mlp_hidden=int(record[wire.MLP_HIDDEN]),  # type: ignore[call-overload]
+                num_classes=int(record[wire.NUM_CLASSES]),  # type: ignore[call-overload]
+                local_epochs=int(record[wire.LOCAL_EPOCHS]),  # type: ignore[call-overload]
+                learning_rate=float(record[wire.LEARNING_RATE]),  # type: ignore[arg-type]
+                weight_decay=float(record[wire.WEIGHT_DECAY]),  # type: ignore[arg-type]
+                batch_size=int(record[wire.BATCH_SIZE]),  # type: ignore[call-overload]
+                proximal_mu=float(record.get(wire.PROXIMAL_MU, 0.0)),  # type: ignore[arg-type]
+                seed=int(record[wire.SEED]),  # type: ignore[call-overload]
+            )
+        except KeyError as missing:
+            raise ValueError(f"Server instructions lack key {missing}; is the server the same edgesplit version?") from None
+
+
+# --- the backbone, cached on disk by fingerprint ------------------------------------------------
+
+
+class BackboneCache:
+    """Backbones this device holds, one file per fingerprint, verified before use."""
+
+    _lock = threading.RLock()  # re-entered: model() verifies under the lock
+    _verified: dict[Path, str] = {}  # file -> fingerprint, per process
+    _models: dict[str, nn.Module] = {}  # one built model per fingerprint, per process
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory / "backbones"
+
+    def _path(self, fp: str) -> Path:
+        return self.directory / f"{fp}.pt"
+
+    def holds(self, fp: str) -> bool:
+        """True if a verified copy of this fingerprint is on disk; a corrupt copy is deleted."""
+        try:
+            self._verify(fp)
+            return True
+        except FingerprintMismatch as error:
+            log.warning("%s; it will be downloaded again.", error)
+            return False
+        except FileNotFoundError:
+            return False
+
+    def store(self, name: str, state: dict[str, torch.Tensor], preprocess: PreprocessSpec, expected: str) -> None:
+        """Keep a received backbone, refusing it if it does not hash to ``expected``."""
+        actual = fingerprint(name, state, preprocess)
+        if actual != expected:
+            raise FingerprintMismatch(
+                f"Received backbone hashes to {actual[:12]}, but the server announced {expected[:12]}. "
+                "The transfer was corrupted or the server's registry changed; the round is refused."
+            )
+        self.directory.mkdir(parents=True, exist_ok=True)
+        temporary = self._path(expected).with_suffix(f".tmp{os.getpid()}")
+        torch.save({"name": name, "preprocess": preprocess.to_json(), "state": state}, temporary)
+        temporary.replace(self._path(expected))  # atomic: a crash never leaves half a file
+        with self._lock:
+            self._verified[self._path(expected)] = expected
+
+    def model(self, fp: str) -> nn.Module:
+        """The frozen backbone for this fingerprint, built once per process."""
+        with self._lock:
+            if fp in self._models:
+                self._verify(fp)  # this device must hold it, even if another node built it
+                return self._models[fp]
+        name, state, _ = self._verify(fp)
+        model = build_backbone(name, state).to(memory_format=torch.channels_last)
+        with self._lock:
+            self._models[fp] = model
+        return model
+
+    def _verify(self, fp: str) -> tuple[str, dict[str, torch.Tensor], PreprocessSpec]:
+        path = self._path(fp)
+        if not path.is_file():
+            raise FileNotFoundError(path)
+        with self._lock:
+            verified = self._verified.get(path) == fp
+        if verified and fp in self._models:
+            return "", {}, PreprocessSpec()  # contents already checked and built in this process
+        stored = torch.load(path, map_location="cpu", weights_only=True)
+        name, preprocess = stored["name"], PreprocessSpec.from_json(stored["preprocess"])
+        if fingerprint(name, stored["state"], preprocess) != fp:
+            path.unlink(missing_ok=True)
+            raise FingerprintMismatch(f"Cached backbone {path} does not match its fingerprint {fp[:12]} and was removed")
+        with self._lock:
+            self._verified[path] = fp
+        return name, stored["state"], preprocess
+
+
+# --- local data -----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class LocalData:
+    train: LabelledFiles
+    test: LabelledFiles
+    notes: tuple[str, ...] = ()
+
+
+def local_split(files: LabelledFiles, test_fraction: float, seed: int) -> tuple[LabelledFiles, LabelledFiles]:
+    """Seeded local train/test split that always keeps at least one training example."""
+    order = np.random.default_rng(seed).permutation(len(files))
+    num_test = min(int(len(files) * test_fraction), len(files) - 1)
+    return files.subset(np.sort(order[num_test:])), files.subset(np.sort(order[:num_test]))
+
+
+def load_local_data(config: RunConfig, node: NodeConfig) -> LocalData:
+    """This node's private files: an ELPV partition in simulation, or its own ImageFolder."""
+    node_seed = config.seed + 7919 * (node.partition_id or 0)
+    if node.data_dir or config.dataset == "folder":
+        folder = node.data_dir or _simulated_folder(config, node)
+        files = scan_image_folder(folder, config.classes())
+    else:
+        if node.partition_id is None or node.num_partitions is None:
+            raise ValueError(
+                "dataset='elpv' splits ELPV over simulated clients and needs node-config "
+                "'partition-id' and 'num-partitions'. On a real device set node-config 'data-dir'."
+            )
+        client_share, _ = elpv_split(config.elpv_task, config.subset, config.test_fraction, config.seed)
+        files = partition(
+            client_share,
+            node.num_partitions,
+            node.partition_id,
+            config.partitioner,
+            config.seed,
+            config.dirichlet_alpha,
+            config.classes_per_client,
+        )
+    train, test = local_split(files, config.client_test_fraction, node_seed)
+    return LocalData(train, test, files.notes)
+
+
+def _simulated_folder(config: RunConfig, node: NodeConfig) -> Path:
+    if not config.data_dir or node.partition_id is None:
+        raise ValueError(
+            "dataset='folder' needs node-config 'data-dir' on each device, or run-config 'data-dir' "
+            "holding client-<partition-id>/ folders in simulation."
+        )
+    return Path(config.data_dir).expanduser() / f"client-{node.partition_id}"
+
+
+# --- the client -----------------------------------------------------------------------------------
+
+
+@dataclass
+class EmbeddedData:
+    train: Embedded
+    test: Embedded
+    reported: bool = False  # embedding counts go into one reply only
+
+
+@dataclass
+class EdgeClient:
+    """One device: its config, data, caches and (lazily) its embeddings."""
+
+    config: RunConfig
+    node: NodeConfig
+    _data: LocalData | None = None
+    _embedded: dict[str, EmbeddedData] = field(default_factory=dict)
+
+    @property
+    def name(self) -> str:
+        return f"client {self.node.partition_id}" if self.node.partition_id is not None else "client"
+
+    @property
+    def cache_dir(self) -> Path:
+        if self.node.cache_dir:
+            return Path(self.node.cache_dir).expanduser()
+        suffix = f"node-{self.node.partition_id}" if self.node.partition_id is not None else "node"
+        return self.config.resolved_cache_dir() / suffix
+
+    @property
+    def backbones(self) -> BackboneCache:
+        return BackboneCache(self.cache_dir)
+
+    @property
+    def data(self) -> LocalData:
+        if self._data is None:
+            self._data = load_local_data(self.config, self.node)
+            for note in self._data.notes:
+                log.warning("%s: %s", self.name, note)
+        return self._data
+
+    def receive_backbone(self, name: str, state: dict[str, torch.Tensor], instructions: Instructions) -> None:
+        self.backbones.store(name, state, instructions.preprocess, instructions.fingerprint)
+
+    def embedded(self, instructions: Instructions) -> EmbeddedData:
+        """Embeddings of the local train and test files, computed at most once per image."""
+        fp = instructions.fingerprint
+        if fp not in self._embedded:
+            if not self.backbones.holds(fp):
+                raise FingerprintMismatch(
+                    f"{self.name} does not hold backbone {fp[:12]}; the server must send it."
+                )
+            log.info("%s: embedding local images with %d torch threads", self.name, torch.get_num_threads())
+            cache = EmbeddingCache(self.cache_dir / "embeddings", fp)
+            model = _LazyModel(self.backbones, fp)
+            try:
+                parts = [
+                    embed_files(
+                        files,
+                        model,  # type: ignore[arg-type]
+                        instructions.preprocess,
+                        cache,
+                        self.config.embed_batch_size,
+                        progress_logger(f"{self.name} ({part})"),
+                        who=self.name,
+                    )
+                    for part, files in (("train", self.data.train), ("test", self.data.test))
+                ]
+            finally:
+                cache.close()
+            self._embedded[fp] = EmbeddedData(*parts)
+        return self._embedded[fp]
+
+    def train(self, arrays: Mapping[str, np.ndarray], instructions: Instructions) -> tuple[dict[str, np.ndarray], dict[str, float]]:
+        """Train the head from the global weights; returns (head arrays, metrics)."""
+        data = self.embedded(instructions)
+        if len(data.train.labels) == 0:
+            raise ValueError(f"{self.name} has no usable training images (all skipped).")
+        head = self._head(arrays, instructions)
+        result = train_head(
+            head,
+            data.train.features,
+            data.train.labels,
+            epochs=instructions.local_epochs,
+            learning_rate=instructions.learning_rate,
+            batch_size=instructions.batch_size,
+            weight_decay=instructions.weight_decay,
+            proximal_mu=instructions.proximal_mu,
+            seed=instructions.seed + 1000 * instructions.server_round + (self.node.partition_id or 0),
+        )
+        metrics = {
+            wire.NUM_EXAMPLES: result.num_examples,
+            wire.TRAIN_LOSS: result.loss,
+            wire.TRAIN_ACCURACY: result.accuracy,
+            wire.TRAIN_SECONDS: result.seconds,
+            **self._embedding_metrics(data),
+        }
+        return head_arrays(head.classifier), metrics
+
+    def evaluate(self, arrays: Mapping[str, np.ndarray], instructions: Instructions) -> dict[str, float]:
+        """Score the global head on this device's local test share."""
+        data = self.embedded(instructions)
+        head = self._head(arrays, instructions)
+        report = evaluate_head(head, data.test.features, data.test.labels, instructions.num_classes)
+        return {
+            wire.NUM_EXAMPLES: report.num_examples,
+            wire.LOSS: report.loss if report.num_examples else 0.0,
+            wire.ACCURACY: report.accuracy,
+            wire.MACRO_F1: report.macro_f1,
+            **self._embedding_metrics(data),
+        }
+
+    def _head(self, arrays: Mapping[str, np.ndarray], instructions: Instructions) -> Head:
+        spec = get_spec(instructions.backbone_name)
+        head = make_head(instructions.head, spec.feature_dim, instructions.num_classes, instructions.mlp_hidden)
+        load_head_arrays(head.classifier, arrays)
+        return head
+
+    @staticmethod
+    def _embedding_metrics(data: EmbeddedData) -> dict[str, float]:
+        first = not data.reported
+        data.reported = True
+        parts = (data.train.stats, data.test.stats)
+        return {
+            wire.EMBED_SECONDS: sum(s.seconds for s in parts) if first else 0.0,
+            wire.EMBEDDINGS_COMPUTED: sum(s.computed for s in parts) if first else 0,
+            wire.EMBEDDINGS_CACHED: sum(s.cached for s in parts) if first else 0,
+            wire.IMAGES_SKIPPED: sum(s.num_skipped for s in parts) if first else 0,
+        }
+
+
+class _LazyModel:
+    """Builds the backbone only if some image actually needs embedding (cache misses)."""
+
+    def __init__(self, backbones: BackboneCache, fp: str) -> None:
+        self._backbones, self._fp = backbones, fp
+
+    def eval(self) -> _LazyModel:
+        return self
+
+    def __call__(self, batch: torch.Tensor) -> torch.Tensor:
+        started = time.perf_counter()
+        output = self._backbones.model(self._fp)(batch)
+        log.debug("backbone batch of %d in %.2fs", len(batch), time.perf_counter() - started)
+        return output
+
+
+_CLIENTS: dict[tuple[RunConfig, NodeConfig], EdgeClient] = {}
+
+
+def edge_client(config: RunConfig, node: NodeConfig) -> EdgeClient:
+    """The process-wide client for this (run config, node): simulation reuses worker processes,
+    so embeddings stay in memory between rounds."""
+    key = (config, node)
+    if key not in _CLIENTS:
+        _CLIENTS[key] = EdgeClient(config, node)
+    return _CLIENTS[key]

@@ -1,0 +1,204 @@
+"""The one run-config schema. Flower hands us a flat dict of kebab-case keys; it is checked here,
+once, into a typed, frozen object. Defaults live in pyproject.toml ([tool.flwr.app.config]) and
+are repeated here so that code and tests can build a config without Flower.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+from common.backbones import available_backbones
+from common.data import class_names_for
+from common.heads import HEAD_KINDS
+
+STRATEGIES = ("fedavg", "fedadam", "fedprox")
+PARTITIONERS = ("iid", "dirichlet", "pathological")
+DATASETS = ("elpv", "folder")
+ELPV_TASKS = ("4-level", "binary")
+LR_SCHEDULES = ("cosine", "constant")
+ENGINES = ("torch",)
+
+
+class ConfigError(ValueError):
+    """A config key is unknown, of the wrong type, or out of range."""
+
+
+def _choice(*allowed: str) -> dict[str, Any]:
+    return {"choices": allowed}
+
+
+def _range(low: float | None = None, high: float | None = None) -> dict[str, Any]:
+    return {"low": low, "high": high}
+
+
+def _key(default: Any, help: str, **rules: Any) -> Any:  # noqa: A002 - "help" reads best here
+    return dataclasses.field(default=default, metadata={"help": help, **rules})
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Every setting of a run; attribute ``snake_case`` is run-config key ``kebab-case``."""
+
+    # Federation
+    num_server_rounds: int = _key(30, "rounds of federated training", **_range(1, 10_000))
+    strategy: str = _key("fedavg", "server aggregation", **_choice(*STRATEGIES))
+    fraction_train: float = _key(1.0, "share of connected clients sampled per round", **_range(0.0, 1.0))
+    fraction_evaluate: float = _key(1.0, "share of clients asked to evaluate locally", **_range(0.0, 1.0))
+    min_clients: int = _key(2, "clients needed before a round starts", **_range(1, 100_000))
+    round_timeout: float = _key(600.0, "seconds to wait for replies in one round", **_range(1, 86_400))
+    proximal_mu: float = _key(0.01, "FedProx proximal term weight", **_range(0.0, 100.0))
+    server_learning_rate: float = _key(0.01, "FedAdam server step size (eta)", **_range(0.0, 10.0))
+    # Backbone and head
+    backbone: str = _key("efficientnet_lite0", "frozen backbone", **_choice(*available_backbones()))
+    backbone_weights: str = _key("", "weights file for a backbone without embedded weights")
+    engine: str = _key("torch", "how clients run the backbone", **_choice(*ENGINES))
+    image_size: int = _key(224, "backbone input size in pixels", **_range(32, 1024))
+    crop_pct: float = _key(1.0, "centre-crop share (1.0 keeps the whole image)", **_range(0.1, 1.0))
+    head: str = _key("linear", "trainable head", **_choice(*HEAD_KINDS))
+    mlp_hidden: int = _key(256, "hidden width of the mlp head", **_range(1, 65_536))
+    # Local training
+    local_epochs: int = _key(5, "epochs over local embeddings per round", **_range(1, 1000))
+    learning_rate: float = _key(0.01, "client SGD learning rate (round 1)", **_range(0.0, 10.0))
+    lr_schedule: str = _key("cosine", "learning rate over rounds", **_choice(*LR_SCHEDULES))
+    weight_decay: float = _key(1e-3, "client SGD weight decay", **_range(0.0, 1.0))
+    batch_size: int = _key(32, "head training batch size", **_range(1, 65_536))
+    embed_batch_size: int = _key(32, "images per backbone batch", **_range(1, 4096))
+    num_threads: int = _key(0, "torch threads per process (0: all available cores)", **_range(0, 1024))
+    # Data
+    dataset: str = _key("elpv", "elpv (embedded) or folder (ImageFolder per client)", **_choice(*DATASETS))
+    elpv_task: str = _key("4-level", "ELPV labels", **_choice(*ELPV_TASKS))
+    class_names: str = _key("", "comma-separated class list (folder dataset)")
+    data_dir: str = _key("", "folder dataset: root holding client-<partition-id>/ (simulation)")
+    server_test_dir: str = _key("", "folder dataset: the server's held-out labelled ImageFolder")
+    subset: int = _key(0, "use only this many images, stratified (0: all)", **_range(0, 10_000_000))
+    test_fraction: float = _key(0.25, "server's held-out share of ELPV", **_range(0.05, 0.9))
+    client_test_fraction: float = _key(0.2, "each client's local test share", **_range(0.0, 0.9))
+    partitioner: str = _key("dirichlet", "how ELPV is split over clients", **_choice(*PARTITIONERS))
+    dirichlet_alpha: float = _key(0.3, "Dirichlet concentration (lower: more skewed)", **_range(1e-3, 1e6))
+    classes_per_client: int = _key(2, "pathological partitioner: classes per client", **_range(1, 10_000))
+    seed: int = _key(42, "seed for splits, partitions, head init and sampling", **_range(0, 2**31 - 1))
+    # Where things go
+    cache_dir: str = _key("", "backbone and embedding cache (default: ~/.cache/edgesplit)")
+    runs_dir: str = _key("runs", "where runs/<run-id>/ folders are written")
+    run_name: str = _key("", "name of the run folder (default: time stamp and Flower run id)")
+
+    @classmethod
+    def from_flower(cls, run_config: Mapping[str, Any]) -> RunConfig:
+        """Validate a Flower run config (kebab-case keys); unknown keys are errors."""
+        known = {f.name.replace("_", "-"): f for f in fields(cls)}
+        unknown = sorted(set(run_config) - set(known))
+        if unknown:
+            raise ConfigError(
+                f"Unknown run-config key(s) {unknown}. Known keys: {sorted(known)}."
+            )
+        values = {known[k].name: _check(k, known[k], v) for k, v in run_config.items()}
+        config = cls(**values)
+        config.check_consistency()
+        return config
+
+    def to_flower(self) -> dict[str, Any]:
+        return {f.name.replace("_", "-"): getattr(self, f.name) for f in fields(self)}
+
+    def replace(self, **changes: Any) -> RunConfig:
+        return dataclasses.replace(self, **changes)
+
+    def check_consistency(self) -> None:
+        """Rules that involve more than one key."""
+        if self.dataset == "folder":
+            if not self.class_list():
+                raise ConfigError("dataset='folder' needs 'class-names', e.g. class-names='ok,crack,finger'.")
+            if not self.server_test_dir:
+                raise ConfigError(
+                    "dataset='folder' needs 'server-test-dir': an ImageFolder the server holds for "
+                    "central evaluation."
+                )
+        if self.partitioner == "pathological" and self.classes_per_client > len(self.classes()):
+            raise ConfigError(
+                f"'classes-per-client' ({self.classes_per_client}) exceeds the number of classes "
+                f"({len(self.classes())})."
+            )
+
+    def classes(self) -> tuple[str, ...]:
+        """The run's class list, in label-index order."""
+        return class_names_for(self.dataset, self.elpv_task, self.class_list())
+
+    def class_list(self) -> tuple[str, ...]:
+        return tuple(name.strip() for name in self.class_names.split(",") if name.strip())
+
+    def resolved_cache_dir(self, node_override: str | None = None) -> Path:
+        raw = node_override or self.cache_dir or os.environ.get("EDGESPLIT_CACHE_DIR", "")
+        return Path(raw).expanduser() if raw else Path.home() / ".cache" / "edgesplit"
+
+    def learning_rate_at(self, server_round: int) -> float:
+        """Client learning rate of a round: cosine decay to 0 over the run, or constant."""
+        if self.lr_schedule == "constant":
+            return self.learning_rate
+        import math
+
+        progress = (server_round - 1) / self.num_server_rounds
+        return self.learning_rate * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def _check(key: str, field: dataclasses.Field[Any], value: Any) -> Any:
+    expected = field.type if isinstance(field.type, type) else {"int": int, "float": float, "str": str}[str(field.type)]
+    if expected is float and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    if expected is int and isinstance(value, float) and value.is_integer():
+        value = int(value)
+    if not isinstance(value, expected) or isinstance(value, bool):
+        raise ConfigError(
+            f"Run-config key '{key}' must be {expected.__name__}, got {type(value).__name__} {value!r}."
+        )
+    rules = field.metadata
+    if "choices" in rules and value not in rules["choices"]:
+        raise ConfigError(f"Run-config key '{key}' must be one of {list(rules['choices'])}, got {value!r}.")
+    low, high = rules.get("low"), rules.get("high")
+    if (low is not None and value < low) or (high is not None and value > high):
+        raise ConfigError(f"Run-config key '{key}' must be in [{low}, {high}], got {value!r}.")
+    return value
+
+
+NODE_CONFIG_KEYS = {
+    "partition-id": "this node's partition (simulation)",
+    "num-partitions": "number of partitions (simulation)",
+    "data-dir": "this board's ImageFolder of private images",
+    "cache-dir": "where this board caches the backbone and embeddings",
+}
+
+
+@dataclass(frozen=True)
+class NodeConfig:
+    """Per-device settings (Flower node config)."""
+
+    partition_id: int | None = None
+    num_partitions: int | None = None
+    data_dir: str | None = None
+    cache_dir: str | None = None
+
+    @classmethod
+    def from_flower(cls, node_config: Mapping[str, Any]) -> NodeConfig:
+        unknown = sorted(set(node_config) - set(NODE_CONFIG_KEYS))
+        if unknown:
+            raise ConfigError(f"Unknown node-config key(s) {unknown}. Known keys: {sorted(NODE_CONFIG_KEYS)}.")
+        values: dict[str, Any] = {}
+        for key in ("partition-id", "num-partitions"):
+            if key in node_config:
+                value = node_config[key]
+                if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                    raise ConfigError(f"Node-config key '{key}' must be a non-negative int, got {value!r}.")
+                values[key.replace("-", "_")] = value
+        for key in ("data-dir", "cache-dir"):
+            if key in node_config:
+                if not isinstance(node_config[key], str):
+                    raise ConfigError(f"Node-config key '{key}' must be a path string.")
+                values[key.replace("-", "_")] = node_config[key]
+        node = cls(**values)
+        if node.partition_id is not None and node.num_partitions is not None:
+            if node.partition_id >= node.num_partitions:
+                raise ConfigError(f"partition-id {node.partition_id} must be below num-partitions {node.num_partitions}.")
+        return node

@@ -1,0 +1,236 @@
+"""Datasets as lists of image files with labels: ELPV (embedded default) and user ImageFolders.
+
+Images stay files on disk; a dataset here is a table of paths and labels, so partitioning and
+splitting never decode a pixel. Decoding happens once, in the embedding step.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
+ELPV_CLASS_NAMES = {
+    "4-level": ("p0", "p1/3", "p2/3", "p1"),
+    "binary": ("functional", "defective"),
+}
+
+
+class DataError(ValueError):
+    """Local data cannot be used as configured; the message says how to fix it."""
+
+
+@dataclass(frozen=True)
+class LabelledFiles:
+    """Image files and their class indices into ``class_names``."""
+
+    paths: tuple[str, ...]
+    labels: tuple[int, ...]
+    class_names: tuple[str, ...]
+    notes: tuple[str, ...] = field(default=())  # problems found that did not stop loading
+
+    def __post_init__(self) -> None:
+        if len(self.paths) != len(self.labels):
+            raise ValueError("paths and labels differ in length")
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def subset(self, indices: np.ndarray | list[int]) -> LabelledFiles:
+        return LabelledFiles(
+            paths=tuple(self.paths[i] for i in indices),
+            labels=tuple(self.labels[i] for i in indices),
+            class_names=self.class_names,
+            notes=self.notes,
+        )
+
+    def class_counts(self) -> list[int]:
+        return np.bincount(np.asarray(self.labels, dtype=np.int64), minlength=len(self.class_names)).tolist()
+
+
+# --- ELPV --------------------------------------------------------------------------------------
+
+
+def elpv_root() -> Path:
+    import elpv_dataset
+
+    return Path(elpv_dataset.__file__).parent / "data"
+
+
+@functools.lru_cache(maxsize=4)
+def load_elpv(task: str = "4-level") -> LabelledFiles:
+    """All 2,624 ELPV cells. ``task`` is "4-level" (p = 0, 1/3, 2/3, 1) or "binary" (p >= 0.5)."""
+    if task not in ELPV_CLASS_NAMES:
+        raise DataError(f"ELPV task must be one of {sorted(ELPV_CLASS_NAMES)}, got {task!r}.")
+    root = elpv_root()
+    paths, labels = [], []
+    for line in (root / "labels.csv").read_text().splitlines():
+        if not line.strip():
+            continue
+        relative, probability, _cell_type = line.split()
+        p = float(probability)
+        paths.append(str(root / relative))
+        labels.append(int(p >= 0.5) if task == "binary" else int(round(p * 3)))
+    return LabelledFiles(tuple(paths), tuple(labels), ELPV_CLASS_NAMES[task])
+
+
+def class_names_for(dataset: str, elpv_task: str, class_names: tuple[str, ...]) -> tuple[str, ...]:
+    """The run's class list: ELPV's own, or the one the run config names for user folders."""
+    if dataset == "elpv":
+        if elpv_task not in ELPV_CLASS_NAMES:
+            raise DataError(f"ELPV task must be one of {sorted(ELPV_CLASS_NAMES)}, got {elpv_task!r}.")
+        return ELPV_CLASS_NAMES[elpv_task]
+    return class_names
+
+
+# --- user ImageFolders -------------------------------------------------------------------------
+
+
+def scan_image_folder(root: str | Path, class_names: tuple[str, ...]) -> LabelledFiles:
+    """Read an ImageFolder-style directory (``root/<class name>/<image>``).
+
+    ``class_names`` comes from the run config so that every client maps a name to the same index.
+    Class folders the run does not know, and known classes without images, are noted rather
+    than fatal: the client can still train on what it has.
+    """
+    root = Path(root).expanduser()
+    if not root.is_dir():
+        raise DataError(
+            f"Data folder {str(root)!r} does not exist. Create it with one sub-folder per class "
+            f"({', '.join(class_names)}) or point node-config 'data-dir' at the right place."
+        )
+    folders = sorted(p.name for p in root.iterdir() if p.is_dir())
+    notes = []
+    unknown = [name for name in folders if name not in class_names]
+    if unknown:
+        notes.append(f"ignored class folders not in the run's class list: {unknown}")
+    paths: list[str] = []
+    labels: list[int] = []
+    empty = []
+    for index, name in enumerate(class_names):
+        folder = root / name
+        files = sorted(
+            p for p in folder.glob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS
+        ) if folder.is_dir() else []
+        if not files:
+            empty.append(name)
+        paths.extend(str(p) for p in files)
+        labels.extend([index] * len(files))
+    if empty:
+        notes.append(f"no images for classes: {empty}")
+    if not paths:
+        raise DataError(
+            f"Data folder {str(root)!r} holds no images of the run's classes {list(class_names)} "
+            f"(found class folders {folders}). Expected {root}/<class name>/*.png|jpg|..."
+        )
+    return LabelledFiles(tuple(paths), tuple(labels), tuple(class_names), tuple(notes))
+
+
+# --- splits and partitions ---------------------------------------------------------------------
+
+
+def stratified_split(
+    files: LabelledFiles, test_fraction: float, seed: int
+) -> tuple[LabelledFiles, LabelledFiles]:
+    """Seeded split that keeps each class's share in both parts (rest, held-out test)."""
+    from sklearn.model_selection import train_test_split
+
+    indices = np.arange(len(files))
+    counts = np.bincount(np.asarray(files.labels))
+    stratify = files.labels if counts[counts > 0].min() >= 2 else None
+    rest, test = train_test_split(
+        indices, test_size=test_fraction, random_state=seed, stratify=stratify
+    )
+    return files.subset(np.sort(rest)), files.subset(np.sort(test))
+
+
+def stratified_subset(files: LabelledFiles, size: int, seed: int) -> LabelledFiles:
+    """A seeded, class-balanced-by-share subset of ``size`` files (for quick runs and tests)."""
+    if size <= 0 or size >= len(files):
+        return files
+    kept, _ = stratified_split(files, test_fraction=1 - size / len(files), seed=seed)
+    return kept
+
+
+def elpv_split(task: str, subset: int, test_fraction: float, seed: int) -> tuple[LabelledFiles, LabelledFiles]:
+    """ELPV as a run sees it: (the part shared out to clients, the server's held-out test split)."""
+    files = stratified_subset(load_elpv(task), subset, seed)
+    return stratified_split(files, test_fraction, seed)
+
+
+def partition(
+    files: LabelledFiles,
+    num_partitions: int,
+    partition_id: int,
+    method: str,
+    seed: int,
+    dirichlet_alpha: float = 0.3,
+    classes_per_client: int = 2,
+) -> LabelledFiles:
+    """One client's share, by a flwr-datasets partitioner over a local ``datasets.Dataset``."""
+    if not 0 <= partition_id < num_partitions:
+        raise DataError(f"partition-id {partition_id} is outside [0, {num_partitions}).")
+    indices = _partition_indices(
+        files.labels, num_partitions, method, seed, dirichlet_alpha, classes_per_client
+    )[partition_id]
+    if not indices:
+        raise DataError(
+            f"Partition {partition_id} of {num_partitions} is empty ({len(files)} samples, "
+            f"partitioner {method!r}). Use fewer clients or more data."
+        )
+    return files.subset(indices)
+
+
+@functools.lru_cache(maxsize=8)
+def _partition_indices(
+    labels: tuple[int, ...],
+    num_partitions: int,
+    method: str,
+    seed: int,
+    dirichlet_alpha: float,
+    classes_per_client: int,
+) -> tuple[list[int], ...]:
+    import datasets
+    from flwr_datasets.partitioner import (
+        DirichletPartitioner,
+        IidPartitioner,
+        Partitioner,
+        PathologicalPartitioner,
+    )
+
+    if num_partitions > len(labels):
+        raise DataError(
+            f"{num_partitions} clients but only {len(labels)} training samples: every client "
+            "needs at least one. Use fewer clients (num-supernodes) or more data (subset=0)."
+        )
+    partitioner: Partitioner
+    if method == "iid":
+        partitioner = IidPartitioner(num_partitions=num_partitions)
+    elif method == "dirichlet":
+        partitioner = DirichletPartitioner(
+            num_partitions=num_partitions,
+            partition_by="label",
+            alpha=dirichlet_alpha,
+            min_partition_size=min(10, len(labels) // num_partitions),
+            self_balancing=False,
+            seed=seed,
+        )
+    elif method == "pathological":
+        partitioner = PathologicalPartitioner(
+            num_partitions=num_partitions,
+            partition_by="label",
+            num_classes_per_partition=classes_per_client,
+            class_assignment_mode="first-deterministic",
+            seed=seed,
+        )
+    else:
+        raise DataError(f"Unknown partitioner {method!r}; use iid, dirichlet or pathological.")
+    table = datasets.Dataset.from_dict({"index": list(range(len(labels))), "label": list(labels)})
+    # IidPartitioner shards contiguously; shuffle so that file order (often by source) does not leak.
+    partitioner.dataset = table.shuffle(seed=seed)
+    return tuple(
+        sorted(partitioner.load_partition(pid)["index"]) for pid in range(num_partitions)
+    )

@@ -1,0 +1,183 @@
+"""Run the frozen backbone once per image and cache the result on disk.
+
+The cache key is the image's content hash inside a database named by the embedding space (the
+backbone fingerprint, which already covers weights and preprocessing). A renamed or copied image
+is still a cache hit; an edited image is not.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import logging
+import sqlite3
+import time
+from collections import Counter
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+from torch import nn
+
+from common.data import LabelledFiles
+from common.preprocess import PreprocessSpec
+
+log = logging.getLogger(__name__)
+
+# PIL refuses images above this many pixels as a decompression bomb; keep its guard on.
+_DECODE_ERRORS = (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError)
+
+
+class EmbeddingCache:
+    """Content-addressed embeddings of one embedding space, in one SQLite file."""
+
+    def __init__(self, directory: str | Path, space_id: str) -> None:
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        self.path = directory / f"{space_id[:32]}.sqlite"
+        self._db = sqlite3.connect(self.path, timeout=60)
+        self._db.execute("CREATE TABLE IF NOT EXISTS emb (key TEXT PRIMARY KEY, vec BLOB NOT NULL)")
+        self._db.commit()
+
+    def get_many(self, keys: Iterable[str]) -> dict[str, np.ndarray]:
+        found: dict[str, np.ndarray] = {}
+        keys = list(dict.fromkeys(keys))
+        for start in range(0, len(keys), 500):  # SQLite limits bound parameters per query
+            chunk = keys[start : start + 500]
+            marks = ",".join("?" * len(chunk))
+            for key, blob in self._db.execute(f"SELECT key, vec FROM emb WHERE key IN ({marks})", chunk):
+                found[key] = np.frombuffer(blob, dtype=np.float32)
+        return found
+
+    def put_many(self, items: Iterable[tuple[str, np.ndarray]]) -> None:
+        rows = [(key, np.ascontiguousarray(vec, dtype=np.float32).tobytes()) for key, vec in items]
+        self._db.executemany("INSERT OR REPLACE INTO emb (key, vec) VALUES (?, ?)", rows)
+        self._db.commit()
+
+    def __len__(self) -> int:
+        return int(self._db.execute("SELECT COUNT(*) FROM emb").fetchone()[0])
+
+    def close(self) -> None:
+        self._db.close()
+
+
+@dataclass
+class EmbedStats:
+    """What the embedding step did: counts a client reports and a summary shows."""
+
+    computed: int = 0
+    cached: int = 0
+    skipped: Counter[str] = field(default_factory=Counter)
+    seconds: float = 0.0
+
+    @property
+    def num_skipped(self) -> int:
+        return sum(self.skipped.values())
+
+
+@dataclass
+class Embedded:
+    features: np.ndarray  # (n, feature_dim) float32
+    labels: np.ndarray  # (n,) int64
+    stats: EmbedStats
+
+
+def decode_image(data: bytes) -> Image.Image:
+    """Decode fully (not lazily) so that truncated files fail here, not inside the batch."""
+    image = Image.open(io.BytesIO(data))
+    image.load()
+    return image
+
+
+@torch.inference_mode()
+def embed_files(
+    files: LabelledFiles,
+    backbone: nn.Module,
+    preprocess: PreprocessSpec,
+    cache: EmbeddingCache,
+    batch_size: int = 32,
+    progress: Callable[[int, int], None] | None = None,
+    who: str = "embed",
+) -> Embedded:
+    """Embeddings for every decodable file, from the cache where possible.
+
+    Files that cannot be read or decoded are skipped and counted by reason, with one warning
+    for the whole call; the rest go on.
+    """
+    started = time.perf_counter()
+    stats = EmbedStats()
+    # First pass hashes only, so memory stays bounded by one batch of decoded images.
+    keys: list[str | None] = []
+    for path in files.paths:
+        try:
+            keys.append(_file_sha256(path))
+        except OSError as error:
+            keys.append(None)
+            stats.skipped[f"unreadable ({type(error).__name__})"] += 1
+    cached = cache.get_many(k for k in keys if k is not None)
+    to_compute = [i for i, k in enumerate(keys) if k is not None and k not in cached]
+    stats.cached = sum(1 for k in keys if k is not None and k in cached)
+
+    backbone.eval()
+    first_bad: str | None = None
+    done = 0
+    for start in range(0, len(to_compute), batch_size):
+        batch_indices, tensors = [], []
+        for i in to_compute[start : start + batch_size]:
+            try:
+                tensors.append(preprocess(decode_image(Path(files.paths[i]).read_bytes())))
+                batch_indices.append(i)
+            except _DECODE_ERRORS as error:
+                stats.skipped[f"undecodable ({type(error).__name__})"] += 1
+                first_bad = first_bad or f"{files.paths[i]}: {error}"
+        if tensors:
+            batch = torch.stack(tensors).contiguous(memory_format=torch.channels_last)
+            vectors = backbone(batch).float().numpy()
+            cache.put_many((keys[i], vec) for i, vec in zip(batch_indices, vectors, strict=True))
+            for i, vec in zip(batch_indices, vectors, strict=True):
+                cached[keys[i]] = vec
+                stats.computed += 1
+        done += len(to_compute[start : start + batch_size])
+        if progress is not None:
+            progress(done, len(to_compute))
+    if stats.num_skipped:
+        log.warning(
+            "%s: skipped %d of %d images (%s); first: %s",
+            who, stats.num_skipped, len(files), dict(stats.skipped), first_bad or "unreadable file",
+        )
+
+    kept = [i for i, k in enumerate(keys) if k is not None and k in cached]
+    features = (
+        np.stack([cached[keys[i]] for i in kept]).astype(np.float32, copy=False)
+        if kept
+        else np.zeros((0, 0), dtype=np.float32)
+    )
+    labels = np.asarray([files.labels[i] for i in kept], dtype=np.int64)
+    stats.seconds = time.perf_counter() - started
+    return Embedded(features, labels, stats)
+
+
+def _file_sha256(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def progress_logger(who: str, every_seconds: float = 5.0) -> Callable[[int, int], None]:
+    """A progress callback that logs a line at most every few seconds, and at the end."""
+    last = [0.0]
+    started = time.perf_counter()
+
+    def report(done: int, total: int) -> None:
+        now = time.perf_counter()
+        if done == total or now - last[0] >= every_seconds:
+            last[0] = now
+            rate = done / max(now - started, 1e-9)
+            log.info("%s: embedded %d/%d images (%.1f img/s)", who, done, total, rate)
+
+    return report

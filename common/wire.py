@@ -1,0 +1,77 @@
+"""Every key that crosses the network, in one place (see DESIGN.md, wire protocol).
+
+Server -> client: ``arrays`` (head weights), ``config`` (instructions), and ``backbone`` (the
+frozen weights) only for a node that does not hold the run's fingerprint yet.
+Client -> server: ``arrays`` (head weights only, after train), ``metrics`` (numbers only, with
+``num-examples``) and ``status`` (fingerprint it used, notes on its data). Never images, never
+embeddings, never anything per sample.
+"""
+
+from __future__ import annotations
+
+# Record names inside a message's RecordDict
+ARRAYS = "arrays"
+CONFIG = "config"
+BACKBONE = "backbone"
+METRICS = "metrics"
+STATUS = "status"
+
+# Query actions (message type "query")
+QUERY_ACTION = "action"
+ACTION_BACKBONE_STATUS = "backbone-status"
+
+# Instruction keys in CONFIG (server -> client)
+SERVER_ROUND = "server-round"  # injected by Flower's strategies
+FINGERPRINT = "backbone-fingerprint"
+BACKBONE_NAME = "backbone-name"
+PREPROCESS = "preprocess"  # PreprocessSpec as canonical JSON
+HEAD = "head"
+MLP_HIDDEN = "mlp-hidden"
+NUM_CLASSES = "num-classes"
+LOCAL_EPOCHS = "local-epochs"
+LEARNING_RATE = "learning-rate"
+WEIGHT_DECAY = "weight-decay"
+BATCH_SIZE = "batch-size"
+PROXIMAL_MU = "proximal-mu"  # also the key Flower's FedProx injects
+SEED = "seed"
+
+# Reply keys in METRICS (client -> server); all numbers
+NUM_EXAMPLES = "num-examples"
+HAS_BACKBONE = "has-backbone"
+TRAIN_LOSS = "train-loss"
+TRAIN_ACCURACY = "train-accuracy"
+TRAIN_SECONDS = "train-seconds"
+EMBED_SECONDS = "embed-seconds"
+EMBEDDINGS_COMPUTED = "embeddings-computed"
+EMBEDDINGS_CACHED = "embeddings-cached"
+IMAGES_SKIPPED = "images-skipped"
+BACKBONE_RECEIVED = "backbone-received"
+LOSS = "loss"
+ACCURACY = "accuracy"
+MACRO_F1 = "macro-f1"
+
+# Reply keys in STATUS (client -> server); short strings about the node, not its data
+DATA_NOTES = "data-notes"
+
+TRAIN_METRIC_KEYS = (
+    NUM_EXAMPLES,
+    TRAIN_LOSS,
+    TRAIN_ACCURACY,
+    TRAIN_SECONDS,
+    EMBED_SECONDS,
+    EMBEDDINGS_COMPUTED,
+    EMBEDDINGS_CACHED,
+    IMAGES_SKIPPED,
+    BACKBONE_RECEIVED,
+)
+EVALUATE_METRIC_KEYS = (
+    NUM_EXAMPLES,
+    LOSS,
+    ACCURACY,
+    MACRO_F1,
+    EMBED_SECONDS,
+    EMBEDDINGS_COMPUTED,
+    EMBEDDINGS_CACHED,
+    IMAGES_SKIPPED,
+    BACKBONE_RECEIVED,
+)

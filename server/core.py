@@ -1,0 +1,266 @@
+"""The cloud side in plain Python: backbone, instructions, central evaluation, run records.
+
+No Flower imports: ``server/app.py`` and ``server/strategy.py`` translate between Flower messages
+and the calls here.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from common import wire
+from common.backbones import BackboneSpec, build_backbone, fingerprint, get_spec, load_backbone_weights
+from common.config import RunConfig
+from common.data import LabelledFiles, elpv_split, scan_image_folder
+from common.embedding import Embedded, EmbeddingCache, embed_files, progress_logger
+from common.heads import evaluate_head, head_arrays, load_head_arrays, make_head
+from common.metrics import ClassificationReport
+from common.preprocess import PreprocessSpec
+from server.runlog import RunLog, new_run_id
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class RoundRecord:
+    """What one round did, as summary.json's ``rounds[i]`` shows it."""
+
+    round: int
+    accuracy: float = float("nan")
+    macro_f1: float = float("nan")
+    loss: float = float("nan")
+    bytes_down: int = 0
+    bytes_up: int = 0
+    seconds: float = 0.0
+    clients_ok: int = 0
+    clients_failed: int = 0
+    clients_rejected: int = 0
+    backbones_sent: int = 0
+    client_accuracy: float = float("nan")  # clients' local test shares, weighted by examples
+    max_bytes_up_per_client: int = 0
+
+
+@dataclass
+class ServerRun:
+    """One federated run, from the server's point of view."""
+
+    config: RunConfig
+    spec: BackboneSpec
+    backbone_state: dict[str, torch.Tensor]
+    preprocess: PreprocessSpec
+    fingerprint: str
+    classes: tuple[str, ...]
+    run_log: RunLog
+    test: Embedded
+    started: float = field(default_factory=time.perf_counter)
+    rounds: list[RoundRecord] = field(default_factory=list)
+    embedding_computed: int = 0
+    embedding_cached: int = 0
+    images_skipped: int = 0
+    final_report: ClassificationReport | None = None
+
+    # --- start ------------------------------------------------------------------------------
+
+    @classmethod
+    def prepare(cls, config: RunConfig, flower_run_id: int | None = None) -> ServerRun:
+        """Build the backbone, fingerprint it, open the run folder, embed the held-out test split."""
+        started = time.perf_counter()
+        spec = get_spec(config.backbone)
+        preprocess = PreprocessSpec(
+            image_size=config.image_size,
+            crop_pct=config.crop_pct,
+            interpolation=spec.preprocess.interpolation,
+            mean=spec.preprocess.mean,
+            std=spec.preprocess.std,
+        )
+        state = load_backbone_weights(config.backbone, config.backbone_weights or None)
+        fp = fingerprint(spec.name, state, preprocess)
+        classes = config.classes()
+        run_dir = Path(config.runs_dir).expanduser().resolve() / new_run_id(flower_run_id, config.run_name)
+        run_log = RunLog(run_dir)
+        run_log.write_config(
+            {
+                "run_config": config.to_flower(),
+                "classes": list(classes),
+                "backbone": {"name": spec.name, "fingerprint": fp, "feature_dim": spec.feature_dim},
+                "preprocess": asdict(preprocess),
+                "flower_run_id": flower_run_id,
+            }
+        )
+        log.info("Run folder: %s", run_dir)
+        log.info("Backbone %s, fingerprint %s", spec.name, fp[:16])
+        test_files = _server_test_files(config)
+        cache = EmbeddingCache(config.resolved_cache_dir() / "server" / "embeddings", fp)
+        try:
+            test = embed_files(
+                test_files,
+                build_backbone(spec.name, state).to(memory_format=torch.channels_last),
+                preprocess,
+                cache,
+                config.embed_batch_size,
+                progress_logger("server (held-out test)"),
+                who="server",
+            )
+        finally:
+            cache.close()
+        run = cls(config, spec, state, preprocess, fp, classes, run_log, test, started=started)
+        run.embedding_computed, run.embedding_cached = test.stats.computed, test.stats.cached
+        run.images_skipped = test.stats.num_skipped
+        run_log.event(
+            "run-start",
+            backbone=spec.name,
+            fingerprint=fp,
+            test_examples=len(test.labels),
+            test_class_counts=np.bincount(test.labels, minlength=len(classes)).tolist(),
+            embeddings_computed=test.stats.computed,
+            embeddings_cached=test.stats.cached,
+        )
+        return run
+
+    # --- what goes to clients ------------------------------------------------------------------
+
+    def instructions(self) -> dict[str, Any]:
+        """The ConfigRecord content every train/evaluate message carries (minus the round)."""
+        config = self.config
+        return {
+            wire.FINGERPRINT: self.fingerprint,
+            wire.BACKBONE_NAME: self.spec.name,
+            wire.PREPROCESS: self.preprocess.to_json(),
+            wire.HEAD: config.head,
+            wire.MLP_HIDDEN: config.mlp_hidden,
+            wire.NUM_CLASSES: len(self.classes),
+            wire.LOCAL_EPOCHS: config.local_epochs,
+            wire.LEARNING_RATE: config.learning_rate,
+            wire.WEIGHT_DECAY: config.weight_decay,
+            wire.BATCH_SIZE: config.batch_size,
+            wire.PROXIMAL_MU: config.proximal_mu if config.strategy == "fedprox" else 0.0,
+            wire.SEED: config.seed,
+        }
+
+    def initial_head(self) -> dict[str, np.ndarray]:
+        head = self._new_head()
+        return head_arrays(head.classifier)
+
+    def head_shapes(self) -> dict[str, tuple[int, ...]]:
+        return {name: array.shape for name, array in self.initial_head().items()}
+
+    def _new_head(self):  # type: ignore[no-untyped-def]
+        return make_head(self.config.head, self.spec.feature_dim, len(self.classes), self.config.mlp_hidden, self.config.seed)
+
+    # --- central evaluation ----------------------------------------------------------------------
+
+    def evaluate(self, arrays: dict[str, np.ndarray]) -> ClassificationReport:
+        head = self._new_head()
+        load_head_arrays(head.classifier, arrays)
+        return evaluate_head(head, self.test.features, self.test.labels, len(self.classes))
+
+    def record_round(self, record: RoundRecord, report: ClassificationReport) -> None:
+        record.accuracy, record.macro_f1, record.loss = report.accuracy, report.macro_f1, report.loss
+        self.rounds.append(record)
+        self.final_report = report
+        self.run_log.event(
+            "round-end",
+            **asdict(record),
+            per_class_recall=report.per_class_recall,
+            confusion_matrix=report.confusion_matrix,
+        )
+        log.info(
+            "round %3d/%d | accuracy %.4f | macro-F1 %.4f | loss %.4f | down %s | up %s | %5.1fs | "
+            "clients ok %d failed %d rejected %d",
+            record.round, self.config.num_server_rounds, record.accuracy, record.macro_f1, record.loss,
+            human_bytes(record.bytes_down), human_bytes(record.bytes_up), record.seconds,
+            record.clients_ok, record.clients_failed, record.clients_rejected,
+        )
+
+    # --- end ----------------------------------------------------------------------------------
+
+    def finish(self, final_arrays: dict[str, np.ndarray]) -> dict[str, Any]:
+        report = self.evaluate(final_arrays)
+        head_path = self.run_log.save_head(
+            final_arrays,
+            {
+                "head": self.config.head,
+                "mlp_hidden": self.config.mlp_hidden,
+                "input": "backbone features, then PowerNorm (sqrt, L2 * sqrt(dim))",
+                "classes": list(self.classes),
+                "backbone": {"name": self.spec.name, "fingerprint": self.fingerprint},
+                "preprocess": asdict(self.preprocess),
+            },
+        )
+        summary = {
+            "final": {
+                "accuracy": report.accuracy,
+                "macro_precision": report.macro_precision,
+                "macro_recall": report.macro_recall,
+                "macro_f1": report.macro_f1,
+                "per_class_recall": report.per_class_recall,
+                "confusion_matrix": report.confusion_matrix,
+                "loss": report.loss,
+                "test_examples": report.num_examples,
+            },
+            "classes": list(self.classes),
+            "rounds": [asdict(r) for r in self.rounds],
+            "embedding": {
+                "computed": self.embedding_computed,
+                "cached": self.embedding_cached,
+                "skipped": self.images_skipped,
+            },
+            "wall_seconds": time.perf_counter() - self.started,
+            "backbone": {"name": self.spec.name, "fingerprint": self.fingerprint},
+            "head_path": str(head_path),
+            "run_dir": str(self.run_log.run_dir),
+        }
+        self.run_log.write_summary(summary)
+        self.run_log.event("run-end", final_accuracy=report.accuracy, final_macro_f1=report.macro_f1)
+        for line in summary_table(summary).splitlines():
+            log.info("%s", line)
+        return summary
+
+
+def _server_test_files(config: RunConfig) -> LabelledFiles:
+    if config.dataset == "folder":
+        return scan_image_folder(config.server_test_dir, config.classes())
+    _, test = elpv_split(config.elpv_task, config.subset, config.test_fraction, config.seed)
+    return test
+
+
+def human_bytes(count: float) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if abs(count) < 1000 or unit == "GB":
+            return f"{count:.0f} {unit}" if unit == "B" else f"{count:.1f} {unit}"
+        count /= 1000
+    return f"{count:.1f} GB"
+
+
+def summary_table(summary: dict[str, Any]) -> str:
+    """A fixed-width table of the run for the terminal."""
+    final, rounds = summary["final"], summary["rounds"]
+    lines = [
+        "",
+        f"{'round':>5} {'accuracy':>9} {'macro-F1':>9} {'loss':>7} {'down':>9} {'up':>9} {'sec':>6} {'ok':>3} {'fail':>4}",
+    ]
+    for r in rounds:
+        lines.append(
+            f"{r['round']:>5} {r['accuracy']:>9.4f} {r['macro_f1']:>9.4f} {r['loss']:>7.4f} "
+            f"{human_bytes(r['bytes_down']):>9} {human_bytes(r['bytes_up']):>9} {r['seconds']:>6.1f} "
+            f"{r['clients_ok']:>3} {r['clients_failed']:>4}"
+        )
+    emb = summary["embedding"]
+    lines += [
+        "",
+        f"final accuracy {final['accuracy']:.4f} | macro-P {final['macro_precision']:.4f} | "
+        f"macro-R {final['macro_recall']:.4f} | macro-F1 {final['macro_f1']:.4f} "
+        f"on {final['test_examples']} held-out images",
+        f"per-class recall {dict(zip(summary['classes'], [round(x, 3) for x in final['per_class_recall']], strict=True))}",
+        f"confusion matrix (rows true, columns predicted): {final['confusion_matrix']}",
+        f"embeddings computed {emb['computed']}, read from cache {emb['cached']}, skipped {emb['skipped']}",
+        f"wall time {summary['wall_seconds']:.1f}s | run folder {summary['run_dir']}",
+    ]
+    return "\n".join(lines)

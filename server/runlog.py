@@ -1,0 +1,76 @@
+"""The run folder: config.json, events.jsonl (append-only), summary.json, the final head.
+
+Everything here is written so that a reader (the dashboard, a person, a test) never sees half a
+file: JSON documents are written to a temporary file and renamed; events are single lines.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+
+def write_json_atomic(path: Path, document: Any) -> None:
+    temporary = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    temporary.write_text(json.dumps(_jsonable(document), indent=2, sort_keys=False) + "\n")
+    temporary.replace(path)
+
+
+def _jsonable(value: Any) -> Any:
+    """Numbers JSON can hold: NaN and infinities become null, numpy scalars plain numbers."""
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, np.generic):
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+class RunLog:
+    """Writes one run's folder ``<runs-dir>/<run-id>/``."""
+
+    def __init__(self, run_dir: Path) -> None:
+        self.run_dir = run_dir
+        run_dir.mkdir(parents=True, exist_ok=False)
+        self._events = (run_dir / "events.jsonl").open("a", buffering=1)
+        self._lock = threading.Lock()
+
+    def write_config(self, document: dict[str, Any]) -> None:
+        write_json_atomic(self.run_dir / "config.json", document)
+
+    def event(self, kind: str, **fields: Any) -> None:
+        line = json.dumps(_jsonable({"time": round(time.time(), 3), "event": kind, **fields}))
+        with self._lock:
+            self._events.write(line + "\n")
+
+    def write_summary(self, document: dict[str, Any]) -> None:
+        write_json_atomic(self.run_dir / "summary.json", document)
+
+    def save_head(self, arrays: dict[str, np.ndarray], metadata: dict[str, Any]) -> Path:
+        """The final global head as .npz (arrays by name) with its metadata as JSON beside it."""
+        path = self.run_dir / "head.npz"
+        temporary = self.run_dir / ".head.tmp.npz"
+        np.savez(temporary, **arrays)
+        temporary.replace(path)
+        write_json_atomic(self.run_dir / "head.json", metadata)
+        return path
+
+    def close(self) -> None:
+        self._events.close()
+
+
+def new_run_id(flower_run_id: int | None, run_name: str = "") -> str:
+    if run_name:
+        return run_name
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    return f"{stamp}-{flower_run_id}" if flower_run_id is not None else stamp

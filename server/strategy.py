@@ -1,0 +1,223 @@
+"""Flower strategies that federate the head only, ship the backbone once per node, and screen
+replies. Flower's own strategies do the sampling and aggregation; the mixin wraps their hooks
+(``configure_*``, ``aggregate_*``) and calls ``super()``; ``start()`` is Flower's, untouched.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterable
+from typing import Any
+
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import FedAdam, FedAvg, FedProx
+
+from common import wire
+from common.config import RunConfig
+from server.core import RoundRecord, ServerRun
+from server.validation import reject_reason
+
+log = logging.getLogger(__name__)
+
+
+def to_record(arrays: dict[str, np.ndarray]) -> ArrayRecord:
+    return ArrayRecord({name: Array(np.ascontiguousarray(value)) for name, value in arrays.items()})
+
+
+def from_record(record: ArrayRecord) -> dict[str, np.ndarray]:
+    return {name: array.numpy() for name, array in record.items()}
+
+
+def wire_bytes(message: Message) -> int:
+    """Bytes of the message's serialized objects (Flower sends each distinct object once)."""
+    from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
+
+    return sum(len(obj.deflate()) for obj in get_all_nested_objects(message).values())
+
+
+class EdgeSplitMixin:
+    """Head-only federation around any Flower message strategy (put it first in the bases)."""
+
+    run: ServerRun
+
+    def attach(self, run: ServerRun) -> None:
+        self.run = run
+        self._backbone_record: ArrayRecord | None = None
+        self._holders: set[int] = set()  # nodes known to hold the run's fingerprint
+        self._expected_shapes = run.head_shapes()
+        self._round = RoundRecord(round=0)
+        self._round_started = time.perf_counter()
+
+    # --- train ----------------------------------------------------------------------------------
+
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
+        self._round = RoundRecord(round=server_round)
+        self._round_started = time.perf_counter()
+        config[wire.LEARNING_RATE] = self.run.config.learning_rate_at(server_round)
+        messages = super().configure_train(server_round, arrays, config, grid)  # type: ignore[misc]
+        return self._with_backbone(list(messages), grid)
+
+    def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        accepted = self._screen(list(replies), phase="train")
+        self._round.clients_ok = len(accepted)
+        return super().aggregate_train(server_round, accepted)  # type: ignore[misc, no-any-return]
+
+    # --- evaluate -------------------------------------------------------------------------------
+
+    def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
+        messages = super().configure_evaluate(server_round, arrays, config, grid)  # type: ignore[misc]
+        return self._with_backbone(list(messages), grid)
+
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
+        accepted = self._screen(list(replies), phase="evaluate")
+        # A client without a local test share has nothing to weigh in with.
+        scored = [m for m in accepted if float(m.content[wire.METRICS][wire.NUM_EXAMPLES]) > 0]  # type: ignore[arg-type]
+        metrics = super().aggregate_evaluate(server_round, scored) if scored else None  # type: ignore[misc]
+        if metrics is not None and wire.ACCURACY in metrics:
+            self._round.client_accuracy = float(metrics[wire.ACCURACY])  # type: ignore[arg-type]
+        return metrics  # type: ignore[no-any-return]
+
+    # --- end of round: central evaluation (Flower calls this after each round, and for round 0) -
+
+    def end_round(self, server_round: int, arrays: ArrayRecord) -> MetricRecord:
+        report = self.run.evaluate(from_record(arrays))
+        if server_round == 0:
+            self.run.run_log.event("initial-evaluation", accuracy=report.accuracy, macro_f1=report.macro_f1, loss=report.loss)
+        else:
+            self._round.seconds = time.perf_counter() - self._round_started
+            self.run.record_round(self._round, report)
+        return MetricRecord({"accuracy": report.accuracy, "macro-f1": report.macro_f1, "loss": report.loss})
+
+    # --- the backbone, once per node -------------------------------------------------------------
+
+    def _with_backbone(self, messages: list[Message], grid: Grid) -> list[Message]:
+        """Ask nodes we have not heard from whether they hold the fingerprint; attach the
+        backbone for those that do not. Each message gets its own content so that the 19 MB
+        record goes only where it is needed."""
+        unknown = [m.metadata.dst_node_id for m in messages if m.metadata.dst_node_id not in self._holders]
+        if unknown:
+            self._ask_backbone_status(unknown, grid)
+        prepared = []
+        for message in messages:
+            node = message.metadata.dst_node_id
+            content = message.content
+            if node not in self._holders:
+                content = RecordDict({**dict(content.items()), wire.BACKBONE: self._backbone()})
+                self._round.backbones_sent += 1
+                self._holders.add(node)  # optimistic; a failed reply removes it again
+                self.run.run_log.event("backbone-sent", round=self._round.round, node=node)
+            else:
+                content = RecordDict(dict(content.items()))
+            prepared_message = Message(content=content, dst_node_id=node, message_type=message.metadata.message_type)
+            self._round.bytes_down += wire_bytes(prepared_message)
+            prepared.append(prepared_message)
+        return prepared
+
+    def _ask_backbone_status(self, nodes: list[int], grid: Grid) -> None:
+        question = ConfigRecord({wire.QUERY_ACTION: wire.ACTION_BACKBONE_STATUS, wire.FINGERPRINT: self.run.fingerprint})
+        queries = [
+            Message(content=RecordDict({wire.CONFIG: question}), dst_node_id=node, message_type=MessageType.QUERY)
+            for node in nodes
+        ]
+        self._round.bytes_down += sum(wire_bytes(q) for q in queries)
+        for reply in grid.send_and_receive(queries, timeout=self.run.config.round_timeout):
+            if reply.has_error():
+                continue  # it will be sent the backbone; if it is dead, its round fails anyway
+            self._round.bytes_up += wire_bytes(reply)
+            if int(reply.content[wire.METRICS][wire.HAS_BACKBONE]):  # type: ignore[call-overload]
+                self._holders.add(reply.metadata.src_node_id)
+
+    def _backbone(self) -> ArrayRecord:
+        if self._backbone_record is None:
+            self._backbone_record = ArrayRecord(self.run.backbone_state)
+        return self._backbone_record
+
+    # --- screening replies ------------------------------------------------------------------------
+
+    def _screen(self, replies: list[Message], phase: str) -> list[Message]:
+        """Keep replies that are well-formed; count and log failures and rejections."""
+        accepted = []
+        for reply in replies:
+            node = reply.metadata.src_node_id
+            if reply.has_error():
+                self._holders.discard(node)  # ask again next time: it may have lost its cache
+                if phase == "train":
+                    self._round.clients_failed += 1
+                self.run.run_log.event("client-failed", round=self._round.round, phase=phase, node=node, reason=reply.error.reason)
+                log.warning("node %s failed in %s: %s", node, phase, reply.error.reason)
+                continue
+            size = wire_bytes(reply)
+            self._round.bytes_up += size
+            if phase == "train":
+                self._round.max_bytes_up_per_client = max(self._round.max_bytes_up_per_client, size)
+            reason = self._reject_reason(reply, phase)
+            if reason is not None:
+                if phase == "train":
+                    self._round.clients_rejected += 1
+                self.run.run_log.event("client-rejected", round=self._round.round, phase=phase, node=node, reason=reason)
+                log.warning("node %s: %s reply rejected: %s", node, phase, reason)
+                continue
+            metrics = dict(reply.content[wire.METRICS].items())
+            status = reply.content.config_records.get(wire.STATUS)
+            notes = str(status.get(wire.DATA_NOTES, "")) if status is not None else ""
+            self.run.run_log.event("client-reply", round=self._round.round, phase=phase, node=node, bytes=size, metrics=metrics, **({"notes": notes} if notes else {}))
+            if phase == "train":
+                self.run.embedding_computed += int(metrics.get(wire.EMBEDDINGS_COMPUTED, 0))  # type: ignore[call-overload]
+                self.run.embedding_cached += int(metrics.get(wire.EMBEDDINGS_CACHED, 0))  # type: ignore[call-overload]
+                self.run.images_skipped += int(metrics.get(wire.IMAGES_SKIPPED, 0))  # type: ignore[call-overload]
+            accepted.append(reply)
+        return accepted
+
+    def _reject_reason(self, reply: Message, phase: str) -> str | None:
+        content = reply.content
+        if wire.METRICS not in content.metric_records:
+            return "reply carries no metrics"
+        status = content.config_records.get(wire.STATUS)
+        arrays = None
+        if phase == "train":
+            if set(content.array_records) != {wire.ARRAYS}:
+                return f"reply must carry exactly the head arrays, got records {sorted(content.array_records)}"
+            arrays = from_record(content.array_records[wire.ARRAYS])
+        elif content.array_records:
+            return "an evaluation reply must not carry arrays"
+        return reject_reason(
+            arrays=arrays,
+            metrics=dict(content.metric_records[wire.METRICS].items()),
+            reply_fingerprint=status.get(wire.FINGERPRINT) if status is not None else None,
+            expected_shapes=self._expected_shapes if phase == "train" else None,
+            expected_fingerprint=self.run.fingerprint,
+        )
+
+
+class EdgeFedAvg(EdgeSplitMixin, FedAvg):
+    """FedAvg over the head."""
+
+
+class EdgeFedProx(EdgeSplitMixin, FedProx):
+    """FedProx over the head (clients add the proximal term)."""
+
+
+class EdgeFedAdam(EdgeSplitMixin, FedAdam):
+    """FedAdam over the head (server-side Adam on the averaged update)."""
+
+
+def make_strategy(config: RunConfig, run: ServerRun) -> EdgeSplitMixin:
+    common: dict[str, Any] = {
+        "fraction_train": config.fraction_train,
+        "fraction_evaluate": config.fraction_evaluate,
+        "min_train_nodes": config.min_clients,
+        "min_evaluate_nodes": config.min_clients if config.fraction_evaluate > 0 else 0,
+        "min_available_nodes": config.min_clients,
+    }
+    strategy: EdgeSplitMixin
+    if config.strategy == "fedavg":
+        strategy = EdgeFedAvg(**common)
+    elif config.strategy == "fedprox":
+        strategy = EdgeFedProx(proximal_mu=config.proximal_mu, **common)
+    else:
+        strategy = EdgeFedAdam(eta=config.server_learning_rate, eta_l=config.learning_rate, **common)
+    strategy.attach(run)
+    return strategy
