@@ -6,12 +6,16 @@ import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
+from flwr.clientapp.typing import ClientAppCallable
+
 from client.core import EdgeClient, Instructions, edge_client
+from client.privacy import PrivacyViolation, audit, violations
 from common import wire
+from common.backbones import get_spec
+from common.heads import make_head
 from common.config import NodeConfig, RunConfig
 from common.logs import configure_logging
 
-app = ClientApp()
 
 
 def to_record(arrays: dict[str, np.ndarray]) -> ArrayRecord:
@@ -20,6 +24,34 @@ def to_record(arrays: dict[str, np.ndarray]) -> ArrayRecord:
 
 def from_record(record: ArrayRecord) -> dict[str, np.ndarray]:
     return {name: array.numpy() for name, array in record.items()}
+
+
+def privacy_guard(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
+    """Check every reply before it leaves: a violation becomes an error reply, carrying nothing."""
+    reply = call_next(msg, context)
+    if reply.has_error():
+        return reply
+    content = reply.content
+    description = {
+        "arrays": {r: {n: (a.shape, a.dtype) for n, a in rec.items()} for r, rec in content.array_records.items()},
+        "metrics": {r: dict(rec.items()) for r, rec in content.metric_records.items()},
+        "configs": {r: dict(rec.items()) for r, rec in content.config_records.items()},
+    }
+    audit(description, msg.metadata.message_type)
+    head_shapes = _head_shapes(msg) if msg.metadata.message_type.startswith("train") else None
+    problems = violations(description, head_shapes)
+    if problems:
+        raise PrivacyViolation("reply refused by the privacy guard: " + "; ".join(problems))
+    return reply
+
+
+def _head_shapes(msg: Message) -> dict[str, tuple[int, ...]]:
+    instructions = Instructions.from_record(msg.content[wire.CONFIG])
+    head = make_head(instructions.head, get_spec(instructions.backbone_name).feature_dim, instructions.num_classes, instructions.mlp_hidden)
+    return {name: tuple(p.shape) for name, p in head.classifier.named_parameters()}
+
+
+app = ClientApp(mods=[privacy_guard])
 
 
 def _client(context: Context) -> EdgeClient:

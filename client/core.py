@@ -10,7 +10,6 @@ from __future__ import annotations
 import logging
 import os
 import threading
-import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -256,12 +255,11 @@ class EdgeClient:
                 )
             log.info("%s: embedding local images with %d torch threads", self.name, torch.get_num_threads())
             cache = EmbeddingCache(self.cache_dir / "embeddings", fp)
-            model = _LazyModel(self.backbones, fp)
             try:
                 parts = [
                     embed_files(
                         files,
-                        model,  # type: ignore[arg-type]
+                        lambda: self.backbones.model(fp),
                         instructions.preprocess,
                         cache,
                         self.config.embed_batch_size,
@@ -331,22 +329,6 @@ class EdgeClient:
             wire.EMBEDDINGS_CACHED: sum(s.cached for s in parts) if first else 0,
             wire.IMAGES_SKIPPED: sum(s.num_skipped for s in parts) if first else 0,
         }
-
-
-class _LazyModel:
-    """Builds the backbone only if some image actually needs embedding (cache misses)."""
-
-    def __init__(self, backbones: BackboneCache, fp: str) -> None:
-        self._backbones, self._fp = backbones, fp
-
-    def eval(self) -> _LazyModel:
-        return self
-
-    def __call__(self, batch: torch.Tensor) -> torch.Tensor:
-        started = time.perf_counter()
-        output = self._backbones.model(self._fp)(batch)
-        log.debug("backbone batch of %d in %.2fs", len(batch), time.perf_counter() - started)
-        return output
 
 
 _CLIENTS: dict[tuple[RunConfig, NodeConfig], EdgeClient] = {}

@@ -95,7 +95,7 @@ def decode_image(data: bytes) -> Image.Image:
 @torch.inference_mode()
 def embed_files(
     files: LabelledFiles,
-    backbone: nn.Module,
+    backbone: nn.Module | Callable[[], nn.Module],
     preprocess: PreprocessSpec,
     cache: EmbeddingCache,
     batch_size: int = 32,
@@ -105,7 +105,8 @@ def embed_files(
     """Embeddings for every decodable file, from the cache where possible.
 
     Files that cannot be read or decoded are skipped and counted by reason, with one warning
-    for the whole call; the rest go on.
+    for the whole call; the rest go on. ``backbone`` may be a factory, called only if some image
+    is not in the cache.
     """
     started = time.perf_counter()
     stats = EmbedStats()
@@ -121,7 +122,7 @@ def embed_files(
     to_compute = [i for i, k in enumerate(keys) if k is not None and k not in cached]
     stats.cached = sum(1 for k in keys if k is not None and k in cached)
 
-    backbone.eval()
+    model: nn.Module | None = backbone if isinstance(backbone, nn.Module) else None
     first_bad: str | None = None
     done = 0
     for start in range(0, len(to_compute), batch_size):
@@ -135,7 +136,10 @@ def embed_files(
                 first_bad = first_bad or f"{files.paths[i]}: {error}"
         if tensors:
             batch = torch.stack(tensors).contiguous(memory_format=torch.channels_last)
-            vectors = backbone(batch).float().numpy()
+            if model is None:
+                model = backbone()  # type: ignore[operator]
+            model.eval()
+            vectors = model(batch).float().numpy()
             cache.put_many((keys[i], vec) for i, vec in zip(batch_indices, vectors, strict=True))
             for i, vec in zip(batch_indices, vectors, strict=True):
                 cached[keys[i]] = vec

@@ -1,0 +1,34 @@
+# Two commands a newcomer needs: `make run` (the main job) and `make test` (everything CI runs).
+# Both set up the virtual environment first; it is rebuilt only when pyproject.toml changes.
+
+VENV ?= .venv
+PY := $(VENV)/bin/python
+RUN_CONFIG ?=
+
+.PHONY: setup run test lint benchmark clean
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	python3 -m venv $(VENV)
+	# torch first, pinned to the wheels this machine class carries (pip finds them locally).
+	$(PY) -m pip install --quiet torch==2.14.1 torchvision==0.29.1
+	$(PY) -m pip install --quiet -e ".[dev]"
+	touch $@
+
+run: setup
+	$(PY) -m simulations.main_job --run-config "$(RUN_CONFIG)"
+
+lint: setup
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy common client server simulations
+
+test: lint
+	$(PY) -m pytest
+
+benchmark: setup
+	$(PY) -m simulations.benchmark
+
+clean:
+	rm -rf $(VENV) .flwr .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,140 @@
+"""Run the app through the real Flower runtime on this machine, leaving nothing behind.
+
+``flwr run`` alone starts a detached local SuperLink on fixed ports that outlives the command.
+For scripts and tests we start our own ``flower-superlink --simulation`` on free loopback ports,
+point a private FLWR_HOME at it, submit with ``flwr run``, and stop it afterwards.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+CONNECTION = "edgesplit-local"
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def flower_env(flwr_home: Path, extra: Mapping[str, str] | None = None) -> dict[str, str]:
+    env = dict(os.environ)
+    env["FLWR_HOME"] = str(flwr_home)
+    # The SuperLink would otherwise `uv sync` the app's dependencies from the internet per run;
+    # they are already installed in this environment.
+    env["FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION"] = "1"
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    env.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
+    env.update(extra or {})
+    return env
+
+
+@contextlib.contextmanager
+def simulation_superlink(flwr_home: Path, env: Mapping[str, str] | None = None) -> Iterator[dict[str, str]]:
+    """A SuperLink in simulation mode on free loopback ports; yields the env for ``flwr run``.
+
+    Loopback only, so it runs without TLS: nothing leaves this machine.
+    """
+    flwr_home.mkdir(parents=True, exist_ok=True)
+    port, control_port = free_port(), free_port()
+    (flwr_home / "config.toml").write_text(
+        f'[superlink]\ndefault = "{CONNECTION}"\n\n'
+        f'[superlink.{CONNECTION}]\naddress = "127.0.0.1:{port}"\ninsecure = true\n'
+    )
+    run_env = flower_env(flwr_home, env)
+    log_path = flwr_home / "superlink.log"
+    with log_path.open("ab") as log_file:
+        process = subprocess.Popen(
+            [
+                "flower-superlink", "--insecure", "--simulation",
+                "--host", "127.0.0.1", "--port", str(port),
+                "--control-api-address", f"127.0.0.1:{control_port}",
+            ],
+            cwd=PROJECT_ROOT,
+            env=run_env,
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,  # one process group to stop, with its children
+        )
+    try:
+        _wait_for_port(port, process, log_path)
+        yield run_env
+    finally:
+        _stop(process)
+
+
+def _wait_for_port(port: int, process: subprocess.Popen[bytes], log_path: Path, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"flower-superlink exited with {process.returncode}; see {log_path}")
+        with socket.socket() as probe:
+            if probe.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.2)
+    raise RuntimeError(f"flower-superlink did not listen on port {port} within {timeout:.0f}s; see {log_path}")
+
+
+def _stop(process: subprocess.Popen[bytes]) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(process.pid, signal.SIGTERM)
+    try:
+        process.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+
+
+def run_config_arg(overrides: Mapping[str, Any]) -> str:
+    """Flower's --run-config syntax: strings quoted, numbers bare."""
+    parts = []
+    for key, value in overrides.items():
+        parts.append(f"{key}={value!r}".replace("'", '"') if isinstance(value, str) else f"{key}={value}")
+    return " ".join(parts)
+
+
+def flwr_run(
+    run_config: Mapping[str, Any],
+    num_supernodes: int,
+    flwr_home: Path,
+    env: Mapping[str, str] | None = None,
+    timeout: float = 1800,
+    stream_to: Any = None,
+) -> subprocess.CompletedProcess[str]:
+    """``flwr run . --stream`` against a private simulation SuperLink; returns the output."""
+    with simulation_superlink(flwr_home, env) as run_env:
+        command = [
+            "flwr", "run", str(PROJECT_ROOT), CONNECTION, "--stream",
+            "--federation-config", f"num-supernodes={num_supernodes}",
+        ]
+        if run_config:
+            command += ["--run-config", run_config_arg(run_config)]
+        process = subprocess.Popen(
+            command, cwd=PROJECT_ROOT, env=run_env, text=True,
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        )
+        lines = []
+        assert process.stdout is not None
+        started = time.monotonic()
+        for line in process.stdout:
+            lines.append(line)
+            if stream_to is not None:
+                stream_to.write(line)
+                stream_to.flush()
+            if time.monotonic() - started > timeout:
+                process.kill()
+                break
+        returncode = process.wait()
+        return subprocess.CompletedProcess(command, returncode, "".join(lines), "")

@@ -1,0 +1,90 @@
+"""The experimenter's yardstick: a centralised logistic-regression probe on the very embeddings
+the federated clients trained on, scored on the server's held-out split.
+
+This reads every simulated client's data, which no party of a real federation can do. It lives
+in simulations/ for that reason and is never called by the ServerApp or ClientApp.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from client.core import BackboneCache, load_local_data
+from common.backbones import build_backbone, fingerprint, get_spec, load_backbone_weights
+from common.config import NodeConfig, RunConfig
+from common.embedding import EmbeddingCache, embed_files
+from common.heads import PowerNorm
+from common.metrics import classification_report
+from common.preprocess import PreprocessSpec
+
+
+@dataclass(frozen=True)
+class ProbeResult:
+    accuracy: float
+    macro_f1: float
+    regularisation_c: float
+    train_examples: int
+    test_examples: int
+
+
+def centralised_probe(config: RunConfig, num_clients: int) -> ProbeResult:
+    """A probe on the union of the clients' training shares, with the head's input normalisation."""
+    spec = get_spec(config.backbone)
+    preprocess = PreprocessSpec(config.image_size, config.crop_pct, spec.preprocess.interpolation, spec.preprocess.mean, spec.preprocess.std)
+    state = load_backbone_weights(config.backbone, config.backbone_weights or None)
+    fp = fingerprint(spec.name, state, preprocess)
+    root = config.resolved_cache_dir()
+    features, labels = [], []
+    for partition_id in range(num_clients):
+        node = NodeConfig(partition_id=partition_id, num_partitions=num_clients)
+        data = load_local_data(config, node)
+        cache = EmbeddingCache(root / f"node-{partition_id}" / "embeddings", fp)
+        embedded = embed_files(data.train, lambda: build_backbone(spec.name, state), preprocess, cache, config.embed_batch_size)
+        cache.close()
+        features.append(embedded.features)
+        labels.append(embedded.labels)
+    from common.data import elpv_split, scan_image_folder
+
+    test_files = (
+        scan_image_folder(config.server_test_dir, config.classes())
+        if config.dataset == "folder"
+        else elpv_split(config.elpv_task, config.subset, config.test_fraction, config.seed)[1]
+    )
+    cache = EmbeddingCache(root / "server" / "embeddings", fp)
+    test = embed_files(test_files, lambda: build_backbone(spec.name, state), preprocess, cache, config.embed_batch_size)
+    cache.close()
+    train_x, train_y = np.concatenate(features), np.concatenate(labels)
+    norm = PowerNorm()
+    with torch.no_grad():
+        normed_train = norm(torch.from_numpy(train_x)).numpy()
+        normed_test = norm(torch.from_numpy(test.features)).numpy()
+    num_classes = len(config.classes())
+    return _fit(normed_train, train_y, normed_test, test.labels, num_classes, config.seed)
+
+
+def _fit(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray, test_y: np.ndarray, num_classes: int, seed: int) -> ProbeResult:
+    """L2 logistic regression, C chosen by 3-fold cross-validation on the training set only."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.model_selection import StratifiedKFold, cross_val_score
+
+    folds = StratifiedKFold(n_splits=3, shuffle=True, random_state=seed) if np.bincount(train_y).min() >= 3 else 2
+    best_c, best_score = 1.0, -1.0
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for c in (0.003, 0.01, 0.03, 0.1, 0.3):
+            score = cross_val_score(LogisticRegression(C=c, max_iter=1000), train_x, train_y, cv=folds).mean()
+            if score > best_score:
+                best_c, best_score = c, score
+        model = LogisticRegression(C=best_c, max_iter=1000).fit(train_x, train_y)
+    report = classification_report(test_y, model.predict(test_x), num_classes)
+    return ProbeResult(report.accuracy, report.macro_f1, best_c, len(train_y), len(test_y))
+
+
+def cached_backbone_holders(cache_root: Path, fp: str) -> int:
+    """How many simulated nodes hold this backbone on disk (for reports)."""
+    return sum(BackboneCache(node).holds(fp) for node in cache_root.glob("node-*"))

@@ -1,0 +1,250 @@
+"""RunConfig / NodeConfig: parsing, type checks, ranges, cross-key rules, learning-rate schedule."""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import pytest
+
+from common.config import ConfigError, NodeConfig, RunConfig
+from tests.conftest import REPO_ROOT
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10
+    import tomli as tomllib
+
+
+def _pyproject_run_config() -> dict[str, object]:
+    with open(REPO_ROOT / "pyproject.toml", "rb") as handle:
+        return tomllib.load(handle)["tool"]["flwr"]["app"]["config"]
+
+
+# --- RunConfig.from_flower ------------------------------------------------------------------------
+
+
+def test_pyproject_defaults_parse_to_the_dataclass_defaults():
+    # Prepare
+    table = _pyproject_run_config()
+
+    # Execute
+    parsed = RunConfig.from_flower(table)
+
+    # Assert
+    assert parsed == RunConfig()
+    assert RunConfig().to_flower() == table
+
+
+def test_empty_flower_config_gives_defaults():
+    # Execute
+    parsed = RunConfig.from_flower({})
+
+    # Assert
+    assert parsed == RunConfig()
+    assert parsed.num_server_rounds == 30
+    assert parsed.learning_rate == 0.01
+
+
+def test_known_keys_are_applied():
+    # Execute
+    parsed = RunConfig.from_flower({"num-server-rounds": 10, "head": "mlp", "strategy": "fedprox"})
+
+    # Assert
+    assert parsed.num_server_rounds == 10
+    assert parsed.head == "mlp"
+    assert parsed.strategy == "fedprox"
+    assert parsed.learning_rate == RunConfig().learning_rate
+
+
+def test_unknown_key_is_an_error_naming_the_key():
+    # Execute
+    with pytest.raises(ConfigError) as caught:
+        RunConfig.from_flower({"num-rounds": 3})
+
+    # Assert
+    assert "num-rounds" in str(caught.value)
+    assert "num-server-rounds" in str(caught.value)  # the known keys are listed
+
+
+def test_wrong_type_names_the_key_and_the_types():
+    # Execute
+    with pytest.raises(ConfigError) as caught:
+        RunConfig.from_flower({"num-server-rounds": "ten"})
+
+    # Assert
+    message = str(caught.value)
+    assert "'num-server-rounds'" in message
+    assert "int" in message
+    assert "str" in message
+    assert "'ten'" in message
+
+
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [
+        ("learning-rate", True),  # a bool is not a number here
+        ("local-epochs", True),
+        ("local-epochs", 2.5),
+        ("head", 3),
+    ],
+)
+def test_other_wrong_types_are_errors(key, value):
+    with pytest.raises(ConfigError) as caught:
+        RunConfig.from_flower({key: value})
+
+    assert f"'{key}'" in str(caught.value)
+
+
+def test_int_is_accepted_for_a_float_key():
+    # Execute
+    parsed = RunConfig.from_flower({"learning-rate": 1, "round-timeout": 30})
+
+    # Assert
+    assert parsed.learning_rate == 1.0
+    assert isinstance(parsed.learning_rate, float)
+    assert isinstance(parsed.round_timeout, float)
+
+
+def test_integral_float_is_accepted_for_an_int_key():
+    parsed = RunConfig.from_flower({"local-epochs": 3.0})
+
+    assert parsed.local_epochs == 3
+    assert isinstance(parsed.local_epochs, int)
+
+
+def test_out_of_range_value_lists_the_allowed_range():
+    # Execute
+    with pytest.raises(ConfigError) as caught:
+        RunConfig.from_flower({"learning-rate": -1})
+
+    # Assert
+    message = str(caught.value)
+    assert "'learning-rate'" in message
+    assert "[0.0, 10.0]" in message
+    assert "-1" in message
+
+
+def test_bad_choice_lists_the_allowed_values():
+    # Execute
+    with pytest.raises(ConfigError) as caught:
+        RunConfig.from_flower({"strategy": "fedsgd"})
+
+    # Assert
+    message = str(caught.value)
+    assert "'strategy'" in message
+    assert "'fedsgd'" in message
+    for allowed in ("fedavg", "fedadam", "fedprox"):
+        assert allowed in message
+
+
+def test_unknown_backbone_lists_the_registered_ones():
+    with pytest.raises(ConfigError) as caught:
+        RunConfig.from_flower({"backbone": "vgg16"})
+
+    for name in ("efficientnet_lite0", "mobilenet_v3_large", "resnet18"):
+        assert name in str(caught.value)
+
+
+def test_folder_dataset_without_class_names_is_an_error():
+    with pytest.raises(ConfigError) as caught:
+        RunConfig.from_flower({"dataset": "folder", "server-test-dir": "/data/test"})
+
+    assert "class-names" in str(caught.value)
+
+
+def test_folder_dataset_without_server_test_dir_is_an_error():
+    with pytest.raises(ConfigError) as caught:
+        RunConfig.from_flower({"dataset": "folder", "class-names": "ok,crack"})
+
+    assert "server-test-dir" in str(caught.value)
+
+
+def test_folder_dataset_with_both_parses_and_orders_classes():
+    # Execute
+    parsed = RunConfig.from_flower(
+        {"dataset": "folder", "class-names": " ok, crack ,finger,", "server-test-dir": "/data/test"}
+    )
+
+    # Assert
+    assert parsed.classes() == ("ok", "crack", "finger")
+
+
+def test_pathological_with_more_classes_per_client_than_classes_is_an_error():
+    # binary ELPV has 2 classes
+    with pytest.raises(ConfigError) as caught:
+        RunConfig.from_flower({"partitioner": "pathological", "elpv-task": "binary", "classes-per-client": 3})
+
+    assert "classes-per-client" in str(caught.value)
+
+
+# --- learning-rate schedule -----------------------------------------------------------------------
+
+
+def test_cosine_schedule_starts_at_the_learning_rate_and_decreases():
+    # Prepare
+    config = RunConfig(learning_rate=0.1, num_server_rounds=4, lr_schedule="cosine")
+
+    # Execute
+    rates = [config.learning_rate_at(r) for r in (1, 2, 3, 4)]
+
+    # Assert: 0.1 * 0.5 * (1 + cos(pi * (r - 1) / 4))
+    assert rates[0] == pytest.approx(0.1)
+    assert rates[1] == pytest.approx(0.05 * (1 + math.sqrt(0.5)))
+    assert rates[2] == pytest.approx(0.05)
+    assert rates[3] == pytest.approx(0.05 * (1 - math.sqrt(0.5)))
+    assert all(a > b for a, b in itertools.pairwise(rates))
+    assert rates[3] > 0
+
+
+def test_constant_schedule_is_constant():
+    config = RunConfig(learning_rate=0.02, num_server_rounds=5, lr_schedule="constant")
+
+    rates = [config.learning_rate_at(r) for r in range(1, 6)]
+
+    assert rates == [0.02] * 5
+
+
+# --- NodeConfig.from_flower -----------------------------------------------------------------------
+
+
+def test_node_config_parses_a_valid_config():
+    # Execute
+    node = NodeConfig.from_flower({"partition-id": 2, "num-partitions": 5, "data-dir": "/d", "cache-dir": "/c"})
+
+    # Assert
+    assert node == NodeConfig(partition_id=2, num_partitions=5, data_dir="/d", cache_dir="/c")
+
+
+def test_node_config_empty_is_all_none():
+    assert NodeConfig.from_flower({}) == NodeConfig()
+
+
+def test_node_config_unknown_key_is_an_error():
+    with pytest.raises(ConfigError) as caught:
+        NodeConfig.from_flower({"partition": 1})
+
+    assert "'partition'" in str(caught.value)
+
+
+@pytest.mark.parametrize("value", [-1, True, "1", 1.5])
+def test_node_config_partition_id_must_be_a_non_negative_int(value):
+    with pytest.raises(ConfigError) as caught:
+        NodeConfig.from_flower({"partition-id": value, "num-partitions": 4})
+
+    assert "partition-id" in str(caught.value)
+
+
+@pytest.mark.parametrize("partition_id", [4, 5])
+def test_node_config_partition_id_must_be_below_num_partitions(partition_id):
+    with pytest.raises(ConfigError) as caught:
+        NodeConfig.from_flower({"partition-id": partition_id, "num-partitions": 4})
+
+    assert "num-partitions" in str(caught.value)
+
+
+def test_node_config_path_must_be_a_string():
+    with pytest.raises(ConfigError) as caught:
+        NodeConfig.from_flower({"data-dir": 3})
+
+    assert "data-dir" in str(caught.value)

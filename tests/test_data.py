@@ -1,0 +1,299 @@
+"""ELPV loading, stratified splits, flwr-datasets partitions, ImageFolder scanning, local splits."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from client.core import local_split
+from common.data import (
+    DataError,
+    LabelledFiles,
+    elpv_split,
+    load_elpv,
+    partition,
+    scan_image_folder,
+    stratified_split,
+    stratified_subset,
+)
+from tests.conftest import write_png
+
+# --- ELPV -----------------------------------------------------------------------------------------
+
+
+def test_load_elpv_four_level():
+    # Execute
+    files = load_elpv("4-level")
+
+    # Assert
+    assert len(files) == 2624
+    assert files.class_names == ("p0", "p1/3", "p2/3", "p1")
+    assert files.class_counts() == [1508, 295, 106, 715]
+    assert all(path.endswith(".png") for path in files.paths[:20])
+
+
+def test_load_elpv_binary_merges_by_probability():
+    # Execute
+    files = load_elpv("binary")
+
+    # Assert: p >= 0.5 means p2/3 and p1 -> defective
+    assert files.class_names == ("functional", "defective")
+    assert files.class_counts() == [1508 + 295, 106 + 715]
+    assert sum(files.class_counts()) == 2624
+
+
+def test_load_elpv_unknown_task():
+    with pytest.raises(DataError) as caught:
+        load_elpv("3-level")
+
+    assert "binary" in str(caught.value)
+
+
+def test_stratified_split_is_seeded_and_keeps_class_shares():
+    # Prepare
+    files = load_elpv("4-level")
+    shares = np.asarray(files.class_counts()) / len(files)
+
+    # Execute
+    rest, test = stratified_split(files, test_fraction=0.25, seed=42)
+    rest_again, test_again = stratified_split(files, test_fraction=0.25, seed=42)
+    _, test_other_seed = stratified_split(files, test_fraction=0.25, seed=43)
+
+    # Assert
+    assert test.paths == test_again.paths and rest.paths == rest_again.paths
+    assert test.paths != test_other_seed.paths
+    assert len(test) == 656  # ceil(0.25 * 2624)
+    assert len(rest) + len(test) == 2624
+    assert set(rest.paths).isdisjoint(test.paths)
+    for part in (rest, test):
+        part_shares = np.asarray(part.class_counts()) / len(part)
+        assert np.all(np.abs(part_shares - shares) < 0.02)
+
+
+def test_stratified_subset_size_and_passthrough():
+    files = load_elpv("4-level")
+
+    small = stratified_subset(files, 400, seed=1)
+
+    assert len(small) == 400
+    assert small.class_counts()[0] == pytest.approx(400 * 1508 / 2624, abs=2)
+    assert stratified_subset(files, 0, seed=1) is files
+    assert stratified_subset(files, 5000, seed=1) is files
+
+
+def test_elpv_split_is_deterministic():
+    # Execute
+    first = elpv_split("4-level", subset=0, test_fraction=0.25, seed=7)
+    second = elpv_split("4-level", subset=0, test_fraction=0.25, seed=7)
+
+    # Assert
+    assert first[0].paths == second[0].paths
+    assert first[1].paths == second[1].paths
+    assert len(first[0]) + len(first[1]) == 2624
+
+
+def test_elpv_split_with_subset():
+    share, test = elpv_split("binary", subset=400, test_fraction=0.25, seed=7)
+
+    assert len(share) + len(test) == 400
+    assert len(test) == 100
+
+
+# --- partitions -----------------------------------------------------------------------------------
+
+
+def _synthetic(num: int = 400, num_classes: int = 4, seed: int = 0) -> LabelledFiles:
+    labels = np.random.default_rng(seed).integers(0, num_classes, num)
+    return LabelledFiles(
+        tuple(f"img{i:04d}.png" for i in range(num)),
+        tuple(int(x) for x in labels),
+        tuple(f"c{k}" for k in range(num_classes)),
+    )
+
+
+@pytest.mark.parametrize(
+    ("method", "kwargs"),
+    [("iid", {}), ("dirichlet", {"dirichlet_alpha": 0.3}), ("pathological", {"classes_per_client": 2})],
+)
+def test_partitions_are_disjoint_and_cover_the_input(method, kwargs):
+    # Prepare
+    files = _synthetic()
+
+    # Execute (seed 7: flwr-datasets' Dirichlet sampling meets its minimum size at the first draw)
+    parts = [partition(files, 10, pid, method, seed=7, **kwargs) for pid in range(10)]
+
+    # Assert
+    all_paths = [p for part in parts for p in part.paths]
+    assert len(all_paths) == len(set(all_paths)) == len(files)
+    assert set(all_paths) == set(files.paths)
+    label_of = dict(zip(files.paths, files.labels, strict=True))
+    for part in parts:
+        assert len(part) > 0
+        assert all(label_of[p] == y for p, y in zip(part.paths, part.labels, strict=True))
+        assert part.class_names == files.class_names
+
+
+def test_partitions_are_seeded():
+    files = _synthetic()
+
+    first = partition(files, 5, 2, "dirichlet", seed=11)
+    again = partition(files, 5, 2, "dirichlet", seed=11)
+    other = partition(files, 5, 2, "dirichlet", seed=12)
+
+    assert first.paths == again.paths
+    assert first.paths != other.paths
+
+
+@pytest.mark.filterwarnings("ignore:The specified min_partition_size:UserWarning")
+def test_unsatisfiable_dirichlet_partition_is_a_data_error():
+    """400 samples, 10 clients, alpha 0.3, seed 1: flwr-datasets gives up after 10 draws because
+    some client gets fewer than min_partition_size (10) samples. The user should get a DataError
+    that says what to change (not flwr-datasets' bare ValueError), or, if the minimum is relaxed,
+    a valid partition. The same happens with subset=400 and 10 clients for most seeds."""
+    # Prepare
+    files = _synthetic()
+
+    # Execute
+    try:
+        parts = [partition(files, 10, pid, "dirichlet", seed=1) for pid in range(10)]
+    except DataError as error:
+        # Assert (error path)
+        assert "dirichlet-alpha" in str(error)
+        return
+    # Assert (success path)
+    assert sorted(p for part in parts for p in part.paths) == sorted(files.paths)
+    assert all(len(part) > 0 for part in parts)
+
+
+def test_iid_partition_sizes_are_balanced():
+    files = _synthetic()
+
+    sizes = [len(partition(files, 10, pid, "iid", seed=3)) for pid in range(10)]
+
+    assert sizes == [40] * 10
+
+
+def test_pathological_partitions_hold_at_most_two_classes():
+    files = _synthetic()
+
+    parts = [partition(files, 10, pid, "pathological", seed=3, classes_per_client=2) for pid in range(10)]
+
+    for part in parts:
+        assert 1 <= len(set(part.labels)) <= 2
+
+
+def test_more_clients_than_samples_is_a_data_error():
+    files = _synthetic(num=5)
+
+    with pytest.raises(DataError) as caught:
+        partition(files, 6, 0, "iid", seed=0)
+
+    assert "fewer clients" in str(caught.value)
+
+
+@pytest.mark.parametrize("partition_id", [-1, 4, 10])
+def test_partition_id_out_of_range_is_a_data_error(partition_id):
+    with pytest.raises(DataError) as caught:
+        partition(_synthetic(), 4, partition_id, "iid", seed=0)
+
+    assert str(partition_id) in str(caught.value)
+
+
+def test_unknown_partitioner_is_a_data_error():
+    with pytest.raises(DataError) as caught:
+        partition(_synthetic(), 4, 0, "shards", seed=0)
+
+    assert "'shards'" in str(caught.value)
+
+
+# --- ImageFolder ----------------------------------------------------------------------------------
+
+
+def test_scan_image_folder_labels_follow_the_run_class_order(tmp_path):
+    # Prepare: folders sort as crack < finger < ok, the run's order is ok, crack, finger
+    write_png(tmp_path / "ok" / "a.png", 1)
+    write_png(tmp_path / "ok" / "b.PNG", 2)
+    write_png(tmp_path / "crack" / "c.png", 3)
+    write_png(tmp_path / "finger" / "d.png", 4)
+    (tmp_path / "ok" / "notes.txt").write_text("not an image")
+
+    # Execute
+    files = scan_image_folder(tmp_path, ("ok", "crack", "finger"))
+
+    # Assert
+    names = [p.split("/")[-2] + "/" + p.split("/")[-1] for p in files.paths]
+    assert names == ["ok/a.png", "ok/b.PNG", "crack/c.png", "finger/d.png"]
+    assert files.labels == (0, 0, 1, 2)
+    assert files.class_names == ("ok", "crack", "finger")
+    assert files.class_counts() == [2, 1, 1]
+    assert files.notes == ()
+
+
+def test_scan_image_folder_notes_unknown_and_missing_classes(tmp_path):
+    # Prepare
+    write_png(tmp_path / "ok" / "a.png", 1)
+    write_png(tmp_path / "dirt" / "b.png", 2)
+
+    # Execute
+    files = scan_image_folder(tmp_path, ("ok", "crack"))
+
+    # Assert
+    assert files.labels == (0,)
+    assert len(files.notes) == 2
+    assert any("dirt" in note and "ignored" in note for note in files.notes)
+    assert any("crack" in note and "no images" in note for note in files.notes)
+
+
+def test_scan_image_folder_missing_root_is_a_data_error(tmp_path):
+    missing = tmp_path / "nowhere"
+
+    with pytest.raises(DataError) as caught:
+        scan_image_folder(missing, ("ok", "crack"))
+
+    assert str(missing) in str(caught.value)
+    assert "data-dir" in str(caught.value)
+
+
+def test_scan_image_folder_without_known_images_is_a_data_error(tmp_path):
+    # Prepare: images only in an unknown class, and an empty known class folder
+    write_png(tmp_path / "dirt" / "a.png", 1)
+    (tmp_path / "ok").mkdir()
+
+    # Execute
+    with pytest.raises(DataError) as caught:
+        scan_image_folder(tmp_path, ("ok", "crack"))
+
+    # Assert
+    message = str(caught.value)
+    assert "no images" in message
+    assert "dirt" in message
+
+
+# --- client-side local split ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("num", "fraction", "num_test"), [(1, 0.5, 0), (2, 0.9, 1), (10, 0.2, 2), (10, 0.0, 0)])
+def test_local_split_keeps_a_training_example(num, fraction, num_test):
+    # Prepare
+    files = _synthetic(num=num)
+
+    # Execute
+    train, test = local_split(files, fraction, seed=5)
+
+    # Assert
+    assert len(test) == num_test
+    assert len(train) == num - num_test >= 1
+    assert set(train.paths).isdisjoint(test.paths)
+    assert set(train.paths) | set(test.paths) == set(files.paths)
+
+
+def test_local_split_is_seeded():
+    files = _synthetic(num=50)
+
+    first = local_split(files, 0.2, seed=5)
+    again = local_split(files, 0.2, seed=5)
+    other = local_split(files, 0.2, seed=6)
+
+    assert first[1].paths == again[1].paths
+    assert first[1].paths != other[1].paths
+    assert list(first[0].paths) == sorted(first[0].paths)  # order kept within each part

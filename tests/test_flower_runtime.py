@@ -1,0 +1,168 @@
+"""End to end through the real Flower runtime: flower-superlink in simulation mode, `flwr run`,
+the ServerApp and ClientApps in their own processes. Small: 3 clients, a few hundred images,
+2 rounds. The runs are shared by the tests of this module (module-scoped fixtures).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from client.privacy import AUDIT_LOG_ENV
+from simulations.federation import flwr_run
+
+pytestmark = pytest.mark.flower
+
+HEAD_SHAPES = {"weight": [4, 1280], "bias": [4]}
+SMALL_RUN = {"subset": 240, "num-server-rounds": 2, "local-epochs": 2}
+
+
+def _events(run_dir: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in (run_dir / "events.jsonl").read_text().splitlines()]
+
+
+def _run(tmp: Path, name: str, cache: Path, extra: dict[str, Any] | None = None, clients: int = 3) -> dict[str, Any]:
+    audit = tmp / f"{name}-audit.jsonl"
+    config = {**SMALL_RUN, "cache-dir": str(cache), "runs-dir": str(tmp / "runs"), "run-name": name, **(extra or {})}
+    result = flwr_run(config, clients, tmp / "flwr-home", env={AUDIT_LOG_ENV: str(audit)}, timeout=600)
+    run_dir = tmp / "runs" / name
+    assert result.returncode == 0, result.stdout[-4000:]
+    assert (run_dir / "summary.json").is_file(), result.stdout[-4000:]
+    return {
+        "summary": json.loads((run_dir / "summary.json").read_text()),
+        "events": _events(run_dir),
+        "audit": [json.loads(line) for line in audit.read_text().splitlines()],
+        "output": result.stdout,
+        "run_dir": run_dir,
+    }
+
+
+@pytest.fixture(scope="module")
+def elpv_runs(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The same small ELPV run twice with one cache: the second must find everything cached."""
+    tmp = tmp_path_factory.mktemp("elpv")
+    first = _run(tmp, "first", tmp / "cache")
+    second = _run(tmp, "second", tmp / "cache")
+    return first, second
+
+
+def test_run_writes_the_documented_artifacts(elpv_runs: tuple[dict[str, Any], dict[str, Any]]) -> None:
+    first, _ = elpv_runs
+    summary = first["summary"]
+    for name in ("config.json", "events.jsonl", "summary.json", "head.npz", "head.json"):
+        assert (first["run_dir"] / name).is_file(), name
+    final = summary["final"]
+    for key in ("accuracy", "macro_precision", "macro_recall", "macro_f1", "confusion_matrix"):
+        assert key in final
+    matrix = np.asarray(final["confusion_matrix"])
+    assert matrix.shape == (4, 4)
+    assert matrix.sum() == final["test_examples"] == 60  # 25% of the 240-image subset
+    assert final["accuracy"] == pytest.approx(np.trace(matrix) / matrix.sum())
+    assert [r["round"] for r in summary["rounds"]] == [1, 2]
+    for record in summary["rounds"]:
+        for key in ("accuracy", "macro_f1", "loss", "bytes_down", "bytes_up", "seconds", "clients_ok", "clients_failed"):
+            assert key in record
+        assert record["clients_ok"] == 3 and record["clients_failed"] == 0
+    assert summary["backbone"]["name"] == "efficientnet_lite0"
+    assert len(summary["backbone"]["fingerprint"]) == 64
+    assert summary["wall_seconds"] > 0
+    head = np.load(first["run_dir"] / "head.npz")
+    assert {k: list(head[k].shape) for k in head.files} == HEAD_SHAPES
+    # progress: one line per round and embedding progress from the clients
+    assert "round   1/2 | accuracy" in first["output"] and "round   2/2 | accuracy" in first["output"]
+    assert "client 0 (train): embedded" in first["output"]
+
+
+def test_backbone_goes_once_per_node_then_only_the_head(elpv_runs: tuple[dict[str, Any], dict[str, Any]]) -> None:
+    first, second = elpv_runs
+    sent = [e for e in first["events"] if e["event"] == "backbone-sent"]
+    assert len(sent) == 3 and {e["round"] for e in sent} == {1}
+    assert len({e["node"] for e in sent}) == 3
+    round_1, round_2 = first["summary"]["rounds"]
+    assert round_1["bytes_down"] > 3 * 13_000_000  # three copies of the 13.6 MB backbone
+    assert round_2["bytes_down"] < 300_000  # heads and instructions only
+    for record in first["summary"]["rounds"]:
+        assert 0 < record["max_bytes_up_per_client"] <= 25_000
+    # the second run's nodes hold the fingerprint on disk: nothing is sent again
+    assert not [e for e in second["events"] if e["event"] == "backbone-sent"]
+    assert second["summary"]["rounds"][0]["bytes_down"] < 300_000
+
+
+def test_second_run_embeds_nothing(elpv_runs: tuple[dict[str, Any], dict[str, Any]]) -> None:
+    first, second = elpv_runs
+    assert first["summary"]["embedding"]["computed"] == 240
+    assert first["summary"]["embedding"]["cached"] == 0
+    assert second["summary"]["embedding"]["computed"] == 0
+    assert second["summary"]["embedding"]["cached"] == 240
+    # same data, seed and cache: the same federated result
+    assert second["summary"]["final"]["accuracy"] == pytest.approx(first["summary"]["final"]["accuracy"])
+
+
+def test_every_reply_holds_only_head_arrays_and_numbers(elpv_runs: tuple[dict[str, Any], dict[str, Any]]) -> None:
+    """The audit log is written by the ClientApp's outgoing mod: it sees every reply."""
+    first, _ = elpv_runs
+    replies = first["audit"]
+    kinds = [r["message_type"] for r in replies]
+    assert kinds.count("train") == 6 and kinds.count("evaluate") == 6 and kinds.count("query") == 3
+    for reply in replies:
+        assert set(reply["metrics"]) == {"metrics"}
+        for value in reply["metrics"]["metrics"].values():
+            assert isinstance(value, int | float) and not isinstance(value, bool)
+        assert set(reply["configs"]) <= {"status"}
+        for key, value in reply["configs"].get("status", {}).items():
+            assert key in {"backbone-fingerprint", "data-notes"} and isinstance(value, str)
+        if reply["message_type"] == "train":
+            arrays = reply["arrays"]
+            assert set(arrays) == {"arrays"}
+            assert {name: shape for name, (shape, _) in arrays["arrays"].items()} == HEAD_SHAPES
+        else:
+            assert reply["arrays"] == {}
+
+
+def _write_folder(root: Path, classes: dict[str, int], seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    for name, count in classes.items():
+        (root / name).mkdir(parents=True, exist_ok=True)
+        for index in range(count):
+            tone = 60 + 60 * list(classes).index(name) if name in ("ok", "crack") else 128
+            pixels = np.clip(rng.normal(tone, 25, (48, 48, 3)), 0, 255).astype(np.uint8)
+            Image.fromarray(pixels).save(root / name / f"{index}.png")
+
+
+def test_user_folders_and_a_client_without_data(tmp_path: Path) -> None:
+    """ImageFolder data per client; one client's folder is missing, one has an unknown class and
+    a corrupt image. The federation goes on with the others and the log says why."""
+    data = tmp_path / "data"
+    _write_folder(data / "client-0", {"ok": 6, "crack": 6}, seed=0)
+    _write_folder(data / "client-1", {"ok": 5, "crack": 4, "smudge": 3}, seed=1)
+    (data / "client-1" / "crack" / "broken.png").write_bytes(b"not a png at all")
+    _write_folder(tmp_path / "server-test", {"ok": 4, "crack": 4}, seed=2)
+    # client-2 has no folder at all
+    run = _run(
+        tmp_path,
+        "folders",
+        tmp_path / "cache",
+        extra={
+            "subset": 0,
+            "dataset": "folder",
+            "class-names": "ok,crack",
+            "data-dir": str(data),
+            "server-test-dir": str(tmp_path / "server-test"),
+            "image-size": 64,
+            "min-clients": 2,
+        },
+    )
+    summary, events = run["summary"], run["events"]
+    assert [(r["clients_ok"], r["clients_failed"]) for r in summary["rounds"]] == [(2, 1), (2, 1)]
+    failures = [e for e in events if e["event"] == "client-failed" and e["phase"] == "train"]
+    assert len(failures) == 2 and all("client-2" in e["reason"] for e in failures)
+    notes = [e.get("notes", "") for e in events if e["event"] == "client-reply"]
+    assert any("smudge" in note for note in notes)
+    assert summary["embedding"]["skipped"] == 1  # the corrupt image, counted once
+    assert summary["classes"] == ["ok", "crack"]
+    assert np.asarray(summary["final"]["confusion_matrix"]).sum() == 8
