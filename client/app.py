@@ -2,20 +2,20 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
-
 from flwr.clientapp.typing import ClientAppCallable
 
 from client.core import EdgeClient, Instructions, edge_client
 from client.privacy import PrivacyViolation, audit, violations
 from common import wire
 from common.backbones import get_spec
-from common.heads import make_head
 from common.config import NodeConfig, RunConfig
+from common.heads import make_head
 from common.logs import configure_logging
-
 
 
 def to_record(arrays: dict[str, np.ndarray]) -> ArrayRecord:
@@ -47,7 +47,12 @@ def privacy_guard(msg: Message, context: Context, call_next: ClientAppCallable) 
 
 def _head_shapes(msg: Message) -> dict[str, tuple[int, ...]]:
     instructions = Instructions.from_record(msg.content[wire.CONFIG])
-    head = make_head(instructions.head, get_spec(instructions.backbone_name).feature_dim, instructions.num_classes, instructions.mlp_hidden)
+    head = make_head(
+        instructions.head,
+        get_spec(instructions.backbone_name).feature_dim,
+        instructions.num_classes,
+        instructions.mlp_hidden,
+    )
     return {name: tuple(p.shape) for name, p in head.classifier.named_parameters()}
 
 
@@ -68,9 +73,9 @@ def _receive(client: EdgeClient, msg: Message) -> Instructions:
     return instructions
 
 
-def _reply(msg: Message, client: EdgeClient, metrics: dict[str, float], arrays: ArrayRecord | None = None) -> Message:
+def _reply(msg: Message, client: EdgeClient, metrics: dict[str, Any], arrays: ArrayRecord | None = None) -> Message:
     metrics[wire.BACKBONE_RECEIVED] = int(wire.BACKBONE in msg.content.array_records)
-    status = {wire.FINGERPRINT: str(msg.content[wire.CONFIG][wire.FINGERPRINT])}
+    status: dict[str, Any] = {wire.FINGERPRINT: str(msg.content[wire.CONFIG][wire.FINGERPRINT])}
     if client.data.notes:
         status[wire.DATA_NOTES] = "; ".join(client.data.notes)
     content = RecordDict({wire.METRICS: MetricRecord(metrics), wire.STATUS: ConfigRecord(status)})
@@ -93,7 +98,7 @@ def train(msg: Message, context: Context) -> Message:
     """Embed (once), train the head locally, send back the head and numbers only."""
     client = _client(context)
     instructions = _receive(client, msg)
-    arrays, metrics = client.train(from_record(msg.content[wire.ARRAYS]), instructions)
+    arrays, metrics = client.train(from_record(msg.content.array_records[wire.ARRAYS]), instructions)
     return _reply(msg, client, metrics, to_record(arrays))
 
 
@@ -102,5 +107,5 @@ def evaluate(msg: Message, context: Context) -> Message:
     """Score the global head on the local test share."""
     client = _client(context)
     instructions = _receive(client, msg)
-    metrics = client.evaluate(from_record(msg.content[wire.ARRAYS]), instructions)
+    metrics = client.evaluate(from_record(msg.content.array_records[wire.ARRAYS]), instructions)
     return _reply(msg, client, metrics)

@@ -13,6 +13,7 @@ import threading
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 import torch
@@ -73,7 +74,9 @@ class Instructions:
                 seed=int(record[wire.SEED]),  # type: ignore[call-overload]
             )
         except KeyError as missing:
-            raise ValueError(f"Server instructions lack key {missing}; is the server the same edgesplit version?") from None
+            raise ValueError(
+                f"Server instructions lack key {missing}; is the server the same edgesplit version?"
+            ) from None
 
 
 # --- the backbone, cached on disk by fingerprint ------------------------------------------------
@@ -83,8 +86,8 @@ class BackboneCache:
     """Backbones this device holds, one file per fingerprint, verified before use."""
 
     _lock = threading.RLock()  # re-entered: model() verifies under the lock
-    _verified: dict[Path, str] = {}  # file -> fingerprint, per process
-    _models: dict[str, nn.Module] = {}  # one built model per fingerprint, per process
+    _verified: ClassVar[dict[Path, str]] = {}  # file -> fingerprint, per process
+    _models: ClassVar[dict[str, nn.Module]] = {}  # one built model per fingerprint, per process
 
     def __init__(self, directory: Path) -> None:
         self.directory = directory / "backbones"
@@ -138,11 +141,18 @@ class BackboneCache:
             verified = self._verified.get(path) == fp
         if verified and fp in self._models:
             return "", {}, PreprocessSpec()  # contents already checked and built in this process
-        stored = torch.load(path, map_location="cpu", weights_only=True)
-        name, preprocess = stored["name"], PreprocessSpec.from_json(stored["preprocess"])
-        if fingerprint(name, stored["state"], preprocess) != fp:
+        try:
+            stored = torch.load(path, map_location="cpu", weights_only=True)
+            name, preprocess = stored["name"], PreprocessSpec.from_json(stored["preprocess"])
+            matches = fingerprint(name, stored["state"], preprocess) == fp
+        except Exception as error:  # truncated or foreign file: treat as not held
             path.unlink(missing_ok=True)
-            raise FingerprintMismatch(f"Cached backbone {path} does not match its fingerprint {fp[:12]} and was removed")
+            raise FingerprintMismatch(f"Cached backbone {path} is unreadable ({error}) and was removed") from error
+        if not matches:
+            path.unlink(missing_ok=True)
+            raise FingerprintMismatch(
+                f"Cached backbone {path} does not match its fingerprint {fp[:12]} and was removed"
+            )
         with self._lock:
             self._verified[path] = fp
         return name, stored["state"], preprocess
@@ -250,9 +260,7 @@ class EdgeClient:
         fp = instructions.fingerprint
         if fp not in self._embedded:
             if not self.backbones.holds(fp):
-                raise FingerprintMismatch(
-                    f"{self.name} does not hold backbone {fp[:12]}; the server must send it."
-                )
+                raise FingerprintMismatch(f"{self.name} does not hold backbone {fp[:12]}; the server must send it.")
             log.info("%s: embedding local images with %d torch threads", self.name, torch.get_num_threads())
             cache = EmbeddingCache(self.cache_dir / "embeddings", fp)
             try:
@@ -270,10 +278,12 @@ class EdgeClient:
                 ]
             finally:
                 cache.close()
-            self._embedded[fp] = EmbeddedData(*parts)
+            self._embedded[fp] = EmbeddedData(train=parts[0], test=parts[1])
         return self._embedded[fp]
 
-    def train(self, arrays: Mapping[str, np.ndarray], instructions: Instructions) -> tuple[dict[str, np.ndarray], dict[str, float]]:
+    def train(
+        self, arrays: Mapping[str, np.ndarray], instructions: Instructions
+    ) -> tuple[dict[str, np.ndarray], dict[str, float]]:
         """Train the head from the global weights; returns (head arrays, metrics)."""
         data = self.embedded(instructions)
         if len(data.train.labels) == 0:

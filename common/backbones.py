@@ -55,8 +55,7 @@ def get_spec(name: str) -> BackboneSpec:
         return _REGISTRY[name]
     except KeyError:
         raise BackboneError(
-            f"Unknown backbone {name!r}. Choose one of {available_backbones()} "
-            "(run-config key 'backbone')."
+            f"Unknown backbone {name!r}. Choose one of {available_backbones()} (run-config key 'backbone')."
         ) from None
 
 
@@ -106,7 +105,7 @@ def _lite0_block_position(flat_index: int) -> tuple[int, int]:
         if flat_index < depth:
             return stage, flat_index
         flat_index -= depth
-    raise BackboneError(f"EfficientNet-Lite0 has 16 blocks; got block index beyond that.")
+    raise BackboneError("EfficientNet-Lite0 has 16 blocks; got a block index beyond that.")
 
 
 def _lite0_convert(state: StateDict) -> StateDict:
@@ -183,9 +182,7 @@ def mobilenet_v3_large() -> BackboneSpec:
     return BackboneSpec(
         name="mobilenet_v3_large",
         feature_dim=960,
-        preprocess=PreprocessSpec(
-            crop_pct=1.0, interpolation="bilinear", mean=_IMAGENET_MEAN, std=_IMAGENET_STD
-        ),
+        preprocess=PreprocessSpec(crop_pct=1.0, interpolation="bilinear", mean=_IMAGENET_MEAN, std=_IMAGENET_STD),
         build_architecture=_mobilenet_v3_large,
         convert_weights=_drop_prefixes("classifier."),
         weights_hint=_TORCHVISION_HINT.format(fn="mobilenet_v3_large"),
@@ -197,9 +194,7 @@ def resnet18() -> BackboneSpec:
     return BackboneSpec(
         name="resnet18",
         feature_dim=512,
-        preprocess=PreprocessSpec(
-            crop_pct=1.0, interpolation="bilinear", mean=_IMAGENET_MEAN, std=_IMAGENET_STD
-        ),
+        preprocess=PreprocessSpec(crop_pct=1.0, interpolation="bilinear", mean=_IMAGENET_MEAN, std=_IMAGENET_STD),
         build_architecture=_resnet18,
         convert_weights=_drop_prefixes("fc."),
         weights_hint=_TORCHVISION_HINT.format(fn="resnet18"),
@@ -231,20 +226,29 @@ def load_backbone_weights(name: str, weights_path: str | Path | None = None) -> 
     """The backbone's weights, converted to the architecture's key names, classifier removed."""
     spec = get_spec(name)
     if weights_path:
-        raw = read_weights_file(Path(weights_path))
+        try:
+            raw = read_weights_file(Path(weights_path))
+        except BackboneError as error:
+            raise BackboneError(f"{error} {spec.weights_hint}") from error
     elif spec.embedded_weights is not None:
         raw = read_weights_file(spec.embedded_weights())
     else:
         raise BackboneError(f"Backbone {name!r} has no embedded weights. {spec.weights_hint}")
     state = spec.convert_weights(raw)
-    architecture_keys = set(spec.build_architecture().state_dict())
-    missing = sorted(architecture_keys - set(state))
+    reference = spec.build_architecture().state_dict()
+    missing = sorted(set(reference) - set(state))
     if missing:
         raise BackboneError(
             f"Weights for {name!r} lack {len(missing)} tensors (first: {missing[:3]}). "
             f"Is this the right file for this architecture? {spec.weights_hint}"
         )
-    return {k: state[k] for k in sorted(architecture_keys)}
+    for key, tensor in reference.items():
+        if tuple(state[key].shape) != tuple(tensor.shape):
+            raise BackboneError(
+                f"Weights for {name!r}: tensor {key!r} has shape {tuple(state[key].shape)}, the architecture "
+                f"needs {tuple(tensor.shape)}. Is this the right file for this architecture? {spec.weights_hint}"
+            )
+    return {k: state[k] for k in sorted(reference)}
 
 
 def build_backbone(name: str, state: StateDict) -> nn.Module:

@@ -36,7 +36,7 @@ def _range(low: float | None = None, high: float | None = None) -> dict[str, Any
     return {"low": low, "high": high}
 
 
-def _key(default: Any, help: str, **rules: Any) -> Any:  # noqa: A002 - "help" reads best here
+def _key(default: Any, help: str, **rules: Any) -> Any:
     return dataclasses.field(default=default, metadata={"help": help, **rules})
 
 
@@ -93,9 +93,7 @@ class RunConfig:
         known = {f.name.replace("_", "-"): f for f in fields(cls)}
         unknown = sorted(set(run_config) - set(known))
         if unknown:
-            raise ConfigError(
-                f"Unknown run-config key(s) {unknown}. Known keys: {sorted(known)}."
-            )
+            raise ConfigError(f"Unknown run-config key(s) {unknown}. Known keys: {sorted(known)}.")
         values = {known[k].name: _check(k, known[k], v) for k, v in run_config.items()}
         config = cls(**values)
         config.check_consistency()
@@ -114,8 +112,7 @@ class RunConfig:
                 raise ConfigError("dataset='folder' needs 'class-names', e.g. class-names='ok,crack,finger'.")
             if not self.server_test_dir:
                 raise ConfigError(
-                    "dataset='folder' needs 'server-test-dir': an ImageFolder the server holds for "
-                    "central evaluation."
+                    "dataset='folder' needs 'server-test-dir': an ImageFolder the server holds for central evaluation."
                 )
         if self.partitioner == "pathological" and self.classes_per_client > len(self.classes()):
             raise ConfigError(
@@ -151,9 +148,7 @@ def _check(key: str, field: dataclasses.Field[Any], value: Any) -> Any:
     if expected is int and isinstance(value, float) and value.is_integer():
         value = int(value)
     if not isinstance(value, expected) or isinstance(value, bool):
-        raise ConfigError(
-            f"Run-config key '{key}' must be {expected.__name__}, got {type(value).__name__} {value!r}."
-        )
+        raise ConfigError(f"Run-config key '{key}' must be {expected.__name__}, got {type(value).__name__} {value!r}.")
     rules = field.metadata
     if "choices" in rules and value not in rules["choices"]:
         raise ConfigError(f"Run-config key '{key}' must be one of {list(rules['choices'])}, got {value!r}.")
@@ -198,7 +193,10 @@ class NodeConfig:
                     raise ConfigError(f"Node-config key '{key}' must be a path string.")
                 values[key.replace("-", "_")] = node_config[key]
         node = cls(**values)
-        if node.partition_id is not None and node.num_partitions is not None:
-            if node.partition_id >= node.num_partitions:
-                raise ConfigError(f"partition-id {node.partition_id} must be below num-partitions {node.num_partitions}.")
+        if (
+            node.partition_id is not None
+            and node.num_partitions is not None
+            and node.partition_id >= node.num_partitions
+        ):
+            raise ConfigError(f"partition-id {node.partition_id} must be below num-partitions {node.num_partitions}.")
         return node

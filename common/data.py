@@ -73,7 +73,7 @@ def load_elpv(task: str = "4-level") -> LabelledFiles:
         relative, probability, _cell_type = line.split()
         p = float(probability)
         paths.append(str(root / relative))
-        labels.append(int(p >= 0.5) if task == "binary" else int(round(p * 3)))
+        labels.append(int(p >= 0.5) if task == "binary" else round(p * 3))
     return LabelledFiles(tuple(paths), tuple(labels), ELPV_CLASS_NAMES[task])
 
 
@@ -112,9 +112,11 @@ def scan_image_folder(root: str | Path, class_names: tuple[str, ...]) -> Labelle
     empty = []
     for index, name in enumerate(class_names):
         folder = root / name
-        files = sorted(
-            p for p in folder.glob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS
-        ) if folder.is_dir() else []
+        files = (
+            sorted(p for p in folder.glob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+            if folder.is_dir()
+            else []
+        )
         if not files:
             empty.append(name)
         paths.extend(str(p) for p in files)
@@ -132,18 +134,14 @@ def scan_image_folder(root: str | Path, class_names: tuple[str, ...]) -> Labelle
 # --- splits and partitions ---------------------------------------------------------------------
 
 
-def stratified_split(
-    files: LabelledFiles, test_fraction: float, seed: int
-) -> tuple[LabelledFiles, LabelledFiles]:
+def stratified_split(files: LabelledFiles, test_fraction: float, seed: int) -> tuple[LabelledFiles, LabelledFiles]:
     """Seeded split that keeps each class's share in both parts (rest, held-out test)."""
     from sklearn.model_selection import train_test_split
 
     indices = np.arange(len(files))
     counts = np.bincount(np.asarray(files.labels))
     stratify = files.labels if counts[counts > 0].min() >= 2 else None
-    rest, test = train_test_split(
-        indices, test_size=test_fraction, random_state=seed, stratify=stratify
-    )
+    rest, test = train_test_split(indices, test_size=test_fraction, random_state=seed, stratify=stratify)
     return files.subset(np.sort(rest)), files.subset(np.sort(test))
 
 
@@ -173,9 +171,9 @@ def partition(
     """One client's share, by a flwr-datasets partitioner over a local ``datasets.Dataset``."""
     if not 0 <= partition_id < num_partitions:
         raise DataError(f"partition-id {partition_id} is outside [0, {num_partitions}).")
-    indices = _partition_indices(
-        files.labels, num_partitions, method, seed, dirichlet_alpha, classes_per_client
-    )[partition_id]
+    indices = _partition_indices(files.labels, num_partitions, method, seed, dirichlet_alpha, classes_per_client)[
+        partition_id
+    ]
     if not indices:
         raise DataError(
             f"Partition {partition_id} of {num_partitions} is empty ({len(files)} samples, "
@@ -231,6 +229,10 @@ def _partition_indices(
     table = datasets.Dataset.from_dict({"index": list(range(len(labels))), "label": list(labels)})
     # IidPartitioner shards contiguously; shuffle so that file order (often by source) does not leak.
     partitioner.dataset = table.shuffle(seed=seed)
-    return tuple(
-        sorted(partitioner.load_partition(pid)["index"]) for pid in range(num_partitions)
-    )
+    try:
+        return tuple(sorted(partitioner.load_partition(pid)["index"]) for pid in range(num_partitions))
+    except ValueError as error:  # e.g. Dirichlet draws that leave a client (almost) empty
+        raise DataError(
+            f"Cannot split {len(labels)} samples over {num_partitions} clients with the {method!r} "
+            f"partitioner: {error} Use fewer clients, more data (subset=0) or a larger 'dirichlet-alpha'."
+        ) from error

@@ -111,16 +111,16 @@ def embed_files(
     started = time.perf_counter()
     stats = EmbedStats()
     # First pass hashes only, so memory stays bounded by one batch of decoded images.
-    keys: list[str | None] = []
+    keys: list[str] = []  # "" marks an unreadable file
     for path in files.paths:
         try:
             keys.append(_file_sha256(path))
         except OSError as error:
-            keys.append(None)
+            keys.append("")
             stats.skipped[f"unreadable ({type(error).__name__})"] += 1
-    cached = cache.get_many(k for k in keys if k is not None)
-    to_compute = [i for i, k in enumerate(keys) if k is not None and k not in cached]
-    stats.cached = sum(1 for k in keys if k is not None and k in cached)
+    cached = cache.get_many(k for k in keys if k)
+    to_compute = [i for i, k in enumerate(keys) if k and k not in cached]
+    stats.cached = sum(1 for k in keys if k and k in cached)
 
     model: nn.Module | None = backbone if isinstance(backbone, nn.Module) else None
     first_bad: str | None = None
@@ -150,10 +150,14 @@ def embed_files(
     if stats.num_skipped:
         log.warning(
             "%s: skipped %d of %d images (%s); first: %s",
-            who, stats.num_skipped, len(files), dict(stats.skipped), first_bad or "unreadable file",
+            who,
+            stats.num_skipped,
+            len(files),
+            dict(stats.skipped),
+            first_bad or "unreadable file",
         )
 
-    kept = [i for i, k in enumerate(keys) if k is not None and k in cached]
+    kept = [i for i, k in enumerate(keys) if k and k in cached]
     features = (
         np.stack([cached[keys[i]] for i in kept]).astype(np.float32, copy=False)
         if kept

@@ -48,7 +48,9 @@ def make_head(kind: str, in_dim: int, num_classes: int, hidden: int = 256, seed:
     if kind == "linear":
         classifier: nn.Module = nn.Linear(in_dim, num_classes)
     elif kind == "mlp":
-        classifier = nn.Sequential(nn.Linear(in_dim, hidden), nn.ReLU(), nn.Dropout(0.2), nn.Linear(hidden, num_classes))
+        classifier = nn.Sequential(
+            nn.Linear(in_dim, hidden), nn.ReLU(), nn.Dropout(0.2), nn.Linear(hidden, num_classes)
+        )
     else:
         raise ValueError(f"Unknown head {kind!r}; use one of {HEAD_KINDS}.")
     with torch.no_grad():  # re-draw PyTorch's default init from our own generator
@@ -97,6 +99,22 @@ def train_head(
     seed: int = 0,
 ) -> TrainResult:
     """Mini-batch SGD with momentum on embeddings; FedProx's proximal term when ``proximal_mu > 0``."""
+    with torch.random.fork_rng():  # dropout draws from the global RNG; keep it seeded and local
+        torch.manual_seed(seed)
+        return _train_head(head, features, labels, epochs, learning_rate, batch_size, weight_decay, proximal_mu, seed)
+
+
+def _train_head(
+    head: nn.Module,
+    features: np.ndarray,
+    labels: np.ndarray,
+    epochs: int,
+    learning_rate: float,
+    batch_size: int,
+    weight_decay: float,
+    proximal_mu: float,
+    seed: int,
+) -> TrainResult:
     started = time.perf_counter()
     x = torch.from_numpy(np.ascontiguousarray(features, dtype=np.float32))
     y = torch.from_numpy(np.asarray(labels, dtype=np.int64))

@@ -42,9 +42,7 @@ class PreprocessSpec:
         if not 0.1 <= self.crop_pct <= 1.0:
             raise ValueError(f"crop_pct must be in [0.1, 1.0], got {self.crop_pct}.")
         if self.interpolation not in _INTERPOLATIONS:
-            raise ValueError(
-                f"interpolation must be one of {sorted(_INTERPOLATIONS)}, got {self.interpolation!r}."
-            )
+            raise ValueError(f"interpolation must be one of {sorted(_INTERPOLATIONS)}, got {self.interpolation!r}.")
 
     def to_json(self) -> str:
         """Canonical JSON: the form that is hashed and sent over the wire."""

@@ -152,7 +152,9 @@ class ServerRun:
         return {name: array.shape for name, array in self.initial_head().items()}
 
     def _new_head(self):  # type: ignore[no-untyped-def]
-        return make_head(self.config.head, self.spec.feature_dim, len(self.classes), self.config.mlp_hidden, self.config.seed)
+        return make_head(
+            self.config.head, self.spec.feature_dim, len(self.classes), self.config.mlp_hidden, self.config.seed
+        )
 
     # --- central evaluation ----------------------------------------------------------------------
 
@@ -174,9 +176,17 @@ class ServerRun:
         log.info(
             "round %3d/%d | accuracy %.4f | macro-F1 %.4f | loss %.4f | down %s | up %s | %5.1fs | "
             "clients ok %d failed %d rejected %d",
-            record.round, self.config.num_server_rounds, record.accuracy, record.macro_f1, record.loss,
-            human_bytes(record.bytes_down), human_bytes(record.bytes_up), record.seconds,
-            record.clients_ok, record.clients_failed, record.clients_rejected,
+            record.round,
+            self.config.num_server_rounds,
+            record.accuracy,
+            record.macro_f1,
+            record.loss,
+            human_bytes(record.bytes_down),
+            human_bytes(record.bytes_up),
+            record.seconds,
+            record.clients_ok,
+            record.clients_failed,
+            record.clients_rejected,
         )
 
     # --- end ----------------------------------------------------------------------------------
@@ -244,7 +254,8 @@ def summary_table(summary: dict[str, Any]) -> str:
     final, rounds = summary["final"], summary["rounds"]
     lines = [
         "",
-        f"{'round':>5} {'accuracy':>9} {'macro-F1':>9} {'loss':>7} {'down':>9} {'up':>9} {'sec':>6} {'ok':>3} {'fail':>4}",
+        f"{'round':>5} {'accuracy':>9} {'macro-F1':>9} {'loss':>7} {'down':>9} {'up':>9} {'sec':>6}"
+        f" {'ok':>3} {'fail':>4}",
     ]
     for r in rounds:
         lines.append(
@@ -253,12 +264,13 @@ def summary_table(summary: dict[str, Any]) -> str:
             f"{r['clients_ok']:>3} {r['clients_failed']:>4}"
         )
     emb = summary["embedding"]
+    recall = [round(x, 3) for x in final["per_class_recall"]]
     lines += [
         "",
         f"final accuracy {final['accuracy']:.4f} | macro-P {final['macro_precision']:.4f} | "
         f"macro-R {final['macro_recall']:.4f} | macro-F1 {final['macro_f1']:.4f} "
         f"on {final['test_examples']} held-out images",
-        f"per-class recall {dict(zip(summary['classes'], [round(x, 3) for x in final['per_class_recall']], strict=True))}",
+        f"per-class recall {dict(zip(summary['classes'], recall, strict=True))}",
         f"confusion matrix (rows true, columns predicted): {final['confusion_matrix']}",
         f"embeddings computed {emb['computed']}, read from cache {emb['cached']}, skipped {emb['skipped']}",
         f"wall time {summary['wall_seconds']:.1f}s | run folder {summary['run_dir']}",

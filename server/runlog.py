@@ -60,7 +60,7 @@ class RunLog:
         """The final global head as .npz (arrays by name) with its metadata as JSON beside it."""
         path = self.run_dir / "head.npz"
         temporary = self.run_dir / ".head.tmp.npz"
-        np.savez(temporary, **arrays)
+        np.savez(temporary, **arrays)  # type: ignore[arg-type]
         temporary.replace(path)
         write_json_atomic(self.run_dir / "head.json", metadata)
         return path

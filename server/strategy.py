@@ -31,6 +31,11 @@ def from_record(record: ArrayRecord) -> dict[str, np.ndarray]:
     return {name: array.numpy() for name, array in record.items()}
 
 
+def _number(value: object) -> float:
+    """A metric value as a float; anything that is not a single number counts as 0."""
+    return float(value) if isinstance(value, int | float) and not isinstance(value, bool) else 0.0
+
+
 def wire_bytes(message: Message) -> int:
     """Bytes of the message's serialized objects (Flower sends each distinct object once)."""
     from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
@@ -53,31 +58,37 @@ class EdgeSplitMixin:
 
     # --- train ----------------------------------------------------------------------------------
 
-    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
         self._round = RoundRecord(round=server_round)
         self._round_started = time.perf_counter()
         config[wire.LEARNING_RATE] = self.run.config.learning_rate_at(server_round)
         messages = super().configure_train(server_round, arrays, config, grid)  # type: ignore[misc]
         return self._with_backbone(list(messages), grid)
 
-    def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         accepted = self._screen(list(replies), phase="train")
         self._round.clients_ok = len(accepted)
         return super().aggregate_train(server_round, accepted)  # type: ignore[misc, no-any-return]
 
     # --- evaluate -------------------------------------------------------------------------------
 
-    def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
+    def configure_evaluate(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
         messages = super().configure_evaluate(server_round, arrays, config, grid)  # type: ignore[misc]
         return self._with_backbone(list(messages), grid)
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         accepted = self._screen(list(replies), phase="evaluate")
         # A client without a local test share has nothing to weigh in with.
-        scored = [m for m in accepted if float(m.content[wire.METRICS][wire.NUM_EXAMPLES]) > 0]  # type: ignore[arg-type]
+        scored = [m for m in accepted if _number(m.content.metric_records[wire.METRICS].get(wire.NUM_EXAMPLES)) > 0]
         metrics = super().aggregate_evaluate(server_round, scored) if scored else None  # type: ignore[misc]
         if metrics is not None and wire.ACCURACY in metrics:
-            self._round.client_accuracy = float(metrics[wire.ACCURACY])  # type: ignore[arg-type]
+            self._round.client_accuracy = _number(metrics[wire.ACCURACY])
         return metrics  # type: ignore[no-any-return]
 
     # --- end of round: central evaluation (Flower calls this after each round, and for round 0) -
@@ -85,7 +96,9 @@ class EdgeSplitMixin:
     def end_round(self, server_round: int, arrays: ArrayRecord) -> MetricRecord:
         report = self.run.evaluate(from_record(arrays))
         if server_round == 0:
-            self.run.run_log.event("initial-evaluation", accuracy=report.accuracy, macro_f1=report.macro_f1, loss=report.loss)
+            self.run.run_log.event(
+                "initial-evaluation", accuracy=report.accuracy, macro_f1=report.macro_f1, loss=report.loss
+            )
         else:
             self._round.seconds = time.perf_counter() - self._round_started
             self.run.record_round(self._round, report)
@@ -117,7 +130,9 @@ class EdgeSplitMixin:
         return prepared
 
     def _ask_backbone_status(self, nodes: list[int], grid: Grid) -> None:
-        question = ConfigRecord({wire.QUERY_ACTION: wire.ACTION_BACKBONE_STATUS, wire.FINGERPRINT: self.run.fingerprint})
+        question = ConfigRecord(
+            {wire.QUERY_ACTION: wire.ACTION_BACKBONE_STATUS, wire.FINGERPRINT: self.run.fingerprint}
+        )
         queries = [
             Message(content=RecordDict({wire.CONFIG: question}), dst_node_id=node, message_type=MessageType.QUERY)
             for node in nodes
@@ -127,7 +142,7 @@ class EdgeSplitMixin:
             if reply.has_error():
                 continue  # it will be sent the backbone; if it is dead, its round fails anyway
             self._round.bytes_up += wire_bytes(reply)
-            if int(reply.content[wire.METRICS][wire.HAS_BACKBONE]):  # type: ignore[call-overload]
+            if _number(reply.content.metric_records[wire.METRICS].get(wire.HAS_BACKBONE)):
                 self._holders.add(reply.metadata.src_node_id)
 
     def _backbone(self) -> ArrayRecord:
@@ -146,7 +161,9 @@ class EdgeSplitMixin:
                 self._holders.discard(node)  # ask again next time: it may have lost its cache
                 if phase == "train":
                     self._round.clients_failed += 1
-                self.run.run_log.event("client-failed", round=self._round.round, phase=phase, node=node, reason=reply.error.reason)
+                self.run.run_log.event(
+                    "client-failed", round=self._round.round, phase=phase, node=node, reason=reply.error.reason
+                )
                 log.warning("node %s failed in %s: %s", node, phase, reply.error.reason)
                 continue
             size = wire_bytes(reply)
@@ -157,17 +174,27 @@ class EdgeSplitMixin:
             if reason is not None:
                 if phase == "train":
                     self._round.clients_rejected += 1
-                self.run.run_log.event("client-rejected", round=self._round.round, phase=phase, node=node, reason=reason)
+                self.run.run_log.event(
+                    "client-rejected", round=self._round.round, phase=phase, node=node, reason=reason
+                )
                 log.warning("node %s: %s reply rejected: %s", node, phase, reason)
                 continue
             metrics = dict(reply.content[wire.METRICS].items())
             status = reply.content.config_records.get(wire.STATUS)
             notes = str(status.get(wire.DATA_NOTES, "")) if status is not None else ""
-            self.run.run_log.event("client-reply", round=self._round.round, phase=phase, node=node, bytes=size, metrics=metrics, **({"notes": notes} if notes else {}))
+            self.run.run_log.event(
+                "client-reply",
+                round=self._round.round,
+                phase=phase,
+                node=node,
+                bytes=size,
+                metrics=metrics,
+                **({"notes": notes} if notes else {}),
+            )
             if phase == "train":
-                self.run.embedding_computed += int(metrics.get(wire.EMBEDDINGS_COMPUTED, 0))  # type: ignore[call-overload]
-                self.run.embedding_cached += int(metrics.get(wire.EMBEDDINGS_CACHED, 0))  # type: ignore[call-overload]
-                self.run.images_skipped += int(metrics.get(wire.IMAGES_SKIPPED, 0))  # type: ignore[call-overload]
+                self.run.embedding_computed += int(_number(metrics.get(wire.EMBEDDINGS_COMPUTED)))
+                self.run.embedding_cached += int(_number(metrics.get(wire.EMBEDDINGS_CACHED)))
+                self.run.images_skipped += int(_number(metrics.get(wire.IMAGES_SKIPPED)))
             accepted.append(reply)
         return accepted
 
@@ -196,7 +223,7 @@ class EdgeFedAvg(EdgeSplitMixin, FedAvg):
     """FedAvg over the head."""
 
 
-class EdgeFedProx(EdgeSplitMixin, FedProx):
+class EdgeFedProx(EdgeSplitMixin, FedProx):  # FedProx and FedAdam subclass FedAvg
     """FedProx over the head (clients add the proximal term)."""
 
 
@@ -204,7 +231,10 @@ class EdgeFedAdam(EdgeSplitMixin, FedAdam):
     """FedAdam over the head (server-side Adam on the averaged update)."""
 
 
-def make_strategy(config: RunConfig, run: ServerRun) -> EdgeSplitMixin:
+EdgeStrategy = EdgeFedAvg | EdgeFedProx | EdgeFedAdam
+
+
+def make_strategy(config: RunConfig, run: ServerRun) -> EdgeStrategy:
     common: dict[str, Any] = {
         "fraction_train": config.fraction_train,
         "fraction_evaluate": config.fraction_evaluate,
@@ -212,7 +242,7 @@ def make_strategy(config: RunConfig, run: ServerRun) -> EdgeSplitMixin:
         "min_evaluate_nodes": config.min_clients if config.fraction_evaluate > 0 else 0,
         "min_available_nodes": config.min_clients,
     }
-    strategy: EdgeSplitMixin
+    strategy: EdgeStrategy
     if config.strategy == "fedavg":
         strategy = EdgeFedAvg(**common)
     elif config.strategy == "fedprox":

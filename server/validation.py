@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 
 import numpy as np
@@ -22,9 +23,16 @@ def reject_reason(
     ``expected_shapes`` is None for evaluation replies, which carry no arrays.
     """
     if reply_fingerprint != expected_fingerprint:
-        return f"backbone fingerprint {str(reply_fingerprint)[:12]!r} differs from the run's {expected_fingerprint[:12]!r}"
+        return (
+            f"backbone fingerprint {str(reply_fingerprint)[:12]!r} differs from the run's {expected_fingerprint[:12]!r}"
+        )
     num_examples = metrics.get(wire.NUM_EXAMPLES)
-    if isinstance(num_examples, bool) or not isinstance(num_examples, int | float) or num_examples != int(num_examples):
+    if (
+        isinstance(num_examples, bool)
+        or not isinstance(num_examples, int | float)
+        or not math.isfinite(num_examples)
+        or num_examples != int(num_examples)
+    ):
         return f"num-examples must be an integer, got {num_examples!r}"
     if expected_shapes is None:
         return None

@@ -57,9 +57,15 @@ def simulation_superlink(flwr_home: Path, env: Mapping[str, str] | None = None) 
     with log_path.open("ab") as log_file:
         process = subprocess.Popen(
             [
-                "flower-superlink", "--insecure", "--simulation",
-                "--host", "127.0.0.1", "--port", str(port),
-                "--control-api-address", f"127.0.0.1:{control_port}",
+                "flower-superlink",
+                "--insecure",
+                "--simulation",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(port),
+                "--control-api-address",
+                f"127.0.0.1:{control_port}",
             ],
             cwd=PROJECT_ROOT,
             env=run_env,
@@ -116,14 +122,23 @@ def flwr_run(
     """``flwr run . --stream`` against a private simulation SuperLink; returns the output."""
     with simulation_superlink(flwr_home, env) as run_env:
         command = [
-            "flwr", "run", str(PROJECT_ROOT), CONNECTION, "--stream",
-            "--federation-config", f"num-supernodes={num_supernodes}",
+            "flwr",
+            "run",
+            str(PROJECT_ROOT),
+            CONNECTION,
+            "--stream",
+            "--federation-config",
+            f"num-supernodes={num_supernodes}",
         ]
         if run_config:
             command += ["--run-config", run_config_arg(run_config)]
         process = subprocess.Popen(
-            command, cwd=PROJECT_ROOT, env=run_env, text=True,
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+            command,
+            cwd=PROJECT_ROOT,
+            env=run_env,
+            text=True,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
         )
         lines = []
         assert process.stdout is not None

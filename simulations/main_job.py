@@ -53,7 +53,8 @@ def main(argv: list[str] | None = None) -> int:
         federated = summary["final"]["accuracy"]
         print(f"\n{'':28}{'accuracy':>10}{'macro-F1':>10}")
         print(f"{'federated head':28}{federated:>10.4f}{summary['final']['macro_f1']:>10.4f}")
-        print(f"{'centralised probe (C=' + str(probe.regularisation_c) + ')':28}{probe.accuracy:>10.4f}{probe.macro_f1:>10.4f}")
+        label = f"centralised probe (C={probe.regularisation_c})"
+        print(f"{label:28}{probe.accuracy:>10.4f}{probe.macro_f1:>10.4f}")
         print(f"gap federated - centralised: {100 * (federated - probe.accuracy):+.2f} points")
     print(f"\nSummary: {summary_path}")
     return 0

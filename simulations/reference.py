@@ -35,7 +35,9 @@ class ProbeResult:
 def centralised_probe(config: RunConfig, num_clients: int) -> ProbeResult:
     """A probe on the union of the clients' training shares, with the head's input normalisation."""
     spec = get_spec(config.backbone)
-    preprocess = PreprocessSpec(config.image_size, config.crop_pct, spec.preprocess.interpolation, spec.preprocess.mean, spec.preprocess.std)
+    preprocess = PreprocessSpec(
+        config.image_size, config.crop_pct, spec.preprocess.interpolation, spec.preprocess.mean, spec.preprocess.std
+    )
     state = load_backbone_weights(config.backbone, config.backbone_weights or None)
     fp = fingerprint(spec.name, state, preprocess)
     root = config.resolved_cache_dir()
@@ -44,7 +46,9 @@ def centralised_probe(config: RunConfig, num_clients: int) -> ProbeResult:
         node = NodeConfig(partition_id=partition_id, num_partitions=num_clients)
         data = load_local_data(config, node)
         cache = EmbeddingCache(root / f"node-{partition_id}" / "embeddings", fp)
-        embedded = embed_files(data.train, lambda: build_backbone(spec.name, state), preprocess, cache, config.embed_batch_size)
+        embedded = embed_files(
+            data.train, lambda: build_backbone(spec.name, state), preprocess, cache, config.embed_batch_size
+        )
         cache.close()
         features.append(embedded.features)
         labels.append(embedded.labels)
@@ -67,7 +71,9 @@ def centralised_probe(config: RunConfig, num_clients: int) -> ProbeResult:
     return _fit(normed_train, train_y, normed_test, test.labels, num_classes, config.seed)
 
 
-def _fit(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray, test_y: np.ndarray, num_classes: int, seed: int) -> ProbeResult:
+def _fit(
+    train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray, test_y: np.ndarray, num_classes: int, seed: int
+) -> ProbeResult:
     """L2 logistic regression, C chosen by 3-fold cross-validation on the training set only."""
     from sklearn.linear_model import LogisticRegression
     from sklearn.model_selection import StratifiedKFold, cross_val_score

@@ -65,7 +65,16 @@ def test_run_writes_the_documented_artifacts(elpv_runs: tuple[dict[str, Any], di
     assert final["accuracy"] == pytest.approx(np.trace(matrix) / matrix.sum())
     assert [r["round"] for r in summary["rounds"]] == [1, 2]
     for record in summary["rounds"]:
-        for key in ("accuracy", "macro_f1", "loss", "bytes_down", "bytes_up", "seconds", "clients_ok", "clients_failed"):
+        for key in (
+            "accuracy",
+            "macro_f1",
+            "loss",
+            "bytes_down",
+            "bytes_up",
+            "seconds",
+            "clients_ok",
+            "clients_failed",
+        ):
             assert key in record
         assert record["clients_ok"] == 3 and record["clients_failed"] == 0
     assert summary["backbone"]["name"] == "efficientnet_lite0"
