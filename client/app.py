@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
@@ -9,7 +11,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricR
 from flwr.clientapp import ClientApp
 from flwr.clientapp.typing import ClientAppCallable
 
-from client.core import EdgeClient, Instructions, edge_client
+from client.core import EdgeClient, Instructions
 from client.privacy import PrivacyViolation, audit, violations
 from common import wire
 from common.backbones import get_spec
@@ -60,8 +62,19 @@ app = ClientApp(mods=[privacy_guard])
 
 
 def _client(context: Context) -> EdgeClient:
+    """This node's client, configs validated once per process; simulation reuses processes, so
+    embeddings stay in memory between rounds."""
+    return _client_for(_frozen(context.run_config), _frozen(context.node_config))
+
+
+def _frozen(config: Mapping[str, Any]) -> tuple[tuple[str, Any], ...]:
+    return tuple(sorted(config.items()))
+
+
+@functools.cache
+def _client_for(run_config: tuple[tuple[str, Any], ...], node_config: tuple[tuple[str, Any], ...]) -> EdgeClient:
     configure_logging()
-    return edge_client(RunConfig.from_flower(context.run_config), NodeConfig.from_flower(context.node_config))
+    return EdgeClient(RunConfig.from_flower(dict(run_config)), NodeConfig.from_flower(dict(node_config)))
 
 
 def _receive(client: EdgeClient, msg: Message) -> Instructions:

@@ -339,15 +339,3 @@ class EdgeClient:
             wire.EMBEDDINGS_CACHED: sum(s.cached for s in parts) if first else 0,
             wire.IMAGES_SKIPPED: sum(s.num_skipped for s in parts) if first else 0,
         }
-
-
-_CLIENTS: dict[tuple[RunConfig, NodeConfig], EdgeClient] = {}
-
-
-def edge_client(config: RunConfig, node: NodeConfig) -> EdgeClient:
-    """The process-wide client for this (run config, node): simulation reuses worker processes,
-    so embeddings stay in memory between rounds."""
-    key = (config, node)
-    if key not in _CLIENTS:
-        _CLIENTS[key] = EdgeClient(config, node)
-    return _CLIENTS[key]

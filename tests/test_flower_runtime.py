@@ -14,6 +14,7 @@ import pytest
 from PIL import Image
 
 from client.privacy import AUDIT_LOG_ENV
+from common.heads import head_arrays, make_head
 from simulations.federation import flwr_run
 
 pytestmark = pytest.mark.flower
@@ -175,3 +176,35 @@ def test_user_folders_and_a_client_without_data(tmp_path: Path) -> None:
     assert summary["embedding"]["skipped"] == 1  # the corrupt image, counted once
     assert summary["classes"] == ["ok", "crack"]
     assert np.asarray(summary["final"]["confusion_matrix"]).sum() == 8
+
+
+@pytest.mark.parametrize(
+    ("extra", "head_shapes", "classes"),
+    [
+        (
+            {"strategy": "fedprox", "head": "mlp", "mlp-hidden": 16, "partitioner": "iid"},
+            {"0.weight": [16, 1280], "0.bias": [16], "3.weight": [4, 16], "3.bias": [4]},
+            ["p0", "p1/3", "p2/3", "p1"],
+        ),
+        (
+            {"strategy": "fedadam", "elpv-task": "binary", "partitioner": "pathological", "classes-per-client": 1},
+            {"weight": [2, 1280], "bias": [2]},
+            ["functional", "defective"],
+        ),
+    ],
+    ids=["fedprox-mlp-iid", "fedadam-binary-pathological"],
+)
+def test_other_strategies_heads_and_tasks(
+    tmp_path: Path, extra: dict[str, Any], head_shapes: dict[str, list[int]], classes: list[str]
+) -> None:
+    run = _run(tmp_path, "variant", tmp_path / "cache", extra=extra)
+    summary = run["summary"]
+    assert summary["classes"] == classes
+    assert [(r["clients_ok"], r["clients_failed"], r["clients_rejected"]) for r in summary["rounds"]] == [(3, 0, 0)] * 2
+    head = np.load(run["run_dir"] / "head.npz")
+    assert {k: list(head[k].shape) for k in head.files} == head_shapes
+    # the aggregated head moved away from the seeded initial head the server started from
+    initial = head_arrays(
+        make_head(extra.get("head", "linear"), 1280, len(classes), extra.get("mlp-hidden", 256), seed=42).classifier
+    )
+    assert any(not np.allclose(head[name], initial[name]) for name in initial)

@@ -1,0 +1,59 @@
+"""The outgoing-reply guard: only the declared head arrays, single numbers and short status strings."""
+
+from __future__ import annotations
+
+from client.privacy import violations
+
+HEAD = {"weight": (4, 1280), "bias": (4,)}
+
+
+def _reply(**parts: object) -> dict[str, object]:
+    reply: dict[str, object] = {
+        "arrays": {"arrays": {"weight": ((4, 1280), "float32"), "bias": ((4,), "float32")}},
+        "metrics": {"metrics": {"num-examples": 100, "train-loss": 0.5}},
+        "configs": {"status": {"backbone-fingerprint": "ab" * 32}},
+    }
+    reply.update(parts)
+    return reply
+
+
+def test_a_head_update_passes() -> None:
+    assert violations(_reply(), HEAD) == []
+
+
+def test_embeddings_cannot_ride_along_as_an_extra_array() -> None:
+    arrays = {"arrays": {"weight": ((4, 1280), "float32"), "bias": ((4,), "float32"), "emb": ((200, 1280), "float32")}}
+    problems = violations(_reply(arrays=arrays), HEAD)
+    assert len(problems) == 1 and "not exactly the head's" in problems[0]
+
+
+def test_an_extra_array_record_is_refused() -> None:
+    arrays = {"arrays": {"weight": ((4, 1280), "float32"), "bias": ((4,), "float32")}, "images": {"x": ((3,), "uint8")}}
+    assert violations(_reply(arrays=arrays), HEAD) == ["array record 'images' is not allowed in this reply"]
+
+
+def test_a_head_array_of_another_shape_is_refused() -> None:
+    arrays = {"arrays": {"weight": ((200, 1280), "float32"), "bias": ((4,), "float32")}}
+    assert violations(_reply(arrays=arrays), HEAD) == ["array 'weight' has shape (200, 1280), the head's is (4, 1280)"]
+
+
+def test_replies_that_may_carry_no_arrays_refuse_any() -> None:
+    assert violations(_reply(), None) == ["array record 'arrays' is not allowed in this reply"]
+    assert violations(_reply(arrays={}), None) == []
+
+
+def test_per_sample_metrics_are_refused() -> None:
+    metrics = {"metrics": {"num-examples": 3, "per-sample-loss": [0.1, 0.2, 0.3]}}
+    assert violations(_reply(metrics=metrics), HEAD) == ["metric 'per-sample-loss' is not a single number"]
+
+
+def test_unknown_status_keys_and_long_strings_are_refused() -> None:
+    configs = {"status": {"backbone-fingerprint": "ab", "file-names": "a.png,b.png"}, "extra": {}}
+    assert violations(_reply(configs=configs), HEAD) == [
+        "status key 'file-names' is not allowed",
+        "config record 'extra' is not allowed",
+    ]
+    long_note = {"status": {"data-notes": "x" * 5000}}
+    assert violations(_reply(configs=long_note), HEAD) == [
+        "status 'data-notes' must be a string of at most 1000 characters"
+    ]
