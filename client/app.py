@@ -100,8 +100,11 @@ def _reply(msg: Message, client: EdgeClient, metrics: dict[str, Any], arrays: Ar
 @app.query()
 def query(msg: Message, context: Context) -> Message:
     """Answer whether this device holds the run's backbone (verified, not just present)."""
+    question = msg.content.config_records[wire.CONFIG]
+    if question.get(wire.QUERY_ACTION) != wire.ACTION_BACKBONE_STATUS:
+        raise ValueError(f"Unknown query action {question.get(wire.QUERY_ACTION)!r}; is the server the same version?")
     client = _client(context)
-    fingerprint = str(msg.content[wire.CONFIG][wire.FINGERPRINT])
+    fingerprint = str(question[wire.FINGERPRINT])
     holds = client.backbones.holds(fingerprint)
     return Message(content=RecordDict({wire.METRICS: MetricRecord({wire.HAS_BACKBONE: int(holds)})}), reply_to=msg)
 

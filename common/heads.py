@@ -99,50 +99,36 @@ def train_head(
     seed: int = 0,
 ) -> TrainResult:
     """Mini-batch SGD with momentum on embeddings; FedProx's proximal term when ``proximal_mu > 0``."""
-    with torch.random.fork_rng():  # dropout draws from the global RNG; keep it seeded and local
+    with torch.random.fork_rng():  # dropout draws from the global RNG: seed it, and restore it after
         torch.manual_seed(seed)
-        return _train_head(head, features, labels, epochs, learning_rate, batch_size, weight_decay, proximal_mu, seed)
-
-
-def _train_head(
-    head: nn.Module,
-    features: np.ndarray,
-    labels: np.ndarray,
-    epochs: int,
-    learning_rate: float,
-    batch_size: int,
-    weight_decay: float,
-    proximal_mu: float,
-    seed: int,
-) -> TrainResult:
-    started = time.perf_counter()
-    x = torch.from_numpy(np.ascontiguousarray(features, dtype=np.float32))
-    y = torch.from_numpy(np.asarray(labels, dtype=np.int64))
-    generator = torch.Generator().manual_seed(seed)
-    anchor = [p.detach().clone() for p in head.parameters()]
-    optimizer = torch.optim.SGD(head.parameters(), lr=learning_rate, momentum=0.9, weight_decay=weight_decay)
-    loss_fn = nn.CrossEntropyLoss(reduction="sum")
-    head.train()
-    total_loss, correct = 0.0, 0
-    for _ in range(epochs):
+        started = time.perf_counter()
+        x = torch.from_numpy(np.ascontiguousarray(features, dtype=np.float32))
+        y = torch.from_numpy(np.asarray(labels, dtype=np.int64))
+        generator = torch.Generator().manual_seed(seed)
+        anchor = [p.detach().clone() for p in head.parameters()]
+        optimizer = torch.optim.SGD(head.parameters(), lr=learning_rate, momentum=0.9, weight_decay=weight_decay)
+        loss_fn = nn.CrossEntropyLoss(reduction="sum")
+        head.train()
         total_loss, correct = 0.0, 0
-        order = torch.randperm(len(y), generator=generator)
-        for start in range(0, len(y), batch_size):
-            index = order[start : start + batch_size]
-            logits = head(x[index])
-            loss = loss_fn(logits, y[index])
-            objective = loss / len(index)
-            if proximal_mu > 0:
-                drift = sum(((p - a) ** 2).sum() for p, a in zip(head.parameters(), anchor, strict=True))
-                objective = objective + proximal_mu / 2 * drift
-            optimizer.zero_grad(set_to_none=True)
-            objective.backward()
-            optimizer.step()
-            total_loss += float(loss.detach())
-            correct += int((logits.argmax(1) == y[index]).sum())
-    head.eval()
-    n = max(len(y), 1)
-    return TrainResult(total_loss / n, correct / n, len(y), time.perf_counter() - started)
+        for _ in range(epochs):
+            total_loss, correct = 0.0, 0
+            order = torch.randperm(len(y), generator=generator)
+            for start in range(0, len(y), batch_size):
+                index = order[start : start + batch_size]
+                logits = head(x[index])
+                loss = loss_fn(logits, y[index])
+                objective = loss / len(index)
+                if proximal_mu > 0:
+                    drift = sum(((p - a) ** 2).sum() for p, a in zip(head.parameters(), anchor, strict=True))
+                    objective = objective + proximal_mu / 2 * drift
+                optimizer.zero_grad(set_to_none=True)
+                objective.backward()
+                optimizer.step()
+                total_loss += float(loss.detach())
+                correct += int((logits.argmax(1) == y[index]).sum())
+        head.eval()
+        n = max(len(y), 1)
+        return TrainResult(total_loss / n, correct / n, len(y), time.perf_counter() - started)
 
 
 @torch.inference_mode()

@@ -108,7 +108,7 @@ class EdgeSplitMixin:
 
     def _with_backbone(self, messages: list[Message], grid: Grid) -> list[Message]:
         """Ask nodes we have not heard from whether they hold the fingerprint; attach the
-        backbone for those that do not. Each message gets its own content so that the 19 MB
+        backbone for those that do not. Each message gets its own content so that the ~14 MB
         record goes only where it is needed."""
         unknown = [m.metadata.dst_node_id for m in messages if m.metadata.dst_node_id not in self._holders]
         if unknown:
