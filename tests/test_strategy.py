@@ -1,0 +1,141 @@
+"""The server strategy's own logic, in process: which nodes get the backbone, and which replies
+may reach the aggregate. A stand-in grid and run record replace the runtime here; the real
+runtime is exercised in test_flower_runtime.py."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, MetricRecord, RecordDict
+from flwr.supercore.task_identity import TaskIdentity
+
+from common import wire
+from common.config import RunConfig
+from server.core import RoundRecord
+from server.runlog import RunLog
+from server.strategy import EdgeFedAvg, from_record, to_record
+
+FP = "f" * 64
+SHAPES = {"weight": (2, 3), "bias": (2,)}
+
+
+@dataclass
+class StubRun:
+    """The parts of ServerRun the strategy touches."""
+
+    run_log: RunLog
+    config: RunConfig = field(default_factory=lambda: RunConfig(min_clients=1))
+    fingerprint: str = FP
+    backbone_state: dict[str, torch.Tensor] = field(default_factory=lambda: {"w": torch.ones(4)})
+    embedding_computed: int = 0
+    embedding_cached: int = 0
+    images_skipped: int = 0
+
+    def head_shapes(self) -> dict[str, tuple[int, ...]]:
+        return SHAPES
+
+
+class StubGrid:
+    """Connected nodes, and canned answers to the backbone-status question."""
+
+    def __init__(self, nodes: list[int], holders: set[int]) -> None:
+        self.nodes, self.holders, self.questions = nodes, holders, []
+
+    def get_node_ids(self) -> list[int]:
+        return self.nodes
+
+    def send_and_receive(self, messages: Iterable[Message], timeout: float | None = None) -> list[Message]:
+        replies = []
+        for question in messages:
+            node = question.metadata.dst_node_id
+            self.questions.append(node)
+            TaskIdentity.node_id = node
+            has = MetricRecord({wire.HAS_BACKBONE: int(node in self.holders)})
+            replies.append(Message(RecordDict({wire.METRICS: has}), reply_to=question))
+        return replies
+
+
+@pytest.fixture(autouse=True)
+def task_identity() -> None:
+    TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 0
+
+
+@pytest.fixture
+def strategy(tmp_path: Path) -> EdgeFedAvg:
+    strategy = EdgeFedAvg(min_train_nodes=1, min_evaluate_nodes=1, min_available_nodes=1)
+    strategy.attach(StubRun(RunLog(tmp_path / "run")))  # type: ignore[arg-type]
+    return strategy
+
+
+def _head(value: float) -> dict[str, np.ndarray]:
+    return {"weight": np.full((2, 3), value, np.float32), "bias": np.full(2, value, np.float32)}
+
+
+def _reply(instruction: Message, arrays: dict[str, np.ndarray], num_examples: object = 10, fp: str = FP) -> Message:
+    TaskIdentity.node_id = instruction.metadata.dst_node_id
+    content = RecordDict(
+        {
+            wire.ARRAYS: ArrayRecord({k: Array(v) for k, v in arrays.items()}),
+            wire.METRICS: MetricRecord({wire.NUM_EXAMPLES: num_examples}),  # type: ignore[dict-item]
+            wire.STATUS: ConfigRecord({wire.FINGERPRINT: fp}),
+        }
+    )
+    return Message(content, reply_to=instruction)
+
+
+def _events(strategy: EdgeFedAvg) -> list[dict[str, object]]:
+    strategy.run.run_log.close()
+    return [json.loads(line) for line in (strategy.run.run_log.run_dir / "events.jsonl").read_text().splitlines()]
+
+
+def test_backbone_goes_only_to_nodes_that_lack_it_and_only_once(strategy: EdgeFedAvg) -> None:
+    grid = StubGrid([1, 2, 3], holders={2})
+    first = list(strategy.configure_train(1, to_record(_head(0)), ConfigRecord(), grid))  # type: ignore[arg-type]
+    with_backbone = {m.metadata.dst_node_id for m in first if wire.BACKBONE in m.content.array_records}
+    assert with_backbone == {1, 3}
+    assert sorted(grid.questions) == [1, 2, 3]
+    second = list(strategy.configure_train(2, to_record(_head(0)), ConfigRecord(), grid))  # type: ignore[arg-type]
+    assert not [m for m in second if wire.BACKBONE in m.content.array_records]
+    assert sorted(grid.questions) == [1, 2, 3]  # nobody asked twice
+
+
+def test_a_node_that_failed_is_asked_again(strategy: EdgeFedAvg) -> None:
+    grid = StubGrid([1, 2], holders=set())
+    messages = list(strategy.configure_train(1, to_record(_head(0)), ConfigRecord(), grid))  # type: ignore[arg-type]
+    failed = next(m for m in messages if m.metadata.dst_node_id == 2)
+    TaskIdentity.node_id = 2
+    strategy.aggregate_train(1, [Message(Error(code=1, reason="disk full"), reply_to=failed)])
+    list(strategy.configure_train(2, to_record(_head(0)), ConfigRecord(), grid))  # type: ignore[arg-type]
+    assert grid.questions.count(2) == 2 and grid.questions.count(1) == 1
+
+
+def test_only_well_formed_replies_reach_the_aggregate(strategy: EdgeFedAvg) -> None:
+    grid = StubGrid([1, 2, 3, 4, 5, 6], holders={1, 2, 3, 4, 5, 6})
+    sent = {m.metadata.dst_node_id: m for m in strategy.configure_train(1, to_record(_head(0)), ConfigRecord(), grid)}  # type: ignore[arg-type]
+    nan_head = _head(1.0)
+    nan_head["bias"][0] = np.nan
+    TaskIdentity.node_id = 6
+    replies = [
+        _reply(sent[1], _head(0.5)),
+        _reply(sent[2], nan_head),
+        _reply(sent[3], _head(1000.0) | {"weight": np.full((2, 3), 1e6, np.float32)}),
+        _reply(sent[4], _head(1.0), fp="0" * 64),
+        _reply(sent[5], _head(1.0), num_examples=float("nan")),
+        Message(Error(code=1, reason="killed"), reply_to=sent[6]),
+    ]
+    arrays, _ = strategy.aggregate_train(1, replies)
+    assert arrays is not None
+    aggregate = from_record(arrays)
+    np.testing.assert_array_equal(aggregate["weight"], _head(0.5)["weight"])  # the good reply alone
+    record: RoundRecord = strategy._round
+    assert (record.clients_ok, record.clients_rejected, record.clients_failed) == (1, 4, 1)
+    reasons = [e["reason"] for e in _events(strategy) if e["event"] == "client-rejected"]
+    assert len(reasons) == 4
+    assert any("NaN" in r for r in reasons) and any("norm" in r for r in reasons)
+    assert any("fingerprint" in r for r in reasons) and any("num-examples" in r for r in reasons)
