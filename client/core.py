@@ -13,7 +13,7 @@ import threading
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -56,22 +56,22 @@ class Instructions:
     seed: int
 
     @classmethod
-    def from_record(cls, record: Mapping[str, object]) -> Instructions:
+    def from_record(cls, record: Mapping[str, Any]) -> Instructions:
         try:
             return cls(
-                server_round=int(record[wire.SERVER_ROUND]),  # type: ignore[call-overload]
+                server_round=int(record[wire.SERVER_ROUND]),
                 fingerprint=str(record[wire.FINGERPRINT]),
                 backbone_name=str(record[wire.BACKBONE_NAME]),
                 preprocess=PreprocessSpec.from_json(str(record[wire.PREPROCESS])),
                 head=str(record[wire.HEAD]),
-                mlp_hidden=int(record[wire.MLP_HIDDEN]),  # type: ignore[call-overload]
-                num_classes=int(record[wire.NUM_CLASSES]),  # type: ignore[call-overload]
-                local_epochs=int(record[wire.LOCAL_EPOCHS]),  # type: ignore[call-overload]
-                learning_rate=float(record[wire.LEARNING_RATE]),  # type: ignore[arg-type]
-                weight_decay=float(record[wire.WEIGHT_DECAY]),  # type: ignore[arg-type]
-                batch_size=int(record[wire.BATCH_SIZE]),  # type: ignore[call-overload]
-                proximal_mu=float(record.get(wire.PROXIMAL_MU, 0.0)),  # type: ignore[arg-type]
-                seed=int(record[wire.SEED]),  # type: ignore[call-overload]
+                mlp_hidden=int(record[wire.MLP_HIDDEN]),
+                num_classes=int(record[wire.NUM_CLASSES]),
+                local_epochs=int(record[wire.LOCAL_EPOCHS]),
+                learning_rate=float(record[wire.LEARNING_RATE]),
+                weight_decay=float(record[wire.WEIGHT_DECAY]),
+                batch_size=int(record[wire.BATCH_SIZE]),
+                proximal_mu=float(record.get(wire.PROXIMAL_MU, 0.0)),
+                seed=int(record[wire.SEED]),
             )
         except KeyError as missing:
             raise ValueError(
@@ -85,7 +85,7 @@ class Instructions:
 class BackboneCache:
     """Backbones this device holds, one file per fingerprint, verified before use."""
 
-    _lock = threading.RLock()  # re-entered: model() verifies under the lock
+    _lock = threading.RLock()  # re-entered: model() reads and verifies under the lock
     _verified: ClassVar[dict[Path, str]] = {}  # file -> fingerprint, per process
     _models: ClassVar[dict[str, nn.Module]] = {}  # one built model per fingerprint, per process
 
@@ -98,7 +98,7 @@ class BackboneCache:
     def holds(self, fp: str) -> bool:
         """True if a verified copy of this fingerprint is on disk; a corrupt copy is deleted."""
         try:
-            self._verify(fp)
+            self._check(fp)
             return True
         except FingerprintMismatch as error:
             log.warning("%s; it will be downloaded again.", error)
@@ -122,29 +122,31 @@ class BackboneCache:
             self._verified[self._path(expected)] = expected
 
     def model(self, fp: str) -> nn.Module:
-        """The frozen backbone for this fingerprint, built once per process."""
+        """The frozen backbone for this fingerprint, built once per process. This device must
+        hold a verified copy even when another simulated node already built the model."""
         with self._lock:
             if fp in self._models:
-                self._verify(fp)  # this device must hold it, even if another node built it
+                self._check(fp)
                 return self._models[fp]
-        name, state, _ = self._verify(fp)
-        model = build_backbone(name, state).to(memory_format=torch.channels_last)
-        with self._lock:
-            self._models[fp] = model
-        return model
+            name, state = self._read(fp)
+            self._models[fp] = build_backbone(name, state).to(memory_format=torch.channels_last)
+            return self._models[fp]
 
-    def _verify(self, fp: str) -> tuple[str, dict[str, torch.Tensor], PreprocessSpec]:
+    def _check(self, fp: str) -> None:
+        """Verify this device's copy once per process (hashing 14 MB is not free)."""
+        with self._lock:
+            if self._verified.get(self._path(fp)) != fp:
+                self._read(fp)
+
+    def _read(self, fp: str) -> tuple[str, dict[str, torch.Tensor]]:
+        """Load and verify; a copy that is unreadable or hashes differently is deleted."""
         path = self._path(fp)
         if not path.is_file():
             raise FileNotFoundError(path)
-        with self._lock:
-            verified = self._verified.get(path) == fp
-        if verified and fp in self._models:
-            return "", {}, PreprocessSpec()  # contents already checked and built in this process
         try:
             stored = torch.load(path, map_location="cpu", weights_only=True)
-            name, preprocess = stored["name"], PreprocessSpec.from_json(stored["preprocess"])
-            matches = fingerprint(name, stored["state"], preprocess) == fp
+            name, state = stored["name"], stored["state"]
+            matches = fingerprint(name, state, PreprocessSpec.from_json(stored["preprocess"])) == fp
         except Exception as error:  # truncated or foreign file: treat as not held
             path.unlink(missing_ok=True)
             raise FingerprintMismatch(f"Cached backbone {path} is unreadable ({error}) and was removed") from error
@@ -155,7 +157,7 @@ class BackboneCache:
             )
         with self._lock:
             self._verified[path] = fp
-        return name, stored["state"], preprocess
+        return name, state
 
 
 # --- local data -----------------------------------------------------------------------------------

@@ -7,6 +7,7 @@ weights file the user names.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -249,6 +250,11 @@ def load_backbone_weights(name: str, weights_path: str | Path | None = None) -> 
                 f"needs {tuple(tensor.shape)}. Is this the right file for this architecture? {spec.weights_hint}"
             )
     return {k: state[k] for k in sorted(reference)}
+
+
+def preprocess_for(name: str, image_size: int, crop_pct: float) -> PreprocessSpec:
+    """The backbone's own normalisation and interpolation at the run's input size and crop."""
+    return dataclasses.replace(get_spec(name).preprocess, image_size=image_size, crop_pct=crop_pct)
 
 
 def build_backbone(name: str, state: StateDict) -> nn.Module:

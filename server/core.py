@@ -16,11 +16,18 @@ import numpy as np
 import torch
 
 from common import wire
-from common.backbones import BackboneSpec, build_backbone, fingerprint, get_spec, load_backbone_weights
+from common.backbones import (
+    BackboneSpec,
+    build_backbone,
+    fingerprint,
+    get_spec,
+    load_backbone_weights,
+    preprocess_for,
+)
 from common.config import RunConfig
 from common.data import LabelledFiles, elpv_split, scan_image_folder
 from common.embedding import Embedded, EmbeddingCache, embed_files, progress_logger
-from common.heads import evaluate_head, head_arrays, load_head_arrays, make_head
+from common.heads import Head, evaluate_head, head_arrays, load_head_arrays, make_head
 from common.metrics import ClassificationReport
 from common.preprocess import PreprocessSpec
 from server.runlog import RunLog, new_run_id
@@ -73,13 +80,7 @@ class ServerRun:
         """Build the backbone, fingerprint it, open the run folder, embed the held-out test split."""
         started = time.perf_counter()
         spec = get_spec(config.backbone)
-        preprocess = PreprocessSpec(
-            image_size=config.image_size,
-            crop_pct=config.crop_pct,
-            interpolation=spec.preprocess.interpolation,
-            mean=spec.preprocess.mean,
-            std=spec.preprocess.std,
-        )
+        preprocess = preprocess_for(config.backbone, config.image_size, config.crop_pct)
         state = load_backbone_weights(config.backbone, config.backbone_weights or None)
         fp = fingerprint(spec.name, state, preprocess)
         classes = config.classes()
@@ -96,7 +97,7 @@ class ServerRun:
         )
         log.info("Run folder: %s", run_dir)
         log.info("Backbone %s, fingerprint %s", spec.name, fp[:16])
-        test_files = _server_test_files(config)
+        test_files = server_test_files(config)
         cache = EmbeddingCache(config.resolved_cache_dir() / "server" / "embeddings", fp)
         try:
             test = embed_files(
@@ -151,7 +152,7 @@ class ServerRun:
     def head_shapes(self) -> dict[str, tuple[int, ...]]:
         return {name: array.shape for name, array in self.initial_head().items()}
 
-    def _new_head(self):  # type: ignore[no-untyped-def]
+    def _new_head(self) -> Head:
         return make_head(
             self.config.head, self.spec.feature_dim, len(self.classes), self.config.mlp_hidden, self.config.seed
         )
@@ -234,7 +235,8 @@ class ServerRun:
         return summary
 
 
-def _server_test_files(config: RunConfig) -> LabelledFiles:
+def server_test_files(config: RunConfig) -> LabelledFiles:
+    """The server's own labelled held-out images."""
     if config.dataset == "folder":
         return scan_image_folder(config.server_test_dir, config.classes())
     _, test = elpv_split(config.elpv_task, config.subset, config.test_fraction, config.seed)

@@ -9,18 +9,17 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
 
-from client.core import BackboneCache, load_local_data
-from common.backbones import build_backbone, fingerprint, get_spec, load_backbone_weights
+from client.core import load_local_data
+from common.backbones import build_backbone, fingerprint, get_spec, load_backbone_weights, preprocess_for
 from common.config import NodeConfig, RunConfig
 from common.embedding import EmbeddingCache, embed_files
 from common.heads import PowerNorm
 from common.metrics import classification_report
-from common.preprocess import PreprocessSpec
+from server.core import server_test_files
 
 
 @dataclass(frozen=True)
@@ -35,9 +34,7 @@ class ProbeResult:
 def centralised_probe(config: RunConfig, num_clients: int) -> ProbeResult:
     """A probe on the union of the clients' training shares, with the head's input normalisation."""
     spec = get_spec(config.backbone)
-    preprocess = PreprocessSpec(
-        config.image_size, config.crop_pct, spec.preprocess.interpolation, spec.preprocess.mean, spec.preprocess.std
-    )
+    preprocess = preprocess_for(config.backbone, config.image_size, config.crop_pct)
     state = load_backbone_weights(config.backbone, config.backbone_weights or None)
     fp = fingerprint(spec.name, state, preprocess)
     root = config.resolved_cache_dir()
@@ -52,13 +49,7 @@ def centralised_probe(config: RunConfig, num_clients: int) -> ProbeResult:
         cache.close()
         features.append(embedded.features)
         labels.append(embedded.labels)
-    from common.data import elpv_split, scan_image_folder
-
-    test_files = (
-        scan_image_folder(config.server_test_dir, config.classes())
-        if config.dataset == "folder"
-        else elpv_split(config.elpv_task, config.subset, config.test_fraction, config.seed)[1]
-    )
+    test_files = server_test_files(config)
     cache = EmbeddingCache(root / "server" / "embeddings", fp)
     test = embed_files(test_files, lambda: build_backbone(spec.name, state), preprocess, cache, config.embed_batch_size)
     cache.close()
@@ -89,8 +80,3 @@ def _fit(
         model = LogisticRegression(C=best_c, max_iter=1000).fit(train_x, train_y)
     report = classification_report(test_y, model.predict(test_x), num_classes)
     return ProbeResult(report.accuracy, report.macro_f1, best_c, len(train_y), len(test_y))
-
-
-def cached_backbone_holders(cache_root: Path, fp: str) -> int:
-    """How many simulated nodes hold this backbone on disk (for reports)."""
-    return sum(BackboneCache(node).holds(fp) for node in cache_root.glob("node-*"))
