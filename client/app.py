@@ -7,6 +7,7 @@ from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
+import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.clientapp.typing import ClientAppCallable
@@ -74,7 +75,10 @@ def _frozen(config: Mapping[str, Any]) -> tuple[tuple[str, Any], ...]:
 @functools.cache
 def _client_for(run_config: tuple[tuple[str, Any], ...], node_config: tuple[tuple[str, Any], ...]) -> EdgeClient:
     configure_logging()
-    return EdgeClient(RunConfig.from_flower(dict(run_config)), NodeConfig.from_flower(dict(node_config)))
+    config = RunConfig.from_flower(dict(run_config))
+    if config.num_threads:
+        torch.set_num_threads(config.num_threads)
+    return EdgeClient(config, NodeConfig.from_flower(dict(node_config)))
 
 
 def _receive(client: EdgeClient, msg: Message) -> Instructions:
