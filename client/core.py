@@ -23,7 +23,7 @@ from common import wire
 from common.backbones import BackboneError, build_backbone, fingerprint, get_spec
 from common.config import NodeConfig, RunConfig
 from common.data import LabelledFiles, elpv_split, partition, scan_image_folder
-from common.embedding import Embedded, EmbeddingCache, embed_files, progress_logger
+from common.embedding import EmbeddingCache, EmbedStats, embed_files, progress_logger
 from common.heads import Head, evaluate_head, head_arrays, load_head_arrays, make_head, train_head
 from common.preprocess import PreprocessSpec
 
@@ -217,8 +217,13 @@ def _simulated_folder(config: RunConfig, node: NodeConfig) -> Path:
 
 @dataclass
 class EmbeddedData:
-    train: Embedded
-    test: Embedded
+    """The local train and test shares as embeddings, and what embedding them cost."""
+
+    train_x: np.ndarray
+    train_y: np.ndarray
+    test_x: np.ndarray
+    test_y: np.ndarray
+    stats: EmbedStats
     reported: bool = False  # embedding counts go into one reply only
 
 
@@ -264,23 +269,25 @@ class EdgeClient:
             if not self.backbones.holds(fp):
                 raise FingerprintMismatch(f"{self.name} does not hold backbone {fp[:12]}; the server must send it.")
             log.info("%s: embedding local images with %d torch threads", self.name, torch.get_num_threads())
+            train, test = self.data.train, self.data.test
+            # One pass over both shares: one progress stream, one warning about bad images.
+            files = LabelledFiles(train.paths + test.paths, train.labels + test.labels, train.class_names)
             cache = EmbeddingCache(self.cache_dir / "embeddings", fp)
             try:
-                parts = [
-                    embed_files(
-                        files,
-                        lambda: self.backbones.model(fp),
-                        instructions.preprocess,
-                        cache,
-                        self.config.embed_batch_size,
-                        progress_logger(f"{self.name} ({part})"),
-                        who=self.name,
-                    )
-                    for part, files in (("train", self.data.train), ("test", self.data.test))
-                ]
+                embedded = embed_files(
+                    files,
+                    lambda: self.backbones.model(fp),
+                    instructions.preprocess,
+                    cache,
+                    self.config.embed_batch_size,
+                    progress_logger(self.name),
+                    who=self.name,
+                )
             finally:
                 cache.close()
-            self._embedded[fp] = EmbeddedData(train=parts[0], test=parts[1])
+            self._embedded[fp] = EmbeddedData(
+                *embedded.rows(0, len(train)), *embedded.rows(len(train), len(files)), stats=embedded.stats
+            )
         return self._embedded[fp]
 
     def train(
@@ -288,13 +295,13 @@ class EdgeClient:
     ) -> tuple[dict[str, np.ndarray], dict[str, float]]:
         """Train the head from the global weights; returns (head arrays, metrics)."""
         data = self.embedded(instructions)
-        if len(data.train.labels) == 0:
+        if len(data.train_y) == 0:
             raise ValueError(f"{self.name} has no usable training images (all skipped).")
         head = self._head(arrays, instructions)
         result = train_head(
             head,
-            data.train.features,
-            data.train.labels,
+            data.train_x,
+            data.train_y,
             epochs=instructions.local_epochs,
             learning_rate=instructions.learning_rate,
             batch_size=instructions.batch_size,
@@ -315,7 +322,7 @@ class EdgeClient:
         """Score the global head on this device's local test share."""
         data = self.embedded(instructions)
         head = self._head(arrays, instructions)
-        report = evaluate_head(head, data.test.features, data.test.labels, instructions.num_classes)
+        report = evaluate_head(head, data.test_x, data.test_y, instructions.num_classes)
         return {
             wire.NUM_EXAMPLES: report.num_examples,
             wire.LOSS: report.loss if report.num_examples else 0.0,
@@ -332,12 +339,11 @@ class EdgeClient:
 
     @staticmethod
     def _embedding_metrics(data: EmbeddedData) -> dict[str, float]:
-        first = not data.reported
+        first, stats = not data.reported, data.stats
         data.reported = True
-        parts = (data.train.stats, data.test.stats)
         return {
-            wire.EMBED_SECONDS: sum(s.seconds for s in parts) if first else 0.0,
-            wire.EMBEDDINGS_COMPUTED: sum(s.computed for s in parts) if first else 0,
-            wire.EMBEDDINGS_CACHED: sum(s.cached for s in parts) if first else 0,
-            wire.IMAGES_SKIPPED: sum(s.num_skipped for s in parts) if first else 0,
+            wire.EMBED_SECONDS: stats.seconds if first else 0.0,
+            wire.EMBEDDINGS_COMPUTED: stats.computed if first else 0,
+            wire.EMBEDDINGS_CACHED: stats.cached if first else 0,
+            wire.IMAGES_SKIPPED: stats.num_skipped if first else 0,
         }

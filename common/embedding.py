@@ -83,6 +83,12 @@ class Embedded:
     features: np.ndarray  # (n, feature_dim) float32
     labels: np.ndarray  # (n,) int64
     stats: EmbedStats
+    positions: np.ndarray  # (n,) each row's index in the input files (skipped files have none)
+
+    def rows(self, start: int, stop: int) -> tuple[np.ndarray, np.ndarray]:
+        """Features and labels of the rows that came from input files ``start`` to ``stop - 1``."""
+        keep = (self.positions >= start) & (self.positions < stop)
+        return self.features[keep], self.labels[keep]
 
 
 def decode_image(data: bytes) -> Image.Image:
@@ -165,7 +171,7 @@ def embed_files(
     )
     labels = np.asarray([files.labels[i] for i in kept], dtype=np.int64)
     stats.seconds = time.perf_counter() - started
-    return Embedded(features, labels, stats)
+    return Embedded(features, labels, stats, np.asarray(kept, dtype=np.int64))
 
 
 def _file_sha256(path: str) -> str:

@@ -98,6 +98,24 @@ def test_labels_align_with_features_after_skipping(image_dir):
     cache.close()
 
 
+def test_rows_select_by_input_position_despite_skipped_files(image_dir):
+    # Prepare: the first half of the input is one share (say train), the rest another (test)
+    files, cache_dir = image_dir
+    good = [i for i, y in enumerate(files.labels) if y != 9]
+    half = len(files) // 2
+
+    # Execute
+    result = embed_files(files, CountingBackbone(), PREPROCESS, EmbeddingCache(cache_dir, SPACE), batch_size=4)
+    first_x, first_y = result.rows(0, half)
+    rest_x, rest_y = result.rows(half, len(files))
+
+    # Assert: positions are the input indices of the kept files, and the shares split there
+    assert result.positions.tolist() == good
+    assert first_y.tolist() == [files.labels[i] for i in good if i < half]
+    assert rest_y.tolist() == [files.labels[i] for i in good if i >= half]
+    np.testing.assert_array_equal(np.concatenate([first_x, rest_x]), result.features)
+
+
 def test_second_call_reads_everything_from_the_cache(image_dir):
     # Prepare
     files, cache_dir = image_dir

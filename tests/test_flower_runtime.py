@@ -85,7 +85,7 @@ def test_run_writes_the_documented_artifacts(elpv_runs: tuple[dict[str, Any], di
     assert {k: list(head[k].shape) for k in head.files} == HEAD_SHAPES
     # progress: one line per round and embedding progress from the clients
     assert "round   1/2 | accuracy" in first["output"] and "round   2/2 | accuracy" in first["output"]
-    assert "client 0 (train): embedded" in first["output"]
+    assert "client 0: embedded" in first["output"]
 
 
 def test_backbone_goes_once_per_node_then_only_the_head(elpv_runs: tuple[dict[str, Any], dict[str, Any]]) -> None:
