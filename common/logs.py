@@ -1,18 +1,19 @@
-"""Logging set-up shared by the server and client processes."""
+"""Logging set-up for the server and client processes (no Flower import: it goes by logger name)."""
 
 from __future__ import annotations
 
 import logging
 
+FLOWER_LOGGER_NAME = "flwr"  # Flower's logger; `flwr run --stream` shows what its handlers print
+
 
 def configure_logging(level: int = logging.INFO) -> None:
-    """Send edgesplit's log records through Flower's logger, which `flwr run --stream` shows."""
-    from flwr.supercore.logger import FLOWER_LOGGER
-
+    """Send edgesplit's log records through Flower's handlers, so they stream with Flower's own."""
+    flower_handlers = logging.getLogger(FLOWER_LOGGER_NAME).handlers
     for name in ("common", "client", "server"):
         logger = logging.getLogger(name)
         logger.setLevel(level)
-        if not any(h in logger.handlers for h in FLOWER_LOGGER.handlers):
-            for handler in FLOWER_LOGGER.handlers:
+        for handler in flower_handlers:
+            if handler not in logger.handlers:
                 logger.addHandler(handler)
-        logger.propagate = False
+        logger.propagate = not flower_handlers  # without Flower, fall back to the root logger
