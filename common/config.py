@@ -21,7 +21,6 @@ PARTITIONERS = ("iid", "dirichlet", "pathological")
 DATASETS = ("elpv", "folder")
 ELPV_TASKS = ("4-level", "binary")
 LR_SCHEDULES = ("cosine", "constant")
-ENGINES = ("torch",)
 
 
 class ConfigError(ValueError):
@@ -56,7 +55,6 @@ class RunConfig:
     # Backbone and head
     backbone: str = _key("efficientnet_lite0", "frozen backbone", **_choice(*available_backbones()))
     backbone_weights: str = _key("", "weights file for a backbone without embedded weights")
-    engine: str = _key("torch", "how clients run the backbone", **_choice(*ENGINES))
     image_size: int = _key(224, "backbone input size in pixels", **_range(32, 1024))
     crop_pct: float = _key(1.0, "centre-crop share (1.0 keeps the whole image)", **_range(0.1, 1.0))
     head: str = _key("linear", "trainable head", **_choice(*HEAD_KINDS))
@@ -102,9 +100,6 @@ class RunConfig:
     def to_flower(self) -> dict[str, Any]:
         return {f.name.replace("_", "-"): getattr(self, f.name) for f in fields(self)}
 
-    def replace(self, **changes: Any) -> RunConfig:
-        return dataclasses.replace(self, **changes)
-
     def check_consistency(self) -> None:
         """Rules that involve more than one key."""
         if self.dataset == "folder":
@@ -127,8 +122,8 @@ class RunConfig:
     def class_list(self) -> tuple[str, ...]:
         return tuple(name.strip() for name in self.class_names.split(",") if name.strip())
 
-    def resolved_cache_dir(self, node_override: str | None = None) -> Path:
-        raw = node_override or self.cache_dir or os.environ.get("EDGESPLIT_CACHE_DIR", "")
+    def resolved_cache_dir(self) -> Path:
+        raw = self.cache_dir or os.environ.get("EDGESPLIT_CACHE_DIR", "")
         return Path(raw).expanduser() if raw else Path.home() / ".cache" / "edgesplit"
 
     def learning_rate_at(self, server_round: int) -> float:

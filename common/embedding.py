@@ -27,7 +27,8 @@ from common.preprocess import PreprocessSpec
 
 log = logging.getLogger(__name__)
 
-# PIL refuses images above this many pixels as a decompression bomb; keep its guard on.
+# What a bad file can raise while decoding; PIL's decompression-bomb guard stays on, so a huge
+# image is skipped like a corrupt one.
 _DECODE_ERRORS = (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError)
 
 

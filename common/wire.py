@@ -52,26 +52,3 @@ MACRO_F1 = "macro-f1"
 
 # Reply keys in STATUS (client -> server); short strings about the node, not its data
 DATA_NOTES = "data-notes"
-
-TRAIN_METRIC_KEYS = (
-    NUM_EXAMPLES,
-    TRAIN_LOSS,
-    TRAIN_ACCURACY,
-    TRAIN_SECONDS,
-    EMBED_SECONDS,
-    EMBEDDINGS_COMPUTED,
-    EMBEDDINGS_CACHED,
-    IMAGES_SKIPPED,
-    BACKBONE_RECEIVED,
-)
-EVALUATE_METRIC_KEYS = (
-    NUM_EXAMPLES,
-    LOSS,
-    ACCURACY,
-    MACRO_F1,
-    EMBED_SECONDS,
-    EMBEDDINGS_COMPUTED,
-    EMBEDDINGS_CACHED,
-    IMAGES_SKIPPED,
-    BACKBONE_RECEIVED,
-)

@@ -98,11 +98,11 @@ class ServerRun:
         log.info("Run folder: %s", run_dir)
         log.info("Backbone %s, fingerprint %s", spec.name, fp[:16])
         test_files = server_test_files(config)
-        cache = EmbeddingCache(config.resolved_cache_dir() / "server" / "embeddings", fp)
+        cache = EmbeddingCache(server_cache_dir(config) / "embeddings", fp)
         try:
             test = embed_files(
                 test_files,
-                build_backbone(spec.name, state).to(memory_format=torch.channels_last),
+                lambda: build_backbone(spec.name, state).to(memory_format=torch.channels_last),  # only on a miss
                 preprocess,
                 cache,
                 config.embed_batch_size,
@@ -233,6 +233,10 @@ class ServerRun:
         for line in summary_table(summary).splitlines():
             log.info("%s", line)
         return summary
+
+
+def server_cache_dir(config: RunConfig) -> Path:
+    return config.resolved_cache_dir() / "server"
 
 
 def server_test_files(config: RunConfig) -> LabelledFiles:

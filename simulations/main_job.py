@@ -35,8 +35,7 @@ def main(argv: list[str] | None = None) -> int:
 
     overrides = parse_run_config(args.run_config)
     overrides.setdefault("runs-dir", str(PROJECT_ROOT / "runs"))
-    defaults = RunConfig().to_flower()
-    config = RunConfig.from_flower({**defaults, **overrides})  # fail fast, before starting Flower
+    config = RunConfig.from_flower(overrides)  # fail fast, before starting Flower
     started = time.time()
     result = flwr_run(overrides, args.clients, PROJECT_ROOT / ".flwr", stream_to=sys.stdout)
     summaries = [p for p in Path(config.runs_dir).glob("*/summary.json") if p.stat().st_mtime >= started]

@@ -13,13 +13,13 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from client.core import load_local_data
+from client.core import EdgeClient
 from common.backbones import build_backbone, fingerprint, get_spec, load_backbone_weights, preprocess_for
 from common.config import NodeConfig, RunConfig
 from common.embedding import EmbeddingCache, embed_files
 from common.heads import PowerNorm
 from common.metrics import classification_report
-from server.core import server_test_files
+from server.core import server_cache_dir, server_test_files
 
 
 @dataclass(frozen=True)
@@ -37,20 +37,18 @@ def centralised_probe(config: RunConfig, num_clients: int) -> ProbeResult:
     preprocess = preprocess_for(config.backbone, config.image_size, config.crop_pct)
     state = load_backbone_weights(config.backbone, config.backbone_weights or None)
     fp = fingerprint(spec.name, state, preprocess)
-    root = config.resolved_cache_dir()
     features, labels = [], []
     for partition_id in range(num_clients):
-        node = NodeConfig(partition_id=partition_id, num_partitions=num_clients)
-        data = load_local_data(config, node)
-        cache = EmbeddingCache(root / f"node-{partition_id}" / "embeddings", fp)
+        client = EdgeClient(config, NodeConfig(partition_id=partition_id, num_partitions=num_clients))
+        cache = EmbeddingCache(client.cache_dir / "embeddings", fp)
         embedded = embed_files(
-            data.train, lambda: build_backbone(spec.name, state), preprocess, cache, config.embed_batch_size
+            client.data.train, lambda: build_backbone(spec.name, state), preprocess, cache, config.embed_batch_size
         )
         cache.close()
         features.append(embedded.features)
         labels.append(embedded.labels)
     test_files = server_test_files(config)
-    cache = EmbeddingCache(root / "server" / "embeddings", fp)
+    cache = EmbeddingCache(server_cache_dir(config) / "embeddings", fp)
     test = embed_files(test_files, lambda: build_backbone(spec.name, state), preprocess, cache, config.embed_batch_size)
     cache.close()
     train_x, train_y = np.concatenate(features), np.concatenate(labels)
