@@ -19,6 +19,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from client.telemetry import device_metrics
 from common import wire
 from common.backbones import BackboneError, build_backbone, fingerprint, get_spec
 from common.config import NodeConfig, RunConfig
@@ -315,6 +316,7 @@ class EdgeClient:
             wire.TRAIN_ACCURACY: result.accuracy,
             wire.TRAIN_SECONDS: result.seconds,
             **self._embedding_metrics(data),
+            **device_metrics(),
         }
         return head_arrays(head.classifier), metrics
 
@@ -329,6 +331,7 @@ class EdgeClient:
             wire.ACCURACY: report.accuracy,
             wire.MACRO_F1: report.macro_f1,
             **self._embedding_metrics(data),
+            **device_metrics(),
         }
 
     def _head(self, arrays: Mapping[str, np.ndarray], instructions: Instructions) -> Head:

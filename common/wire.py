@@ -49,6 +49,8 @@ BACKBONE_RECEIVED = "backbone-received"
 LOSS = "loss"
 ACCURACY = "accuracy"
 MACRO_F1 = "macro-f1"
+PEAK_RSS_MB = "peak-rss-mb"  # device telemetry: the ClientApp process's memory high-water mark
+CPU_TEMP_C = "cpu-temp-c"  # device telemetry, only where the board exposes a CPU thermal zone
 
 # Reply keys in STATUS (client -> server); short strings about the node, not its data
 DATA_NOTES = "data-notes"

@@ -52,6 +52,8 @@ class EdgeSplitMixin:
         self.run = run
         self._backbone_record: ArrayRecord | None = None
         self._holders: set[int] = set()  # nodes known to hold the run's fingerprint
+        self._embedding_counted: set[int] = set()  # nodes whose embedding counts are in the totals
+        self._awaiting: dict[str, list[Message]] = {}  # phase -> messages sent this round
         self._expected_shapes = run.head_shapes()
         self._round = RoundRecord(round=0)
         self._round_started = time.perf_counter()
@@ -65,13 +67,25 @@ class EdgeSplitMixin:
         self._round_started = time.perf_counter()
         config[wire.LEARNING_RATE] = self.run.config.learning_rate_at(server_round)
         messages = super().configure_train(server_round, arrays, config, grid)  # type: ignore[misc]
-        return self._with_backbone(list(messages), grid)
+        return self._with_backbone(list(messages), grid, phase="train")
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         accepted = self._screen(list(replies), phase="train")
         self._round.clients_ok = len(accepted)
+        minimum = self.run.config.min_clients
+        if len(accepted) < minimum:
+            # Too few answered in time (failed, rejected or past the deadline): an average over
+            # fewer than the operator's minimum is not trusted; the global head stays as it was.
+            log.warning(
+                "round %d: %d usable update(s), fewer than min-clients=%d; keeping the previous head",
+                server_round,
+                len(accepted),
+                minimum,
+            )
+            self.run.run_log.event("round-skipped", round=server_round, usable=len(accepted), minimum=minimum)
+            return None, None
         return super().aggregate_train(server_round, accepted)  # type: ignore[misc, no-any-return]
 
     # --- evaluate -------------------------------------------------------------------------------
@@ -80,7 +94,7 @@ class EdgeSplitMixin:
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         messages = super().configure_evaluate(server_round, arrays, config, grid)  # type: ignore[misc]
-        return self._with_backbone(list(messages), grid)
+        return self._with_backbone(list(messages), grid, phase="evaluate")
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         accepted = self._screen(list(replies), phase="evaluate")
@@ -106,7 +120,7 @@ class EdgeSplitMixin:
 
     # --- the backbone, once per node -------------------------------------------------------------
 
-    def _with_backbone(self, messages: list[Message], grid: Grid) -> list[Message]:
+    def _with_backbone(self, messages: list[Message], grid: Grid, phase: str) -> list[Message]:
         """Ask nodes we have not heard from whether they hold the fingerprint; attach the
         backbone for those that do not. Each message gets its own content so that the ~14 MB
         record goes only where it is needed."""
@@ -127,6 +141,7 @@ class EdgeSplitMixin:
             prepared_message = Message(content=content, dst_node_id=node, message_type=message.metadata.message_type)
             self._round.bytes_down += wire_bytes(prepared_message)
             prepared.append(prepared_message)
+        self._awaiting[phase] = prepared
         return prepared
 
     def _ask_backbone_status(self, nodes: list[int], grid: Grid) -> None:
@@ -153,10 +168,22 @@ class EdgeSplitMixin:
     # --- screening replies ------------------------------------------------------------------------
 
     def _screen(self, replies: list[Message], phase: str) -> list[Message]:
-        """Keep replies that are well-formed; count and log failures and rejections."""
-        accepted = []
-        for reply in replies:
-            node = reply.metadata.src_node_id
+        """Keep replies that are well-formed; count and log failures, silences and rejections."""
+        sent = self._awaiting.pop(phase, [])
+        # The SuperLink answers for a dead node itself (src_node_id is then its own id), so
+        # replies are matched to nodes by the message they answer; Flower sets ids when it sends.
+        sent_to = {m.metadata.message_id: m.metadata.dst_node_id for m in sent if m.metadata.message_id}
+        origins = [sent_to.get(reply.metadata.reply_to_message_id, reply.metadata.src_node_id) for reply in replies]
+        silent = {m.metadata.dst_node_id for m in sent} - set(origins)
+        for node in sorted(silent):
+            self._holders.discard(node)
+            if phase == "train":
+                self._round.clients_failed += 1
+            silence = f"no reply within round-timeout={self.run.config.round_timeout:g}s"
+            self.run.run_log.event("client-failed", round=self._round.round, phase=phase, node=node, reason=silence)
+            log.warning("node %s failed in %s: %s", node, phase, silence)
+        accepted: list[Message] = []
+        for reply, node in zip(replies, origins, strict=True):
             if reply.has_error():
                 self._holders.discard(node)  # ask again next time: it may have lost its cache
                 if phase == "train":
@@ -191,7 +218,10 @@ class EdgeSplitMixin:
                 metrics=metrics,
                 **({"notes": notes} if notes else {}),
             )
-            if phase == "train":
+            if phase == "train" and node not in self._embedding_counted:
+                # First train reply per node only: a deployed ClientApp is a new process each
+                # round and reports its cache loads again; those are telemetry, not new work.
+                self._embedding_counted.add(node)
                 self.run.embedding_computed += int(_number(metrics.get(wire.EMBEDDINGS_COMPUTED)))
                 self.run.embedding_cached += int(_number(metrics.get(wire.EMBEDDINGS_CACHED)))
                 self.run.images_skipped += int(_number(metrics.get(wire.IMAGES_SKIPPED)))

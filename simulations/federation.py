@@ -74,13 +74,13 @@ def simulation_superlink(flwr_home: Path, env: Mapping[str, str] | None = None) 
             start_new_session=True,  # one process group to stop, with its children
         )
     try:
-        _wait_for_port(port, process, log_path)
+        wait_for_port(port, process, log_path)
         yield run_env
     finally:
-        _stop(process)
+        stop_process(process)
 
 
-def _wait_for_port(port: int, process: subprocess.Popen[bytes], log_path: Path, timeout: float = 60) -> None:
+def wait_for_port(port: int, process: subprocess.Popen[bytes], log_path: Path, timeout: float = 60) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if process.poll() is not None:
@@ -92,9 +92,10 @@ def _wait_for_port(port: int, process: subprocess.Popen[bytes], log_path: Path, 
     raise RuntimeError(f"flower-superlink did not listen on port {port} within {timeout:.0f}s; see {log_path}")
 
 
-def _stop(process: subprocess.Popen[bytes]) -> None:
+def stop_process(process: subprocess.Popen[bytes], kill: bool = False) -> None:
+    """Stop a process started with ``start_new_session`` and every child in its group."""
     with contextlib.suppress(ProcessLookupError):
-        os.killpg(process.pid, signal.SIGTERM)
+        os.killpg(process.pid, signal.SIGKILL if kill else signal.SIGTERM)
     try:
         process.wait(timeout=20)
     except subprocess.TimeoutExpired:

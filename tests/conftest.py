@@ -27,6 +27,18 @@ def write_png(path: Path, seed: int, size: int = 40) -> Path:
     return path
 
 
+def write_image_folder(root: Path, classes: dict[str, int], seed: int, size: int = 48) -> Path:
+    """An ImageFolder of real PNGs: one sub-folder per class, each class a different mean tone."""
+    rng = np.random.default_rng(seed)
+    for position, (name, count) in enumerate(classes.items()):
+        (root / name).mkdir(parents=True, exist_ok=True)
+        tone = 40 + (60 * position) % 200
+        for index in range(count):
+            pixels = np.clip(rng.normal(tone, 25, (size, size, 3)), 0, 255).astype(np.uint8)
+            Image.fromarray(pixels).save(root / name / f"{index}.png")
+    return root
+
+
 @pytest.fixture
 def png_writer():
     return write_png

@@ -11,11 +11,11 @@ from typing import Any
 
 import numpy as np
 import pytest
-from PIL import Image
 
 from client.privacy import AUDIT_LOG_ENV
 from common.heads import head_arrays, make_head
 from simulations.federation import flwr_run
+from tests.conftest import write_image_folder
 
 pytestmark = pytest.mark.flower
 
@@ -134,24 +134,14 @@ def test_every_reply_holds_only_head_arrays_and_numbers(elpv_runs: tuple[dict[st
             assert reply["arrays"] == {}
 
 
-def _write_folder(root: Path, classes: dict[str, int], seed: int) -> None:
-    rng = np.random.default_rng(seed)
-    for name, count in classes.items():
-        (root / name).mkdir(parents=True, exist_ok=True)
-        for index in range(count):
-            tone = 60 + 60 * list(classes).index(name) if name in ("ok", "crack") else 128
-            pixels = np.clip(rng.normal(tone, 25, (48, 48, 3)), 0, 255).astype(np.uint8)
-            Image.fromarray(pixels).save(root / name / f"{index}.png")
-
-
 def test_user_folders_and_a_client_without_data(tmp_path: Path) -> None:
     """ImageFolder data per client; one client's folder is missing, one has an unknown class and
     a corrupt image. The federation goes on with the others and the log says why."""
     data = tmp_path / "data"
-    _write_folder(data / "client-0", {"ok": 6, "crack": 6}, seed=0)
-    _write_folder(data / "client-1", {"ok": 5, "crack": 4, "smudge": 3}, seed=1)
+    write_image_folder(data / "client-0", {"ok": 6, "crack": 6}, seed=0)
+    write_image_folder(data / "client-1", {"ok": 5, "crack": 4, "smudge": 3}, seed=1)
     (data / "client-1" / "crack" / "broken.png").write_bytes(b"not a png at all")
-    _write_folder(tmp_path / "server-test", {"ok": 4, "crack": 4}, seed=2)
+    write_image_folder(tmp_path / "server-test", {"ok": 4, "crack": 4}, seed=2)
     # client-2 has no folder at all
     run = _run(
         tmp_path,

@@ -108,11 +108,28 @@ def test_backbone_goes_only_to_nodes_that_lack_it_and_only_once(strategy: EdgeFe
 def test_a_node_that_failed_is_asked_again(strategy: EdgeFedAvg) -> None:
     grid = StubGrid([1, 2], holders=set())
     messages = list(strategy.configure_train(1, to_record(_head(0)), ConfigRecord(), grid))  # type: ignore[arg-type]
-    failed = next(m for m in messages if m.metadata.dst_node_id == 2)
+    sent = {m.metadata.dst_node_id: m for m in messages}
     TaskIdentity.node_id = 2
-    strategy.aggregate_train(1, [Message(Error(code=1, reason="disk full"), reply_to=failed)])
+    failed = Message(Error(code=1, reason="disk full"), reply_to=sent[2])
+    strategy.aggregate_train(1, [_reply(sent[1], _head(0.5)), failed])
     list(strategy.configure_train(2, to_record(_head(0)), ConfigRecord(), grid))  # type: ignore[arg-type]
     assert grid.questions.count(2) == 2 and grid.questions.count(1) == 1
+
+
+def test_a_silent_node_counts_as_failed_and_too_few_replies_keep_the_head(tmp_path: Path) -> None:
+    strategy = EdgeFedAvg(min_train_nodes=1, min_evaluate_nodes=1, min_available_nodes=1)
+    strategy.attach(StubRun(RunLog(tmp_path / "run"), config=RunConfig(min_clients=2, round_timeout=5)))  # type: ignore[arg-type]
+    grid = StubGrid([1, 2, 3], holders={1, 2, 3})
+    sent = {m.metadata.dst_node_id: m for m in strategy.configure_train(1, to_record(_head(0)), ConfigRecord(), grid)}  # type: ignore[arg-type]
+    arrays, _ = strategy.aggregate_train(1, [_reply(sent[1], _head(0.5))])  # 2 and 3 never answer
+    assert arrays is None  # one usable update is below min-clients=2
+    record: RoundRecord = strategy._round
+    assert (record.clients_ok, record.clients_failed) == (1, 2)
+    events = _events(strategy)
+    silent = [e for e in events if e["event"] == "client-failed"]
+    assert sorted(e["node"] for e in silent) == [2, 3]  # type: ignore[type-var]
+    assert all("round-timeout=5s" in str(e["reason"]) for e in silent)
+    assert [e["usable"] for e in events if e["event"] == "round-skipped"] == [1]
 
 
 def test_only_well_formed_replies_reach_the_aggregate(strategy: EdgeFedAvg) -> None:
@@ -139,3 +156,16 @@ def test_only_well_formed_replies_reach_the_aggregate(strategy: EdgeFedAvg) -> N
     assert len(reasons) == 4
     assert any("NaN" in r for r in reasons) and any("norm" in r for r in reasons)
     assert any("fingerprint" in r for r in reasons) and any("num-examples" in r for r in reasons)
+
+
+def test_an_error_the_superlink_sends_for_a_dead_node_counts_against_that_node(strategy: EdgeFedAvg) -> None:
+    grid = StubGrid([7, 8], holders={7, 8})
+    sent = {m.metadata.dst_node_id: m for m in strategy.configure_train(1, to_record(_head(0)), ConfigRecord(), grid)}  # type: ignore[arg-type]
+    for message in sent.values():  # what Flower's grid does when it pushes a message
+        message.metadata.__dict__["_message_id"] = message.object_id
+    unavailable = Message(Error(code=5, reason="Node Unavailable"), reply_to=sent[8])
+    unavailable.metadata.__dict__["_src_node_id"] = 1  # the SuperLink answers for a node without heartbeat
+    strategy.aggregate_train(1, [_reply(sent[7], _head(0.5)), unavailable])
+    failed = [e for e in _events(strategy) if e["event"] == "client-failed"]
+    assert [(e["node"], e["reason"]) for e in failed] == [(8, "Node Unavailable")]
+    assert strategy._round.clients_failed == 1

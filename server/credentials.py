@@ -1,0 +1,208 @@
+"""Certificates and keys for a deployment: a CA, the SuperLink's TLS certificate, one key pair per board.
+
+Layout of the folder it writes (existing files are kept, so the command can add boards later):
+
+    ca.crt, ca.key            the certificate authority; ca.crt goes to every board, ca.key stays offline
+    server.crt, server.key    the SuperLink's TLS certificate for the addresses boards dial
+    boards/<name>.key         a board's private key (OpenSSH format, NIST P-384): copy it to that board only
+    boards/<name>.pub         its public key, registered with `flwr supernode register`
+
+Flower wants exactly these formats: PEM certificates for TLS, and SuperNode keys as OpenSSH EC keys
+on a NIST curve (``flower-supernode --auth-supernode-private-key``, ``flwr supernode register``).
+"""
+
+from __future__ import annotations
+
+import datetime
+import ipaddress
+import logging
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+log = logging.getLogger(__name__)
+
+BOARD_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+
+
+@dataclass(frozen=True)
+class Credentials:
+    """Paths of everything ``make_credentials`` wrote or found."""
+
+    folder: Path
+
+    @property
+    def ca_certificate(self) -> Path:
+        return self.folder / "ca.crt"
+
+    @property
+    def ca_key(self) -> Path:
+        return self.folder / "ca.key"
+
+    @property
+    def server_certificate(self) -> Path:
+        return self.folder / "server.crt"
+
+    @property
+    def server_key(self) -> Path:
+        return self.folder / "server.key"
+
+    def board_private_key(self, board: str) -> Path:
+        return self.folder / "boards" / f"{board}.key"
+
+    def board_public_key(self, board: str) -> Path:
+        return self.folder / "boards" / f"{board}.pub"
+
+
+def make_credentials(folder: Path, server_hosts: list[str], boards: list[str], days: int = 825) -> Credentials:
+    """Create what is missing in ``folder``: CA, server certificate for ``server_hosts``, board keys.
+
+    An existing server certificate that does not cover ``server_hosts`` is an error rather than
+    silently replaced, because boards already trust it.
+    """
+    if not server_hosts:
+        raise ValueError("Give at least one server address the boards will dial, e.g. --server-host 192.168.1.10")
+    for board in boards:
+        if not BOARD_NAME.match(board):
+            raise ValueError(f"Board name {board!r} must be letters, digits, '.', '_' or '-' (at most 64).")
+    credentials = Credentials(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "boards").mkdir(exist_ok=True)
+
+    if credentials.ca_certificate.exists() != credentials.ca_key.exists():
+        raise ValueError(f"{folder} has only one of ca.crt / ca.key; remove the other or restore both.")
+    if not credentials.ca_certificate.exists():
+        _write_ca(credentials, days)
+    ca_key = _load_private_key(credentials.ca_key)
+    ca_cert = x509.load_pem_x509_certificate(credentials.ca_certificate.read_bytes())
+
+    if credentials.server_certificate.exists():
+        covered = _subject_alt_names(x509.load_pem_x509_certificate(credentials.server_certificate.read_bytes()))
+        missing = sorted(set(server_hosts) - covered)
+        if missing:
+            raise ValueError(
+                f"{credentials.server_certificate} does not cover {missing} (it covers {sorted(covered)}). "
+                "Delete server.crt and server.key to issue a new one; the boards keep trusting ca.crt."
+            )
+    else:
+        _write_server_certificate(credentials, ca_cert, ca_key, server_hosts, days)
+
+    for board in boards:
+        if not credentials.board_private_key(board).exists():
+            _write_board_keys(credentials, board)
+    return credentials
+
+
+def _write_ca(credentials: Credentials, days: int) -> None:
+    key = ec.generate_private_key(ec.SECP384R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "edgesplit deployment CA")])
+    now = datetime.datetime.now(datetime.UTC)
+    certificate = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=days))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=True,
+                key_cert_sign=True,
+                crl_sign=True,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                encipher_only=False,
+                decipher_only=False,
+            ),
+            critical=True,
+        )
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+        .sign(key, hashes.SHA384())
+    )
+    _write_secret(credentials.ca_key, _pem_private(key))
+    credentials.ca_certificate.write_bytes(certificate.public_bytes(serialization.Encoding.PEM))
+    log.info("Wrote CA %s (keep %s offline)", credentials.ca_certificate, credentials.ca_key)
+
+
+def _write_server_certificate(
+    credentials: Credentials,
+    ca_cert: x509.Certificate,
+    ca_key: ec.EllipticCurvePrivateKey,
+    hosts: list[str],
+    days: int,
+) -> None:
+    key = ec.generate_private_key(ec.SECP384R1())
+    now = datetime.datetime.now(datetime.UTC)
+    certificate = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, hosts[0])]))
+        .issuer_name(ca_cert.subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=days))
+        .add_extension(x509.SubjectAlternativeName([_general_name(host) for host in hosts]), critical=False)
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+        .add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()),
+            critical=False,
+        )
+        .sign(ca_key, hashes.SHA384())
+    )
+    _write_secret(credentials.server_key, _pem_private(key))
+    credentials.server_certificate.write_bytes(certificate.public_bytes(serialization.Encoding.PEM))
+    log.info("Wrote server certificate %s for %s", credentials.server_certificate, ", ".join(hosts))
+
+
+def _write_board_keys(credentials: Credentials, board: str) -> None:
+    key = ec.generate_private_key(ec.SECP384R1())
+    private = key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH, serialization.NoEncryption()
+    )
+    public = key.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
+    _write_secret(credentials.board_private_key(board), private)
+    credentials.board_public_key(board).write_bytes(public + f" {board}\n".encode())
+    log.info("Wrote key pair for board %s", board)
+
+
+def _general_name(host: str) -> x509.GeneralName:
+    try:
+        return x509.IPAddress(ipaddress.ip_address(host))
+    except ValueError:
+        return x509.DNSName(host)
+
+
+def _subject_alt_names(certificate: x509.Certificate) -> set[str]:
+    names = certificate.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    return {str(ip) for ip in names.get_values_for_type(x509.IPAddress)} | set(names.get_values_for_type(x509.DNSName))
+
+
+def _pem_private(key: ec.EllipticCurvePrivateKey) -> bytes:
+    return key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
+
+
+def _load_private_key(path: Path) -> ec.EllipticCurvePrivateKey:
+    key = serialization.load_pem_private_key(path.read_bytes(), password=None)
+    if not isinstance(key, ec.EllipticCurvePrivateKey):
+        raise ValueError(f"{path} is not an EC private key; was it made by another tool?")
+    return key
+
+
+def _write_secret(path: Path, data: bytes) -> None:
+    """Private keys are created readable by their owner only (0600) from the first byte."""
+    descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(descriptor, "wb") as file:
+        file.write(data)

@@ -1,0 +1,263 @@
+"""A whole deployment on one machine, as separate processes: what the boards would run, minus the boards.
+
+``flower-superlink`` with TLS and SuperNode authentication, and one ``flower-supernode`` per
+board, each with its own key pair, data folder, cache directory and Flower home, exactly as on
+real devices (README, "Deploy on real devices"). Used by ``edgesplit deploy-local`` for
+development and by the deployment test.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import subprocess
+import time
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TextIO
+
+from server.credentials import Credentials, make_credentials
+from simulations.federation import PROJECT_ROOT, flower_env, free_port, run_config_arg, stop_process, wait_for_port
+
+log = logging.getLogger(__name__)
+
+CONNECTION = "edgesplit-deployment"
+INSECURE_WARNING = (
+    "\n" + "!" * 78 + "\n"
+    "!! --insecure: TLS is OFF. Head weights, metrics and the backbone travel in clear text and\n"
+    "!! anyone on the network can impersonate the server. Use it only on a trusted loopback/lab link.\n" + "!" * 78
+)
+
+
+@dataclass(frozen=True)
+class Board:
+    """One simulated board: its name (key file name) and Flower node config."""
+
+    name: str
+    node_config: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class LocalDeployment:
+    """SuperLink + SuperNodes as processes on this machine; use as a context manager."""
+
+    workdir: Path
+    boards: list[Board]
+    insecure: bool = False
+    extra_env: Mapping[str, str] | None = None
+    port: int = 0
+    _superlink: subprocess.Popen[bytes] | None = None
+    _supernodes: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
+
+    # --- paths -------------------------------------------------------------------------------
+
+    @property
+    def credentials(self) -> Credentials:
+        return Credentials(self.workdir / "credentials")
+
+    @property
+    def flwr_home(self) -> Path:
+        """The operator's Flower home: holds the connection `flwr run` and `flwr supernode` use."""
+        return self.workdir / "operator"
+
+    def board_dir(self, name: str) -> Path:
+        return self.workdir / "boards" / name
+
+    def log_path(self, name: str) -> Path:
+        return self.workdir / "logs" / f"{name}.log"
+
+    @property
+    def env(self) -> dict[str, str]:
+        return flower_env(self.flwr_home, self.extra_env)
+
+    # --- lifecycle ------------------------------------------------------------------------------
+
+    def __enter__(self) -> LocalDeployment:
+        try:
+            self.start()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def start(self, wait_online: float = 120) -> None:
+        """Credentials, SuperLink, registration of every board's key, then the SuperNodes."""
+        if self.insecure:
+            log.warning(INSECURE_WARNING)
+        (self.workdir / "logs").mkdir(parents=True, exist_ok=True)
+        make_credentials(self.credentials.folder, ["127.0.0.1", "localhost"], [b.name for b in self.boards])
+        self.port = self.port or free_port()
+        self._write_connection()
+        self._superlink = self._spawn("superlink", self._superlink_command(), self.env, cwd=PROJECT_ROOT)
+        wait_for_port(self.port, self._superlink, self.log_path("superlink"))
+        for board in self.boards:
+            self.register(board.name)
+        for board in self.boards:
+            self.start_supernode(board.name)
+        self.wait_until_online(len(self.boards), wait_online)
+
+    def stop(self) -> None:
+        """Stop every process this deployment started (SuperNodes first, then the SuperLink)."""
+        for name in list(self._supernodes):
+            self.stop_supernode(name)
+        if self._superlink is not None:
+            stop_process(self._superlink)
+            self._superlink = None
+
+    # --- the SuperLink ------------------------------------------------------------------------------
+
+    def _superlink_command(self) -> list[str]:
+        command = [
+            "flower-superlink",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(self.port),
+            "--database",
+            str(self.workdir / "superlink.db"),
+            "--enable-supernode-auth",
+            # Apps' dependencies are installed already; boards have no internet in the field either.
+            "--disable-runtime-dependency-installation",
+        ]
+        if self.insecure:
+            return [*command, "--insecure"]
+        credentials = self.credentials
+        return [
+            *command,
+            "--ssl-certfile",
+            str(credentials.server_certificate),
+            "--ssl-keyfile",
+            str(credentials.server_key),
+            "--ssl-ca-certfile",
+            str(credentials.ca_certificate),
+        ]
+
+    def _write_connection(self) -> None:
+        self.flwr_home.mkdir(parents=True, exist_ok=True)
+        security = "insecure = true" if self.insecure else f'root-certificates = "{self.credentials.ca_certificate}"'
+        (self.flwr_home / "config.toml").write_text(
+            f'[superlink]\ndefault = "{CONNECTION}"\n\n'
+            f'[superlink.{CONNECTION}]\naddress = "127.0.0.1:{self.port}"\n{security}\n'
+        )
+
+    def _flwr(self, *args: str, timeout: float = 60) -> str:
+        result = subprocess.run(
+            ["flwr", *args], env=self.env, cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=timeout
+        )
+        if result.returncode != 0:
+            raise RuntimeError(f"flwr {' '.join(args)} failed ({result.returncode}):\n{result.stdout}{result.stderr}")
+        return result.stdout
+
+    def register(self, name: str) -> int:
+        """Register a board's public key with the SuperLink (what the operator does once per board)."""
+        output = self._flwr(
+            "supernode", "register", str(self.credentials.board_public_key(name)), CONNECTION, "--format", "json"
+        )
+        return int(_last_json(output)["node-id"])
+
+    def node_status(self) -> dict[int, str]:
+        """Node id -> status ("registered", "online", "offline", ...) as the SuperLink sees it."""
+        nodes = _last_json(self._flwr("supernode", "list", CONNECTION, "--format", "json")).get("nodes", [])
+        return {int(node["node-id"]): str(node["status"]) for node in nodes}
+
+    def wait_until_online(self, count: int, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if sum(status == "online" for status in self.node_status().values()) >= count:
+                return
+            for name, process in self._supernodes.items():
+                if process.poll() is not None:
+                    raise RuntimeError(f"SuperNode {name} exited with {process.returncode}; see {self.log_path(name)}")
+            time.sleep(0.5)
+        raise RuntimeError(f"Fewer than {count} SuperNodes came online within {timeout:.0f}s; see {self.workdir}/logs")
+
+    # --- SuperNodes ---------------------------------------------------------------------------------
+
+    def supernode_command(self, name: str, key: Path | None = None) -> list[str]:
+        board = next((b for b in self.boards if b.name == name), Board(name))
+        node_config = {"cache-dir": str(self.board_dir(name) / "cache"), **board.node_config}
+        command = [
+            "flower-supernode",
+            "--superlink",
+            f"127.0.0.1:{self.port}",
+            "--auth-supernode-private-key",
+            str(key or self.credentials.board_private_key(name)),
+            "--node-config",
+            run_config_arg(node_config),
+            # The SuperNode's own ClientApp API, loopback only; each board needs its own port here.
+            "--port",
+            str(free_port()),
+            "--max-retries",
+            "3",
+        ]
+        if self.insecure:
+            return [*command, "--insecure"]
+        return [*command, "--root-certificates", str(self.credentials.ca_certificate)]
+
+    def start_supernode(self, name: str, key: Path | None = None) -> subprocess.Popen[bytes]:
+        """Start (or restart) a board's SuperNode; ``key`` overrides its private key (tests)."""
+        home = self.board_dir(name) / "flwr-home"
+        home.mkdir(parents=True, exist_ok=True)
+        process = self._spawn(name, self.supernode_command(name, key), flower_env(home, self.extra_env))
+        self._supernodes[name] = process
+        return process
+
+    def stop_supernode(self, name: str, kill: bool = False) -> None:
+        """Stop a board's SuperNode and its ClientApp; ``kill`` pulls the plug (SIGKILL, no goodbye)."""
+        process = self._supernodes.pop(name, None)
+        if process is not None:
+            stop_process(process, kill=kill)
+
+    def supernode(self, name: str) -> subprocess.Popen[bytes]:
+        return self._supernodes[name]
+
+    # --- runs ------------------------------------------------------------------------------------------
+
+    def submit(self, run_config: Mapping[str, Any], stream_to: TextIO | None = None) -> subprocess.Popen[str]:
+        """``flwr run . <connection> --stream``; the caller reads or waits on the process."""
+        command = ["flwr", "run", str(PROJECT_ROOT), CONNECTION, "--stream"]
+        if run_config:
+            command += ["--run-config", run_config_arg(run_config)]
+        return subprocess.Popen(
+            command,
+            cwd=PROJECT_ROOT,
+            env=self.env,
+            text=True,
+            stdout=subprocess.PIPE if stream_to is None else stream_to,
+            stderr=subprocess.STDOUT,
+        )
+
+    def _spawn(
+        self, name: str, command: list[str], env: Mapping[str, str], cwd: Path | None = None
+    ) -> subprocess.Popen[bytes]:
+        with self.log_path(name).open("ab") as log_file:
+            return subprocess.Popen(
+                command,
+                cwd=cwd or self.board_dir(name),
+                env=dict(env),
+                stdout=log_file,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,  # its own process group: stopping it stops its ClientApps too
+            )
+
+
+def _last_json(output: str) -> dict[str, Any]:
+    """The JSON object Flower's CLI prints last with ``--format json``."""
+    start = output.find("{")
+    if start < 0:
+        raise RuntimeError(f"Expected JSON from flwr, got:\n{output}")
+    parsed = json.loads(output[start:])
+    if not isinstance(parsed, dict):
+        raise RuntimeError(f"Expected a JSON object from flwr, got:\n{output}")
+    return parsed
+
+
+@contextlib.contextmanager
+def local_deployment(workdir: Path, boards: list[Board], **options: Any) -> Iterator[LocalDeployment]:
+    with LocalDeployment(workdir, boards, **options) as deployment:
+        yield deployment

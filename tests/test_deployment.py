@@ -1,0 +1,137 @@
+"""The deployment, for real: `flower-superlink` with TLS and SuperNode authentication and three
+`flower-supernode` processes on loopback, each a "board" with its own key, ImageFolder and cache.
+
+One scenario, in order, because starting the processes is the expensive part:
+TLS is on; an unregistered board is refused; a board is killed in the middle of a round and the
+round completes with the others; restarted, it does not download the backbone again; every
+process is stopped at the end.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import ssl
+import subprocess
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+from cryptography import x509
+
+from server.credentials import make_credentials
+from simulations.deployment import Board, LocalDeployment
+from tests.conftest import write_image_folder
+
+pytestmark = pytest.mark.flower
+
+CLASSES = {"ok": 8, "crack": 8}
+VICTIM = "board-2"
+
+
+def _run_config(tmp: Path, name: str, rounds: int) -> dict[str, Any]:
+    return {
+        "num-server-rounds": rounds,
+        "dataset": "folder",
+        "class-names": "ok,crack",
+        "server-test-dir": str(tmp / "server-test"),
+        "min-clients": 2,
+        "round-timeout": 120,
+        "fraction-evaluate": 0.0,  # each message is a ClientApp process on a board: keep the test short
+        "runs-dir": str(tmp / "runs"),
+        "cache-dir": str(tmp / "server-cache"),
+        "run-name": name,
+    }
+
+
+def _summary_and_events(tmp: Path, name: str) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    run_dir = tmp / "runs" / name
+    events = [json.loads(line) for line in (run_dir / "events.jsonl").read_text().splitlines()]
+    return json.loads((run_dir / "summary.json").read_text()), events
+
+
+def _finish(process: subprocess.Popen[str], timeout: float = 400) -> str:
+    output, _ = process.communicate(timeout=timeout)
+    assert process.returncode == 0, output[-4000:]
+    return output
+
+
+def _wait_for_line(path: Path, text: str, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if path.exists() and text in path.read_text(errors="replace"):
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"{text!r} did not appear in {path} within {timeout}s")
+
+
+def test_tls_authenticated_deployment_with_a_board_dying_mid_round(tmp_path: Path) -> None:
+    for index in range(3):
+        # The victim has many large images, so it is still embedding when it is killed.
+        size, counts = (224, {"ok": 60, "crack": 60}) if f"board-{index}" == VICTIM else (48, CLASSES)
+        write_image_folder(tmp_path / "data" / f"board-{index}", counts, seed=index, size=size)
+    write_image_folder(tmp_path / "server-test", CLASSES, seed=9)
+    boards = [Board(f"board-{i}", {"data-dir": str(tmp_path / "data" / f"board-{i}")}) for i in range(3)]
+    intruder_keys = make_credentials(tmp_path / "intruder", ["127.0.0.1"], ["intruder"])
+
+    deployment = LocalDeployment(tmp_path / "deploy", boards)
+    with deployment:
+        # TLS: the SuperLink presents a certificate for 127.0.0.1 signed by our CA, and nothing else.
+        context = ssl.create_default_context(cafile=str(deployment.credentials.ca_certificate))
+        with (
+            socket.create_connection(("127.0.0.1", deployment.port)) as raw,
+            context.wrap_socket(raw, server_hostname="127.0.0.1") as tls,
+        ):
+            certificate = x509.load_der_x509_certificate(tls.getpeercert(binary_form=True) or b"")
+        issuer = x509.load_pem_x509_certificate(deployment.credentials.ca_certificate.read_bytes()).subject
+        assert certificate.issuer == issuer
+        assert len(deployment.node_status()) == 3
+
+        # Authentication: a board whose key was never registered is refused and exits.
+        intruder = deployment.start_supernode("intruder", key=intruder_keys.board_private_key("intruder"))
+        assert intruder.wait(timeout=90) != 0
+        assert "Failed to activate SuperNode" in deployment.log_path("intruder").read_text()
+        deployment.stop_supernode("intruder")
+        assert sorted(deployment.node_status().values()) == ["online"] * 3
+
+        # Run 1: the victim is killed (SIGKILL, with its ClientApp) while it embeds in round 1.
+        first = deployment.submit(_run_config(tmp_path, "first", rounds=2))
+        output: list[str] = []
+        reader = threading.Thread(target=lambda: output.append(_finish(first)))
+        reader.start()
+        _wait_for_line(deployment.log_path(VICTIM), "embedding local images", timeout=300)
+        deployment.stop_supernode(VICTIM, kill=True)
+        reader.join(timeout=420)
+        assert output, "the run did not finish"
+        summary, events = _summary_and_events(tmp_path, "first")
+        assert [r["round"] for r in summary["rounds"]] == [1, 2]
+        assert summary["rounds"][0]["clients_ok"] == 2 and summary["rounds"][0]["clients_failed"] == 1
+        assert all(r["clients_ok"] == 2 for r in summary["rounds"])
+        assert [r["backbones_sent"] for r in summary["rounds"]] == [3, 0]  # all three in round 1, before the kill
+        assert summary["final"]["accuracy"] >= 0.75
+        failed = [e for e in events if e["event"] == "client-failed" and e["round"] == 1]
+        assert len(failed) == 1
+        victim_node = failed[0]["node"]
+        # After round 1 only head-sized messages cross the wire (a head here is about 10 KB).
+        assert summary["rounds"][1]["bytes_down"] < 100_000
+        # Device telemetry per node and round.
+        replies = [e for e in events if e["event"] == "client-reply"]
+        assert {e["node"] for e in replies} and all(e["metrics"]["peak-rss-mb"] > 50 for e in replies)
+        assert all(e["metrics"]["train-seconds"] > 0 for e in replies)
+
+        # The victim restarts: it still holds the verified backbone, so nothing big is sent.
+        deployment.start_supernode(VICTIM)
+        deployment.wait_until_online(3, timeout=90)
+        _finish(deployment.submit(_run_config(tmp_path, "second", rounds=1)))
+        summary, events = _summary_and_events(tmp_path, "second")
+        assert summary["rounds"][0]["backbones_sent"] == 0
+        assert summary["rounds"][0]["clients_ok"] == 3
+        assert summary["rounds"][0]["bytes_down"] < 100_000
+        assert victim_node in {e["node"] for e in events if e["event"] == "client-reply"}
+
+        started = [deployment.supernode(b.name) for b in boards]
+    assert all(process.poll() is not None for process in [*started, intruder])
+    leftovers = subprocess.run(["pgrep", "-f", str(tmp_path / "deploy")], capture_output=True, text=True).stdout
+    assert leftovers.strip() == "", f"processes left running: {leftovers}"
