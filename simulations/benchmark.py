@@ -128,25 +128,43 @@ def main(argv: list[str] | None = None) -> int:
         ("federated - centralised (points)", f"{100 * (cold['final']['accuracy'] - probe.accuracy):+.2f}"),
         ("federated head, final macro-F1 / probe macro-F1", f"{cold['final']['macro_f1']:.4f} / {probe.macro_f1:.4f}"),
     ]
-    width = max(len(name) for name, _ in rows)
-    table = "\n".join(f"| {name.ljust(width)} | {value} |" for name, value in rows)
-    header = f"| {'measure'.ljust(width)} | value |\n|{'-' * (width + 2)}|-------|"
-    print(header + "\n" + table)
+    table = markdown_table(rows)
+    print(table)
     plot_path = args.output.parent / "docs" / "foundation-rounds.png"
     plot_rounds(cold, probe.accuracy, plot_path)
     machine = f"{platform.machine()}, {torch.get_num_threads()} torch threads, torch {torch.__version__}"
-    args.output.write_text(
-        "# Benchmarks\n\n"
-        "## Foundation: head-only federation on ELPV (EfficientNet-Lite0, 10 clients, Dirichlet 0.3)\n\n"
+    update_section(
+        args.output,
+        "Foundation: head-only federation on ELPV (EfficientNet-Lite0, 10 clients, Dirichlet 0.3)",
         f"Command: `{COMMAND}` (default run config: 30 rounds, FedAvg, linear head, 5 local epochs).\n"
         f"Machine: {machine}. Cold = empty cache; warm = the same command again on that cache.\n"
         "Times are from one run; ratios are within one command. The centralised probe is L2 logistic\n"
         "regression on the union of the clients' training embeddings (same head input normalisation),\n"
         "C by 3-fold cross-validation on that training set, scored on the same held-out 25% split.\n\n"
-        f"{header}\n{table}\n\n"
-        f"![accuracy per round and bytes sent](docs/{plot_path.name})\n"
+        f"{table}\n\n"
+        f"![accuracy per round and bytes sent](docs/{plot_path.name})\n",
     )
     return 0
+
+
+def markdown_table(rows: list[tuple[str, str]], columns: tuple[str, str] = ("measure", "value")) -> str:
+    width = max(len(name) for name, _ in [*rows, columns])
+    header = f"| {columns[0].ljust(width)} | {columns[1]} |\n|{'-' * (width + 2)}|-------|"
+    return header + "\n" + "\n".join(f"| {name.ljust(width)} | {value} |" for name, value in rows)
+
+
+def update_section(path: Path, title: str, body: str) -> None:
+    """Replace the ``## title`` section of BENCHMARKS.md (or append it); other sections stay."""
+    text = path.read_text() if path.exists() else "# Benchmarks\n"
+    heading = f"## {title}\n"
+    start = text.find(heading)
+    section = f"{heading}\n{body.rstrip()}\n"
+    if start < 0:
+        text = text.rstrip() + "\n\n" + section
+    else:
+        following = text.find("\n## ", start + len(heading))
+        text = text[:start] + section + (text[following:] if following >= 0 else "")
+    path.write_text(text)
 
 
 if __name__ == "__main__":

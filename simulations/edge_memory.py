@@ -1,0 +1,199 @@
+"""Peak memory of one edge client process, phase by phase: what a board must have free.
+
+    python -m simulations.edge_memory            # about 1-2 minutes on 2 cores
+
+Each scenario runs in a fresh Python process that imports what a deployed ClientApp imports
+(``client.app``). The peak (VmHWM) is reset before each phase (``/proc/self/clear_refs``), so a
+phase's figure is the process's high-water mark during that phase, imports included. Scenarios:
+round 1 (receive and store the backbone, embed the board's images, train the head) and a later
+round in a new process (a deployed SuperNode starts one ClientApp process per message; the
+embeddings come from the cache and the backbone is not even built). Engine: torch, eager,
+channels_last (the only engine so far). Writes its section of BENCHMARKS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from simulations.benchmark import markdown_table, update_section
+from simulations.federation import PROJECT_ROOT
+
+COMMAND = "python -m simulations.edge_memory"
+TITLE = "Edge client memory: peak RSS of one client process (torch engine)"
+# Memory left for the client on a board of each size, after a lite 64-bit OS (Raspberry Pi OS Lite, L4T).
+USABLE_MIB = {"1 GB": 700, "2 GB": 1600, "4 GB": 3400, "8 GB": 7200}
+
+
+def _phase(peaks: dict[str, float], name: str) -> None:
+    """Record a phase: its peak RSS, and how much of the resident memory is file-backed pages
+    (shared libraries: torch's CUDA build maps hundreds of MiB the kernel can drop under pressure)."""
+    peaks[name] = _status("VmHWM")
+    peaks[f"{name} file-backed"] = _status("RssFile")
+
+
+def _status(field: str) -> float:
+    """A /proc/self/status field in MiB (Linux)."""
+    match = re.search(rf"^{field}:\s+(\d+) kB", Path("/proc/self/status").read_text(), re.MULTILINE)
+    return int(match.group(1)) / 1024 if match else float("nan")
+
+
+def _reset_peak() -> None:
+    Path("/proc/self/clear_refs").write_text("5")  # VmHWM := current RSS
+
+
+def child(setup: dict[str, Any]) -> dict[str, float]:
+    """One client process: runs the phases ``setup`` names and returns each phase's peak RSS."""
+    import time
+
+    import torch
+
+    from client.core import EdgeClient, Instructions
+    from common.config import NodeConfig, RunConfig
+
+    peaks: dict[str, float] = {}
+    _phase(peaks, "imports")
+    torch.set_num_threads(setup["threads"])
+    board = EdgeClient(RunConfig.from_flower(setup["run_config"]), NodeConfig.from_flower(setup["node_config"]))
+    instructions = Instructions.from_record(setup["instructions"])
+    head = {name: torch.zeros(shape).numpy() for name, shape in setup["head_shapes"].items()}
+    if setup["receive"]:
+        state = torch.load(setup["backbone"], weights_only=True)
+        _reset_peak()
+        board.receive_backbone(instructions.backbone_name, state, instructions)
+        del state
+        _phase(peaks, "receive backbone")
+    _reset_peak()
+    started = time.perf_counter()
+    embedded = board.embedded(instructions)
+    _phase(peaks, "embed")
+    peaks["embed seconds"] = time.perf_counter() - started
+    peaks["images"] = len(embedded.train_y) + len(embedded.test_y)
+    peaks["computed"] = embedded.stats.computed
+    _reset_peak()
+    board.train(head, instructions)
+    _phase(peaks, "train")
+    return peaks
+
+
+def _run_child(setup: dict[str, Any]) -> dict[str, float]:
+    result = subprocess.run(
+        [sys.executable, "-m", "simulations.edge_memory", "--child", json.dumps(setup)],
+        cwd=PROJECT_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=1800,
+    )
+    if result.returncode != 0:
+        raise RuntimeError(f"client process failed:\n{result.stderr[-3000:]}")
+    return dict(json.loads(result.stdout.strip().splitlines()[-1]))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--partitions", type=int, default=3, help="ELPV client share split over this many boards")
+    parser.add_argument("--threads", type=int, default=2, help="torch threads in the client process")
+    parser.add_argument("--output", type=Path, default=PROJECT_ROOT / "BENCHMARKS.md")
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.child:
+        print(json.dumps(child(json.loads(args.child))))
+        return 0
+
+    import torch
+
+    from client.core import load_local_data
+    from common.config import NodeConfig, RunConfig
+    from server.core import ServerRun
+
+    with tempfile.TemporaryDirectory(prefix="edgesplit-memory-") as tmp:
+        run_config = {"partitioner": "iid", "cache-dir": str(Path(tmp) / "server"), "runs-dir": str(Path(tmp) / "runs")}
+        run = ServerRun.prepare(RunConfig.from_flower(run_config))  # the server's instructions and backbone
+        run.run_log.close()
+        torch.save(run.backbone_state, Path(tmp) / "backbone.pt")
+        # The board's images as an ImageFolder, read the way a deployed board reads its data-dir.
+        board_data = Path(tmp) / "board-data"
+        local = load_local_data(RunConfig.from_flower(run_config), NodeConfig(0, args.partitions))
+        class_folders = [name.replace("/", "_") for name in run.classes]
+        for files in (local.train, local.test):
+            for path, label in zip(files.paths, files.labels, strict=True):
+                (board_data / class_folders[label]).mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(path, board_data / class_folders[label] / Path(path).name)
+        board_config = {
+            "dataset": "folder",
+            "class-names": ",".join(class_folders),
+            "server-test-dir": str(board_data),  # required by the schema; the client never reads it
+        }
+        setup = {
+            "run_config": board_config,
+            "node_config": {"data-dir": str(board_data)},
+            "instructions": {**run.instructions(), "server-round": 1},
+            "head_shapes": {name: list(shape) for name, shape in run.head_shapes().items()},
+            "backbone": str(Path(tmp) / "backbone.pt"),
+            "threads": args.threads,
+        }
+        results = {}
+        for batch in (32, 8):
+            cache = str(Path(tmp) / f"board-batch{batch}")
+            cold = {**setup, "receive": True, "node_config": {**setup["node_config"], "cache-dir": cache}}
+            cold["run_config"] = {**board_config, "embed-batch-size": batch}
+            results[f"round 1, embed batch {batch}"] = _run_child(cold)
+        warm_cache = str(Path(tmp) / "board-batch32")  # round 1 left the backbone and embeddings here
+        later = {**setup, "receive": False, "node_config": {**setup["node_config"], "cache-dir": warm_cache}}
+        results["later round, new process"] = _run_child(later)
+
+    first = results["round 1, embed batch 32"]
+    images = int(first["images"])
+    later, small = results["later round, new process"], results["round 1, embed batch 8"]
+
+    def mib(result: dict[str, float], phase: str) -> str:
+        return f"{result[phase]:.0f} MiB ({result[phase + ' file-backed']:.0f} file-backed)"
+
+    rows = [
+        ("imports (client.app: torch, flwr)", mib(first, "imports")),
+        ("receive, verify and store the backbone", mib(first, "receive backbone")),
+        (f"embed {images} images, batch 32", mib(first, "embed")),
+        (f"embed {images} images, batch 8", mib(results["round 1, embed batch 8"], "embed")),
+        ("train the head, 5 local epochs (after embedding)", mib(first, "train")),
+        ("later round in a new process: read cache + train", mib(later, "train")),
+        ("embedding throughput, batch 32", f"{first['computed'] / first['embed seconds']:.1f} img/s"),
+        ("embedding throughput, batch 8", f"{small['computed'] / small['embed seconds']:.1f} img/s"),
+    ]
+    peak = max(first[phase] for phase in ("receive backbone", "embed", "train"))
+    small_peak = max(small[phase] for phase in ("receive backbone", "embed", "train"))
+
+    def fits(mib: float) -> str:
+        boards = [board for board, usable in USABLE_MIB.items() if mib <= usable]
+        return ", ".join(boards) if boards else "none of the listed sizes"
+
+    table = markdown_table(rows, ("phase (peak RSS of the client process)", "value"))
+    print(table)
+    machine = f"{platform.machine()}, {args.threads} torch threads, torch {torch.__version__}"
+    body = (
+        f"Command: `{COMMAND}`. Machine: {machine}. One board holding ELPV partition 0 of "
+        f"{args.partitions} (IID; {images} images, 224 px) as an ImageFolder, EfficientNet-Lite0, linear head.\n"
+        "Each scenario is a fresh process; a phase's figure is the process's peak during that phase.\n"
+        "File-backed pages are mapped shared libraries; this machine's torch is the CUDA build, whose\n"
+        "libraries account for most of them. An aarch64 CPU-only torch maps far less.\n\n"
+        f"{table}\n\n"
+        f"Highest peak: {peak:.0f} MiB with embed-batch-size 32 (fits {fits(peak)}), "
+        f"{small_peak:.0f} MiB with embed-batch-size 8 (fits {fits(small_peak)}). "
+        "Memory assumed free for the client after a lite 64-bit OS: "
+        + ", ".join(f"{size} board: {usable} MiB" for size, usable in USABLE_MIB.items())
+        + ". `embed-batch-size` defaults to 8 for this reason: the throughput rows show it costs nothing "
+        "on a few cores, and it is what lets a 2 GB board run the client.\n"
+    )
+    update_section(args.output, TITLE, body)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
