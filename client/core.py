@@ -315,6 +315,7 @@ class EdgeClient:
             wire.TRAIN_LOSS: result.loss,
             wire.TRAIN_ACCURACY: result.accuracy,
             wire.TRAIN_SECONDS: result.seconds,
+            wire.CLASSES_MISSING: instructions.num_classes - len(set(self.data.train.labels + self.data.test.labels)),
             **self._embedding_metrics(data),
             **device_metrics(),
         }

@@ -45,6 +45,7 @@ EMBED_SECONDS = "embed-seconds"
 EMBEDDINGS_COMPUTED = "embeddings-computed"
 EMBEDDINGS_CACHED = "embeddings-cached"
 IMAGES_SKIPPED = "images-skipped"
+CLASSES_MISSING = "classes-missing"  # run classes with no local image (names go in STATUS data-notes)
 BACKBONE_RECEIVED = "backbone-received"
 LOSS = "loss"
 ACCURACY = "accuracy"

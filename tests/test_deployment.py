@@ -68,10 +68,15 @@ def _wait_for_line(path: Path, text: str, timeout: float) -> None:
 
 
 def test_tls_authenticated_deployment_with_a_board_dying_mid_round(tmp_path: Path) -> None:
-    for index in range(3):
-        # The victim has many large images, so it is still embedding when it is killed.
-        size, counts = (224, {"ok": 60, "crack": 60}) if f"board-{index}" == VICTIM else (48, CLASSES)
-        write_image_folder(tmp_path / "data" / f"board-{index}", counts, seed=index, size=size)
+    # board-1 lacks "crack" and has a class folder the run does not know; it must say so, not crash.
+    # The victim has many large images, so that it is still embedding when it is killed.
+    folders = {
+        "board-0": (CLASSES, 48),
+        "board-1": ({"ok": 10, "smudge": 4}, 48),
+        VICTIM: ({"ok": 60, "crack": 60}, 224),
+    }
+    for seed, (name, (counts, size)) in enumerate(folders.items()):
+        write_image_folder(tmp_path / "data" / name, counts, seed=seed, size=size)
     write_image_folder(tmp_path / "server-test", CLASSES, seed=9)
     boards = [Board(f"board-{i}", {"data-dir": str(tmp_path / "data" / f"board-{i}")}) for i in range(3)]
     intruder_keys = make_credentials(tmp_path / "intruder", ["127.0.0.1"], ["intruder"])
@@ -116,8 +121,12 @@ def test_tls_authenticated_deployment_with_a_board_dying_mid_round(tmp_path: Pat
         victim_node = failed[0]["node"]
         # After round 1 only head-sized messages cross the wire (a head here is about 10 KB).
         assert summary["rounds"][1]["bytes_down"] < 100_000
-        # Device telemetry per node and round.
         replies = [e for e in events if e["event"] == "client-reply"]
+        short_of_a_class = [e for e in replies if e["metrics"]["classes-missing"] == 1]
+        assert len(short_of_a_class) == 2  # board-1, in both rounds
+        notes = short_of_a_class[0]["notes"]
+        assert "no images for classes: ['crack']" in notes and "smudge" in notes
+        # Device telemetry per node and round.
         assert {e["node"] for e in replies} and all(e["metrics"]["peak-rss-mb"] > 50 for e in replies)
         assert all(e["metrics"]["train-seconds"] > 0 for e in replies)
 
