@@ -8,12 +8,11 @@ development and by the deployment test.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import subprocess
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
@@ -93,6 +92,9 @@ class LocalDeployment:
         make_credentials(self.credentials.folder, ["127.0.0.1", "localhost"], [b.name for b in self.boards])
         self.port = self.port or free_port()
         self._write_connection()
+        # A fresh SuperLink state each start: every board key is registered anew below. The
+        # boards' caches (backbone, embeddings) live in their own folders and persist.
+        (self.workdir / "superlink.db").unlink(missing_ok=True)
         self._superlink = self._spawn("superlink", self._superlink_command(), self.env, cwd=PROJECT_ROOT)
         wait_for_port(self.port, self._superlink, self.log_path("superlink"))
         for board in self.boards:
@@ -255,12 +257,6 @@ def _last_json(output: str) -> dict[str, Any]:
     if not isinstance(parsed, dict):
         raise RuntimeError(f"Expected a JSON object from flwr, got:\n{output}")
     return parsed
-
-
-@contextlib.contextmanager
-def local_deployment(workdir: Path, boards: list[Board], **options: Any) -> Iterator[LocalDeployment]:
-    with LocalDeployment(workdir, boards, **options) as deployment:
-        yield deployment
 
 
 def main(argv: list[str] | None = None) -> int:
