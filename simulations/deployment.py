@@ -47,8 +47,8 @@ class LocalDeployment:
     insecure: bool = False
     extra_env: Mapping[str, str] | None = None
     port: int = 0
-    _superlink: subprocess.Popen[bytes] | None = None
-    _supernodes: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
+    _superlink: subprocess.Popen[bytes] | None = field(default=None, init=False, repr=False)
+    _supernodes: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict, init=False, repr=False)
 
     # --- paths -------------------------------------------------------------------------------
 
