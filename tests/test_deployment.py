@@ -3,8 +3,8 @@
 
 One scenario, in order, because starting the processes is the expensive part:
 TLS is on; an unregistered board is refused; a board is killed in the middle of a round and the
-round completes with the others; restarted, it does not download the backbone again; every
-process is stopped at the end.
+round completes with the others; restarted, it does not download the backbone again; a 44.7 MB
+backbone goes through; every process is stopped at the end.
 """
 
 from __future__ import annotations
@@ -19,6 +19,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
+import torchvision
 from cryptography import x509
 
 from server.credentials import make_credentials
@@ -139,6 +141,15 @@ def test_tls_authenticated_deployment_with_a_board_dying_mid_round(tmp_path: Pat
         assert summary["rounds"][0]["clients_ok"] == 3
         assert summary["rounds"][0]["bytes_down"] < 100_000
         assert victim_node in {e["node"] for e in events if e["event"] == "client-reply"}
+
+        # A larger backbone (ResNet-18, 44.7 MB of float32 weights) streams through the same link.
+        torch.manual_seed(0)
+        torch.save(torchvision.models.resnet18().state_dict(), tmp_path / "resnet18.pt")
+        large = {"backbone": "resnet18", "backbone-weights": str(tmp_path / "resnet18.pt"), "image-size": 64}
+        _finish(deployment.submit(_run_config(tmp_path, "large", rounds=1) | large))
+        summary, _ = _summary_and_events(tmp_path, "large")
+        assert summary["rounds"][0]["backbones_sent"] == 3 and summary["rounds"][0]["clients_ok"] == 3
+        assert summary["rounds"][0]["bytes_down"] > 3 * 44_000_000
 
         started = [deployment.supernode(b.name) for b in boards]
     assert all(process.poll() is not None for process in [*started, intruder])
