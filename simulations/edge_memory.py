@@ -24,7 +24,6 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from simulations.benchmark import markdown_table, update_section
 from simulations.federation import PROJECT_ROOT
 
 COMMAND = "python -m simulations.edge_memory"
@@ -110,9 +109,11 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
+    # Imported here, not at the top: the client processes import only what a ClientApp imports.
     from client.core import load_local_data
     from common.config import NodeConfig, RunConfig
     from server.core import ServerRun
+    from simulations.benchmark import markdown_table, update_section
 
     with tempfile.TemporaryDirectory(prefix="edgesplit-memory-") as tmp:
         run_config = {"partitioner": "iid", "cache-dir": str(Path(tmp) / "server"), "runs-dir": str(Path(tmp) / "runs")}
