@@ -8,7 +8,6 @@ is still a cache hit; an edited image is not.
 from __future__ import annotations
 
 import hashlib
-import io
 import logging
 import sqlite3
 import time
@@ -18,18 +17,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import torch
-from PIL import Image, UnidentifiedImageError
-from torch import nn
 
 from common.data import LabelledFiles
-from common.preprocess import PreprocessSpec
+from common.engines import Engine
+from common.preprocess import DECODE_ERRORS, PreprocessSpec, decode_image
 
 log = logging.getLogger(__name__)
-
-# What a bad file can raise while decoding; PIL's decompression-bomb guard stays on, so a huge
-# image is skipped like a corrupt one.
-_DECODE_ERRORS = (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError)
 
 
 class EmbeddingCache:
@@ -92,17 +85,9 @@ class Embedded:
         return self.features[keep], self.labels[keep]
 
 
-def decode_image(data: bytes) -> Image.Image:
-    """Decode fully (not lazily) so that truncated files fail here, not inside the batch."""
-    image = Image.open(io.BytesIO(data))
-    image.load()
-    return image
-
-
-@torch.inference_mode()
 def embed_files(
     files: LabelledFiles,
-    backbone: nn.Module | Callable[[], nn.Module],
+    load_engine: Callable[[], Engine],
     preprocess: PreprocessSpec,
     cache: EmbeddingCache,
     batch_size: int = 32,
@@ -112,8 +97,8 @@ def embed_files(
     """Embeddings for every decodable file, from the cache where possible.
 
     Files that cannot be read or decoded are skipped and counted by reason, with one warning
-    for the whole call; the rest go on. ``backbone`` may be a factory, called only if some image
-    is not in the cache.
+    for the whole call; the rest go on. ``load_engine`` is called only if some image is not in
+    the cache. Memory stays bounded by one batch of decoded images plus the features.
     """
     started = time.perf_counter()
     stats = EmbedStats()
@@ -129,24 +114,22 @@ def embed_files(
     to_compute = [i for i, k in enumerate(keys) if k and k not in cached]
     stats.cached = sum(1 for k in keys if k and k in cached)
 
-    model: nn.Module | None = backbone if isinstance(backbone, nn.Module) else None
+    engine: Engine | None = None
     first_bad: str | None = None
     done = 0
     for start in range(0, len(to_compute), batch_size):
-        batch_indices, tensors = [], []
+        batch_indices, images = [], []
         for i in to_compute[start : start + batch_size]:
             try:
-                tensors.append(preprocess(decode_image(Path(files.paths[i]).read_bytes())))
+                images.append(preprocess(decode_image(Path(files.paths[i]).read_bytes())))
                 batch_indices.append(i)
-            except _DECODE_ERRORS as error:
+            except DECODE_ERRORS as error:
                 stats.skipped[f"undecodable ({type(error).__name__})"] += 1
                 first_bad = first_bad or f"{files.paths[i]}: {error}"
-        if tensors:
-            batch = torch.stack(tensors).contiguous(memory_format=torch.channels_last)
-            if model is None:
-                model = backbone()  # type: ignore[operator]
-            model.eval()
-            vectors = model(batch).float().numpy()
+        if images:
+            if engine is None:
+                engine = load_engine()
+            vectors = np.asarray(engine(np.stack(images)), dtype=np.float32)
             cache.put_many((keys[i], vec) for i, vec in zip(batch_indices, vectors, strict=True))
             for i, vec in zip(batch_indices, vectors, strict=True):
                 cached[keys[i]] = vec

@@ -1,14 +1,21 @@
-"""Image preprocessing: one spec shared by server and clients, part of the fingerprint."""
+"""Image preprocessing: one spec shared by server and clients, part of the fingerprint.
+
+NumPy and Pillow only, so that ``edgesplit predict`` runs on a board without importing torch.
+"""
 
 from __future__ import annotations
 
+import io
 import json
 import math
 from dataclasses import asdict, dataclass
 
 import numpy as np
-import torch
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
+
+# What a bad file can raise while decoding; PIL's decompression-bomb guard stays on, so a huge
+# image is skipped like a corrupt one.
+DECODE_ERRORS = (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError)
 
 _INTERPOLATIONS = {"bicubic": Image.Resampling.BICUBIC, "bilinear": Image.Resampling.BILINEAR}
 
@@ -55,8 +62,8 @@ class PreprocessSpec:
         raw["std"] = tuple(raw["std"])
         return cls(**raw)
 
-    def __call__(self, image: Image.Image) -> torch.Tensor:
-        """Resize the short side, centre-crop, normalise; returns a CHW float32 tensor."""
+    def __call__(self, image: Image.Image) -> np.ndarray:
+        """Resize the short side, centre-crop, normalise; returns a CHW float32 array."""
         image = image.convert("RGB")
         resize_to = math.floor(self.image_size / self.crop_pct)
         width, height = image.size
@@ -68,7 +75,14 @@ class PreprocessSpec:
         width, height = image.size
         left, top = (width - self.image_size) // 2, (height - self.image_size) // 2
         image = image.crop((left, top, left + self.image_size, top + self.image_size))
-        pixels = torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0).permute(2, 0, 1)
-        mean = torch.tensor(self.mean).view(3, 1, 1)
-        std = torch.tensor(self.std).view(3, 1, 1)
-        return (pixels - mean) / std
+        pixels = (np.asarray(image, dtype=np.float32) / 255.0).transpose(2, 0, 1)
+        mean = np.asarray(self.mean, dtype=np.float32).reshape(3, 1, 1)
+        std = np.asarray(self.std, dtype=np.float32).reshape(3, 1, 1)
+        return np.ascontiguousarray((pixels - mean) / std, dtype=np.float32)
+
+
+def decode_image(data: bytes) -> Image.Image:
+    """Decode fully (not lazily) so that truncated files fail here, not inside the batch."""
+    image = Image.open(io.BytesIO(data))
+    image.load()
+    return image

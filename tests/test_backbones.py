@@ -3,6 +3,7 @@ backbones from a file, error messages, and the fingerprint."""
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 import torchvision
@@ -88,8 +89,10 @@ def test_embedded_lite0_weights_classify_imagenet_photos():
     model.load_state_dict(state, strict=True)
     model.eval()
     preprocess = PreprocessSpec(crop_pct=0.875, mean=spec.preprocess.mean, std=spec.preprocess.std)
-    batch = torch.stack(
-        [preprocess(Image.fromarray(skimage.data.chelsea())), preprocess(Image.fromarray(skimage.data.coffee()))]
+    batch = torch.from_numpy(
+        np.stack(
+            [preprocess(Image.fromarray(skimage.data.chelsea())), preprocess(Image.fromarray(skimage.data.coffee()))]
+        )
     )
 
     # Execute

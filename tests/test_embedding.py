@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +13,7 @@ from torch import nn
 
 from common.data import LabelledFiles
 from common.embedding import EmbeddingCache, embed_files
+from common.engines import Engine, TorchEngine
 from common.preprocess import PreprocessSpec
 from tests.conftest import write_png
 
@@ -30,6 +32,10 @@ class CountingBackbone(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self.images_seen += x.shape[0]
         return self.net(x)
+
+
+def engine_of(module: nn.Module) -> Callable[[], Engine]:
+    return lambda: TorchEngine(module)
 
 
 @pytest.fixture
@@ -60,7 +66,7 @@ def test_first_call_computes_good_images_and_skips_bad_ones(image_dir):
     cache = EmbeddingCache(cache_dir, SPACE)
 
     # Execute
-    result = embed_files(files, backbone, PREPROCESS, cache, batch_size=4)
+    result = embed_files(files, engine_of(backbone), PREPROCESS, cache, batch_size=4)
 
     # Assert
     assert result.features.shape == (6, 4)
@@ -84,7 +90,7 @@ def test_labels_align_with_features_after_skipping(image_dir):
     good = [i for i, y in enumerate(files.labels) if y != 9]
 
     # Execute
-    result = embed_files(files, backbone, PREPROCESS, cache, batch_size=4)
+    result = embed_files(files, engine_of(backbone), PREPROCESS, cache, batch_size=4)
 
     # Assert: each row is that file's own embedding, with that file's label
     assert result.labels.tolist() == [0, 1, 0, 1, 2, 2]
@@ -93,7 +99,9 @@ def test_labels_align_with_features_after_skipping(image_dir):
     assert min(gaps) > 1e-3  # rows are distinguishable, so the comparison below checks order
     for row, index in enumerate(good):
         single = LabelledFiles((files.paths[index],), (files.labels[index],), files.class_names)
-        alone = embed_files(single, backbone, PREPROCESS, EmbeddingCache(cache_dir / "fresh", f"{index}" * 8))
+        alone = embed_files(
+            single, engine_of(backbone), PREPROCESS, EmbeddingCache(cache_dir / "fresh", f"{index}" * 8)
+        )
         np.testing.assert_allclose(result.features[row], alone.features[0], rtol=1e-5, atol=1e-6)
     cache.close()
 
@@ -105,7 +113,9 @@ def test_rows_select_by_input_position_despite_skipped_files(image_dir):
     half = len(files) // 2
 
     # Execute
-    result = embed_files(files, CountingBackbone(), PREPROCESS, EmbeddingCache(cache_dir, SPACE), batch_size=4)
+    result = embed_files(
+        files, engine_of(CountingBackbone()), PREPROCESS, EmbeddingCache(cache_dir, SPACE), batch_size=4
+    )
     first_x, first_y = result.rows(0, half)
     rest_x, rest_y = result.rows(half, len(files))
 
@@ -120,13 +130,13 @@ def test_second_call_reads_everything_from_the_cache(image_dir):
     # Prepare
     files, cache_dir = image_dir
     first_cache = EmbeddingCache(cache_dir, SPACE)
-    first = embed_files(files, CountingBackbone(), PREPROCESS, first_cache, batch_size=4)
+    first = embed_files(files, engine_of(CountingBackbone()), PREPROCESS, first_cache, batch_size=4)
     first_cache.close()
     backbone = CountingBackbone()
 
     # Execute: a new cache object on the same directory, as a new process would open it
     second_cache = EmbeddingCache(cache_dir, SPACE)
-    second = embed_files(files, backbone, PREPROCESS, second_cache, batch_size=4)
+    second = embed_files(files, engine_of(backbone), PREPROCESS, second_cache, batch_size=4)
 
     # Assert
     assert second.stats.computed == 0
@@ -142,7 +152,7 @@ def test_a_copied_image_is_a_cache_hit_and_an_edited_one_is_not(image_dir):
     # Prepare
     files, cache_dir = image_dir
     cache = EmbeddingCache(cache_dir, SPACE)
-    first = embed_files(files, CountingBackbone(), PREPROCESS, cache)
+    first = embed_files(files, engine_of(CountingBackbone()), PREPROCESS, cache)
     folder = Path(files.paths[0]).parent
     copy = shutil.copy(folder / "good3.png", folder / "renamed.png")
     edited = write_png(folder / "edited.png", seed=1000)
@@ -150,7 +160,7 @@ def test_a_copied_image_is_a_cache_hit_and_an_edited_one_is_not(image_dir):
     backbone = CountingBackbone()
 
     # Execute
-    result = embed_files(more, backbone, PREPROCESS, cache)
+    result = embed_files(more, engine_of(backbone), PREPROCESS, cache)
 
     # Assert
     assert result.stats.cached == 1
@@ -162,9 +172,9 @@ def test_a_copied_image_is_a_cache_hit_and_an_edited_one_is_not(image_dir):
 
 def test_another_embedding_space_does_not_share_the_cache(image_dir):
     files, cache_dir = image_dir
-    embed_files(files, CountingBackbone(), PREPROCESS, EmbeddingCache(cache_dir, SPACE))
+    embed_files(files, engine_of(CountingBackbone()), PREPROCESS, EmbeddingCache(cache_dir, SPACE))
 
-    other = embed_files(files, CountingBackbone(), PREPROCESS, EmbeddingCache(cache_dir, "0" * 64))
+    other = embed_files(files, engine_of(CountingBackbone()), PREPROCESS, EmbeddingCache(cache_dir, "0" * 64))
 
     assert other.stats.cached == 0
     assert other.stats.computed == 6
@@ -176,7 +186,7 @@ def test_unreadable_path_is_skipped(tmp_path):
     files = LabelledFiles((str(tmp_path / "missing.png"), str(good)), (0, 1), ("a", "b"))
 
     # Execute
-    result = embed_files(files, CountingBackbone(), PREPROCESS, EmbeddingCache(tmp_path / "cache", SPACE))
+    result = embed_files(files, engine_of(CountingBackbone()), PREPROCESS, EmbeddingCache(tmp_path / "cache", SPACE))
 
     # Assert
     assert result.labels.tolist() == [1]
@@ -189,7 +199,7 @@ def test_progress_is_reported_per_batch(image_dir):
 
     embed_files(
         files,
-        CountingBackbone(),
+        engine_of(CountingBackbone()),
         PREPROCESS,
         EmbeddingCache(cache_dir, SPACE),
         batch_size=4,
@@ -217,9 +227,9 @@ def test_backbone_factory_is_called_once_and_only_on_a_cache_miss(image_dir):
     files, cache_dir = image_dir
     built: list[CountingBackbone] = []
 
-    def factory() -> nn.Module:
+    def factory() -> Engine:
         built.append(CountingBackbone())
-        return built[-1]
+        return TorchEngine(built[-1])
 
     # Execute
     first = embed_files(files, factory, PREPROCESS, EmbeddingCache(cache_dir, SPACE), batch_size=2)
