@@ -85,14 +85,22 @@ def _receive(client: EdgeClient, msg: Message) -> Instructions:
     """Typed instructions; stores the backbone first if the server sent it."""
     instructions = Instructions.from_record(msg.content[wire.CONFIG])
     if wire.BACKBONE in msg.content.array_records:
-        state = msg.content.array_records[wire.BACKBONE].to_torch_state_dict()
-        client.receive_backbone(instructions.backbone_name, state, instructions)
+        record = msg.content.array_records[wire.BACKBONE]
+        if instructions.engine == "torch":
+            client.receive_backbone(record.to_torch_state_dict(), instructions)
+        else:
+            client.receive_backbone(record[wire.ONNX_MODEL].numpy().tobytes(), instructions)
     return instructions
 
 
 def _reply(msg: Message, client: EdgeClient, metrics: dict[str, Any], arrays: ArrayRecord | None = None) -> Message:
     metrics[wire.BACKBONE_RECEIVED] = int(wire.BACKBONE in msg.content.array_records)
-    status: dict[str, Any] = {wire.FINGERPRINT: str(msg.content[wire.CONFIG][wire.FINGERPRINT])}
+    instructions = msg.content[wire.CONFIG]
+    status: dict[str, Any] = {
+        wire.FINGERPRINT: str(instructions[wire.FINGERPRINT]),
+        wire.ENGINE: str(instructions[wire.ENGINE]),
+        wire.ENGINE_FINGERPRINT: str(instructions[wire.ENGINE_FINGERPRINT]),
+    }
     if client.data.notes:
         status[wire.DATA_NOTES] = "; ".join(client.data.notes)
     content = RecordDict({wire.METRICS: MetricRecord(metrics), wire.STATUS: ConfigRecord(status)})
@@ -103,14 +111,14 @@ def _reply(msg: Message, client: EdgeClient, metrics: dict[str, Any], arrays: Ar
 
 @app.query()
 def query(msg: Message, context: Context) -> Message:
-    """Answer whether this device holds the run's backbone (verified, not just present)."""
+    """Answer which engine this device runs and which variant of the run's backbone it holds
+    (verified, not just present)."""
     question = msg.content.config_records[wire.CONFIG]
     if question.get(wire.QUERY_ACTION) != wire.ACTION_BACKBONE_STATUS:
         raise ValueError(f"Unknown query action {question.get(wire.QUERY_ACTION)!r}; is the server the same version?")
-    client = _client(context)
-    fingerprint = str(question[wire.FINGERPRINT])
-    holds = client.backbones.holds(fingerprint)
-    return Message(content=RecordDict({wire.METRICS: MetricRecord({wire.HAS_BACKBONE: int(holds)})}), reply_to=msg)
+    engine, held = _client(context).backbone_status(str(question[wire.FINGERPRINT]))
+    answer = ConfigRecord({wire.ENGINE: engine, wire.HELD_FINGERPRINT: held})
+    return Message(content=RecordDict({wire.STATUS: answer}), reply_to=msg)
 
 
 @app.train()

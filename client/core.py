@@ -10,14 +10,13 @@ from __future__ import annotations
 import logging
 import os
 import threading
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
 import numpy as np
 import torch
-from torch import nn
 
 from client.telemetry import device_metrics
 from common import wire
@@ -25,6 +24,7 @@ from common.backbones import BackboneError, build_backbone, fingerprint, get_spe
 from common.config import NodeConfig, RunConfig
 from common.data import LabelledFiles, elpv_split, partition, scan_image_folder
 from common.embedding import EmbeddingCache, EmbedStats, embed_files, progress_logger
+from common.engines import Engine, OnnxEngine, TorchEngine, resolve_engine, variant_fingerprint
 from common.heads import Head, evaluate_head, head_arrays, load_head_arrays, make_head, train_head
 from common.preprocess import PreprocessSpec
 
@@ -46,6 +46,8 @@ class Instructions:
     fingerprint: str
     backbone_name: str
     preprocess: PreprocessSpec
+    engine: str
+    engine_fingerprint: str
     head: str
     mlp_hidden: int
     num_classes: int
@@ -64,6 +66,8 @@ class Instructions:
                 fingerprint=str(record[wire.FINGERPRINT]),
                 backbone_name=str(record[wire.BACKBONE_NAME]),
                 preprocess=PreprocessSpec.from_json(str(record[wire.PREPROCESS])),
+                engine=str(record[wire.ENGINE]),
+                engine_fingerprint=str(record[wire.ENGINE_FINGERPRINT]),
                 head=str(record[wire.HEAD]),
                 mlp_hidden=int(record[wire.MLP_HIDDEN]),
                 num_classes=int(record[wire.NUM_CLASSES]),
@@ -84,62 +88,97 @@ class Instructions:
 
 
 class BackboneCache:
-    """Backbones this device holds, one file per fingerprint, verified before use."""
+    """Backbone variants this device holds, one file each, verified before use.
 
-    _lock = threading.RLock()  # re-entered: model() reads and verifies under the lock
-    _verified: ClassVar[dict[Path, str]] = {}  # file -> fingerprint, per process
-    _models: ClassVar[dict[str, nn.Module]] = {}  # one built model per fingerprint, per process
+    The torch variant is the weights (``<fingerprint>.pt``), checked by recomputing the backbone
+    fingerprint; an ONNX engine's variant is its model file (``<fingerprint>.<engine>.onnx``),
+    checked by recomputing the variant fingerprint from its bytes. A copy that fails the check
+    is deleted, so the server sends it again.
+    """
+
+    _lock = threading.RLock()  # re-entered: engine() reads and verifies under the lock
+    _verified: ClassVar[dict[Path, str]] = {}  # file -> variant fingerprint, per process
+    _engines: ClassVar[dict[str, Engine]] = {}  # one built engine per variant, per process
 
     def __init__(self, directory: Path) -> None:
         self.directory = directory / "backbones"
 
-    def _path(self, fp: str) -> Path:
-        return self.directory / f"{fp}.pt"
+    def _path(self, fp: str, engine: str = "torch") -> Path:
+        return self.directory / (f"{fp}.pt" if engine == "torch" else f"{fp}.{engine}.onnx")
 
-    def holds(self, fp: str) -> bool:
-        """True if a verified copy of this fingerprint is on disk; a corrupt copy is deleted."""
+    def held(self, fp: str, engine: str = "torch") -> str | None:
+        """The variant fingerprint of this engine's verified copy of backbone ``fp``, if any."""
         try:
-            self._check(fp)
-            return True
+            return self._check(fp, engine)
         except FingerprintMismatch as error:
             log.warning("%s; it will be downloaded again.", error)
-            return False
+            return None
         except FileNotFoundError:
-            return False
+            return None
+
+    def holds(self, fp: str, engine: str = "torch", variant: str | None = None) -> bool:
+        """True if a verified copy of the variant (default: the torch weights) is on disk."""
+        return self.held(fp, engine) == (variant or fp)
 
     def store(self, name: str, state: dict[str, torch.Tensor], preprocess: PreprocessSpec, expected: str) -> None:
-        """Keep a received backbone, refusing it if it does not hash to ``expected``."""
+        """Keep received torch weights, refusing them if they do not hash to ``expected``."""
         actual = fingerprint(name, state, preprocess)
         if actual != expected:
             raise FingerprintMismatch(
                 f"Received backbone hashes to {actual[:12]}, but the server announced {expected[:12]}. "
                 "The transfer was corrupted or the server's registry changed; the round is refused."
             )
+        self._write(
+            self._path(expected),
+            expected,
+            lambda path: torch.save({"name": name, "preprocess": preprocess.to_json(), "state": state}, path),
+        )
+
+    def store_onnx(self, fp: str, engine: str, model: bytes, expected: str) -> None:
+        """Keep a received ONNX variant, refusing it if it does not hash to ``expected``."""
+        actual = variant_fingerprint(fp, engine, model)
+        if actual != expected:
+            raise FingerprintMismatch(
+                f"Received {engine} backbone hashes to {actual[:12]}, but the server announced {expected[:12]}. "
+                "The transfer was corrupted; the round is refused."
+            )
+        self._write(self._path(fp, engine), expected, lambda path: path.write_bytes(model))
+
+    def _write(self, path: Path, variant: str, write: Callable[[Path], object]) -> None:
         self.directory.mkdir(parents=True, exist_ok=True)
-        temporary = self._path(expected).with_suffix(f".tmp{os.getpid()}")
-        torch.save({"name": name, "preprocess": preprocess.to_json(), "state": state}, temporary)
-        temporary.replace(self._path(expected))  # atomic: a crash never leaves half a file
+        temporary = path.with_suffix(f".tmp{os.getpid()}")
+        write(temporary)
+        temporary.replace(path)  # atomic: a crash never leaves half a file
         with self._lock:
-            self._verified[self._path(expected)] = expected
+            self._verified[path] = variant
 
-    def model(self, fp: str) -> nn.Module:
-        """The frozen backbone for this fingerprint, built once per process. This device must
-        hold a verified copy even when another simulated node already built the model."""
+    def engine(self, fp: str, engine: str, variant: str, num_threads: int = 0) -> Engine:
+        """The runnable backbone for this variant, built once per process. This device must hold
+        a verified copy even when another simulated node already built it."""
         with self._lock:
-            if fp in self._models:
-                self._check(fp)
-                return self._models[fp]
-            name, state = self._read(fp)
-            self._models[fp] = build_backbone(name, state).to(memory_format=torch.channels_last)
-            return self._models[fp]
+            if self._check(fp, engine) != variant:
+                raise FingerprintMismatch(
+                    f"This device holds no {engine} backbone {variant[:12]}; the server must send it."
+                )
+            if variant not in self._engines:
+                if engine == "torch":
+                    self._engines[variant] = TorchEngine(build_backbone(*self._read_torch(fp)))
+                else:
+                    self._engines[variant] = OnnxEngine(self._path(fp, engine), num_threads)
+            return self._engines[variant]
 
-    def _check(self, fp: str) -> None:
-        """Verify this device's copy once per process (hashing 14 MB is not free)."""
+    def _check(self, fp: str, engine: str) -> str:
+        """Verify this device's copy once per process (hashing megabytes is not free)."""
         with self._lock:
-            if self._verified.get(self._path(fp)) != fp:
-                self._read(fp)
+            path = self._path(fp, engine)
+            if path not in self._verified:
+                if engine == "torch":
+                    self._read_torch(fp)
+                else:
+                    self._read_onnx(fp, engine)
+            return self._verified[path]
 
-    def _read(self, fp: str) -> tuple[str, dict[str, torch.Tensor]]:
+    def _read_torch(self, fp: str) -> tuple[str, dict[str, torch.Tensor]]:
         """Load and verify; a copy that is unreadable or hashes differently is deleted."""
         path = self._path(fp)
         if not path.is_file():
@@ -159,6 +198,14 @@ class BackboneCache:
         with self._lock:
             self._verified[path] = fp
         return name, state
+
+    def _read_onnx(self, fp: str, engine: str) -> None:
+        """An ONNX variant is whatever its bytes hash to; the caller compares with what it needs."""
+        path = self._path(fp, engine)
+        if not path.is_file():
+            raise FileNotFoundError(path)
+        with self._lock:
+            self._verified[path] = variant_fingerprint(fp, engine, path.read_bytes())
 
 
 # --- local data -----------------------------------------------------------------------------------
@@ -260,24 +307,45 @@ class EdgeClient:
                 log.warning("%s: %s", self.name, note)
         return self._data
 
-    def receive_backbone(self, name: str, state: dict[str, torch.Tensor], instructions: Instructions) -> None:
-        self.backbones.store(name, state, instructions.preprocess, instructions.fingerprint)
+    @property
+    def engine(self) -> str:
+        """The backbone engine this device runs: its node config's, else the run's (``auto``
+        resolves here, on the device, from what is installed)."""
+        return resolve_engine(self.node.engine or self.config.engine)
+
+    def backbone_status(self, fp: str) -> tuple[str, str]:
+        """(engine, the variant fingerprint held for it or ""): the answer to the server's query."""
+        engine = self.engine
+        return engine, self.backbones.held(fp, engine) or ""
+
+    def receive_backbone(self, artifact: dict[str, torch.Tensor] | bytes, instructions: Instructions) -> None:
+        """Keep the variant the server sent: torch weights, or an ONNX engine's model bytes."""
+        if isinstance(artifact, bytes):
+            self.backbones.store_onnx(
+                instructions.fingerprint, instructions.engine, artifact, instructions.engine_fingerprint
+            )
+        else:
+            self.backbones.store(
+                instructions.backbone_name, artifact, instructions.preprocess, instructions.fingerprint
+            )
 
     def embedded(self, instructions: Instructions) -> EmbeddedData:
         """Embeddings of the local train and test files, computed at most once per image."""
-        fp = instructions.fingerprint
-        if fp not in self._embedded:
-            if not self.backbones.holds(fp):
-                raise FingerprintMismatch(f"{self.name} does not hold backbone {fp[:12]}; the server must send it.")
-            log.info("%s: embedding local images with %d torch threads", self.name, torch.get_num_threads())
+        fp, engine, variant = instructions.fingerprint, instructions.engine, instructions.engine_fingerprint
+        if variant not in self._embedded:
+            if not self.backbones.holds(fp, engine, variant):
+                raise FingerprintMismatch(
+                    f"{self.name} does not hold the {engine} backbone {variant[:12]}; the server must send it."
+                )
+            log.info("%s: embedding local images with the %s engine", self.name, engine)
             train, test = self.data.train, self.data.test
             # One pass over both shares: one progress stream, one warning about bad images.
             files = LabelledFiles(train.paths + test.paths, train.labels + test.labels, train.class_names)
-            cache = EmbeddingCache(self.cache_dir / "embeddings", fp)
+            cache = EmbeddingCache(self.cache_dir / "embeddings", variant)
             try:
                 embedded = embed_files(
                     files,
-                    lambda: self.backbones.model(fp),
+                    lambda: self.backbones.engine(fp, engine, variant, self.config.num_threads),
                     instructions.preprocess,
                     cache,
                     self.config.embed_batch_size,
@@ -286,10 +354,10 @@ class EdgeClient:
                 )
             finally:
                 cache.close()
-            self._embedded[fp] = EmbeddedData(
+            self._embedded[variant] = EmbeddedData(
                 *embedded.rows(0, len(train)), *embedded.rows(len(train), len(files)), stats=embedded.stats
             )
-        return self._embedded[fp]
+        return self._embedded[variant]
 
     def train(
         self, arrays: Mapping[str, np.ndarray], instructions: Instructions

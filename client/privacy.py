@@ -14,7 +14,9 @@ from common import wire
 
 AUDIT_LOG_ENV = "EDGESPLIT_AUDIT_LOG"  # if set: one JSON line per outgoing reply, for audits and tests
 MAX_STATUS_CHARS = 1000
-STATUS_KEYS = frozenset({wire.FINGERPRINT, wire.DATA_NOTES})
+STATUS_KEYS = frozenset(
+    {wire.FINGERPRINT, wire.ENGINE, wire.ENGINE_FINGERPRINT, wire.HELD_FINGERPRINT, wire.DATA_NOTES}
+)
 
 
 class PrivacyViolation(RuntimeError):

@@ -14,6 +14,7 @@ from typing import Any
 
 from common.backbones import available_backbones
 from common.data import class_names_for
+from common.engines import ENGINE_CHOICES
 from common.heads import HEAD_KINDS
 
 STRATEGIES = ("fedavg", "fedadam", "fedprox")
@@ -67,7 +68,8 @@ class RunConfig:
     batch_size: int = _key(32, "head training batch size", **_range(1, 65_536))
     # 8, not 32: on a 2-core CPU it is as fast and peaks ~400 MiB lower (BENCHMARKS.md, edge memory).
     embed_batch_size: int = _key(8, "images per backbone batch", **_range(1, 4096))
-    num_threads: int = _key(0, "torch threads per process (0: all available cores)", **_range(0, 1024))
+    engine: str = _key("auto", "backbone engine; a node's 'engine' overrides it", **_choice(*ENGINE_CHOICES))
+    num_threads: int = _key(0, "torch / ONNX Runtime threads per process (0: their default)", **_range(0, 1024))
     # Data
     dataset: str = _key("elpv", "elpv (embedded) or folder (ImageFolder per client)", **_choice(*DATASETS))
     elpv_task: str = _key("4-level", "ELPV labels", **_choice(*ELPV_TASKS))
@@ -159,6 +161,7 @@ NODE_CONFIG_KEYS = {
     "num-partitions": "number of partitions (simulation)",
     "data-dir": "this board's ImageFolder of private images",
     "cache-dir": "where this board caches the backbone and embeddings",
+    "engine": f"this board's backbone engine, overriding the run's: one of {list(ENGINE_CHOICES)}",
 }
 
 
@@ -170,6 +173,7 @@ class NodeConfig:
     num_partitions: int | None = None
     data_dir: str | None = None
     cache_dir: str | None = None
+    engine: str | None = None
 
     @classmethod
     def from_flower(cls, node_config: Mapping[str, Any]) -> NodeConfig:
@@ -188,6 +192,12 @@ class NodeConfig:
                 if not isinstance(node_config[key], str):
                     raise ConfigError(f"Node-config key '{key}' must be a path string.")
                 values[key.replace("-", "_")] = node_config[key]
+        if "engine" in node_config:
+            if node_config["engine"] not in ENGINE_CHOICES:
+                raise ConfigError(
+                    f"Node-config key 'engine' must be one of {list(ENGINE_CHOICES)}, got {node_config['engine']!r}."
+                )
+            values["engine"] = node_config["engine"]
         node = cls(**values)
         if (
             node.partition_id is not None

@@ -1,7 +1,8 @@
 """Every key that crosses the network, in one place (see DESIGN.md, wire protocol).
 
 Server -> client: ``arrays`` (head weights), ``config`` (instructions), and ``backbone`` (the
-frozen weights) only for a node that does not hold the run's fingerprint yet.
+frozen weights, or the ONNX model of the node's engine) only for a node that does not hold that
+variant yet. A ``query`` asks a node which engine it runs and which variant it holds.
 Client -> server: ``arrays`` (head weights only, after train), ``metrics`` (numbers only, with
 ``num-examples``) and ``status`` (fingerprint it used, notes on its data). Never images, never
 embeddings, never anything per sample.
@@ -25,6 +26,8 @@ SERVER_ROUND = "server-round"  # injected by Flower's strategies
 FINGERPRINT = "backbone-fingerprint"
 BACKBONE_NAME = "backbone-name"
 PREPROCESS = "preprocess"  # PreprocessSpec as canonical JSON
+ENGINE = "engine"  # the engine this node runs (per node; also in query and reply STATUS)
+ENGINE_FINGERPRINT = "engine-fingerprint"  # that engine's variant of the backbone (per node)
 HEAD = "head"
 MLP_HIDDEN = "mlp-hidden"
 NUM_CLASSES = "num-classes"
@@ -37,7 +40,6 @@ SEED = "seed"
 
 # Reply keys in METRICS (client -> server); all numbers
 NUM_EXAMPLES = "num-examples"
-HAS_BACKBONE = "has-backbone"
 TRAIN_LOSS = "train-loss"
 TRAIN_ACCURACY = "train-accuracy"
 TRAIN_SECONDS = "train-seconds"
@@ -55,3 +57,7 @@ CPU_TEMP_C = "cpu-temp-c"  # device telemetry, only where the board exposes a CP
 
 # Reply keys in STATUS (client -> server); short strings about the node, not its data
 DATA_NOTES = "data-notes"
+HELD_FINGERPRINT = "held-fingerprint"  # query reply: variant held for ENGINE ("" if none)
+
+# The backbone record of an ONNX engine holds the model file's bytes under this name
+ONNX_MODEL = "model.onnx"

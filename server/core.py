@@ -27,10 +27,13 @@ from common.backbones import (
 from common.config import RunConfig
 from common.data import LabelledFiles, elpv_split, scan_image_folder
 from common.embedding import Embedded, EmbeddingCache, embed_files, progress_logger
+from common.engines import ONNX_ENGINES, resolve_engine
+from common.export import calibration_images, export_model
 from common.heads import Head, evaluate_head, head_arrays, load_head_arrays, make_head
 from common.metrics import ClassificationReport
 from common.preprocess import PreprocessSpec
 from server.runlog import RunLog, new_run_id
+from server.variants import BackboneVariants
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +69,8 @@ class ServerRun:
     classes: tuple[str, ...]
     run_log: RunLog
     test: Embedded
+    variants: BackboneVariants
+    engine: str  # what the server embeds its own held-out images with
     started: float = field(default_factory=time.perf_counter)
     rounds: list[RoundRecord] = field(default_factory=list)
     embedding_computed: int = 0
@@ -98,11 +103,15 @@ class ServerRun:
         log.info("Run folder: %s", run_dir)
         log.info("Backbone %s, fingerprint %s", spec.name, fp[:16])
         test_files = server_test_files(config)
-        cache = EmbeddingCache(server_cache_dir(config) / "embeddings", fp)
+        variants = backbone_variants(config, spec.name, state, preprocess, fp, test_files)
+        # The server embeds with the run's engine, as a client on this platform would, so its
+        # evaluation sees the features the clients train on.
+        engine = resolve_engine(config.engine)
+        cache = EmbeddingCache(server_cache_dir(config) / "embeddings", variants.variant_fingerprint(engine))
         try:
             test = embed_files(
                 test_files,
-                lambda: build_backbone(spec.name, state).to(memory_format=torch.channels_last),  # only on a miss
+                lambda: variants.engine(engine, config.num_threads),  # only on a miss
                 preprocess,
                 cache,
                 config.embed_batch_size,
@@ -111,13 +120,14 @@ class ServerRun:
             )
         finally:
             cache.close()
-        run = cls(config, spec, state, preprocess, fp, classes, run_log, test, started=started)
+        run = cls(config, spec, state, preprocess, fp, classes, run_log, test, variants, engine, started=started)
         run.embedding_computed, run.embedding_cached = test.stats.computed, test.stats.cached
         run.images_skipped = test.stats.num_skipped
         run_log.event(
             "run-start",
             backbone=spec.name,
             fingerprint=fp,
+            engine=engine,
             test_examples=len(test.labels),
             test_class_counts=np.bincount(test.labels, minlength=len(classes)).tolist(),
             embeddings_computed=test.stats.computed,
@@ -205,6 +215,7 @@ class ServerRun:
                 "preprocess": asdict(self.preprocess),
             },
         )
+        model_dir = self.export(final_arrays)
         summary = {
             "final": {
                 "accuracy": report.accuracy,
@@ -226,6 +237,7 @@ class ServerRun:
             "wall_seconds": time.perf_counter() - self.started,
             "backbone": {"name": self.spec.name, "fingerprint": self.fingerprint},
             "head_path": str(head_path),
+            "model_dir": str(model_dir) if model_dir else None,
             "run_dir": str(self.run_log.run_dir),
         }
         self.run_log.write_summary(summary)
@@ -234,9 +246,60 @@ class ServerRun:
             log.info("%s", line)
         return summary
 
+    def export(self, arrays: dict[str, np.ndarray]) -> Path | None:
+        """Backbone + trained head as ONNX (fp32, int8) and TorchScript in ``<run>/model/``.
+        A failure is logged and recorded; the run's results stand without it."""
+        head = self._new_head()
+        load_head_arrays(head.classifier, arrays)
+        directory = self.run_log.run_dir / "model"
+        try:
+            written = export_model(
+                directory,
+                build_backbone(self.spec.name, self.backbone_state),
+                head,
+                {engine: self.variants.path(engine) for engine in ONNX_ENGINES},
+                info={
+                    "classes": list(self.classes),
+                    "feature_dim": self.spec.feature_dim,
+                    "preprocess": asdict(self.preprocess),
+                    "backbone": {
+                        "name": self.spec.name,
+                        "fingerprint": self.fingerprint,
+                        "variants": {e: self.variants.variant_fingerprint(e) for e in ONNX_ENGINES},
+                    },
+                    "head": {"kind": self.config.head, "mlp_hidden": self.config.mlp_hidden},
+                },
+            )
+        except Exception as error:  # the export is a convenience on top of a finished run
+            log.error("Exporting the model failed (%s: %s); the run's results stand.", type(error).__name__, error)
+            self.run_log.event("export-failed", reason=f"{type(error).__name__}: {error}")
+            return None
+        self.run_log.event("model-exported", files={form: path.name for form, path in written.items()})
+        log.info("Deployable model: %s (classify images with: edgesplit predict %s <folder>)", directory, directory)
+        return directory
+
 
 def server_cache_dir(config: RunConfig) -> Path:
     return config.resolved_cache_dir() / "server"
+
+
+def backbone_variants(
+    config: RunConfig,
+    name: str,
+    state: dict[str, torch.Tensor],
+    preprocess: PreprocessSpec,
+    fp: str,
+    test_files: LabelledFiles,
+) -> BackboneVariants:
+    """The server's engine variants of its backbone, int8 calibrated on its held-out images."""
+    return BackboneVariants(
+        server_cache_dir(config) / "engines",
+        name,
+        state,
+        preprocess,
+        fp,
+        calibration=lambda: calibration_images(test_files, preprocess),
+    )
 
 
 def server_test_files(config: RunConfig) -> LabelledFiles:

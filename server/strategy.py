@@ -17,6 +17,7 @@ from flwr.serverapp.strategy import FedAdam, FedAvg, FedProx
 
 from common import wire
 from common.config import RunConfig
+from common.engines import ENGINES
 from server.core import RoundRecord, ServerRun
 from server.validation import reject_reason
 
@@ -50,8 +51,9 @@ class EdgeSplitMixin:
 
     def attach(self, run: ServerRun) -> None:
         self.run = run
-        self._backbone_record: ArrayRecord | None = None
-        self._holders: set[int] = set()  # nodes known to hold the run's fingerprint
+        self._backbone_records: dict[str, ArrayRecord] = {}  # engine -> the variant as it is sent
+        self._holders: dict[int, str] = {}  # node -> the variant fingerprint it is known to hold
+        self._engines: dict[int, str] = {}  # node -> the engine it runs (from its answer)
         self._embedding_counted: set[int] = set()  # nodes whose embedding counts are in the totals
         self._awaiting: dict[str, list[Message]] = {}  # phase -> messages sent this round
         self._expected_shapes = run.head_shapes()
@@ -121,23 +123,27 @@ class EdgeSplitMixin:
     # --- the backbone, once per node -------------------------------------------------------------
 
     def _with_backbone(self, messages: list[Message], grid: Grid, phase: str) -> list[Message]:
-        """Ask nodes we have not heard from whether they hold the fingerprint; attach the
-        backbone for those that do not. Each message gets its own content so that the ~14 MB
-        record goes only where it is needed."""
+        """Ask nodes we have not heard from which engine they run and which variant they hold;
+        tell each node its engine and variant, and attach that variant for nodes that lack it.
+        Each message gets its own content so that the megabytes go only where they are needed."""
         unknown = [m.metadata.dst_node_id for m in messages if m.metadata.dst_node_id not in self._holders]
         if unknown:
             self._ask_backbone_status(unknown, grid)
         prepared = []
         for message in messages:
             node = message.metadata.dst_node_id
-            content = message.content
-            if node not in self._holders:
-                content = RecordDict({**dict(content.items()), wire.BACKBONE: self._backbone()})
+            # A node that did not answer gets the server's engine; if that is wrong for it, its
+            # round fails and it is asked again next round.
+            engine = self._engines.get(node, self.run.engine)
+            variant = self.run.variants.variant_fingerprint(engine)
+            instructions = ConfigRecord(dict(message.content.config_records[wire.CONFIG].items()))
+            instructions[wire.ENGINE], instructions[wire.ENGINE_FINGERPRINT] = engine, variant
+            content = RecordDict({**dict(message.content.items()), wire.CONFIG: instructions})
+            if self._holders.get(node) != variant:
+                content[wire.BACKBONE] = self._backbone(engine)
                 self._round.backbones_sent += 1
-                self._holders.add(node)  # optimistic; a failed reply removes it again
-                self.run.run_log.event("backbone-sent", round=self._round.round, node=node)
-            else:
-                content = RecordDict(dict(content.items()))
+                self._holders[node] = variant  # optimistic; a failed reply removes it again
+                self.run.run_log.event("backbone-sent", round=self._round.round, node=node, engine=engine)
             prepared_message = Message(content=content, dst_node_id=node, message_type=message.metadata.message_type)
             self._round.bytes_down += wire_bytes(prepared_message)
             prepared.append(prepared_message)
@@ -154,16 +160,25 @@ class EdgeSplitMixin:
         ]
         self._round.bytes_down += sum(wire_bytes(q) for q in queries)
         for reply in grid.send_and_receive(queries, timeout=self.run.config.round_timeout):
-            if reply.has_error():
-                continue  # it will be sent the backbone; if it is dead, its round fails anyway
+            if reply.has_error() or wire.STATUS not in reply.content.config_records:
+                continue  # it gets the server's engine; if it is dead, its round fails anyway
             self._round.bytes_up += wire_bytes(reply)
-            if _number(reply.content.metric_records[wire.METRICS].get(wire.HAS_BACKBONE)):
-                self._holders.add(reply.metadata.src_node_id)
+            node, answer = reply.metadata.src_node_id, reply.content.config_records[wire.STATUS]
+            if answer.get(wire.ENGINE) in ENGINES:
+                self._engines[node] = str(answer[wire.ENGINE])
+            held = str(answer.get(wire.HELD_FINGERPRINT, ""))
+            if held:
+                self._holders[node] = held
 
-    def _backbone(self) -> ArrayRecord:
-        if self._backbone_record is None:
-            self._backbone_record = ArrayRecord(self.run.backbone_state)
-        return self._backbone_record
+    def _backbone(self, engine: str) -> ArrayRecord:
+        """The backbone as one engine's clients receive it: weights, or the ONNX file's bytes."""
+        if engine not in self._backbone_records:
+            if engine == "torch":
+                self._backbone_records[engine] = ArrayRecord(self.run.backbone_state)
+            else:
+                model = np.frombuffer(self.run.variants.artifact(engine), dtype=np.uint8)
+                self._backbone_records[engine] = ArrayRecord({wire.ONNX_MODEL: Array(model)})
+        return self._backbone_records[engine]
 
     # --- screening replies ------------------------------------------------------------------------
 
@@ -176,7 +191,7 @@ class EdgeSplitMixin:
         origins = [sent_to.get(reply.metadata.reply_to_message_id, reply.metadata.src_node_id) for reply in replies]
         silent = {m.metadata.dst_node_id for m in sent} - set(origins)
         for node in sorted(silent):
-            self._holders.discard(node)
+            self._holders.pop(node, None)
             if phase == "train":
                 self._round.clients_failed += 1
             silence = f"no reply within round-timeout={self.run.config.round_timeout:g}s"
@@ -185,7 +200,7 @@ class EdgeSplitMixin:
         accepted: list[Message] = []
         for reply, node in zip(replies, origins, strict=True):
             if reply.has_error():
-                self._holders.discard(node)  # ask again next time: it may have lost its cache
+                self._holders.pop(node, None)  # ask again next time: it may have lost its cache
                 if phase == "train":
                     self._round.clients_failed += 1
                 self.run.run_log.event(
@@ -215,6 +230,7 @@ class EdgeSplitMixin:
                 phase=phase,
                 node=node,
                 bytes=size,
+                engine=str(status.get(wire.ENGINE, "")) if status is not None else "",
                 metrics=metrics,
                 **({"notes": notes} if notes else {}),
             )

@@ -13,6 +13,7 @@ import platform
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +23,7 @@ import torch
 from common.backbones import build_backbone, get_spec, load_backbone_weights
 from common.config import RunConfig
 from common.data import load_elpv
-from common.embedding import decode_image
+from common.preprocess import decode_image
 from simulations.federation import PROJECT_ROOT, flwr_run
 from simulations.reference import centralised_probe
 
@@ -34,7 +35,7 @@ def backbone_throughput(num_images: int = 96, batch_size: int = 32) -> dict[str,
     spec = get_spec("efficientnet_lite0")
     model = build_backbone(spec.name, load_backbone_weights(spec.name))
     files = load_elpv().paths[:num_images]
-    batch = torch.stack([spec.preprocess(decode_image(Path(p).read_bytes())) for p in files])
+    batch = torch.from_numpy(np.stack([spec.preprocess(decode_image(Path(p).read_bytes())) for p in files]))
     results = {}
     for name, memory_format in (("eager NCHW", torch.contiguous_format), ("eager channels_last", torch.channels_last)):
         net = model.to(memory_format=memory_format)
@@ -147,10 +148,15 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def markdown_table(rows: list[tuple[str, str]], columns: tuple[str, str] = ("measure", "value")) -> str:
-    width = max(len(name) for name, _ in [*rows, columns])
-    header = f"| {columns[0].ljust(width)} | {columns[1]} |\n|{'-' * (width + 2)}|-------|"
-    return header + "\n" + "\n".join(f"| {name.ljust(width)} | {value} |" for name, value in rows)
+def markdown_table(rows: Sequence[Sequence[str]], columns: Sequence[str] = ("measure", "value")) -> str:
+    """A Markdown table with the first column padded for reading as plain text too."""
+    width = max(len(str(row[0])) for row in [*rows, columns])
+
+    def line(cells: Sequence[str]) -> str:
+        return "| " + " | ".join([str(cells[0]).ljust(width), *map(str, cells[1:])]) + " |"
+
+    rule = "|" + "-" * (width + 2) + "|" + "|".join("-------" for _ in columns[1:]) + "|"
+    return "\n".join([line(columns), rule, *(line(row) for row in rows)])
 
 
 def update_section(path: Path, title: str, body: str) -> None:

@@ -8,7 +8,8 @@ phase's figure is the process's high-water mark during that phase, imports inclu
 round 1 (receive and store the backbone, embed the board's images, train the head) and a later
 round in a new process (a deployed SuperNode starts one ClientApp process per message; the
 embeddings come from the cache and the backbone is not even built). Engine: torch, eager,
-channels_last (the only engine so far). Writes its section of BENCHMARKS.md.
+channels_last; the ONNX engines' peak memory is in ``simulations.engines``. Writes its section of
+BENCHMARKS.md.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from common import wire
 from simulations.federation import PROJECT_ROOT
 
 COMMAND = "python -m simulations.edge_memory"
@@ -67,7 +69,7 @@ def child(setup: dict[str, Any]) -> dict[str, float]:
     if setup["receive"]:
         state = torch.load(setup["backbone"], weights_only=True)
         _reset_peak()
-        board.receive_backbone(instructions.backbone_name, state, instructions)
+        board.receive_backbone(state, instructions)
         del state
         _phase(peaks, "receive backbone")
     _reset_peak()
@@ -116,7 +118,12 @@ def main(argv: list[str] | None = None) -> int:
     from simulations.benchmark import markdown_table, update_section
 
     with tempfile.TemporaryDirectory(prefix="edgesplit-memory-") as tmp:
-        run_config = {"partitioner": "iid", "cache-dir": str(Path(tmp) / "server"), "runs-dir": str(Path(tmp) / "runs")}
+        run_config = {
+            "partitioner": "iid",
+            "engine": "torch",
+            "cache-dir": str(Path(tmp) / "server"),
+            "runs-dir": str(Path(tmp) / "runs"),
+        }
         run = ServerRun.prepare(RunConfig.from_flower(run_config))  # the server's instructions and backbone
         run.run_log.close()
         torch.save(run.backbone_state, Path(tmp) / "backbone.pt")
@@ -132,11 +139,19 @@ def main(argv: list[str] | None = None) -> int:
             "dataset": "folder",
             "class-names": ",".join(class_folders),
             "server-test-dir": str(board_data),  # required by the schema; the client never reads it
+            "engine": "torch",
         }
         setup = {
             "run_config": board_config,
             "node_config": {"data-dir": str(board_data)},
-            "instructions": {**run.instructions(), "server-round": 1},
+            # The torch engine: this benchmark measures PyTorch's memory on a board; the ONNX
+            # engines' footprint is in the engines benchmark.
+            "instructions": {
+                **run.instructions(),
+                "server-round": 1,
+                wire.ENGINE: "torch",
+                wire.ENGINE_FINGERPRINT: run.fingerprint,
+            },
             "head_shapes": {name: list(shape) for name, shape in run.head_shapes().items()},
             "backbone": str(Path(tmp) / "backbone.pt"),
             "threads": args.threads,

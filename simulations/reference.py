@@ -9,17 +9,20 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
 
 from client.core import EdgeClient
-from common.backbones import build_backbone, fingerprint, get_spec, load_backbone_weights, preprocess_for
+from common.backbones import fingerprint, get_spec, load_backbone_weights, preprocess_for
 from common.config import NodeConfig, RunConfig
-from common.embedding import EmbeddingCache, embed_files
+from common.data import LabelledFiles
+from common.embedding import Embedded, EmbeddingCache, embed_files
+from common.engines import resolve_engine
 from common.heads import PowerNorm
 from common.metrics import classification_report
-from server.core import server_cache_dir, server_test_files
+from server.core import backbone_variants, server_cache_dir, server_test_files
 
 
 @dataclass(frozen=True)
@@ -32,25 +35,31 @@ class ProbeResult:
 
 
 def centralised_probe(config: RunConfig, num_clients: int) -> ProbeResult:
-    """A probe on the union of the clients' training shares, with the head's input normalisation."""
+    """A probe on the union of the clients' training shares, with the head's input normalisation,
+    on the features of the engine the run used (read from the caches the run filled)."""
     spec = get_spec(config.backbone)
     preprocess = preprocess_for(config.backbone, config.image_size, config.crop_pct)
     state = load_backbone_weights(config.backbone, config.backbone_weights or None)
     fp = fingerprint(spec.name, state, preprocess)
+    test_files = server_test_files(config)
+    variants = backbone_variants(config, spec.name, state, preprocess, fp, test_files)
+    engine = resolve_engine(config.engine)
+    space = variants.variant_fingerprint(engine)
+
+    def embed(files: LabelledFiles, cache_dir: Path) -> Embedded:
+        cache = EmbeddingCache(cache_dir / "embeddings", space)
+        try:
+            return embed_files(files, lambda: variants.engine(engine), preprocess, cache, config.embed_batch_size)
+        finally:
+            cache.close()
+
     features, labels = [], []
     for partition_id in range(num_clients):
         client = EdgeClient(config, NodeConfig(partition_id=partition_id, num_partitions=num_clients))
-        cache = EmbeddingCache(client.cache_dir / "embeddings", fp)
-        embedded = embed_files(
-            client.data.train, lambda: build_backbone(spec.name, state), preprocess, cache, config.embed_batch_size
-        )
-        cache.close()
+        embedded = embed(client.data.train, client.cache_dir)
         features.append(embedded.features)
         labels.append(embedded.labels)
-    test_files = server_test_files(config)
-    cache = EmbeddingCache(server_cache_dir(config) / "embeddings", fp)
-    test = embed_files(test_files, lambda: build_backbone(spec.name, state), preprocess, cache, config.embed_batch_size)
-    cache.close()
+    test = embed(test_files, server_cache_dir(config))
     train_x, train_y = np.concatenate(features), np.concatenate(labels)
     norm = PowerNorm()
     with torch.no_grad():

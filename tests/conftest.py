@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import sys
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pytest
@@ -13,6 +15,12 @@ from PIL import Image
 REPO_ROOT = Path(__file__).resolve().parent.parent
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
+
+from common.data import LabelledFiles  # noqa: E402  (after the path set-up)
+from common.preprocess import decode_image  # noqa: E402
+
+if TYPE_CHECKING:
+    from server.variants import BackboneVariants
 
 torch.set_num_threads(2)
 
@@ -42,3 +50,38 @@ def write_image_folder(root: Path, classes: dict[str, int], seed: int, size: int
 @pytest.fixture
 def png_writer():
     return write_png
+
+
+@dataclass(frozen=True)
+class RealLite0:
+    """The embedded EfficientNet-Lite0 at 224 px, its server-made engine variants (int8
+    calibrated on the server's ELPV held-out split) and real ELPV images from the clients' share."""
+
+    variants: BackboneVariants
+    torch_model: torch.nn.Module
+    images: np.ndarray  # (n, 3, 224, 224), preprocessed
+    files: LabelledFiles
+
+
+@pytest.fixture(scope="session")
+def real_lite0(tmp_path_factory: pytest.TempPathFactory) -> RealLite0:
+    from common.backbones import build_backbone, fingerprint, load_backbone_weights, preprocess_for
+    from common.data import elpv_split
+    from common.export import calibration_images
+    from server.variants import BackboneVariants
+
+    name = "efficientnet_lite0"
+    state = load_backbone_weights(name)
+    preprocess = preprocess_for(name, 224, 1.0)
+    client_share, server_test = elpv_split("4-level", 0, 0.25, 42)
+    variants = BackboneVariants(
+        tmp_path_factory.mktemp("engines"),
+        name,
+        state,
+        preprocess,
+        fingerprint(name, state, preprocess),
+        calibration=lambda: calibration_images(server_test, preprocess),
+    )
+    files = client_share.subset(np.linspace(0, len(client_share) - 1, 64).round().astype(int))
+    images = np.stack([preprocess(decode_image(Path(p).read_bytes())) for p in files.paths])
+    return RealLite0(variants, build_backbone(name, state), images, files)

