@@ -10,6 +10,7 @@ COMMANDS = {
     "simulate": ("simulations.main_job", "run a simulated federation on this machine (the main job)"),
     "credentials": ("server.credentials", "make the CA, the SuperLink certificate and board key pairs"),
     "deploy-local": ("simulations.deployment", "start SuperLink + N SuperNodes here, TLS and auth on"),
+    "predict": ("client.predict", "classify a folder of images with an exported model (ONNX Runtime, no torch)"),
 }
 
 
