@@ -19,14 +19,13 @@ import json
 import platform
 import re
 import shutil
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
 from typing import Any
 
 from common import wire
-from simulations.federation import PROJECT_ROOT
+from simulations.federation import PROJECT_ROOT, run_child
 
 COMMAND = "python -m simulations.edge_memory"
 TITLE = "Edge client memory: peak RSS of one client process (torch engine)"
@@ -83,19 +82,6 @@ def child(setup: dict[str, Any]) -> dict[str, float]:
     board.train(head, instructions)
     _phase(peaks, "train")
     return peaks
-
-
-def _run_child(setup: dict[str, Any]) -> dict[str, float]:
-    result = subprocess.run(
-        [sys.executable, "-m", "simulations.edge_memory", "--child", json.dumps(setup)],
-        cwd=PROJECT_ROOT,
-        capture_output=True,
-        text=True,
-        timeout=1800,
-    )
-    if result.returncode != 0:
-        raise RuntimeError(f"client process failed:\n{result.stderr[-3000:]}")
-    return dict(json.loads(result.stdout.strip().splitlines()[-1]))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -161,10 +147,10 @@ def main(argv: list[str] | None = None) -> int:
             cache = str(Path(tmp) / f"board-batch{batch}")
             cold = {**setup, "receive": True, "node_config": {**setup["node_config"], "cache-dir": cache}}
             cold["run_config"] = {**board_config, "embed-batch-size": batch}
-            results[batch] = _run_child(cold)
+            results[batch] = run_child("simulations.edge_memory", cold)
         warm_cache = str(Path(tmp) / "board-batch8")  # round 1 left the backbone and embeddings here
         later = {**setup, "receive": False, "node_config": {**setup["node_config"], "cache-dir": warm_cache}}
-        later_round = _run_child(later)
+        later_round = run_child("simulations.edge_memory", later)
 
     default, large = results[8], results[32]
     images = int(default["images"])

@@ -1,6 +1,6 @@
 """Backbone engines on this CPU: speed, memory and feature quality, in one run on the same images.
 
-    python -m simulations.engines            # about 3 minutes on 2 cores
+    python -m simulations.engines            # about 6 minutes on 2 cores
 
 EfficientNet-Lite0 at 224 px on all 2,624 ELPV images. The server's engine variants are made as
 in a run (int8 calibrated on the server's held-out split). Each engine runs in a fresh process
@@ -25,7 +25,6 @@ import json
 import os
 import platform
 import re
-import subprocess
 import sys
 import tempfile
 import time
@@ -34,7 +33,7 @@ from typing import Any
 
 import numpy as np
 
-from simulations.federation import PROJECT_ROOT
+from simulations.federation import PROJECT_ROOT, run_child
 
 COMMAND = "python -m simulations.engines"
 TITLE = "Backbone engines: throughput, memory and probe accuracy on this CPU"
@@ -93,19 +92,6 @@ def child(setup: dict[str, Any]) -> dict[str, Any]:
     return result
 
 
-def _run_child(setup: dict[str, Any]) -> dict[str, Any]:
-    result = subprocess.run(
-        [sys.executable, "-m", "simulations.engines", "--child", json.dumps(setup)],
-        cwd=PROJECT_ROOT,
-        capture_output=True,
-        text=True,
-        timeout=1800,
-    )
-    if result.returncode != 0:
-        raise RuntimeError(f"engine process failed:\n{result.stderr[-3000:]}")
-    return dict(json.loads(result.stdout.strip().splitlines()[-1]))
-
-
 def cpu_description() -> tuple[str, float, str]:
     """(model name, estimated fp32 peak GFLOP/s of all cores, how it was estimated)."""
     info = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
@@ -134,6 +120,32 @@ def gflop_per_image(model: Any, image_size: int) -> float:
     with torch.inference_mode(), FlopCounterMode(display=False) as counter:
         model(torch.zeros(1, 3, image_size, image_size))
     return float(counter.get_total_flops()) / 1e9
+
+
+def plot_engines(results: dict[str, dict[str, Any]], probes: dict[str, float], path: Path) -> None:
+    """Images/s per engine and batch size, with each engine's probe accuracy on its bar."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(figsize=(9, 3.8))
+    width = 0.8 / len(BATCH_SIZES)
+    for offset, batch in enumerate(BATCH_SIZES):
+        speeds = [result["images_per_second"][str(batch)] for result in results.values()]
+        bars = axes.bar(np.arange(len(results)) + (offset - 1) * width, speeds, width, label=f"batch {batch}")
+        if batch == 8:
+            for bar, row in zip(bars, results, strict=True):
+                label = f"probe {100 * probes[row]:.1f}%" if row in probes else ""
+                axes.annotate(label, (bar.get_x() + width / 2, bar.get_height()), ha="center", va="bottom", fontsize=8)
+    axes.set_xticks(np.arange(len(results)), [row.split(" (")[0] for row in results])
+    axes.set(ylabel="images / s", title="EfficientNet-Lite0 at 224 px on this CPU (ELPV images)")
+    axes.legend(fontsize=8)
+    axes.grid(alpha=0.3, axis="y")
+    figure.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
 
 
 def _cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -195,7 +207,8 @@ def main(argv: list[str] | None = None) -> int:
         for row, (engine, channels_last) in ENGINE_ROWS.items():
             print(f"measuring {row} ...", flush=True)
             features_path = work / f"features-{engine}-{int(channels_last)}.npy"
-            results[row] = _run_child(
+            results[row] = run_child(
+                "simulations.engines",
                 {
                     "engine": engine,
                     "channels_last": channels_last,
@@ -207,7 +220,7 @@ def main(argv: list[str] | None = None) -> int:
                     "images": str(work / "images.npy"),
                     # eager NCHW computes the same features as channels_last, only slower
                     "features": str(features_path) if row != REFERENCE_ROW else "",
-                }
+                },
             )
             if row != REFERENCE_ROW:
                 results[row]["features"] = np.load(features_path)
@@ -219,7 +232,7 @@ def main(argv: list[str] | None = None) -> int:
     labels = np.asarray(train.labels + test.labels)
     split = len(train)
     norm = PowerNorm()
-    rows = []
+    rows, probes = [], {}
     for row, result in results.items():
         speeds = result["images_per_second"]
         achieved = speeds["8"] * flops
@@ -230,6 +243,7 @@ def main(argv: list[str] | None = None) -> int:
             with torch.no_grad():
                 normed = norm(torch.from_numpy(features)).numpy()
             probe = _fit(normed[:split], labels[:split], normed[split:], labels[split:], 4, seed=42)
+            probes[row] = probe.accuracy
             cosines = _cosines(features, torch_features)
             quality = [f"{cosines.mean():.4f} / {cosines.min():.4f}", f"{100 * probe.accuracy:.2f}%"]
         rows.append(
@@ -255,6 +269,8 @@ def main(argv: list[str] | None = None) -> int:
     ]
     table = markdown_table(rows, columns)
     print(table)
+    plot_path = args.output.parent / "docs" / "engines.png"
+    plot_engines(results, probes, plot_path)
     body = (
         f"Command: `{COMMAND}`. Machine: {cpu}, {os.cpu_count()} cores, {platform.machine()}; "
         f"{args.threads} threads per engine; torch {torch.__version__}, onnxruntime {onnxruntime.__version__}.\n"
@@ -268,7 +284,8 @@ def main(argv: list[str] | None = None) -> int:
         f"Making the variants on the server (ONNX export, int8 calibration on 64 held-out images): "
         f"{making_seconds:.0f} s, once per backbone. Sizes: ONNX fp32 {sizes['onnx']:.1f} MB, "
         f"int8 {sizes['onnx-int8']:.1f} MB (the torch weights: 13.6 MB).\n\n"
-        f"{table}\n"
+        f"{table}\n\n"
+        f"![images per second per engine](docs/{plot_path.name})\n"
     )
     update_section(args.output, TITLE, body)
     return 0

@@ -154,3 +154,20 @@ def flwr_run(
                 break
         returncode = process.wait()
         return subprocess.CompletedProcess(command, returncode, "".join(lines), "")
+
+
+def run_child(module: str, setup: Mapping[str, Any], timeout: float = 1800) -> dict[str, Any]:
+    """Run ``python -m <module> --child <setup JSON>`` in a fresh process (a benchmark's clean
+    measurement) and return the JSON object it prints last."""
+    import json
+
+    result = subprocess.run(
+        [sys.executable, "-m", module, "--child", json.dumps(setup)],
+        cwd=PROJECT_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    if result.returncode != 0:
+        raise RuntimeError(f"{module} child process failed:\n{result.stderr[-3000:]}")
+    return dict(json.loads(result.stdout.strip().splitlines()[-1]))
