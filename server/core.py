@@ -235,7 +235,8 @@ class ServerRun:
                 "skipped": self.images_skipped,
             },
             "wall_seconds": time.perf_counter() - self.started,
-            "backbone": {"name": self.spec.name, "fingerprint": self.fingerprint},
+            # engine: what the server embedded its held-out images with (each client's is in events.jsonl)
+            "backbone": {"name": self.spec.name, "fingerprint": self.fingerprint, "engine": self.engine},
             "head_path": str(head_path),
             "model_dir": str(model_dir) if model_dir else None,
             "run_dir": str(self.run_log.run_dir),

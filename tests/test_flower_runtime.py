@@ -81,6 +81,7 @@ def test_run_writes_the_documented_artifacts(elpv_runs: tuple[dict[str, Any], di
             assert key in record
         assert record["clients_ok"] == 3 and record["clients_failed"] == 0
     assert summary["backbone"]["name"] == "efficientnet_lite0"
+    assert summary["backbone"]["engine"] == "onnx-int8"  # "auto" where ONNX Runtime is installed
     assert len(summary["backbone"]["fingerprint"]) == 64
     assert summary["wall_seconds"] > 0
     head = np.load(first["run_dir"] / "head.npz")
