@@ -45,6 +45,7 @@ class BackboneVariants:
         self._calibration = calibration
         self._lock = threading.Lock()
         self._bytes: dict[str, bytes] = {}
+        self._fingerprints: dict[str, str] = {}  # asked for every message of every round: hash once
 
     def path(self, engine: str) -> Path:
         """The ONNX file of an ONNX engine's variant, made if this server has not made it yet."""
@@ -59,7 +60,10 @@ class BackboneVariants:
             return self._bytes[engine]
 
     def variant_fingerprint(self, engine: str) -> str:
-        return variant_fingerprint(self.fingerprint, engine, None if engine == "torch" else self.artifact(engine))
+        if engine not in self._fingerprints:
+            artifact = None if engine == "torch" else self.artifact(engine)
+            self._fingerprints[engine] = variant_fingerprint(self.fingerprint, engine, artifact)
+        return self._fingerprints[engine]
 
     def engine(self, engine: str, num_threads: int = 0) -> Engine:
         """A runnable engine of this backbone for the server's own embedding."""
