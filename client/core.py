@@ -93,7 +93,7 @@ class BackboneCache:
     The torch variant is the weights (``<fingerprint>.pt``), checked by recomputing the backbone
     fingerprint; an ONNX engine's variant is its model file (``<fingerprint>.<engine>.onnx``),
     checked by recomputing the variant fingerprint from its bytes. A copy that fails the check
-    is deleted, so the server sends it again.
+    is not held (a torch file is deleted, an ONNX file replaced), so the server sends it again.
     """
 
     _lock = threading.RLock()  # re-entered: engine() reads and verifies under the lock
