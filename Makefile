@@ -2,6 +2,7 @@
 # Both set up the virtual environment first; it is rebuilt only when pyproject.toml changes.
 
 VENV ?= .venv
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 PY := $(VENV)/bin/python
 RUN_CONFIG ?=
 
@@ -14,6 +15,8 @@ $(VENV)/.installed: pyproject.toml
 	# torch first, pinned to the wheels this machine class carries (pip finds them locally).
 	$(PY) -m pip install --quiet torch==2.14.1 torchvision==0.29.1
 	$(PY) -m pip install --quiet -e ".[dev]"
+	# The dashboard test drives Debian's chromium (Playwright's own browser download is not used).
+	command -v chromium >/dev/null || { $(SUDO) apt-get update -qq && $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; }
 	touch $@
 
 run: setup
@@ -25,7 +28,8 @@ lint: setup
 	$(VENV)/bin/mypy common client server simulations
 
 test: lint
-	$(PY) -m pytest
+	# Two workers, one test file each at a time (module fixtures stay in one process).
+	$(PY) -m pytest -n 2 --dist loadfile
 
 benchmark: setup
 	$(PY) -m simulations.benchmark

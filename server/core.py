@@ -32,6 +32,7 @@ from common.export import calibration_images, export_model
 from common.heads import Head, evaluate_head, head_arrays, load_head_arrays, make_head
 from common.metrics import ClassificationReport
 from common.preprocess import PreprocessSpec
+from server.report import write_report
 from server.runlog import RunLog, new_run_id
 from server.variants import BackboneVariants
 
@@ -243,6 +244,10 @@ class ServerRun:
         }
         self.run_log.write_summary(summary)
         self.run_log.event("run-end", final_accuracy=report.accuracy, final_macro_f1=report.macro_f1)
+        try:
+            log.info("Report: %s", write_report(self.run_log.run_dir))
+        except Exception as error:  # like the export: a convenience on top of a finished run
+            log.error("Writing report.html failed (%s: %s); the run's results stand.", type(error).__name__, error)
         for line in summary_table(summary).splitlines():
             log.info("%s", line)
         return summary

@@ -7,6 +7,7 @@ file: JSON documents are written to a temporary file and renamed; events are sin
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import threading
@@ -15,6 +16,22 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+log = logging.getLogger(__name__)
+
+# Per-round numbers mirrored into TensorBoard (tag "round/<key>"), from the round-end events.
+TENSORBOARD_SCALARS = (
+    "accuracy",
+    "macro_f1",
+    "loss",
+    "client_accuracy",
+    "bytes_down",
+    "bytes_up",
+    "seconds",
+    "clients_ok",
+    "clients_failed",
+    "clients_rejected",
+)
 
 
 def write_json_atomic(path: Path, document: Any) -> None:
@@ -44,6 +61,7 @@ class RunLog:
         run_dir.mkdir(parents=True, exist_ok=False)
         self._events = (run_dir / "events.jsonl").open("a", buffering=1)
         self._lock = threading.Lock()
+        self._tensorboard: Any = None  # a SummaryWriter, opened at the first round-end
 
     def write_config(self, document: dict[str, Any]) -> None:
         write_json_atomic(self.run_dir / "config.json", document)
@@ -52,6 +70,27 @@ class RunLog:
         line = json.dumps(_jsonable({"time": round(time.time(), 3), "event": kind, **fields}))
         with self._lock:
             self._events.write(line + "\n")
+            if kind == "round-end":
+                self._scalars(fields)
+
+    def _scalars(self, fields: dict[str, Any]) -> None:
+        """The round's numbers as TensorBoard scalars, for users who live in TensorBoard."""
+        if self._tensorboard is None:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:  # tensorboard is in the server extra; without it, no scalars
+                log.warning("tensorboard is not installed: no TensorBoard scalars for this run")
+                self._tensorboard = False
+                return
+            self._tensorboard = SummaryWriter(log_dir=str(self.run_dir / "tensorboard"))
+        if self._tensorboard is False:
+            return
+        step = int(fields["round"])
+        for key in TENSORBOARD_SCALARS:
+            value = fields.get(key)
+            if isinstance(value, int | float) and math.isfinite(value):
+                self._tensorboard.add_scalar(f"round/{key}", value, step)
+        self._tensorboard.flush()
 
     def write_summary(self, document: dict[str, Any]) -> None:
         write_json_atomic(self.run_dir / "summary.json", document)
@@ -67,6 +106,8 @@ class RunLog:
 
     def close(self) -> None:
         self._events.close()
+        if self._tensorboard:
+            self._tensorboard.close()
 
 
 def new_run_id(flower_run_id: int | None, run_name: str = "") -> str:

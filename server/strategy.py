@@ -56,6 +56,7 @@ class EdgeSplitMixin:
         self._engines: dict[int, str] = {}  # node -> the engine it runs (from its answer)
         self._embedding_counted: set[int] = set()  # nodes whose embedding counts are in the totals
         self._awaiting: dict[str, list[Message]] = {}  # phase -> messages sent this round
+        self._sent_bytes: dict[str, dict[int, int]] = {}  # phase -> node -> bytes sent to it this round
         self._expected_shapes = run.head_shapes()
         self._round = RoundRecord(round=0)
         self._round_started = time.perf_counter()
@@ -129,7 +130,7 @@ class EdgeSplitMixin:
         unknown = [m.metadata.dst_node_id for m in messages if m.metadata.dst_node_id not in self._holders]
         if unknown:
             self._ask_backbone_status(unknown, grid)
-        prepared = []
+        prepared, sent_bytes = [], {}
         for message in messages:
             node = message.metadata.dst_node_id
             # A node that did not answer gets the server's engine; if that is wrong for it, its
@@ -145,9 +146,12 @@ class EdgeSplitMixin:
                 self._holders[node] = variant  # optimistic; a failed reply removes it again
                 self.run.run_log.event("backbone-sent", round=self._round.round, node=node, engine=engine)
             prepared_message = Message(content=content, dst_node_id=node, message_type=message.metadata.message_type)
-            self._round.bytes_down += wire_bytes(prepared_message)
+            size = wire_bytes(prepared_message)
+            self._round.bytes_down += size
+            sent_bytes[node] = size
             prepared.append(prepared_message)
         self._awaiting[phase] = prepared
+        self._sent_bytes[phase] = sent_bytes
         return prepared
 
     def _ask_backbone_status(self, nodes: list[int], grid: Grid) -> None:
@@ -230,6 +234,7 @@ class EdgeSplitMixin:
                 phase=phase,
                 node=node,
                 bytes=size,
+                bytes_down=self._sent_bytes.get(phase, {}).get(node, 0),
                 engine=str(status.get(wire.ENGINE, "")) if status is not None else "",
                 metrics=metrics,
                 **({"notes": notes} if notes else {}),

@@ -59,6 +59,9 @@ def test_run_writes_the_documented_artifacts(elpv_runs: tuple[dict[str, Any], di
         assert (first["run_dir"] / name).is_file(), name
     for name in ("model.json", "model.onnx", "model-int8.onnx", "model.ts"):  # the deployable model
         assert (first["run_dir"] / "model" / name).is_file(), name
+    for name in ("report.html", "report-metrics.png", "report-traffic.png", "report-confusion.png"):
+        assert (first["run_dir"] / name).is_file(), name
+    assert list((first["run_dir"] / "tensorboard").glob("events.out.tfevents.*"))
     final = summary["final"]
     for key in ("accuracy", "macro_precision", "macro_recall", "macro_f1", "confusion_matrix"):
         assert key in final

@@ -1,0 +1,175 @@
+"""The static report of a run: ``report.html`` and PNG plots in the run folder, readable with no
+server at all. Written at the end of every run, from the same view of the run folder as the
+dashboard (``server/runview.py``); ``edgesplit report RUN_DIR`` writes it again, e.g. for a
+run folder copied from another machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import html
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from server.runview import RunView
+
+PLOTS = {"metrics": "report-metrics.png", "traffic": "report-traffic.png", "confusion": "report-confusion.png"}
+
+
+def write_report(run_dir: Path) -> Path:
+    """Write ``report.html`` and its plots into ``run_dir``; returns the report's path."""
+    state = RunView(run_dir).state()
+    _plot_metrics(state, run_dir / PLOTS["metrics"])
+    _plot_traffic(state, run_dir / PLOTS["traffic"])
+    _plot_confusion(state, run_dir / PLOTS["confusion"])
+    path = run_dir / "report.html"
+    temporary = path.with_name(".report.html.tmp")
+    temporary.write_text(_html(state))
+    temporary.replace(path)
+    return path
+
+
+def _figure(width: float = 9, height: float = 3.4) -> Any:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt, *plt.subplots(figsize=(width, height))
+
+
+def _plot_metrics(state: dict[str, Any], path: Path) -> None:
+    plt, figure, axes = _figure()
+    rounds = [r["round"] for r in state["rounds"]]
+    for key, label in (("accuracy", "accuracy"), ("macro_f1", "macro-F1")):
+        axes.plot(rounds, [r[key] for r in state["rounds"]], marker="o", ms=3, label=label)
+    axes.set(xlabel="round", ylabel="held-out score", ylim=(0, 1), title="Global head on the server's held-out split")
+    loss_axes = axes.twinx()
+    loss_axes.plot(rounds, [r["loss"] for r in state["rounds"]], color="grey", ls="--", label="loss")
+    loss_axes.set_ylabel("loss")
+    figure.legend(loc="lower left", bbox_to_anchor=(0.08, 0.2), fontsize=8)
+    axes.grid(alpha=0.3)
+    _whole_rounds(axes)
+    _save(plt, figure, path)
+
+
+def _plot_traffic(state: dict[str, Any], path: Path) -> None:
+    plt, figure, axes = _figure()
+    rounds = [r["round"] for r in state["rounds"]]
+    axes.semilogy(rounds, [max(r["bytes_down"] or 1, 1) for r in state["rounds"]], marker="o", ms=3, label="down")
+    axes.semilogy(rounds, [max(r["bytes_up"] or 1, 1) for r in state["rounds"]], marker="s", ms=3, label="up")
+    failed = [(r["round"], r["clients_failed"] + (r["clients_rejected"] or 0)) for r in state["rounds"]]
+    axes.set(xlabel="round", ylabel="bytes, all clients", title="Traffic per round (failed or rejected clients in red)")
+    for server_round, count in failed:
+        if count:
+            axes.axvline(server_round, color="red", alpha=0.3)
+    axes.legend(fontsize=8)
+    axes.grid(alpha=0.3, which="both")
+    _whole_rounds(axes)
+    _save(plt, figure, path)
+
+
+def _plot_confusion(state: dict[str, Any], path: Path) -> None:
+    matrix, classes = state["confusion_matrix"], state["classes"]
+    plt, figure, axes = _figure(4.8, 4.2)
+    if matrix:
+        axes.imshow(matrix, cmap="Blues")
+        for i, row in enumerate(matrix):
+            for j, count in enumerate(row):
+                axes.text(j, i, str(count), ha="center", va="center", fontsize=9)
+        axes.set_xticks(range(len(classes)), classes)
+        axes.set_yticks(range(len(classes)), classes)
+    axes.set(xlabel="predicted", ylabel="true", title=f"Confusion matrix, round {state['matrix_round']}")
+    _save(plt, figure, path)
+
+
+def _whole_rounds(axes: Any) -> None:
+    from matplotlib.ticker import MaxNLocator
+
+    axes.xaxis.set_major_locator(MaxNLocator(integer=True))
+
+
+def _save(plt: Any, figure: Any, path: Path) -> None:
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+
+
+def _html(state: dict[str, Any]) -> str:
+    escape = html.escape
+    final = state.get("final") or {}
+    facts = [
+        ("run folder", state["run_dir"]),
+        ("status", state["status"]),
+        ("backbone", f"{state['backbone'].get('name', '')} (engine {state['backbone'].get('engine', '')})"),
+        ("fingerprint", state["backbone"].get("fingerprint", "")),
+        ("final model", state.get("model_dir") or "not exported"),
+        (
+            "final accuracy / macro-F1",
+            f"{final.get('accuracy', float('nan')):.4f} / {final.get('macro_f1', float('nan')):.4f}",
+        ),
+    ]
+    columns = [
+        "node",
+        "engine",
+        "samples",
+        "rounds_joined",
+        "train_seconds",
+        "embed_seconds",
+        "bytes_up",
+        "bytes_down",
+        "peak_rss_mb",
+        "failures",
+        "rejected",
+        "last_problem",
+    ]
+    rows = "".join(
+        "<tr>" + "".join(f"<td>{escape(str(client[c]))}</td>" for c in columns) + "</tr>" for client in state["clients"]
+    )
+    rounds = "".join(
+        "<tr>"
+        + "".join(f"<td>{escape(_number(r[k]))}</td>" for k in ("round", "accuracy", "macro_f1", "loss", "seconds"))
+        + f"<td>{r['clients_ok']}</td><td>{r['clients_failed']}</td><td>{r['clients_rejected']}</td></tr>"
+        for r in state["rounds"]
+    )
+    problems = "".join(
+        f"<li>round {p['round']} node {escape(p['node'])} {escape(p['phase'])}: {escape(p['reason'])}</li>"
+        for p in state["problems"]
+    )
+    return f"""<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>edgesplit report</title>
+<style>body{{font:14px/1.4 system-ui,sans-serif;margin:20px;color:#222}}
+table{{border-collapse:collapse}}td,th{{border:1px solid #ccc;padding:2px 6px;text-align:right}}
+dt{{font-weight:bold}}pre{{background:#f6f6f6;padding:8px}}</style>
+</head><body>
+<h1>edgesplit run report</h1>
+<dl>{"".join(f"<dt>{escape(k)}</dt><dd>{escape(str(v))}</dd>" for k, v in facts)}</dl>
+<img src="{PLOTS["metrics"]}" alt="accuracy, macro-F1 and loss per round">
+<img src="{PLOTS["traffic"]}" alt="bytes per round">
+<img src="{PLOTS["confusion"]}" alt="confusion matrix">
+<h2>Rounds</h2>
+<table><tr><th>round</th><th>accuracy</th><th>macro-F1</th><th>loss</th><th>seconds</th><th>ok</th><th>failed</th>
+<th>rejected</th></tr>{rounds}</table>
+<h2>Clients (failures first)</h2>
+<table><tr>{"".join(f"<th>{c}</th>" for c in columns)}</tr>{rows}</table>
+<h2>Failures and rejected updates</h2><ul>{problems or "<li>none</li>"}</ul>
+<h2>Run config</h2><pre>{escape(json.dumps(state["config"], indent=2))}</pre>
+</body></html>
+"""
+
+
+def _number(value: Any) -> str:
+    return f"{value:.4f}" if isinstance(value, float) else str(value)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="edgesplit report", description=__doc__)
+    parser.add_argument("run_dir", type=Path, help="the run folder (runs/<run-id>)")
+    args = parser.parse_args(argv)
+    if not (args.run_dir / "events.jsonl").is_file():
+        print(f"edgesplit report: {args.run_dir} holds no events.jsonl; is it a run folder?", file=sys.stderr)
+        return 2
+    print(write_report(args.run_dir))
+    return 0

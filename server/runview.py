@@ -1,0 +1,187 @@
+"""What a run folder says, in one dictionary: the dashboard's API, the static report and the
+TensorBoard scalars all read the run through this.
+
+Reads only ``config.json``, ``events.jsonl`` and ``summary.json``, so it works for a run in
+progress, a finished run, and a run folder copied from another machine. ``events.jsonl`` is read
+incrementally: each refresh parses only the lines appended since the last one.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+TIMELINE_ROUNDS = 40  # the timeline shows the latest rounds; the plots show them all
+
+
+@dataclass
+class ClientRow:
+    """One node as the dashboard's client table shows it."""
+
+    node: int
+    engine: str = ""
+    samples: int = 0
+    rounds_joined: int = 0
+    last_seen: float = 0.0
+    last_round: int = 0
+    train_seconds: float = 0.0  # the latest round's
+    embed_seconds: float = 0.0  # the first round's: embedding happens once
+    bytes_up: int = 0
+    bytes_down: int = 0
+    peak_rss_mb: float = 0.0
+    failures: int = 0
+    rejected: int = 0
+    last_problem: str = ""
+
+
+@dataclass
+class RunView:
+    """Incremental reader of one run folder."""
+
+    run_dir: Path
+    _offset: int = 0
+    _partial: str = ""
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+    started: dict[str, Any] = field(default_factory=dict)
+    rounds: list[dict[str, Any]] = field(default_factory=list)
+    clients: dict[int, ClientRow] = field(default_factory=dict)
+    timeline: dict[int, dict[int, dict[str, Any]]] = field(default_factory=dict)  # round -> node -> cell
+    problems: list[dict[str, Any]] = field(default_factory=list)
+    ended: bool = False
+    _joined: dict[int, set[int]] = field(default_factory=dict)
+
+    def refresh(self) -> bool:
+        """Read what was appended to events.jsonl; True if anything was."""
+        path = self.run_dir / "events.jsonl"
+        with self._lock:
+            if not path.is_file():
+                return False
+            with path.open("rb") as handle:
+                handle.seek(self._offset)
+                chunk = handle.read()
+            if not chunk:
+                return False
+            self._offset += len(chunk)
+            text = self._partial + chunk.decode("utf-8", errors="replace")
+            lines = text.split("\n")
+            self._partial = lines.pop()  # a line still being written is kept for next time
+            for line in lines:
+                if line.strip():
+                    try:
+                        self._apply(json.loads(line))
+                    except (json.JSONDecodeError, TypeError, KeyError, ValueError):
+                        continue  # one bad line does not hide the rest of the run
+            return True
+
+    @property
+    def version(self) -> str:
+        """Changes whenever what ``state()`` returns would change."""
+        summary = self.run_dir / "summary.json"
+        return f"{self._offset}-{summary.stat().st_mtime_ns if summary.is_file() else 0}"
+
+    def _apply(self, event: dict[str, Any]) -> None:
+        kind, time = event.get("event"), float(event.get("time", 0.0))
+        if kind == "run-start":
+            self.started = event
+        elif kind == "round-end":
+            self.rounds.append(event)
+        elif kind == "run-end":
+            self.ended = True
+        elif kind in ("client-reply", "client-failed", "client-rejected"):
+            self._apply_client(kind, event, time)
+
+    def _apply_client(self, kind: str, event: dict[str, Any], time: float) -> None:
+        node, server_round, phase = int(event["node"]), int(event.get("round", 0)), event.get("phase", "")
+        row = self.clients.setdefault(node, ClientRow(node))
+        row.last_seen = max(row.last_seen, time)
+        row.last_round = max(row.last_round, server_round)
+        if kind == "client-reply":
+            metrics = event.get("metrics", {})
+            row.bytes_up += int(event.get("bytes", 0))
+            row.bytes_down += int(event.get("bytes_down", 0))
+            row.engine = event.get("engine", row.engine) or row.engine
+            row.peak_rss_mb = max(row.peak_rss_mb, float(metrics.get("peak-rss-mb", 0.0)))
+            if phase == "train":
+                row.samples = int(metrics.get("num-examples", row.samples))
+                row.train_seconds = float(metrics.get("train-seconds", 0.0))
+                row.embed_seconds = max(row.embed_seconds, float(metrics.get("embed-seconds", 0.0)))
+                self._joined.setdefault(node, set()).add(server_round)
+                row.rounds_joined = len(self._joined[node])
+                seconds = float(metrics.get("train-seconds", 0.0)) + float(metrics.get("embed-seconds", 0.0))
+                self._cell(server_round, node, "ok", seconds)
+            return
+        reason = str(event.get("reason", ""))
+        if kind == "client-failed":
+            row.failures += 1
+        else:
+            row.rejected += 1
+        row.last_problem = f"round {server_round} {phase}: {reason}"
+        self.problems.append({"round": server_round, "node": str(node), "phase": phase, "kind": kind, "reason": reason})
+        if phase == "train":
+            self._cell(server_round, node, "failed" if kind == "client-failed" else "rejected", 0.0, reason)
+
+    def _cell(self, server_round: int, node: int, status: str, seconds: float, reason: str = "") -> None:
+        self.timeline.setdefault(server_round, {})[node] = {"status": status, "seconds": seconds, "reason": reason}
+
+    def state(self) -> dict[str, Any]:
+        """Everything the dashboard shows, JSON-ready."""
+        self.refresh()
+        config = _read_json(self.run_dir / "config.json")
+        summary = _read_json(self.run_dir / "summary.json")
+        with self._lock:
+            latest = self.rounds[-1] if self.rounds else {}
+            clients = sorted(self.clients.values(), key=lambda c: (-(c.failures + c.rejected), c.node))
+            shown_rounds = sorted(self.timeline)[-TIMELINE_ROUNDS:]
+            return {
+                "run_dir": str(self.run_dir),
+                "status": "finished" if summary else ("running" if self.started else "waiting for the run to start"),
+                "config": config.get("run_config", {}),
+                "classes": config.get("classes", []),
+                "backbone": {
+                    **config.get("backbone", {}),
+                    "engine": self.started.get("engine", ""),
+                },
+                "model_dir": summary.get("model_dir"),
+                "num_rounds": config.get("run_config", {}).get("num-server-rounds"),
+                "rounds": [_round_fields(r) for r in self.rounds],
+                "confusion_matrix": latest.get("confusion_matrix", []),
+                "per_class_recall": latest.get("per_class_recall", []),
+                "matrix_round": latest.get("round"),
+                # node ids are 64-bit: as strings, so that JavaScript does not round them
+                "clients": [{**asdict(c), "node": str(c.node)} for c in clients],
+                "timeline": [
+                    {"round": r, "cells": {str(n): cell for n, cell in sorted(self.timeline[r].items())}}
+                    for r in shown_rounds
+                ],
+                "problems": self.problems[-50:],
+                "final": summary.get("final"),
+            }
+
+
+_ROUND_KEYS = (
+    "round",
+    "accuracy",
+    "macro_f1",
+    "loss",
+    "bytes_down",
+    "bytes_up",
+    "seconds",
+    "clients_ok",
+    "clients_failed",
+    "clients_rejected",
+)
+
+
+def _round_fields(event: dict[str, Any]) -> dict[str, Any]:
+    return {key: event.get(key) for key in _ROUND_KEYS}
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        document = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):  # absent, or being replaced right now
+        return {}
+    return document if isinstance(document, dict) else {}
