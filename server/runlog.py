@@ -19,8 +19,9 @@ import numpy as np
 
 log = logging.getLogger(__name__)
 
-# Per-round numbers mirrored into TensorBoard (tag "round/<key>"), from the round-end events.
-TENSORBOARD_SCALARS = (
+# The numbers of a round-end event: mirrored into TensorBoard (tag "round/<key>"), and plotted by
+# the dashboard (server/runview.py).
+ROUND_NUMBERS = (
     "accuracy",
     "macro_f1",
     "loss",
@@ -86,7 +87,7 @@ class RunLog:
         if self._tensorboard is False:
             return
         step = int(fields["round"])
-        for key in TENSORBOARD_SCALARS:
+        for key in ROUND_NUMBERS:
             value = fields.get(key)
             if isinstance(value, int | float) and math.isfinite(value):
                 self._tensorboard.add_scalar(f"round/{key}", value, step)

@@ -14,6 +14,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from server.runlog import ROUND_NUMBERS
+
 TIMELINE_ROUNDS = 40  # the timeline shows the latest rounds; the plots show them all
 
 
@@ -161,18 +163,7 @@ class RunView:
             }
 
 
-_ROUND_KEYS = (
-    "round",
-    "accuracy",
-    "macro_f1",
-    "loss",
-    "bytes_down",
-    "bytes_up",
-    "seconds",
-    "clients_ok",
-    "clients_failed",
-    "clients_rejected",
-)
+_ROUND_KEYS = ("round", *ROUND_NUMBERS)
 
 
 def _round_fields(event: dict[str, Any]) -> dict[str, Any]:
