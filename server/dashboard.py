@@ -57,16 +57,12 @@ def make_app(run_dir: Path) -> Starlette:
             return PlainTextResponse("not found", status_code=404)
         return FileResponse(target, headers=NO_STORE)
 
-    async def refuse_writes(request: Request) -> Response:
-        return PlainTextResponse("the dashboard is read-only", status_code=405)
-
     routes = [
         Route("/", index),
         Route("/api/state", state),
         Route("/run/{path:path}", run_file),
         Mount("/static", StaticFiles(directory=STATIC)),
-        Route("/{path:path}", refuse_writes, methods=["POST", "PUT", "PATCH", "DELETE"]),
-    ]
+    ]  # GET and HEAD only: the dashboard changes nothing
     return Starlette(routes=routes)
 
 

@@ -20,7 +20,7 @@ from typing import Any
 import pytest
 from PIL import Image
 
-from server.dashboard import DashboardError, check_host
+from server.dashboard import DashboardError, check_host, make_app
 from server.report import PLOTS, write_report
 from server.runlog import RunLog
 from server.runview import RunView
@@ -116,6 +116,18 @@ def test_the_static_report_shows_every_round(tmp_path: Path) -> None:
         assert f'src="{name}"' in page
     assert page.count("<tr><td>") == 3 + 2  # three rounds, two clients
     assert ">0.8000<" in page  # round 3's accuracy in the rounds table
+
+
+def test_the_app_only_reads(tmp_path: Path) -> None:
+    from starlette.testclient import TestClient
+
+    _small_run(tmp_path / "run").close()
+    client = TestClient(make_app(tmp_path / "run"))
+    assert client.get("/api/state").json()["rounds"][0]["accuracy"] == 0.5
+    for method in ("post", "put", "delete"):
+        assert getattr(client, method)("/api/state").status_code == 405
+        assert getattr(client, method)("/run/config.json").status_code == 405
+    assert (tmp_path / "run" / "config.json").is_file()
 
 
 @pytest.mark.parametrize("host", ["0.0.0.0", "192.0.2.1", "::"])
