@@ -197,6 +197,8 @@ def test_live_dashboard_in_a_real_browser(tmp_path: Path) -> None:
         with sync_playwright() as playwright:
             browser = playwright.chromium.launch(executable_path=CHROMIUM)
             page = browser.new_page(viewport={"width": 1400, "height": 1200})
+            requested: list[str] = []
+            page.on("request", lambda request: requested.append(request.url))
             page.goto(f"http://127.0.0.1:{port}/")
             # live: the plots reach two rounds without a reload, while the run goes on
             page.wait_for_function(
@@ -232,6 +234,7 @@ def test_live_dashboard_in_a_real_browser(tmp_path: Path) -> None:
                 assert row["engine"] == "onnx-int8" and row["failures"] == "0"
             assert sum(1 for _ in page.query_selector_all("#timeline rect[data-status='ok']")) == 3 * 4
             assert summary["model_dir"] in page.inner_text("#meta")
+            assert requested and all(url.startswith(f"http://127.0.0.1:{port}/") for url in requested)  # nothing else
             browser.close()
         assert seen_while_running in {"running", "finished"}
         assert (tmp_path / "dashboard.png").stat().st_size > 10_000
