@@ -170,8 +170,8 @@ def test_live_dashboard_in_a_real_browser(tmp_path: Path) -> None:
     (tmp_path / "secret.txt").write_text("TOP SECRET")
     config = {
         "subset": 240,
-        "num-server-rounds": 4,
-        "local-epochs": 2,
+        "num-server-rounds": 3,
+        "local-epochs": 1,
         "cache-dir": str(tmp_path / "cache"),
         "runs-dir": str(tmp_path / "runs"),
         "run-name": "live",
@@ -212,7 +212,7 @@ def test_live_dashboard_in_a_real_browser(tmp_path: Path) -> None:
             summary = json.loads((run_dir / "summary.json").read_text())
             events = [json.loads(line) for line in (run_dir / "events.jsonl").read_text().splitlines()]
 
-            assert page.get_attribute("#chart-accuracy", "data-rounds") == "4"
+            assert page.get_attribute("#chart-accuracy", "data-rounds") == "3"
             cells = page.eval_on_selector_all(
                 "#confusion td[data-row]", "cells => cells.map(c => [+c.dataset.row, +c.dataset.col, +c.textContent])"
             )
@@ -230,9 +230,9 @@ def test_live_dashboard_in_a_real_browser(tmp_path: Path) -> None:
             for row in rows:
                 mine = [e for e in replies if str(e["node"]) == row["node"]]
                 assert int(row["samples"]) == mine[-1]["metrics"]["num-examples"]
-                assert int(row["rounds_joined"]) == len({e["round"] for e in mine}) == 4
+                assert int(row["rounds_joined"]) == len({e["round"] for e in mine}) == 3
                 assert row["engine"] == "onnx-int8" and row["failures"] == "0"
-            assert sum(1 for _ in page.query_selector_all("#timeline rect[data-status='ok']")) == 3 * 4
+            assert sum(1 for _ in page.query_selector_all("#timeline rect[data-status='ok']")) == 3 * 3
             assert summary["model_dir"] in page.inner_text("#meta")
             assert requested and all(url.startswith(f"http://127.0.0.1:{port}/") for url in requested)  # nothing else
             browser.close()
