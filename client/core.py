@@ -156,15 +156,15 @@ class BackboneCache:
         """The runnable backbone for this variant, built once per process. This device must hold
         a verified copy even when another simulated node already built it."""
         with self._lock:
+            if engine == "torch" and variant == fp and variant not in self._engines:
+                # One read both verifies the weights and gives them to build from (not two hashes).
+                self._engines[variant] = TorchEngine(build_backbone(*self._read_torch(fp)))
             if self._check(fp, engine) != variant:
                 raise FingerprintMismatch(
                     f"This device holds no {engine} backbone {variant[:12]}; the server must send it."
                 )
             if variant not in self._engines:
-                if engine == "torch":
-                    self._engines[variant] = TorchEngine(build_backbone(*self._read_torch(fp)))
-                else:
-                    self._engines[variant] = OnnxEngine(self._path(fp, engine), num_threads)
+                self._engines[variant] = OnnxEngine(self._path(fp, engine), num_threads)
             return self._engines[variant]
 
     def _check(self, fp: str, engine: str) -> str:
