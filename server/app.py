@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+import logging
+
 import torch
-from flwr.app import ConfigRecord, Context
+from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
 from common.config import RunConfig
 from common.logs import configure_logging
 from server.core import ServerRun
-from server.strategy import from_record, make_strategy, to_record
+from server.strategy import RunStopped, make_strategy
 
 app = ServerApp()
+log = logging.getLogger(__name__)
 
 
 @app.main()
@@ -23,15 +26,12 @@ def main(grid: Grid, context: Context) -> None:
         torch.set_num_threads(config.num_threads)
     run = ServerRun.prepare(config, flower_run_id=context.run_id)
     strategy = make_strategy(config, run)
-    result = strategy.start(
-        grid=grid,
-        initial_arrays=to_record(run.initial_head()),
-        num_rounds=config.num_server_rounds,
-        timeout=config.round_timeout,
-        train_config=ConfigRecord(run.instructions()),
-        evaluate_config=ConfigRecord(run.instructions()),
-        evaluate_fn=strategy.end_round,
-    )
-    # No accepted update in any round leaves Flower's result empty: report the initial head then.
-    run.finish(from_record(result.arrays) if result.arrays else run.initial_head())
-    run.run_log.close()
+    try:
+        run.finish(strategy.run_rounds(grid))
+    except RunStopped as stop:
+        # Record what was reached (summary, report, checkpoint stay), then fail the Flower run.
+        log.error("%s", stop)
+        run.finish(strategy.global_head, stopped=str(stop))
+        raise
+    finally:
+        run.run_log.close()

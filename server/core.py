@@ -32,6 +32,7 @@ from common.export import calibration_images, export_model
 from common.heads import Head, evaluate_head, head_arrays, load_head_arrays, make_head
 from common.metrics import ClassificationReport
 from common.preprocess import PreprocessSpec
+from server.checkpoint import Checkpoint
 from server.report import write_report
 from server.runlog import RunLog, new_run_id
 from server.variants import BackboneVariants
@@ -56,6 +57,7 @@ class RoundRecord:
     backbones_sent: int = 0
     client_accuracy: float = float("nan")  # clients' local test shares, weighted by examples
     max_bytes_up_per_client: int = 0
+    attempts: int = 1  # more than 1: the round was retried after too few usable updates
 
 
 @dataclass
@@ -78,6 +80,23 @@ class ServerRun:
     embedding_cached: int = 0
     images_skipped: int = 0
     final_report: ClassificationReport | None = None
+    checkpoint: Checkpoint | None = None  # what a resumed run continues from
+
+    @property
+    def start_round(self) -> int:
+        """The last round completed before this process started (0 for a new run)."""
+        return self.checkpoint.round if self.checkpoint else 0
+
+    @property
+    def start_head(self) -> dict[str, np.ndarray]:
+        return dict(self.checkpoint.head) if self.checkpoint else self.initial_head()
+
+    def totals(self) -> dict[str, int]:
+        return {
+            "embedding_computed": self.embedding_computed,
+            "embedding_cached": self.embedding_cached,
+            "images_skipped": self.images_skipped,
+        }
 
     # --- start ------------------------------------------------------------------------------
 
@@ -90,8 +109,16 @@ class ServerRun:
         state = load_backbone_weights(config.backbone, config.backbone_weights or None)
         fp = fingerprint(spec.name, state, preprocess)
         classes = config.classes()
-        run_dir = Path(config.runs_dir).expanduser().resolve() / new_run_id(flower_run_id, config.run_name)
-        run_log = RunLog(run_dir)
+        checkpoint = None
+        if config.resume_from:
+            run_dir = Path(config.resume_from).expanduser().resolve()
+            checkpoint = Checkpoint.load(run_dir)
+            checkpoint.check_matches(fp, classes, config.strategy)
+            run_log = RunLog(run_dir, resume=True)
+            log.info("Resuming %s after round %d", run_dir, checkpoint.round)
+        else:
+            run_dir = Path(config.runs_dir).expanduser().resolve() / new_run_id(flower_run_id, config.run_name)
+            run_log = RunLog(run_dir)
         run_log.write_config(
             {
                 "run_config": config.to_flower(),
@@ -124,8 +151,17 @@ class ServerRun:
         run = cls(config, spec, state, preprocess, fp, classes, run_log, test, variants, engine, started=started)
         run.embedding_computed, run.embedding_cached = test.stats.computed, test.stats.cached
         run.images_skipped = test.stats.num_skipped
+        if checkpoint is not None:
+            run.checkpoint = checkpoint
+            run.rounds = [RoundRecord(**record) for record in checkpoint.rounds]
+            run.embedding_computed += checkpoint.totals.get("embedding_computed", 0)
+            run.embedding_cached += checkpoint.totals.get("embedding_cached", 0)
+            run.images_skipped = checkpoint.totals.get("images_skipped", run.images_skipped)
+            if run.rounds:
+                run.final_report = run.evaluate(checkpoint.head)
         run_log.event(
-            "run-start",
+            "run-resumed" if checkpoint else "run-start",
+            **({"from_round": checkpoint.round} if checkpoint else {}),
             backbone=spec.name,
             fingerprint=fp,
             engine=engine,
@@ -203,7 +239,9 @@ class ServerRun:
 
     # --- end ----------------------------------------------------------------------------------
 
-    def finish(self, final_arrays: dict[str, np.ndarray]) -> dict[str, Any]:
+    def finish(self, final_arrays: dict[str, np.ndarray], stopped: str | None = None) -> dict[str, Any]:
+        """Final evaluation, head, deployable model, summary and report. ``stopped`` is why the
+        run ended before its last round (the summary says so; the checkpoint allows resuming)."""
         report = self.evaluate(final_arrays)
         head_path = self.run_log.save_head(
             final_arrays,
@@ -241,9 +279,11 @@ class ServerRun:
             "head_path": str(head_path),
             "model_dir": str(model_dir) if model_dir else None,
             "run_dir": str(self.run_log.run_dir),
+            "completed_rounds": self.rounds[-1].round if self.rounds else 0,
+            "stopped": stopped,
         }
         self.run_log.write_summary(summary)
-        self.run_log.event("run-end", final_accuracy=report.accuracy, final_macro_f1=report.macro_f1)
+        self.run_log.event("run-end", final_accuracy=report.accuracy, final_macro_f1=report.macro_f1, stopped=stopped)
         try:
             log.info("Report: %s", write_report(self.run_log.run_dir))
         except Exception as error:  # like the export: a convenience on top of a finished run

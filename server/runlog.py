@@ -57,9 +57,10 @@ def _jsonable(value: Any) -> Any:
 class RunLog:
     """Writes one run's folder ``<runs-dir>/<run-id>/``."""
 
-    def __init__(self, run_dir: Path) -> None:
+    def __init__(self, run_dir: Path, resume: bool = False) -> None:
+        """A new run folder, or (``resume``) an existing one whose events go on being appended."""
         self.run_dir = run_dir
-        run_dir.mkdir(parents=True, exist_ok=False)
+        run_dir.mkdir(parents=True, exist_ok=resume)
         self._events = (run_dir / "events.jsonl").open("a", buffering=1)
         self._lock = threading.Lock()
         self._tensorboard: Any = None  # a SummaryWriter, opened at the first round-end

@@ -1,25 +1,32 @@
 """Flower strategies that federate the head only, ship the backbone once per node, and screen
 replies. Flower's own strategies do the sampling and aggregation; the mixin wraps their hooks
-(``configure_*``, ``aggregate_*``) and calls ``super()``; ``start()`` is Flower's, untouched.
+(``configure_*``, ``aggregate_*``) and calls ``super()``.
+
+The round loop is ours (``run_rounds``), not Flower's ``start()``: it is the same few calls, plus
+what ``start()`` cannot do: begin at a checkpointed round, retry a round that got too few usable
+updates, checkpoint after every round, and stop with a clear message instead of waiting forever.
 """
 
 from __future__ import annotations
 
 import logging
+import random
 import time
 from collections.abc import Iterable
+from dataclasses import asdict
 from typing import Any
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid
-from flwr.serverapp.strategy import FedAdam, FedAvg, FedProx
+from flwr.serverapp.strategy import FedAdam, FedAvg, FedMedian, FedProx, FedTrimmedAvg, Krum
 
 from common import wire
 from common.config import RunConfig
 from common.engines import ENGINES
+from server.checkpoint import Checkpoint, random_state_from_json, random_state_to_json
 from server.core import RoundRecord, ServerRun
-from server.validation import reject_reason
+from server.validation import outliers, reject_reason, update_norm
 
 log = logging.getLogger(__name__)
 
@@ -44,10 +51,34 @@ def wire_bytes(message: Message) -> int:
     return sum(len(obj.deflate()) for obj in get_all_nested_objects(message).values())
 
 
+class RunStopped(RuntimeError):
+    """The run cannot go on (too few nodes or usable updates); the message says what to do."""
+
+
+class _NodeSnapshot:
+    """A Grid whose node list is fixed, so that Flower's sampling (which waits, without limit,
+    until enough nodes are connected) never waits: ``run_rounds`` has already waited, boundedly."""
+
+    def __init__(self, grid: Grid, nodes: list[int]) -> None:
+        self._grid, self._nodes = grid, nodes
+
+    def get_node_ids(self) -> list[int]:
+        return list(self._nodes)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._grid, name)
+
+
+# Strategy attributes that carry state from round to round (FedAdam's moments); checkpointed.
+STATE_ATTRIBUTES = ("m_t", "v_t")
+
+
 class EdgeSplitMixin:
     """Head-only federation around any Flower message strategy (put it first in the bases)."""
 
     run: ServerRun
+    min_available_nodes: int
+    min_evaluate_nodes: int
 
     def attach(self, run: ServerRun) -> None:
         self.run = run
@@ -60,16 +91,103 @@ class EdgeSplitMixin:
         self._expected_shapes = run.head_shapes()
         self._round = RoundRecord(round=0)
         self._round_started = time.perf_counter()
+        self._global: dict[str, np.ndarray] | None = None  # the head this round's updates start from
+        self._first_examples: dict[int, int] = {}  # node -> num-examples of its first accepted update
+        self.global_head = run.start_head  # the latest global head, whatever happens next
+
+    # --- the round loop ---------------------------------------------------------------------------
+
+    def run_rounds(self, grid: Grid) -> dict[str, np.ndarray]:
+        """Rounds after the checkpointed one (if any) up to ``num-server-rounds``; returns the
+        final head. Raises RunStopped when too few nodes connect or a round fails too often."""
+        config = self.run.config
+        if self.run.checkpoint is not None:
+            self._restore(self.run.checkpoint)
+        else:
+            random.seed(config.seed)  # Flower samples nodes with Python's global RNG
+            self.end_round(0, to_record(self.global_head))
+        arrays = to_record(self.global_head)
+        for server_round in range(self.run.start_round + 1, config.num_server_rounds + 1):
+            self._round = RoundRecord(round=server_round)
+            self._round_started = time.perf_counter()
+            for attempt in range(config.round_retries + 1):
+                self._round.attempts = attempt + 1
+                messages = self.configure_train(server_round, arrays, ConfigRecord(self.run.instructions()), grid)
+                replies = grid.send_and_receive(messages, timeout=config.round_timeout)
+                aggregated, _ = self.aggregate_train(server_round, replies)
+                if aggregated is not None:
+                    arrays = aggregated
+                    break
+                if attempt < config.round_retries:
+                    self.run.run_log.event("round-retry", round=server_round, attempt=attempt + 2)
+                    log.warning(
+                        "round %d: retrying (attempt %d of %d)", server_round, attempt + 2, 1 + config.round_retries
+                    )
+            else:
+                raise RunStopped(
+                    f"Round {server_round} got fewer than min-clients={config.min_clients} usable updates in "
+                    f"{config.round_retries + 1} attempts; the run stops at round {server_round - 1}. The reasons "
+                    "are in events.jsonl and on the dashboard (failed and rejected clients). Fix them, then "
+                    f"continue with resume-from='{self.run.run_log.run_dir}'."
+                )
+            self.global_head = from_record(arrays)
+            if self.fraction_evaluate > 0:  # type: ignore[attr-defined]
+                messages = self.configure_evaluate(server_round, arrays, ConfigRecord(self.run.instructions()), grid)
+                self.aggregate_evaluate(server_round, grid.send_and_receive(messages, timeout=config.round_timeout))
+            self.end_round(server_round, arrays)
+        return self.global_head
+
+    def _connected(self, grid: Grid, minimum: int) -> Grid:
+        """The grid with its node list fixed, once at least ``minimum`` nodes are connected;
+        waits at most ``node-wait-timeout`` seconds for them."""
+        timeout = self.run.config.node_wait_timeout
+        deadline = time.monotonic() + timeout
+        while len(nodes := list(grid.get_node_ids())) < minimum:
+            if time.monotonic() > deadline:
+                raise RunStopped(
+                    f"Only {len(nodes)} node(s) connected within node-wait-timeout={timeout:g}s; this run needs "
+                    f"min-clients={self.run.config.min_clients}. Start more SuperNodes (README: Deploy on real "
+                    "devices), check that they reach the SuperLink, or lower min-clients."
+                )
+            log.info("waiting for nodes: %d connected, %d needed", len(nodes), minimum)
+            time.sleep(1.0)
+        return _NodeSnapshot(grid, nodes)  # type: ignore[return-value]
+
+    def _checkpoint(self, server_round: int, arrays: dict[str, np.ndarray]) -> None:
+        run = self.run
+        state = {name: dict(getattr(self, name)) for name in STATE_ATTRIBUTES if getattr(self, name, None) is not None}
+        Checkpoint(
+            round=server_round,
+            head=arrays,
+            fingerprint=run.fingerprint,
+            classes=run.classes,
+            strategy=run.config.strategy,
+            strategy_state=state,
+            random_state=random_state_to_json(random.getstate()),
+            rounds=[asdict(r) for r in run.rounds],
+            totals=run.totals(),
+        ).save(run.run_log.run_dir)
+        run.run_log.event("checkpoint", round=server_round)
+
+    def _restore(self, checkpoint: Checkpoint) -> None:
+        for name, state in checkpoint.strategy_state.items():
+            if name in STATE_ATTRIBUTES:
+                setattr(self, name, state)
+        if checkpoint.random_state is not None:
+            random.setstate(random_state_from_json(checkpoint.random_state))
 
     # --- train ----------------------------------------------------------------------------------
 
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
-        self._round = RoundRecord(round=server_round)
-        self._round_started = time.perf_counter()
+        if self._round.round != server_round:  # a retry adds to the round's record
+            self._round = RoundRecord(round=server_round)
+            self._round_started = time.perf_counter()
+        self._global = from_record(arrays)
         config[wire.LEARNING_RATE] = self.run.config.learning_rate_at(server_round)
-        messages = super().configure_train(server_round, arrays, config, grid)  # type: ignore[misc]
+        sampled = self._connected(grid, self.min_available_nodes)
+        messages = super().configure_train(server_round, arrays, config, sampled)  # type: ignore[misc]
         return self._with_backbone(list(messages), grid, phase="train")
 
     def aggregate_train(
@@ -96,7 +214,8 @@ class EdgeSplitMixin:
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
-        messages = super().configure_evaluate(server_round, arrays, config, grid)  # type: ignore[misc]
+        sampled = self._connected(grid, self.min_evaluate_nodes)
+        messages = super().configure_evaluate(server_round, arrays, config, sampled)  # type: ignore[misc]
         return self._with_backbone(list(messages), grid, phase="evaluate")
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
@@ -119,6 +238,9 @@ class EdgeSplitMixin:
         else:
             self._round.seconds = time.perf_counter() - self._round_started
             self.run.record_round(self._round, report)
+            # After the round-end event: a crash between the two redoes this round on resume,
+            # and the event log shows both attempts (readers keep the last).
+            self._checkpoint(server_round, from_record(arrays))
         return MetricRecord({"accuracy": report.accuracy, "macro-f1": report.macro_f1, "loss": report.loss})
 
     # --- the backbone, once per node -------------------------------------------------------------
@@ -201,7 +323,7 @@ class EdgeSplitMixin:
             silence = f"no reply within round-timeout={self.run.config.round_timeout:g}s"
             self.run.run_log.event("client-failed", round=self._round.round, phase=phase, node=node, reason=silence)
             log.warning("node %s failed in %s: %s", node, phase, silence)
-        accepted: list[Message] = []
+        candidates: list[tuple[Message, int, int]] = []  # (reply, node, bytes) that passed the checks
         for reply, node in zip(replies, origins, strict=True):
             if reply.has_error():
                 self._holders.pop(node, None)  # ask again next time: it may have lost its cache
@@ -216,40 +338,59 @@ class EdgeSplitMixin:
             self._round.bytes_up += size
             if phase == "train":
                 self._round.max_bytes_up_per_client = max(self._round.max_bytes_up_per_client, size)
-            reason = self._reject_reason(reply, phase)
-            if reason is not None:
-                if phase == "train":
-                    self._round.clients_rejected += 1
-                self.run.run_log.event(
-                    "client-rejected", round=self._round.round, phase=phase, node=node, reason=reason
-                )
-                log.warning("node %s: %s reply rejected: %s", node, phase, reason)
-                continue
-            metrics = dict(reply.content[wire.METRICS].items())
-            status = reply.content.config_records.get(wire.STATUS)
-            notes = str(status.get(wire.DATA_NOTES, "")) if status is not None else ""
-            self.run.run_log.event(
-                "client-reply",
-                round=self._round.round,
-                phase=phase,
-                node=node,
-                bytes=size,
-                bytes_down=self._sent_bytes.get(phase, {}).get(node, 0),
-                engine=str(status.get(wire.ENGINE, "")) if status is not None else "",
-                metrics=metrics,
-                **({"notes": notes} if notes else {}),
-            )
-            if phase == "train" and node not in self._embedding_counted:
-                # First train reply per node only: a deployed ClientApp is a new process each
-                # round and reports its cache loads again; those are telemetry, not new work.
-                self._embedding_counted.add(node)
-                self.run.embedding_computed += int(_number(metrics.get(wire.EMBEDDINGS_COMPUTED)))
-                self.run.embedding_cached += int(_number(metrics.get(wire.EMBEDDINGS_CACHED)))
-                self.run.images_skipped += int(_number(metrics.get(wire.IMAGES_SKIPPED)))
-            accepted.append(reply)
-        return accepted
+            reason = self._reject_reason(reply, phase, node)
+            if reason is None:
+                candidates.append((reply, node, size))
+            else:
+                self._reject(node, phase, reason)
+        norms: dict[int, float] = {}  # how far each update moved the head: what the bounds are chosen from
+        if phase == "train" and self._global is not None:
+            norms = {
+                node: update_norm(from_record(r.content.array_records[wire.ARRAYS]), self._global)
+                for r, node, _ in candidates
+            }
+            flagged = outliers(norms, self.run.config.max_update_ratio)
+            for node, reason in flagged.items():
+                self._reject(node, phase, reason)
+            candidates = [c for c in candidates if c[1] not in flagged]
+        for reply, node, size in candidates:
+            self._accept(reply, node, size, phase, norms.get(node))
+        return [reply for reply, _, _ in candidates]
 
-    def _reject_reason(self, reply: Message, phase: str) -> str | None:
+    def _reject(self, node: int, phase: str, reason: str) -> None:
+        if phase == "train":
+            self._round.clients_rejected += 1
+        self.run.run_log.event("client-rejected", round=self._round.round, phase=phase, node=node, reason=reason)
+        log.warning("node %s: %s reply rejected: %s", node, phase, reason)
+
+    def _accept(self, reply: Message, node: int, size: int, phase: str, norm: float | None) -> None:
+        metrics = dict(reply.content[wire.METRICS].items())
+        status = reply.content.config_records.get(wire.STATUS)
+        notes = str(status.get(wire.DATA_NOTES, "")) if status is not None else ""
+        self.run.run_log.event(
+            "client-reply",
+            round=self._round.round,
+            phase=phase,
+            node=node,
+            bytes=size,
+            bytes_down=self._sent_bytes.get(phase, {}).get(node, 0),
+            engine=str(status.get(wire.ENGINE, "")) if status is not None else "",
+            metrics=metrics,
+            **({"update_norm": round(norm, 6)} if norm is not None else {}),
+            **({"notes": notes} if notes else {}),
+        )
+        if phase != "train":
+            return
+        self._first_examples.setdefault(node, int(_number(metrics.get(wire.NUM_EXAMPLES))))
+        if node not in self._embedding_counted:
+            # First train reply per node only: a deployed ClientApp is a new process each
+            # round and reports its cache loads again; those are telemetry, not new work.
+            self._embedding_counted.add(node)
+            self.run.embedding_computed += int(_number(metrics.get(wire.EMBEDDINGS_COMPUTED)))
+            self.run.embedding_cached += int(_number(metrics.get(wire.EMBEDDINGS_CACHED)))
+            self.run.images_skipped += int(_number(metrics.get(wire.IMAGES_SKIPPED)))
+
+    def _reject_reason(self, reply: Message, phase: str, node: int) -> str | None:
         content = reply.content
         if wire.METRICS not in content.metric_records:
             return "reply carries no metrics"
@@ -267,6 +408,10 @@ class EdgeSplitMixin:
             reply_fingerprint=status.get(wire.FINGERPRINT) if status is not None else None,
             expected_shapes=self._expected_shapes if phase == "train" else None,
             expected_fingerprint=self.run.fingerprint,
+            max_norm=self.run.config.max_weight_norm,
+            global_arrays=self._global if phase == "train" else None,
+            max_update_norm=self.run.config.max_update_norm,
+            examples_before=self._first_examples.get(node),
         )
 
 
@@ -282,7 +427,19 @@ class EdgeFedAdam(EdgeSplitMixin, FedAdam):
     """FedAdam over the head (server-side Adam on the averaged update)."""
 
 
-EdgeStrategy = EdgeFedAvg | EdgeFedProx | EdgeFedAdam
+class EdgeFedMedian(EdgeSplitMixin, FedMedian):
+    """Coordinate-wise median of the heads: robust to a minority of poisoned updates."""
+
+
+class EdgeFedTrimmedAvg(EdgeSplitMixin, FedTrimmedAvg):
+    """Coordinate-wise mean after cutting the ``trim-beta`` share from each end."""
+
+
+class EdgeKrum(EdgeSplitMixin, Krum):
+    """Krum: the one update closest to its n - f - 2 nearest neighbours."""
+
+
+EdgeStrategy = EdgeFedAvg | EdgeFedProx | EdgeFedAdam | EdgeFedMedian | EdgeFedTrimmedAvg | EdgeKrum
 
 
 def make_strategy(config: RunConfig, run: ServerRun) -> EdgeStrategy:
@@ -298,7 +455,13 @@ def make_strategy(config: RunConfig, run: ServerRun) -> EdgeStrategy:
         strategy = EdgeFedAvg(**common)
     elif config.strategy == "fedprox":
         strategy = EdgeFedProx(proximal_mu=config.proximal_mu, **common)
-    else:
+    elif config.strategy == "fedadam":
         strategy = EdgeFedAdam(eta=config.server_learning_rate, eta_l=config.learning_rate, **common)
+    elif config.strategy == "fedmedian":
+        strategy = EdgeFedMedian(**common)
+    elif config.strategy == "fedtrimmedavg":
+        strategy = EdgeFedTrimmedAvg(beta=config.trim_beta, **common)
+    else:
+        strategy = EdgeKrum(num_malicious_nodes=config.krum_malicious, **common)
     strategy.attach(run)
     return strategy

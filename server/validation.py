@@ -9,6 +9,8 @@ import numpy as np
 
 from common import wire
 
+EXAMPLES_SLACK = 1.1  # a board may gain a few images mid-run, not multiply them
+
 
 def reject_reason(
     arrays: Mapping[str, np.ndarray] | None,
@@ -17,10 +19,17 @@ def reject_reason(
     expected_shapes: Mapping[str, tuple[int, ...]] | None,
     expected_fingerprint: str,
     max_norm: float = 1e4,
+    global_arrays: Mapping[str, np.ndarray] | None = None,
+    max_update_norm: float = 0.0,
+    examples_before: int | None = None,
 ) -> str | None:
     """Why this reply must not be aggregated, or None if it may.
 
-    ``expected_shapes`` is None for evaluation replies, which carry no arrays.
+    ``expected_shapes`` is None for evaluation replies, which carry no arrays. With
+    ``global_arrays`` and ``max_update_norm > 0`` the update (reply minus the global head it
+    started from) is bounded too. ``examples_before`` is what this node reported in its first
+    train reply: a count above it by more than ``EXAMPLES_SLACK`` is an inflated claim, which
+    would buy the node a larger weight in the average.
     """
     if reply_fingerprint != expected_fingerprint:
         return (
@@ -38,6 +47,8 @@ def reject_reason(
         return None
     if num_examples <= 0:
         return f"num-examples must be positive, got {num_examples}"
+    if examples_before is not None and num_examples > examples_before * EXAMPLES_SLACK:
+        return f"num-examples {int(num_examples)} is above the {examples_before} this node first reported"
     if arrays is None:
         return "reply carries no head arrays"
     if set(arrays) != set(expected_shapes):
@@ -52,5 +63,33 @@ def reject_reason(
             return f"array {name!r} contains NaN or Inf"
         norm = float(np.linalg.norm(array))
         if norm > max_norm:
-            return f"array {name!r} has norm {norm:.3g}, above the bound {max_norm:.3g}"
+            return f"array {name!r} has norm {norm:.3g}, above max-weight-norm={max_norm:.3g}"
+    if global_arrays is not None and max_update_norm > 0:
+        update = update_norm(arrays, global_arrays)
+        if update > max_update_norm:
+            return f"update norm {update:.3g} is above max-update-norm={max_update_norm:.3g}"
     return None
+
+
+def update_norm(arrays: Mapping[str, np.ndarray], start: Mapping[str, np.ndarray]) -> float:
+    """L2 norm of the whole update (all arrays together): how far a client moved the head."""
+    return math.sqrt(sum(float(np.sum((arrays[n].astype(np.float64) - start[n]) ** 2)) for n in start))
+
+
+def outliers(norms: Mapping[int, float], max_ratio: float, minimum: int = 3) -> dict[int, str]:
+    """Updates that moved the head more than ``max_ratio`` times the round's median update did.
+
+    A fixed bound cannot fit every round: honest updates shrink as the learning rate decays, so
+    a 1000x-scaled update late in a run can be smaller than an honest one early on. Relative to
+    the median it stands out in any round. Needs at least ``minimum`` updates to have a median
+    worth trusting; ``max_ratio`` 0 turns the check off.
+    """
+    if max_ratio <= 0 or len(norms) < minimum:
+        return {}
+    median = float(np.median(list(norms.values())))
+    return {
+        node: f"update norm {norm:.3g} is {norm / median:.0f}x the round's median {median:.3g} "
+        f"(max-update-ratio={max_ratio:g})"
+        for node, norm in norms.items()
+        if median > 0 and norm > max_ratio * median
+    }

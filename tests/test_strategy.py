@@ -8,6 +8,7 @@ import json
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -17,6 +18,7 @@ from flwr.supercore.task_identity import TaskIdentity
 
 from common import wire
 from common.config import RunConfig
+from server.checkpoint import Checkpoint
 from server.core import RoundRecord
 from server.runlog import RunLog
 from server.strategy import EdgeFedAvg, from_record, to_record
@@ -48,9 +50,35 @@ class StubRun:
     images_skipped: int = 0
     engine: str = "torch"
     variants: StubVariants = field(default_factory=lambda: StubVariants())
+    classes: tuple[str, ...] = ("a", "b")
+    checkpoint: Checkpoint | None = None
+    rounds: list[RoundRecord] = field(default_factory=list)
 
     def head_shapes(self) -> dict[str, tuple[int, ...]]:
         return SHAPES
+
+    @property
+    def start_round(self) -> int:
+        return self.checkpoint.round if self.checkpoint else 0
+
+    @property
+    def start_head(self) -> dict[str, np.ndarray]:
+        return dict(self.checkpoint.head) if self.checkpoint else _head(0.0)
+
+    def totals(self) -> dict[str, int]:
+        return {}
+
+    def instructions(self) -> dict[str, object]:
+        return {wire.SEED: 0}
+
+    def evaluate(self, arrays: dict[str, np.ndarray]) -> SimpleNamespace:
+        """Stands for central accuracy: the mean weight, so a test can tell heads apart."""
+        return SimpleNamespace(accuracy=float(arrays["weight"].mean()), macro_f1=0.0, loss=0.0)
+
+    def record_round(self, record: RoundRecord, report: SimpleNamespace) -> None:
+        record.accuracy = report.accuracy
+        self.rounds.append(record)
+        self.run_log.event("round-end", round=record.round, accuracy=record.accuracy)
 
 
 class StubGrid:

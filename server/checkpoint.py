@@ -1,0 +1,135 @@
+"""The server's checkpoint: everything a restarted server needs to go on from the last completed
+round, in one file written atomically (``<run>/checkpoint/latest.npz``).
+
+One ``.npz`` holds the global head (``head/<name>``), the strategy's own state (``strategy/<attr>/
+<name>``, e.g. FedAdam's moments) and a JSON document (``meta``): the round, the fingerprint,
+the class list, the strategy, the RNG state Flower samples nodes with, and the rounds so far.
+Plain Python and NumPy; no Flower imports.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+CHECKPOINT_DIR = "checkpoint"
+CHECKPOINT_FILE = "latest.npz"
+FORMAT_VERSION = 1
+
+
+class CheckpointError(ValueError):
+    """A checkpoint is missing, unreadable, or belongs to a different run setup."""
+
+
+@dataclass
+class Checkpoint:
+    round: int  # the last completed round
+    head: dict[str, np.ndarray]
+    fingerprint: str
+    classes: tuple[str, ...]
+    strategy: str
+    strategy_state: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)
+    random_state: Any = None  # random.getstate() as JSON-able lists
+    rounds: list[dict[str, Any]] = field(default_factory=list)  # summary.json's rounds so far
+    totals: dict[str, int] = field(default_factory=dict)  # embedding counts and the like
+
+    def save(self, run_dir: Path) -> Path:
+        """Write then rename: a crash leaves the previous checkpoint whole."""
+        directory = run_dir / CHECKPOINT_DIR
+        directory.mkdir(exist_ok=True)
+        arrays = {f"head/{name}": value for name, value in self.head.items()}
+        for attribute, state in self.strategy_state.items():
+            arrays.update({f"strategy/{attribute}/{name}": value for name, value in state.items()})
+        meta = {
+            "format": FORMAT_VERSION,
+            "round": self.round,
+            "fingerprint": self.fingerprint,
+            "classes": list(self.classes),
+            "strategy": self.strategy,
+            "random_state": self.random_state,
+            "rounds": self.rounds,
+            "totals": self.totals,
+        }
+        arrays["meta"] = np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)
+        path = directory / CHECKPOINT_FILE
+        temporary = directory / f".{CHECKPOINT_FILE}.tmp{os.getpid()}"
+        with temporary.open("wb") as handle:
+            np.savez(handle, **arrays)  # type: ignore[arg-type]
+            handle.flush()
+            os.fsync(handle.fileno())
+        temporary.replace(path)
+        return path
+
+    @classmethod
+    def load(cls, run_dir: Path) -> Checkpoint:
+        path = checkpoint_path(run_dir)
+        if not path.is_file():
+            raise CheckpointError(
+                f"No checkpoint in {str(run_dir)!r} (expected {path}). 'resume-from' must name the folder of "
+                "a run that completed at least one round, e.g. resume-from='runs/<run-id>'."
+            )
+        try:
+            with np.load(path, allow_pickle=False) as stored:
+                meta = json.loads(stored["meta"].tobytes().decode())
+                head: dict[str, np.ndarray] = {}
+                strategy_state: dict[str, dict[str, np.ndarray]] = {}
+                for key in stored.files:
+                    kind, _, rest = key.partition("/")
+                    if kind == "head":
+                        head[rest] = stored[key]
+                    elif kind == "strategy":
+                        attribute, _, name = rest.partition("/")
+                        strategy_state.setdefault(attribute, {})[name] = stored[key]
+        except Exception as error:  # truncated or foreign file
+            raise CheckpointError(f"Checkpoint {path} is unreadable ({type(error).__name__}: {error}).") from error
+        if meta.get("format") != FORMAT_VERSION:
+            raise CheckpointError(f"Checkpoint {path} has format {meta.get('format')}, expected {FORMAT_VERSION}.")
+        return cls(
+            round=int(meta["round"]),
+            head=head,
+            fingerprint=str(meta["fingerprint"]),
+            classes=tuple(meta["classes"]),
+            strategy=str(meta["strategy"]),
+            strategy_state=strategy_state,
+            random_state=meta["random_state"],
+            rounds=list(meta["rounds"]),
+            totals=dict(meta["totals"]),
+        )
+
+    def check_matches(self, fingerprint: str, classes: tuple[str, ...], strategy: str) -> None:
+        """Refuse to continue a run whose backbone, classes or strategy differ from this one's."""
+        if fingerprint != self.fingerprint:
+            raise CheckpointError(
+                f"The checkpoint was made with backbone fingerprint {self.fingerprint[:12]}, this run's backbone "
+                f"is {fingerprint[:12]}: its head does not fit these features. Resume with the same 'backbone', "
+                "'backbone-weights', 'image-size' and 'crop-pct', or start a new run without 'resume-from'."
+            )
+        if tuple(classes) != self.classes:
+            raise CheckpointError(
+                f"The checkpoint's classes are {list(self.classes)}, this run's are {list(classes)}. Resume with "
+                "the same dataset, 'elpv-task' or 'class-names', or start a new run without 'resume-from'."
+            )
+        if strategy != self.strategy:
+            raise CheckpointError(
+                f"The checkpoint was made by strategy {self.strategy!r}, this run asks for {strategy!r}; its state "
+                f"cannot carry over. Resume with strategy='{self.strategy}'."
+            )
+
+
+def checkpoint_path(run_dir: Path) -> Path:
+    return run_dir / CHECKPOINT_DIR / CHECKPOINT_FILE
+
+
+def random_state_to_json(state: tuple[Any, ...]) -> list[Any]:
+    version, internal, gauss = state
+    return [version, list(internal), gauss]
+
+
+def random_state_from_json(document: list[Any]) -> tuple[Any, ...]:
+    version, internal, gauss = document
+    return (version, tuple(internal), gauss)

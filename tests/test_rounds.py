@@ -1,0 +1,255 @@
+"""The server's round loop in process: checkpoints and resume, retries, stopping instead of
+waiting forever, screening poisoned updates, robust aggregation. A stand-in grid answers for the
+clients (honest or not); the real runtime is exercised in test_faults_runtime.py."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable, Iterable
+from pathlib import Path
+
+import numpy as np
+import pytest
+from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, MessageType, MetricRecord, RecordDict
+from flwr.supercore.task_identity import TaskIdentity
+
+from common import wire
+from common.config import RunConfig
+from server.checkpoint import Checkpoint, CheckpointError, checkpoint_path
+from server.core import RoundRecord
+from server.runlog import RunLog
+from server.strategy import EdgeFedAdam, EdgeFedAvg, EdgeFedMedian, EdgeKrum, EdgeSplitMixin, RunStopped, make_strategy
+from tests.test_strategy import FP, StubRun
+
+# A client's answer to a train message: (arrays, num-examples), or None for silence, or an Error.
+Behaviour = Callable[[int, int, dict[str, np.ndarray]], "tuple[dict[str, np.ndarray], int] | Error | None"]
+
+
+def honest(node: int, server_round: int, start: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray], int]:
+    """A deterministic small step that depends on who and when, like real local training."""
+    step = np.random.default_rng([node, server_round]).normal(0.0, 0.1, size=3).astype(np.float32)
+    return {"weight": start["weight"] + step, "bias": start["bias"] + step[:2]}, 10 * node
+
+
+class ClientsGrid:
+    """Connected nodes that answer the backbone question and train messages as told."""
+
+    def __init__(self, nodes: list[int], behaviour: dict[int, Behaviour] | None = None) -> None:
+        self.nodes = nodes
+        self.behaviour = behaviour or {}
+        self.trained: list[tuple[int, int]] = []  # (round, node) per train message answered
+
+    def get_node_ids(self) -> list[int]:
+        return list(self.nodes)
+
+    def send_and_receive(self, messages: Iterable[Message], timeout: float | None = None) -> list[Message]:
+        replies = []
+        for message in messages:
+            message.metadata.__dict__["_message_id"] = message.object_id  # what Flower does on push
+            node = message.metadata.dst_node_id
+            TaskIdentity.node_id = node
+            kind = message.metadata.message_type
+            if kind == MessageType.QUERY:
+                status = ConfigRecord({wire.ENGINE: "torch", wire.HELD_FINGERPRINT: FP})
+                replies.append(Message(RecordDict({wire.STATUS: status}), reply_to=message))
+                continue
+            status = ConfigRecord({wire.FINGERPRINT: FP})
+            if kind == MessageType.EVALUATE:
+                metrics = MetricRecord({wire.NUM_EXAMPLES: 0})
+                replies.append(Message(RecordDict({wire.METRICS: metrics, wire.STATUS: status}), reply_to=message))
+                continue
+            server_round = int(message.content.config_records[wire.CONFIG][wire.SERVER_ROUND])
+            start = {k: v.numpy() for k, v in message.content.array_records[wire.ARRAYS].items()}
+            answer = self.behaviour.get(node, honest)(node, server_round, start)
+            self.trained.append((server_round, node))
+            if answer is None:
+                continue
+            if isinstance(answer, Error):
+                replies.append(Message(answer, reply_to=message))
+                continue
+            arrays, examples = answer
+            content = RecordDict(
+                {
+                    wire.ARRAYS: ArrayRecord({k: Array(np.asarray(v, np.float32)) for k, v in arrays.items()}),
+                    wire.METRICS: MetricRecord({wire.NUM_EXAMPLES: examples}),
+                    wire.STATUS: status,
+                }
+            )
+            replies.append(Message(content, reply_to=message))
+        return replies
+
+
+@pytest.fixture(autouse=True)
+def task_identity() -> None:
+    TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 0
+
+
+def _strategy(run_dir: Path, resume: bool = False, **config: object) -> EdgeSplitMixin:
+    settings: dict[str, object] = {"min-clients": 2, "round-timeout": 5, **config}
+    run_config = RunConfig.from_flower(settings)
+    checkpoint = Checkpoint.load(run_dir) if resume else None
+    run = StubRun(RunLog(run_dir, resume=resume), config=run_config, checkpoint=checkpoint)
+    run.rounds = [RoundRecord(**record) for record in checkpoint.rounds] if checkpoint else []  # as ServerRun does
+    return make_strategy(run_config, run)  # type: ignore[arg-type]
+
+
+def _events(run_dir: Path) -> list[dict[str, object]]:
+    return [json.loads(line) for line in (run_dir / "events.jsonl").read_text().splitlines()]
+
+
+def _reasons(run_dir: Path) -> dict[int, str]:
+    return {int(e["node"]): str(e["reason"]) for e in _events(run_dir) if e["event"] == "client-rejected"}  # type: ignore[call-overload]
+
+
+# --- checkpoint and resume --------------------------------------------------------------------
+
+
+def test_every_round_is_checkpointed_atomically(tmp_path: Path) -> None:
+    strategy = _strategy(tmp_path / "run", **{"num-server-rounds": 3, "strategy": "fedadam"})
+    final = strategy.run_rounds(ClientsGrid([1, 2, 3]))  # type: ignore[arg-type]
+    checkpoint = Checkpoint.load(tmp_path / "run")
+    assert checkpoint.round == 3 and checkpoint.strategy == "fedadam"
+    for name in final:
+        np.testing.assert_array_equal(checkpoint.head[name], final[name])
+    assert set(checkpoint.strategy_state) == {"m_t", "v_t"}  # FedAdam's moments travel with it
+    assert [e["round"] for e in _events(tmp_path / "run") if e["event"] == "checkpoint"] == [1, 2, 3]
+    assert [p.name for p in checkpoint_path(tmp_path / "run").parent.iterdir()] == ["latest.npz"]  # no temp left
+
+
+@pytest.mark.parametrize("strategy_name", ["fedadam", "fedavg"])
+def test_a_resumed_run_ends_where_an_uninterrupted_one_does(tmp_path: Path, strategy_name: str) -> None:
+    # Half the nodes each round: the sampling RNG must resume too, not only the head and moments.
+    settings = {"strategy": strategy_name, "fraction-train": 0.5, "fraction-evaluate": 0.0}
+    nodes = [1, 2, 3, 4, 5, 6]
+    whole = _strategy(tmp_path / "whole", **settings, **{"num-server-rounds": 5})
+    expected = whole.run_rounds(ClientsGrid(nodes))  # type: ignore[arg-type]
+
+    first = _strategy(tmp_path / "split", **settings, **{"num-server-rounds": 2})
+    first.run_rounds(ClientsGrid(nodes))  # type: ignore[arg-type]  # ... and the server dies here
+    second = _strategy(tmp_path / "split", resume=True, **settings, **{"num-server-rounds": 5})
+    grid = ClientsGrid(nodes)
+    resumed = second.run_rounds(grid)  # type: ignore[arg-type]
+
+    assert sorted({r for r, _ in grid.trained}) == [3, 4, 5]  # nothing lost, nothing repeated
+    for name in expected:
+        np.testing.assert_allclose(resumed[name], expected[name], rtol=0, atol=1e-6)
+    assert [r["round"] for r in Checkpoint.load(tmp_path / "split").rounds] == [1, 2, 3, 4, 5]
+
+
+def test_a_checkpoint_of_another_backbone_classes_or_strategy_is_refused(tmp_path: Path) -> None:
+    _strategy(tmp_path / "run", **{"num-server-rounds": 1}).run_rounds(ClientsGrid([1, 2]))  # type: ignore[arg-type]
+    checkpoint = Checkpoint.load(tmp_path / "run")
+    with pytest.raises(CheckpointError, match="fingerprint"):
+        checkpoint.check_matches("0" * 64, ("a", "b"), "fedavg")
+    with pytest.raises(CheckpointError, match="classes"):
+        checkpoint.check_matches(FP, ("a", "b", "c"), "fedavg")
+    with pytest.raises(CheckpointError, match="strategy='fedavg'"):
+        checkpoint.check_matches(FP, ("a", "b"), "fedadam")
+    checkpoint.check_matches(FP, ("a", "b"), "fedavg")  # the same setup may resume
+
+
+def test_a_missing_or_damaged_checkpoint_is_a_clear_error(tmp_path: Path) -> None:
+    with pytest.raises(CheckpointError, match="resume-from"):
+        Checkpoint.load(tmp_path)
+    path = checkpoint_path(tmp_path)
+    path.parent.mkdir()
+    path.write_bytes(b"PK\x03\x04 not really a zip")
+    with pytest.raises(CheckpointError, match="unreadable"):
+        Checkpoint.load(tmp_path)
+
+
+# --- faults: retries, stopping, bounded waiting -------------------------------------------------
+
+
+def test_a_round_with_too_few_updates_is_retried(tmp_path: Path) -> None:
+    lost: list[int] = []
+
+    def flaky(node: int, server_round: int, start: dict[str, np.ndarray]) -> object:
+        """Node 1's first answer in round 2 is lost; one usable update is below min-clients=2."""
+        if server_round == 2 and not lost:
+            lost.append(server_round)
+            return None
+        return honest(node, server_round, start)
+
+    strategy = _strategy(tmp_path / "run", **{"num-server-rounds": 3, "min-clients": 2})
+    strategy.run_rounds(ClientsGrid([1, 2], {1: flaky}))  # type: ignore[arg-type, dict-item]
+    events = _events(tmp_path / "run")
+    assert [e["round"] for e in events if e["event"] == "round-retry"] == [2]
+    assert [(r.round, r.attempts, r.clients_failed) for r in strategy.run.rounds] == [(1, 1, 0), (2, 2, 1), (3, 1, 0)]
+
+
+def test_a_run_that_keeps_failing_stops_with_a_message_and_keeps_its_checkpoint(tmp_path: Path) -> None:
+    def dead_after_round_one(node: int, server_round: int, start: dict[str, np.ndarray]) -> object:
+        return honest(node, server_round, start) if server_round == 1 else Error(code=1, reason="crashed")
+
+    strategy = _strategy(tmp_path / "run", **{"num-server-rounds": 5, "round-retries": 1})
+    with pytest.raises(RunStopped, match=r"Round 2 .* 2 attempts.*resume-from="):
+        strategy.run_rounds(ClientsGrid([1, 2, 3], {2: dead_after_round_one, 3: dead_after_round_one}))  # type: ignore[arg-type, dict-item]
+    assert Checkpoint.load(tmp_path / "run").round == 1  # resumable from the last good round
+
+
+def test_waiting_for_nodes_that_never_come_is_bounded(tmp_path: Path) -> None:
+    strategy = _strategy(tmp_path / "run", **{"min-clients": 3, "node-wait-timeout": 1})
+    started = time.monotonic()
+    with pytest.raises(RunStopped, match=r"Only 2 node\(s\) connected within node-wait-timeout=1s"):
+        strategy.run_rounds(ClientsGrid([1, 2]))  # type: ignore[arg-type]
+    assert time.monotonic() - started < 10
+
+
+# --- poisoned updates ---------------------------------------------------------------------------
+
+
+def nan_update(node: int, server_round: int, start: dict[str, np.ndarray]) -> object:
+    arrays, examples = honest(node, server_round, start)
+    return {k: np.full_like(v, np.nan) for k, v in arrays.items()}, examples
+
+
+def scaled_update(node: int, server_round: int, start: dict[str, np.ndarray]) -> object:
+    arrays, examples = honest(node, server_round, start)
+    return {k: start[k] + 1000 * (v - start[k]) for k, v in arrays.items()}, examples
+
+
+def inflated_count(node: int, server_round: int, start: dict[str, np.ndarray]) -> object:
+    arrays, examples = honest(node, server_round, start)
+    return arrays, examples if server_round == 1 else 100 * examples
+
+
+def test_poisoned_updates_are_rejected_with_reasons_and_never_reach_the_head(tmp_path: Path) -> None:
+    nodes = list(range(1, 11))
+    clean = _strategy(tmp_path / "clean", **{"num-server-rounds": 3}).run_rounds(ClientsGrid(nodes))  # type: ignore[arg-type]
+    attacked = _strategy(tmp_path / "run", **{"num-server-rounds": 3, "max-update-norm": 0})  # ratio check alone
+    behaviour = {3: nan_update, 5: scaled_update, 7: inflated_count}
+    final = attacked.run_rounds(ClientsGrid(nodes, behaviour))  # type: ignore[arg-type, arg-type]
+    reasons = _reasons(tmp_path / "run")
+    assert "NaN" in reasons[3]
+    assert "median" in reasons[5] and "max-update-ratio=10" in reasons[5]
+    assert "num-examples 7000 is above the 70 this node first reported" in reasons[7]
+    assert attacked.run.rounds[-1].clients_rejected == 3
+    # Without the three, FedAvg moved less far, but never toward the attackers' numbers.
+    assert np.all(np.isfinite(final["weight"]))
+    assert float(np.abs(final["weight"] - clean["weight"]).max()) < 0.5
+
+
+def test_a_fixed_update_bound_rejects_a_large_update(tmp_path: Path) -> None:
+    strategy = _strategy(tmp_path / "run", **{"num-server-rounds": 1, "max-update-norm": 5.0, "max-update-ratio": 0})
+    strategy.run_rounds(ClientsGrid([1, 2, 3], {2: scaled_update}))  # type: ignore[arg-type, dict-item]
+    assert "above max-update-norm=5" in _reasons(tmp_path / "run")[2]
+
+
+@pytest.mark.parametrize("name, kind", [("fedmedian", EdgeFedMedian), ("krum", EdgeKrum)])
+def test_robust_aggregation_ignores_an_outlier_that_passes_the_checks(
+    tmp_path: Path, name: str, kind: type[EdgeSplitMixin]
+) -> None:
+    def pull(node: int, server_round: int, start: dict[str, np.ndarray]) -> object:
+        return {k: v + 3.0 for k, v in start.items()}, 10 * node  # large, finite, within every bound here
+
+    settings = {"num-server-rounds": 1, "strategy": name, "min-clients": 5, "max-update-ratio": 0}
+    strategy = _strategy(tmp_path / name, **settings)
+    assert isinstance(strategy, kind)
+    final = strategy.run_rounds(ClientsGrid([1, 2, 3, 4, 5], {4: pull}))  # type: ignore[arg-type, dict-item]
+    assert float(np.abs(final["weight"]).max()) < 1.0  # the median / Krum's pick is an honest update
+    mean = _strategy(tmp_path / "fedavg", **{**settings, "strategy": "fedavg"})
+    assert isinstance(mean, EdgeFedAvg) and not isinstance(mean, EdgeFedAdam)
+    averaged = mean.run_rounds(ClientsGrid([1, 2, 3, 4, 5], {4: pull}))  # type: ignore[arg-type, dict-item]
+    assert float(np.abs(averaged["weight"]).max()) > 0.4  # the plain average follows it
