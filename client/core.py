@@ -18,6 +18,7 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 
+from client.faults import before_work, fault_of, flip_labels, poison
 from client.telemetry import device_metrics
 from common import wire
 from common.backbones import BackboneError, build_backbone, fingerprint, get_spec
@@ -340,7 +341,10 @@ class EdgeClient:
             log.info("%s: embedding local images with the %s engine", self.name, engine)
             train, test = self.data.train, self.data.test
             # One pass over both shares: one progress stream, one warning about bad images.
-            files = LabelledFiles(train.paths + test.paths, train.labels + test.labels, train.class_names)
+            # (Both shares carry the folder's skipped files: count them once.)
+            files = LabelledFiles(
+                train.paths + test.paths, train.labels + test.labels, train.class_names, skipped=train.skipped
+            )
             cache = EmbeddingCache(self.cache_dir / "embeddings", variant)
             try:
                 embedded = embed_files(
@@ -363,6 +367,8 @@ class EdgeClient:
         self, arrays: Mapping[str, np.ndarray], instructions: Instructions
     ) -> tuple[dict[str, np.ndarray], dict[str, float]]:
         """Train the head from the global weights; returns (head arrays, metrics)."""
+        fault = fault_of(self.config, self.node.partition_id, instructions.server_round)
+        before_work(fault, self.config)
         data = self.embedded(instructions)
         if len(data.train_y) == 0:
             raise ValueError(f"{self.name} has no usable training images (all skipped).")
@@ -370,7 +376,7 @@ class EdgeClient:
         result = train_head(
             head,
             data.train_x,
-            data.train_y,
+            flip_labels(fault, data.train_y, instructions.num_classes),
             epochs=instructions.local_epochs,
             learning_rate=instructions.learning_rate,
             batch_size=instructions.batch_size,
@@ -387,10 +393,11 @@ class EdgeClient:
             **self._embedding_metrics(data),
             **device_metrics(),
         }
-        return head_arrays(head.classifier), metrics
+        return poison(fault, head_arrays(head.classifier), arrays), metrics
 
     def evaluate(self, arrays: Mapping[str, np.ndarray], instructions: Instructions) -> dict[str, float]:
         """Score the global head on this device's local test share."""
+        before_work(fault_of(self.config, self.node.partition_id, instructions.server_round), self.config)
         data = self.embedded(instructions)
         head = self._head(arrays, instructions)
         report = evaluate_head(head, data.test_x, data.test_y, instructions.num_classes)

@@ -17,11 +17,14 @@ from common.data import class_names_for
 from common.engines import ENGINE_CHOICES
 from common.heads import HEAD_KINDS
 
-STRATEGIES = ("fedavg", "fedadam", "fedprox")
+STRATEGIES = ("fedavg", "fedadam", "fedprox", "fedmedian", "fedtrimmedavg", "krum")
+ROBUST_STRATEGIES = ("fedmedian", "fedtrimmedavg", "krum")
 PARTITIONERS = ("iid", "dirichlet", "pathological")
 DATASETS = ("elpv", "folder")
 ELPV_TASKS = ("4-level", "binary")
 LR_SCHEDULES = ("cosine", "constant")
+# Faults a simulated client can be told to commit (scenario runs and tests; see client/faults.py).
+FAULT_KINDS = ("nan-update", "scaled-update", "label-flip", "crash", "straggle")
 
 
 class ConfigError(ValueError):
@@ -53,6 +56,19 @@ class RunConfig:
     round_timeout: float = _key(600.0, "seconds to wait for replies in one round", **_range(1, 86_400))
     proximal_mu: float = _key(0.01, "FedProx proximal term weight", **_range(0.0, 100.0))
     server_learning_rate: float = _key(0.01, "FedAdam server step size (eta)", **_range(0.0, 10.0))
+    trim_beta: float = _key(0.1, "fedtrimmedavg: share cut from each end per coordinate", **_range(0.0, 0.49))
+    krum_malicious: int = _key(1, "krum: how many malicious clients to tolerate", **_range(0, 10_000))
+    round_retries: int = _key(2, "retries of a round with fewer than min-clients usable updates", **_range(0, 100))
+    node_wait_timeout: float = _key(300.0, "seconds to wait for min-clients nodes to connect", **_range(1, 86_400))
+    resume_from: str = _key("", "run folder to continue from its checkpoint (e.g. runs/<run-id>)")
+    # Screening of client updates (server/validation.py)
+    max_update_norm: float = _key(
+        50.0, "reject an update whose L2 distance to the global head exceeds this (0: off)", **_range(0.0, 1e12)
+    )
+    max_update_ratio: float = _key(
+        10.0, "reject an update more than this many times the round's median (0: off)", **_range(0.0, 1e12)
+    )
+    max_weight_norm: float = _key(1e4, "reject a reply with an array whose L2 norm exceeds this", **_range(1e-6, 1e12))
     # Backbone and head
     backbone: str = _key("efficientnet_lite0", "frozen backbone", **_choice(*available_backbones()))
     backbone_weights: str = _key("", "weights file for a backbone without embedded weights")
@@ -83,6 +99,10 @@ class RunConfig:
     dirichlet_alpha: float = _key(0.3, "Dirichlet concentration (lower: more skewed)", **_range(1e-3, 1e6))
     classes_per_client: int = _key(2, "pathological partitioner: classes per client", **_range(1, 10_000))
     seed: int = _key(42, "seed for splits, partitions, head init and sampling", **_range(0, 2**31 - 1))
+    # Injected faults, for scenario runs and tests (simulated clients, by partition id)
+    fault_clients: str = _key("", f"partition:fault pairs, e.g. '3:nan-update,5:label-flip'; faults {FAULT_KINDS}")
+    fault_dropout: float = _key(0.0, "chance that a simulated client drops out of a round", **_range(0.0, 1.0))
+    fault_delay: float = _key(30.0, "seconds a 'straggle' client sleeps before replying", **_range(0.0, 86_400))
     # Where things go
     cache_dir: str = _key("", "backbone and embedding cache (default: ~/.cache/edgesplit)")
     runs_dir: str = _key("runs", "where runs/<run-id>/ folders are written")
@@ -112,6 +132,12 @@ class RunConfig:
                 raise ConfigError(
                     "dataset='folder' needs 'server-test-dir': an ImageFolder the server holds for central evaluation."
                 )
+        self.faults()  # raises on a malformed list
+        if self.strategy == "krum" and self.min_clients < 2 * self.krum_malicious + 3:
+            raise ConfigError(
+                f"strategy='krum' with krum-malicious={self.krum_malicious} needs min-clients >= "
+                f"{2 * self.krum_malicious + 3} (Krum scores each update against n - f - 2 others)."
+            )
         if self.partitioner == "pathological" and self.classes_per_client > len(self.classes()):
             raise ConfigError(
                 f"'classes-per-client' ({self.classes_per_client}) exceeds the number of classes "
@@ -124,6 +150,19 @@ class RunConfig:
 
     def class_list(self) -> tuple[str, ...]:
         return tuple(name.strip() for name in self.class_names.split(",") if name.strip())
+
+    def faults(self) -> dict[int, str]:
+        """``fault-clients`` as {partition id: fault}."""
+        faults: dict[int, str] = {}
+        for item in filter(None, (part.strip() for part in self.fault_clients.split(","))):
+            partition, _, kind = item.partition(":")
+            if not partition.strip().isdigit() or kind.strip() not in FAULT_KINDS:
+                raise ConfigError(
+                    f"Run-config key 'fault-clients' must list partition:fault pairs such as '3:nan-update', with "
+                    f"faults {list(FAULT_KINDS)}; got {item!r}."
+                )
+            faults[int(partition)] = kind.strip()
+        return faults
 
     def resolved_cache_dir(self) -> Path:
         raw = self.cache_dir or os.environ.get("EDGESPLIT_CACHE_DIR", "")
