@@ -12,7 +12,8 @@ from pathlib import Path
 
 import numpy as np
 
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
+# torchvision ImageFolder's list, so a folder that works there works here
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".gif", ".ppm", ".pgm")
 ELPV_CLASS_NAMES = {
     "4-level": ("p0", "p1/3", "p2/3", "p1"),
     "binary": ("functional", "defective"),
@@ -31,6 +32,7 @@ class LabelledFiles:
     labels: tuple[int, ...]
     class_names: tuple[str, ...]
     notes: tuple[str, ...] = field(default=())  # problems found that did not stop loading
+    skipped: tuple[tuple[str, str], ...] = field(default=())  # (path, reason): files found but not usable
 
     def __post_init__(self) -> None:
         if len(self.paths) != len(self.labels):
@@ -45,6 +47,7 @@ class LabelledFiles:
             labels=tuple(self.labels[i] for i in indices),
             class_names=self.class_names,
             notes=self.notes,
+            skipped=self.skipped,
         )
 
     def class_counts(self) -> list[int]:
@@ -94,7 +97,10 @@ def scan_image_folder(root: str | Path, class_names: tuple[str, ...]) -> Labelle
 
     ``class_names`` comes from the run config so that every client maps a name to the same index.
     Class folders the run does not know, and known classes without images, are noted rather
-    than fatal: the client can still train on what it has.
+    than fatal: the client can still train on what it has. Every file in a class folder is either
+    listed for use or in ``skipped`` with the reason: not an image (by extension), empty, or a
+    symbolic link that leads out of ``root`` (which could expose files the operator did not mean
+    to share with training). Whether an image decodes is found out when it is embedded.
     """
     root = Path(root).expanduser()
     if not root.is_dir():
@@ -109,18 +115,25 @@ def scan_image_folder(root: str | Path, class_names: tuple[str, ...]) -> Labelle
         notes.append(f"ignored class folders not in the run's class list: {unknown}")
     paths: list[str] = []
     labels: list[int] = []
+    skipped: list[tuple[str, str]] = []
     empty = []
+    real_root = root.resolve()
     for index, name in enumerate(class_names):
         folder = root / name
-        files = (
-            sorted(p for p in folder.glob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
-            if folder.is_dir()
-            else []
-        )
-        if not files:
+        entries = sorted(folder.iterdir()) if folder.is_dir() else []
+        usable = 0
+        for entry in entries:
+            reason = _unusable(entry, real_root)
+            if reason == "folder":
+                continue  # a sub-folder (or another class, such as ELPV's p1/3 inside p1)
+            if reason:
+                skipped.append((str(entry), reason))
+                continue
+            paths.append(str(entry))
+            labels.append(index)
+            usable += 1
+        if not usable:
             empty.append(name)
-        paths.extend(str(p) for p in files)
-        labels.extend([index] * len(files))
     if empty:
         notes.append(f"no images for classes: {empty}")
     if not paths:
@@ -128,7 +141,27 @@ def scan_image_folder(root: str | Path, class_names: tuple[str, ...]) -> Labelle
             f"Data folder {str(root)!r} holds no images of the run's classes {list(class_names)} "
             f"(found class folders {folders}). Expected {root}/<class name>/*.png|jpg|..."
         )
-    return LabelledFiles(tuple(paths), tuple(labels), tuple(class_names), tuple(notes))
+    return LabelledFiles(tuple(paths), tuple(labels), tuple(class_names), tuple(notes), tuple(skipped))
+
+
+def _unusable(entry: Path, real_root: Path) -> str:
+    """Why a class folder's entry is not an image to embed ("folder" for sub-folders), or ""."""
+    try:
+        if entry.is_symlink():
+            target = entry.resolve()
+            if not target.is_relative_to(real_root):
+                return "symlink out of the data folder"
+        if entry.is_dir():
+            return "folder"
+        if not entry.is_file():
+            return "unreadable (broken link or not a regular file)"
+        if entry.suffix.lower() not in IMAGE_EXTENSIONS:
+            return "not an image file (extension)"
+        if entry.stat().st_size == 0:
+            return "empty file"
+    except OSError as error:
+        return f"unreadable ({type(error).__name__})"
+    return ""
 
 
 # --- splits and partitions ---------------------------------------------------------------------

@@ -20,7 +20,7 @@ import numpy as np
 
 from common.data import LabelledFiles
 from common.engines import Engine
-from common.preprocess import DECODE_ERRORS, PreprocessSpec, decode_image
+from common.preprocess import DECODE_ERRORS, PreprocessSpec, UnusableImage, decode_image
 
 log = logging.getLogger(__name__)
 
@@ -64,12 +64,17 @@ class EmbedStats:
 
     computed: int = 0
     cached: int = 0
-    skipped: Counter[str] = field(default_factory=Counter)
+    skipped_files: list[tuple[str, str]] = field(default_factory=list)  # (path, reason)
     seconds: float = 0.0
 
     @property
+    def skipped(self) -> Counter[str]:
+        """Skipped files counted by reason."""
+        return Counter(reason for _, reason in self.skipped_files)
+
+    @property
     def num_skipped(self) -> int:
-        return sum(self.skipped.values())
+        return len(self.skipped_files)
 
 
 @dataclass
@@ -96,12 +101,13 @@ def embed_files(
 ) -> Embedded:
     """Embeddings for every decodable file, from the cache where possible.
 
-    Files that cannot be read or decoded are skipped and counted by reason, with one warning
-    for the whole call; the rest go on. ``load_engine`` is called only if some image is not in
+    Files that cannot be read or decoded are skipped and counted by reason, with the files the
+    folder scan already set aside (``files.skipped``), in one warning for the whole call; the
+    rest go on. ``load_engine`` is called only if some image is not in
     the cache. Memory stays bounded by one batch of decoded images plus the features.
     """
     started = time.perf_counter()
-    stats = EmbedStats()
+    stats = EmbedStats(skipped_files=list(files.skipped))
     # First pass hashes only, so memory stays bounded by one batch of decoded images.
     keys: list[str] = []  # "" marks an unreadable file
     for path in files.paths:
@@ -109,7 +115,7 @@ def embed_files(
             keys.append(_file_sha256(path))
         except OSError as error:
             keys.append("")
-            stats.skipped[f"unreadable ({type(error).__name__})"] += 1
+            stats.skipped_files.append((path, f"unreadable ({type(error).__name__})"))
     cached = cache.get_many(k for k in keys if k)
     to_compute = [i for i, k in enumerate(keys) if k and k not in cached]
     stats.cached = sum(1 for k in keys if k and k in cached)
@@ -124,7 +130,8 @@ def embed_files(
                 images.append(preprocess(decode_image(Path(files.paths[i]).read_bytes())))
                 batch_indices.append(i)
             except DECODE_ERRORS as error:
-                stats.skipped[f"undecodable ({type(error).__name__})"] += 1
+                reason = error.reason if isinstance(error, UnusableImage) else f"unreadable ({type(error).__name__})"
+                stats.skipped_files.append((files.paths[i], reason))
                 first_bad = first_bad or f"{files.paths[i]}: {error}"
         if images:
             if engine is None:
@@ -142,9 +149,9 @@ def embed_files(
             "%s: skipped %d of %d images (%s); first: %s",
             who,
             stats.num_skipped,
-            len(files),
+            len(files) + len(files.skipped),
             dict(stats.skipped),
-            first_bad or "unreadable file",
+            first_bad or (stats.skipped_files[0][0] if stats.skipped_files else ""),
         )
 
     kept = [i for i, k in enumerate(keys) if k and k in cached]

@@ -8,14 +8,26 @@ from __future__ import annotations
 import io
 import json
 import math
+import warnings
 from dataclasses import asdict, dataclass
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
-# What a bad file can raise while decoding; PIL's decompression-bomb guard stays on, so a huge
-# image is skipped like a corrupt one.
-DECODE_ERRORS = (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError)
+MAX_PIXELS = 64_000_000  # larger images are refused before decoding (a 64 MP photo is ~200 MB as RGB)
+
+
+class UnusableImage(ValueError):
+    """A file's bytes are not an image we can use. ``reason`` is a short category for counting
+    (e.g. "undecodable (UnidentifiedImageError)"); the message adds the details."""
+
+    def __init__(self, reason: str, detail: str = "") -> None:
+        super().__init__(f"{reason}: {detail}" if detail else reason)
+        self.reason = reason
+
+
+# What reading and decoding one untrusted file can raise: the file is skipped, the client goes on.
+DECODE_ERRORS = (UnusableImage, OSError)
 
 _INTERPOLATIONS = {"bicubic": Image.Resampling.BICUBIC, "bilinear": Image.Resampling.BILINEAR}
 
@@ -64,7 +76,7 @@ class PreprocessSpec:
 
     def __call__(self, image: Image.Image) -> np.ndarray:
         """Resize the short side, centre-crop, normalise; returns a CHW float32 array."""
-        image = image.convert("RGB")
+        image = to_rgb(image)
         resize_to = math.floor(self.image_size / self.crop_pct)
         width, height = image.size
         scale = resize_to / min(width, height)
@@ -82,7 +94,47 @@ class PreprocessSpec:
 
 
 def decode_image(data: bytes) -> Image.Image:
-    """Decode fully (not lazily) so that truncated files fail here, not inside the batch."""
-    image = Image.open(io.BytesIO(data))
-    image.load()
-    return image
+    """Decode fully (not lazily) into RGB, so that a bad file fails here, not inside the batch.
+
+    The bytes are untrusted: whatever Pillow raises on them (there are many exception types for
+    many formats) becomes ``UnusableImage`` naming the cause. Huge images are refused from their
+    header, before their pixels are decoded.
+    """
+    # Pillow warns about damage it works around (corrupt EXIF, odd tags); what matters is whether
+    # the image decodes, and a skipped file is reported once, by the caller.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            image = Image.open(io.BytesIO(data))
+            width, height = image.size
+            if width * height > MAX_PIXELS:
+                raise UnusableImage(
+                    "too large", f"{width}x{height} pixels, limit {MAX_PIXELS // 1_000_000} MP; downscale it"
+                )
+            image.load()
+            return to_rgb(image)
+        except UnusableImage:
+            raise
+        except Image.DecompressionBombError as error:  # Pillow's own guard, for even larger images
+            raise UnusableImage("too large", f"{error} Downscale it.") from error
+        except Exception as error:  # untrusted input: any failure means this file is unusable
+            raise UnusableImage(f"undecodable ({type(error).__name__})", str(error)) from error
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """Any Pillow mode as 8-bit RGB. High-bit-depth greyscale (16-bit PNG and TIFF, 32-bit integer
+    and float) is scaled to 8 bits rather than clipped, which would turn it white; transparency
+    is dropped, as torchvision's ImageFolder loader does."""
+    if image.mode == "RGB":
+        return image
+    if image.mode.startswith("I;16") or image.mode in ("I", "F"):
+        values = np.asarray(image, dtype=np.float64)
+        if image.mode == "F":
+            top = 1.0 if values.size and np.nanmax(values) <= 1.0 else 255.0
+        else:
+            top = 65535.0 if values.size and np.max(values) > 255 else 255.0
+        scaled = np.nan_to_num(np.clip(values / top, 0.0, 1.0) * 255.0)
+        return Image.fromarray(scaled.round().astype(np.uint8), mode="L").convert("RGB")
+    if image.mode == "P":  # palette transparency needs RGBA first (Pillow warns otherwise)
+        image = image.convert("RGBA")
+    return image.convert("RGB")
