@@ -260,3 +260,32 @@ def test_node_config_engine_overrides_the_runs_and_is_checked():
         NodeConfig.from_flower({"engine": "tensorrt"})
     with pytest.raises(ConfigError, match="'engine' must be one of"):
         RunConfig.from_flower({"engine": "int8"})
+
+
+def test_fault_clients_parse_by_partition_and_bad_entries_name_the_key():
+    config = RunConfig.from_flower({"fault-clients": "3:nan-update, 5:label-flip"})
+    assert config.faults() == {3: "nan-update", 5: "label-flip"}
+    for bad in ("3:explode", "x:crash", "3"):
+        with pytest.raises(ConfigError, match=r"'fault-clients'.*nan-update"):
+            RunConfig.from_flower({"fault-clients": bad})
+
+
+def test_krum_needs_enough_clients_for_its_assumption():
+    with pytest.raises(ConfigError, match="min-clients >= 5"):
+        RunConfig.from_flower({"strategy": "krum", "krum-malicious": 1, "min-clients": 4})
+    assert RunConfig.from_flower({"strategy": "krum", "krum-malicious": 1, "min-clients": 5}).strategy == "krum"
+
+
+@pytest.mark.parametrize(
+    "key, value",
+    [
+        ("trim-beta", 0.5),
+        ("round-retries", -1),
+        ("node-wait-timeout", 0),
+        ("fault-dropout", 1.5),
+        ("max-update-ratio", -1),
+    ],
+)
+def test_new_reliability_keys_are_range_checked(key, value):
+    with pytest.raises(ConfigError, match=f"'{key}' must be in"):
+        RunConfig.from_flower({key: value})
