@@ -66,7 +66,7 @@ class RunConfig:
         50.0, "reject an update whose L2 distance to the global head exceeds this (0: off)", **_range(0.0, 1e12)
     )
     max_update_ratio: float = _key(
-        10.0, "reject an update more than this many times the round's median (0: off)", **_range(0.0, 1e12)
+        100.0, "reject an update more than this many times the round's median (0: off)", **_range(0.0, 1e12)
     )
     max_weight_norm: float = _key(1e4, "reject a reply with an array whose L2 norm exceeds this", **_range(1e-6, 1e12))
     # Backbone and head
@@ -104,6 +104,7 @@ class RunConfig:
     fault_dropout: float = _key(0.0, "chance that a simulated client drops out of a round", **_range(0.0, 1.0))
     fault_delay: float = _key(30.0, "seconds a 'straggle' client sleeps before replying", **_range(0.0, 86_400))
     # Where things go
+    export_model: bool = _key(True, "write the deployable model (ONNX, int8, TorchScript) after the last round")
     cache_dir: str = _key("", "backbone and embedding cache (default: ~/.cache/edgesplit)")
     runs_dir: str = _key("runs", "where runs/<run-id>/ folders are written")
     run_name: str = _key("", "name of the run folder (default: time stamp and Flower run id)")
@@ -179,7 +180,12 @@ class RunConfig:
 
 
 def _check(key: str, field: dataclasses.Field[Any], value: Any) -> Any:
-    expected = field.type if isinstance(field.type, type) else {"int": int, "float": float, "str": str}[str(field.type)]
+    types = {"int": int, "float": float, "str": str, "bool": bool}
+    expected = field.type if isinstance(field.type, type) else types[str(field.type)]
+    if expected is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"Run-config key '{key}' must be true or false, got {type(value).__name__} {value!r}.")
+        return value
     if expected is float and isinstance(value, int) and not isinstance(value, bool):
         value = float(value)
     if expected is int and isinstance(value, float) and value.is_integer():

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -54,7 +55,7 @@ def export_onnx(
         )
     if program is None:
         raise RuntimeError("torch.onnx.export returned no program; is onnxscript installed?")
-    temporary = path.with_suffix(".tmp")
+    temporary = path.with_suffix(f".tmp{os.getpid()}")  # atomic, even with another process at it
     program.save(str(temporary))
     temporary.replace(path)
 
@@ -95,13 +96,13 @@ def quantize_int8(fp32_path: Path, int8_path: Path, calibration: np.ndarray, kee
     model = onnx.load(str(fp32_path))
     input_name = model.graph.input[0].name
     convs = [node.name for node in model.graph.node if node.op_type == "Conv"]
-    prepared = int8_path.with_suffix(".prepared.onnx")
+    prepared = int8_path.with_suffix(f".prepared{os.getpid()}.onnx")
     int8_path.parent.mkdir(parents=True, exist_ok=True)
     try:
         quant_pre_process(str(fp32_path), str(prepared))
         quantize_static(
             str(prepared),
-            str(int8_path.with_suffix(".tmp")),
+            str(int8_path.with_suffix(f".tmp{os.getpid()}")),
             Batches(),
             quant_format=QuantFormat.QDQ,
             per_channel=True,
@@ -109,7 +110,7 @@ def quantize_int8(fp32_path: Path, int8_path: Path, calibration: np.ndarray, kee
             weight_type=QuantType.QInt8,
             nodes_to_exclude=convs[:keep_float_convs],
         )
-        int8_path.with_suffix(".tmp").replace(int8_path)
+        int8_path.with_suffix(f".tmp{os.getpid()}").replace(int8_path)
     finally:
         prepared.unlink(missing_ok=True)
 

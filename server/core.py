@@ -254,7 +254,7 @@ class ServerRun:
                 "preprocess": asdict(self.preprocess),
             },
         )
-        model_dir = self.export(final_arrays)
+        model_dir = self.export(final_arrays) if self.config.export_model else None
         summary = {
             "final": {
                 "accuracy": report.accuracy,

@@ -8,6 +8,7 @@ once per backbone and cache folder, and only for an engine some client or the se
 
 from __future__ import annotations
 
+import fcntl
 import logging
 import threading
 from collections.abc import Callable
@@ -72,6 +73,13 @@ class BackboneVariants:
         return OnnxEngine(self.path(engine), num_threads)
 
     def _ensure(self, engine: str) -> Path:
+        # Another server process may share this cache: one makes a variant, the other waits for it.
+        self.directory.mkdir(parents=True, exist_ok=True)
+        with (self.directory / ".lock").open("w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            return self._make(engine)
+
+    def _make(self, engine: str) -> Path:
         fp32 = self.directory / "backbone.onnx"
         if not fp32.is_file():
             log.info("Exporting backbone %s to ONNX (once per backbone)", self.name)

@@ -13,8 +13,9 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -41,8 +42,11 @@ def flower_env(flwr_home: Path, extra: Mapping[str, str] | None = None) -> dict[
 
 
 @contextlib.contextmanager
-def simulation_superlink(flwr_home: Path, env: Mapping[str, str] | None = None) -> Iterator[dict[str, str]]:
-    """A SuperLink in simulation mode on free loopback ports; yields the env for ``flwr run``.
+def simulation_superlink(
+    flwr_home: Path, env: Mapping[str, str] | None = None
+) -> Iterator[tuple[dict[str, str], subprocess.Popen[bytes]]]:
+    """A SuperLink in simulation mode on free loopback ports; yields the env for ``flwr run``
+    and the SuperLink's process (its group holds the whole simulated federation).
 
     Loopback only, so it runs without TLS: nothing leaves this machine.
     """
@@ -75,7 +79,7 @@ def simulation_superlink(flwr_home: Path, env: Mapping[str, str] | None = None) 
         )
     try:
         wait_for_port(port, process, log_path)
-        yield run_env
+        yield run_env, process
     finally:
         stop_process(process)
 
@@ -108,7 +112,12 @@ def run_config_arg(overrides: Mapping[str, Any]) -> str:
     """Flower's --run-config syntax: strings quoted, numbers bare."""
     parts = []
     for key, value in overrides.items():
-        parts.append(f"{key}={value!r}".replace("'", '"') if isinstance(value, str) else f"{key}={value}")
+        if isinstance(value, bool):
+            parts.append(f"{key}={str(value).lower()}")
+        elif isinstance(value, str):
+            parts.append(f"{key}={value!r}".replace("'", '"'))
+        else:
+            parts.append(f"{key}={value}")
     return " ".join(parts)
 
 
@@ -119,18 +128,20 @@ def flwr_run(
     env: Mapping[str, str] | None = None,
     timeout: float = 1800,
     stream_to: Any = None,
+    kill_when: Callable[[], bool] | None = None,
+    federation: Mapping[str, Any] | None = None,
 ) -> subprocess.CompletedProcess[str]:
-    """``flwr run . --stream`` against a private simulation SuperLink; returns the output."""
-    with simulation_superlink(flwr_home, env) as run_env:
-        command = [
-            "flwr",
-            "run",
-            str(PROJECT_ROOT),
-            CONNECTION,
-            "--stream",
-            "--federation-config",
-            f"num-supernodes={num_supernodes}",
-        ]
+    """``flwr run . --stream`` against a private simulation SuperLink; returns the output.
+
+    ``kill_when``: polled every 0.1 s; once true, the SuperLink's whole process group (server
+    and simulated clients) is killed with SIGKILL, as a power cut would. ``federation``: more
+    simulation settings (e.g. ``client_resources_num_cpus``), beside ``num-supernodes``.
+    """
+    with simulation_superlink(flwr_home, env) as (run_env, superlink):
+        settings = " ".join(
+            f"{key}={value}" for key, value in {"num-supernodes": num_supernodes, **(federation or {})}.items()
+        )
+        command = ["flwr", "run", str(PROJECT_ROOT), CONNECTION, "--stream", "--federation-config", settings]
         if run_config:
             command += ["--run-config", run_config_arg(run_config)]
         process = subprocess.Popen(
@@ -141,6 +152,8 @@ def flwr_run(
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
         )
+        if kill_when is not None:
+            threading.Thread(target=_kill_when, args=(kill_when, superlink, process), daemon=True).start()
         lines = []
         assert process.stdout is not None
         started = time.monotonic()
@@ -154,6 +167,37 @@ def flwr_run(
                 break
         returncode = process.wait()
         return subprocess.CompletedProcess(command, returncode, "".join(lines), "")
+
+
+def _kill_when(condition: Callable[[], bool], superlink: subprocess.Popen[bytes], run: subprocess.Popen[str]) -> None:
+    while run.poll() is None:
+        if condition():
+            # The simulation runtime runs in its own session, outside the SuperLink's process
+            # group: kill every descendant, found before any of them dies.
+            for pid in [*descendants(superlink.pid), superlink.pid]:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+            superlink.wait()
+            run.kill()
+            return
+        time.sleep(0.1)
+
+
+def descendants(pid: int) -> list[int]:
+    """Every process below ``pid`` (Linux: from /proc)."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            parent = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue  # exited while we looked
+        children.setdefault(parent, []).append(int(stat.parent.name))
+    found, queue = [], [pid]
+    while queue:
+        below = children.get(queue.pop(), [])
+        found += below
+        queue += below
+    return found
 
 
 def run_child(module: str, setup: Mapping[str, Any], timeout: float = 1800) -> dict[str, Any]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -64,7 +65,28 @@ class RealLite0:
 
 
 @pytest.fixture(scope="session")
-def real_lite0(tmp_path_factory: pytest.TempPathFactory) -> RealLite0:
+def server_engines(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One folder of server-made backbone variants for the whole test session, xdist workers
+    included: exporting and calibrating Lite0 costs ~20 s of CPU, and every Flower run with a
+    fresh cache would pay it again. ``BackboneVariants`` locks the folder while it makes one."""
+    base = tmp_path_factory.getbasetemp()
+    root = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+    path = root / "shared-server-engines"
+    path.mkdir(exist_ok=True)
+    return path
+
+
+def with_server_engines(cache: Path, engines: Path) -> Path:
+    """A run cache whose server variants are the session's shared ones (node caches stay fresh)."""
+    link = cache / "server" / "engines"
+    if not link.exists():
+        link.parent.mkdir(parents=True, exist_ok=True)
+        link.symlink_to(engines, target_is_directory=True)
+    return cache
+
+
+@pytest.fixture(scope="session")
+def real_lite0(server_engines: Path) -> RealLite0:
     from common.backbones import build_backbone, fingerprint, load_backbone_weights, preprocess_for
     from common.data import elpv_split
     from common.export import calibration_images
@@ -75,7 +97,7 @@ def real_lite0(tmp_path_factory: pytest.TempPathFactory) -> RealLite0:
     preprocess = preprocess_for(name, 224, 1.0)
     client_share, server_test = elpv_split("4-level", 0, 0.25, 42)
     variants = BackboneVariants(
-        tmp_path_factory.mktemp("engines"),
+        server_engines,
         name,
         state,
         preprocess,

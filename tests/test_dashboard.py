@@ -25,7 +25,7 @@ from server.report import PLOTS, write_report
 from server.runlog import RunLog
 from server.runview import RunView
 from simulations.federation import flwr_run, free_port, stop_process, wait_for_port
-from tests.conftest import REPO_ROOT
+from tests.conftest import REPO_ROOT, with_server_engines
 
 CHROMIUM = "/usr/bin/chromium"
 
@@ -162,7 +162,7 @@ def _get(port: int, path: str, headers: dict[str, str] | None = None) -> tuple[i
 
 
 @pytest.mark.flower
-def test_live_dashboard_in_a_real_browser(tmp_path: Path) -> None:
+def test_live_dashboard_in_a_real_browser(tmp_path: Path, server_engines: Path) -> None:
     from playwright.sync_api import sync_playwright
 
     assert Path(CHROMIUM).is_file(), "Debian's chromium is missing: `make setup` installs it"
@@ -172,7 +172,7 @@ def test_live_dashboard_in_a_real_browser(tmp_path: Path) -> None:
         "subset": 240,
         "num-server-rounds": 3,
         "local-epochs": 1,
-        "cache-dir": str(tmp_path / "cache"),
+        "cache-dir": str(with_server_engines(tmp_path / "cache", server_engines)),
         "runs-dir": str(tmp_path / "runs"),
         "run-name": "live",
     }

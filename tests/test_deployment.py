@@ -26,7 +26,7 @@ from cryptography import x509
 
 from server.credentials import make_credentials
 from simulations.deployment import Board, LocalDeployment
-from tests.conftest import write_image_folder
+from tests.conftest import with_server_engines, write_image_folder
 
 pytestmark = pytest.mark.flower
 
@@ -70,7 +70,7 @@ def _wait_for_line(path: Path, text: str, timeout: float) -> None:
     raise AssertionError(f"{text!r} did not appear in {path} within {timeout}s")
 
 
-def test_tls_authenticated_deployment_with_a_board_dying_mid_round(tmp_path: Path) -> None:
+def test_tls_authenticated_deployment_with_a_board_dying_mid_round(tmp_path: Path, server_engines: Path) -> None:
     # board-1 lacks "crack" and has a class folder the run does not know; it must say so, not crash.
     # The victim has many large images, so that it is still embedding when it is killed.
     folders = {
@@ -81,6 +81,7 @@ def test_tls_authenticated_deployment_with_a_board_dying_mid_round(tmp_path: Pat
     for seed, (name, (counts, size)) in enumerate(folders.items()):
         write_image_folder(tmp_path / "data" / name, counts, seed=seed, size=size)
     write_image_folder(tmp_path / "server-test", CLASSES, seed=9)
+    with_server_engines(tmp_path / "server-cache", server_engines)
     boards = [Board(f"board-{i}", {"data-dir": str(tmp_path / "data" / f"board-{i}")}) for i in range(3)]
     # The victim runs the torch engine (its node config overrides the run's "auto"): slow enough
     # to be caught embedding, and proof that one run serves boards of different engines.
@@ -144,7 +145,7 @@ def test_tls_authenticated_deployment_with_a_board_dying_mid_round(tmp_path: Pat
         # The victim restarts: it still holds the verified backbone, so nothing big is sent.
         deployment.start_supernode(VICTIM)
         deployment.wait_until_online(3, timeout=90)
-        _finish(deployment.submit(_run_config(tmp_path, "second", rounds=1)))
+        _finish(deployment.submit(_run_config(tmp_path, "second", rounds=1) | {"export-model": False}))
         summary, events = _summary_and_events(tmp_path, "second")
         assert summary["rounds"][0]["backbones_sent"] == 0
         assert summary["rounds"][0]["clients_ok"] == 3
@@ -159,6 +160,7 @@ def test_tls_authenticated_deployment_with_a_board_dying_mid_round(tmp_path: Pat
             "backbone-weights": str(tmp_path / "resnet18.pt"),
             "image-size": 64,
             "engine": "torch",  # the float32 weights themselves, for every board
+            "export-model": False,  # (exporting makes ResNet-18's ONNX and int8 forms: not under test here)
         }
         _finish(deployment.submit(_run_config(tmp_path, "large", rounds=1) | large))
         summary, _ = _summary_and_events(tmp_path, "large")

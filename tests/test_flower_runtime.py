@@ -15,7 +15,7 @@ import pytest
 from client.privacy import AUDIT_LOG_ENV
 from common.heads import head_arrays, make_head
 from simulations.federation import flwr_run
-from tests.conftest import write_image_folder
+from tests.conftest import with_server_engines, write_image_folder
 
 pytestmark = pytest.mark.flower
 
@@ -27,7 +27,10 @@ def _events(run_dir: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in (run_dir / "events.jsonl").read_text().splitlines()]
 
 
-def _run(tmp: Path, name: str, cache: Path, extra: dict[str, Any] | None = None, clients: int = 3) -> dict[str, Any]:
+def _run(
+    tmp: Path, name: str, cache: Path, engines: Path, extra: dict[str, Any] | None = None, clients: int = 3
+) -> dict[str, Any]:
+    with_server_engines(cache, engines)
     audit = tmp / f"{name}-audit.jsonl"
     config = {**SMALL_RUN, "cache-dir": str(cache), "runs-dir": str(tmp / "runs"), "run-name": name, **(extra or {})}
     result = flwr_run(config, clients, tmp / "flwr-home", env={AUDIT_LOG_ENV: str(audit)}, timeout=600)
@@ -44,11 +47,11 @@ def _run(tmp: Path, name: str, cache: Path, extra: dict[str, Any] | None = None,
 
 
 @pytest.fixture(scope="module")
-def elpv_runs(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict[str, Any], dict[str, Any]]:
+def elpv_runs(tmp_path_factory: pytest.TempPathFactory, server_engines: Path) -> tuple[dict[str, Any], dict[str, Any]]:
     """The same small ELPV run twice with one cache: the second must find everything cached."""
     tmp = tmp_path_factory.mktemp("elpv")
-    first = _run(tmp, "first", tmp / "cache")
-    second = _run(tmp, "second", tmp / "cache")
+    first = _run(tmp, "first", tmp / "cache", server_engines)
+    second = _run(tmp, "second", tmp / "cache", server_engines)
     return first, second
 
 
@@ -144,19 +147,25 @@ def test_every_reply_holds_only_head_arrays_and_numbers(elpv_runs: tuple[dict[st
             assert reply["arrays"] == {}
 
 
-def test_user_folders_and_a_client_without_data(tmp_path: Path) -> None:
+def test_user_folders_and_a_client_without_data(tmp_path: Path, server_engines: Path) -> None:
     """ImageFolder data per client; one client's folder is missing, one has an unknown class and
-    a corrupt image. The federation goes on with the others and the log says why."""
+    a corrupt image, one odd files. The federation goes on with the others and the log says why."""
     data = tmp_path / "data"
     write_image_folder(data / "client-0", {"ok": 6, "crack": 6}, seed=0)
     write_image_folder(data / "client-1", {"ok": 5, "crack": 4, "smudge": 3}, seed=1)
     (data / "client-1" / "crack" / "broken.png").write_bytes(b"not a png at all")
+    # More that a board's folder may hold: an empty file, a note, a link out of the data folder.
+    (data / "client-0" / "ok" / "empty.png").write_bytes(b"")
+    (data / "client-0" / "ok" / "notes.txt").write_text("calibrated on Tuesday")
+    (tmp_path / "private.png").write_bytes((data / "client-0" / "ok" / "0.png").read_bytes())
+    (data / "client-0" / "crack" / "link.png").symlink_to(tmp_path / "private.png")
     write_image_folder(tmp_path / "server-test", {"ok": 4, "crack": 4}, seed=2)
     # client-2 has no folder at all
     run = _run(
         tmp_path,
         "folders",
         tmp_path / "cache",
+        server_engines,
         extra={
             "subset": 0,
             "dataset": "folder",
@@ -165,6 +174,7 @@ def test_user_folders_and_a_client_without_data(tmp_path: Path) -> None:
             "server-test-dir": str(tmp_path / "server-test"),
             "image-size": 64,
             "min-clients": 2,
+            "export-model": False,
         },
     )
     summary, events = run["summary"], run["events"]
@@ -173,7 +183,7 @@ def test_user_folders_and_a_client_without_data(tmp_path: Path) -> None:
     assert len(failures) == 2 and all("client-2" in e["reason"] for e in failures)
     notes = [e.get("notes", "") for e in events if e["event"] == "client-reply"]
     assert any("smudge" in note for note in notes)
-    assert summary["embedding"]["skipped"] == 1  # the corrupt image, counted once
+    assert summary["embedding"]["skipped"] == 4  # corrupt, empty, not an image, link out: counted once
     assert summary["classes"] == ["ok", "crack"]
     assert np.asarray(summary["final"]["confusion_matrix"]).sum() == 8
 
@@ -195,9 +205,9 @@ def test_user_folders_and_a_client_without_data(tmp_path: Path) -> None:
     ids=["fedprox-mlp-iid", "fedadam-binary-pathological"],
 )
 def test_other_strategies_heads_and_tasks(
-    tmp_path: Path, extra: dict[str, Any], head_shapes: dict[str, list[int]], classes: list[str]
+    tmp_path: Path, server_engines: Path, extra: dict[str, Any], head_shapes: dict[str, list[int]], classes: list[str]
 ) -> None:
-    run = _run(tmp_path, "variant", tmp_path / "cache", extra=extra)
+    run = _run(tmp_path, "variant", tmp_path / "cache", server_engines, extra={**extra, "export-model": False})
     summary = run["summary"]
     engines = {e["engine"] for e in run["events"] if e["event"] == "client-reply"}
     assert engines == {extra.get("engine", "onnx-int8")}

@@ -1,0 +1,111 @@
+"""Faults through the real Flower runtime: the server killed mid-run and restarted, poisoned and
+crashing clients, a run that cannot go on. Small ELPV runs (a few hundred images, 3-5 clients)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from server.checkpoint import Checkpoint, CheckpointError
+from simulations.federation import flwr_run
+from tests.conftest import with_server_engines
+
+pytestmark = pytest.mark.flower
+
+SMALL = {"subset": 240, "local-epochs": 2, "partitioner": "iid", "export-model": False}
+
+
+def _events(run_dir: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in (run_dir / "events.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory: pytest.TempPathFactory, server_engines: Path) -> Path:
+    """One cache for the module's runs: each image is embedded once, as on a board."""
+    return with_server_engines(tmp_path_factory.mktemp("faults") / "cache", server_engines)
+
+
+def _run(tmp: Path, name: str, clients: int, cache: Path, expect_ok: bool = True, **kwargs: Any) -> dict[str, Any]:
+    config = {**SMALL, "cache-dir": str(cache), "runs-dir": str(tmp / "runs"), "run-name": name}
+    config.update(kwargs.pop("config", {}))
+    result = flwr_run(config, clients, tmp / f"flwr-home-{name}", timeout=600, **kwargs)
+    run_dir = tmp / "runs" / name
+    if expect_ok:
+        assert result.returncode == 0, result.stdout[-4000:]
+    summary = run_dir / "summary.json"
+    return {
+        "summary": json.loads(summary.read_text()) if summary.is_file() else None,
+        "events": _events(run_dir) if (run_dir / "events.jsonl").is_file() else [],
+        "output": result.stdout,
+        "run_dir": run_dir,
+    }
+
+
+def _checkpointed_round(run_dir: Path) -> int:
+    try:
+        return Checkpoint.load(run_dir).round
+    except CheckpointError:
+        return 0
+
+
+def test_a_killed_server_resumes_and_ends_like_an_uninterrupted_run(tmp_path: Path, cache: Path) -> None:
+    rounds = {"num-server-rounds": 3}
+    reference = _run(tmp_path, "reference", 3, cache, config=rounds)
+
+    # The same run, killed (SIGKILL to the SuperLink's process group: server and clients) once a
+    # round is checkpointed. One slow client keeps the later rounds long enough to land in.
+    slow = {**rounds, "fault-clients": "0:straggle", "fault-delay": 2.0}
+    run_dir = tmp_path / "runs" / "interrupted"
+    killed = _run(
+        tmp_path,
+        "interrupted",
+        3,
+        cache,
+        expect_ok=False,
+        config=slow,
+        kill_when=lambda: _checkpointed_round(run_dir) >= 1,
+    )
+    assert killed["summary"] is None  # it really died mid-run
+    reached = _checkpointed_round(run_dir)
+    assert 1 <= reached < 3
+
+    # A fresh SuperLink; the run continues from its checkpoint with one setting.
+    resumed = _run(tmp_path, "resumed", 3, cache, config={**rounds, "resume-from": str(run_dir)})
+    assert not (tmp_path / "runs" / "resumed").exists()  # it continued in the original folder
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert [r["round"] for r in summary["rounds"]] == [1, 2, 3]  # no round lost or repeated
+    events = _events(run_dir)
+    restart = next(i for i, e in enumerate(events) if e["event"] == "run-resumed")
+    assert events[restart]["from_round"] == reached
+    trained_after = {e["round"] for e in events[restart:] if e["event"] == "client-reply" and e["phase"] == "train"}
+    assert trained_after == set(range(reached + 1, 4))
+    expected = reference["summary"]["final"]["accuracy"]
+    assert abs(summary["final"]["accuracy"] - expected) <= 0.005, (summary["final"]["accuracy"], expected)
+    assert resumed["output"]  # (kept for the failure message above)
+
+
+def test_poisoned_and_crashing_clients_are_kept_out_and_the_run_goes_on(tmp_path: Path, cache: Path) -> None:
+    faults = {"fault-clients": "1:nan-update,2:scaled-update,3:crash", "num-server-rounds": 2, "min-clients": 2}
+    run = _run(tmp_path, "poisoned", 5, cache, config=faults)
+    summary, events = run["summary"], run["events"]
+    assert [(r["clients_ok"], r["clients_rejected"], r["clients_failed"]) for r in summary["rounds"]] == [(2, 2, 1)] * 2
+    reasons = [e["reason"] for e in events if e["event"] == "client-rejected" and e["phase"] == "train"]
+    assert sum("NaN" in r for r in reasons) == 2
+    assert sum("max-update-ratio" in r or "max-update-norm" in r for r in reasons) == 2
+    crashes = [e["reason"] for e in events if e["event"] == "client-failed" and e["phase"] == "train"]
+    assert len(crashes) == 2 and all("injected fault: crash" in r for r in crashes)
+    assert summary["stopped"] is None and 0.0 < summary["final"]["accuracy"] <= 1.0
+
+
+def test_a_run_without_enough_usable_clients_stops_with_a_clear_message(tmp_path: Path, cache: Path) -> None:
+    faults = {"fault-clients": "1:crash,2:crash", "min-clients": 2, "round-retries": 1}
+    run = _run(tmp_path, "stopped", 3, cache, expect_ok=False, config=faults)
+    summary = run["summary"]
+    assert summary is not None and summary["completed_rounds"] == 0
+    assert "Round 1 got fewer than min-clients=2 usable updates in 2 attempts" in summary["stopped"]
+    assert "resume-from=" in summary["stopped"]
+    assert [e["attempt"] for e in run["events"] if e["event"] == "round-retry"] == [2]
+    assert "Round 1 got fewer than min-clients=2" in run["output"]  # the operator sees it in the stream
