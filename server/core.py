@@ -95,7 +95,6 @@ class ServerRun:
         return {
             "embedding_computed": self.embedding_computed,
             "embedding_cached": self.embedding_cached,
-            "images_skipped": self.images_skipped,
         }
 
     # --- start ------------------------------------------------------------------------------
@@ -154,9 +153,10 @@ class ServerRun:
         if checkpoint is not None:
             run.checkpoint = checkpoint
             run.rounds = [RoundRecord(**record) for record in checkpoint.rounds]
+            # Embedding work adds up over the run's processes; skipped images are a property of
+            # the data, and every client reports its own again after the restart.
             run.embedding_computed += checkpoint.totals.get("embedding_computed", 0)
             run.embedding_cached += checkpoint.totals.get("embedding_cached", 0)
-            run.images_skipped = checkpoint.totals.get("images_skipped", run.images_skipped)
             if run.rounds:
                 run.final_report = run.evaluate(checkpoint.head)
         run_log.event(

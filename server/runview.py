@@ -53,6 +53,7 @@ class RunView:
     timeline: dict[int, dict[int, dict[str, Any]]] = field(default_factory=dict)  # round -> node -> cell
     problems: list[dict[str, Any]] = field(default_factory=list)
     ended: bool = False
+    stopped: str | None = None  # why the run ended early, if it did
     _joined: dict[int, set[int]] = field(default_factory=dict)
 
     def refresh(self) -> bool:
@@ -88,10 +89,14 @@ class RunView:
         kind, time = event.get("event"), float(event.get("time", 0.0))
         if kind == "run-start":
             self.started = event
+        elif kind == "run-resumed":
+            # A restarted server goes on after its checkpoint: rounds logged past it were redone.
+            self.started, self.ended, self.stopped = event, False, None
+            self.rounds = [r for r in self.rounds if int(r.get("round", 0)) <= int(event.get("from_round", 0))]
         elif kind == "round-end":
             self.rounds.append(event)
         elif kind == "run-end":
-            self.ended = True
+            self.ended, self.stopped = True, event.get("stopped")
         elif kind in ("client-reply", "client-failed", "client-rejected"):
             self._apply_client(kind, event, time)
 
@@ -128,6 +133,11 @@ class RunView:
     def _cell(self, server_round: int, node: int, status: str, seconds: float, reason: str = "") -> None:
         self.timeline.setdefault(server_round, {})[node] = {"status": status, "seconds": seconds, "reason": reason}
 
+    def _status(self) -> str:
+        if self.ended:
+            return f"stopped: {self.stopped}" if self.stopped else "finished"
+        return "running" if self.started else "waiting for the run to start"
+
     def state(self) -> dict[str, Any]:
         """Everything the dashboard shows, JSON-ready."""
         self.refresh()
@@ -139,7 +149,7 @@ class RunView:
             shown_rounds = sorted(self.timeline)[-TIMELINE_ROUNDS:]
             return {
                 "run_dir": str(self.run_dir),
-                "status": "finished" if summary else ("running" if self.started else "waiting for the run to start"),
+                "status": self._status(),
                 "config": config.get("run_config", {}),
                 "classes": config.get("classes", []),
                 "backbone": {

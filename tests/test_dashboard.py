@@ -63,6 +63,22 @@ def _small_run(run_dir: Path) -> RunLog:
     return log
 
 
+def test_run_view_follows_a_stop_and_a_resume_without_repeating_rounds(tmp_path: Path) -> None:
+    log = _small_run(tmp_path / "run")
+    log.event("round-end", **_round_end(2, 0.55))  # logged, but the server died before checkpointing it
+    log.event("run-end", final_accuracy=0.55, stopped="Round 3 got fewer than min-clients=2 usable updates")
+    view = RunView(tmp_path / "run")
+    assert view.state()["status"].startswith("stopped: Round 3")
+    log.event("run-resumed", from_round=1, engine="onnx-int8")
+    assert view.state()["status"] == "running"
+    log.event("round-end", **_round_end(2, 0.6))
+    log.event("round-end", **_round_end(3, 0.7))
+    log.event("run-end", final_accuracy=0.7, stopped=None)
+    state = view.state()
+    assert [(r["round"], r["accuracy"]) for r in state["rounds"]] == [(1, 0.5), (2, 0.6), (3, 0.7)]
+    assert state["status"] == "finished" and state["backbone"]["engine"] == "onnx-int8"
+
+
 def test_run_view_reads_only_new_lines_and_puts_troubled_clients_first(tmp_path: Path) -> None:
     log = _small_run(tmp_path / "run")
     view = RunView(tmp_path / "run")

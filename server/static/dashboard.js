@@ -145,7 +145,7 @@ function timeline(container, columns, clients) {
 function render(state) {
   const status = document.getElementById("status");
   status.textContent = state.status;
-  status.className = `status ${state.status.split(" ")[0]}`;
+  status.className = `status ${state.status.split(/[ :]/)[0]}`;
   const meta = document.getElementById("meta");
   meta.replaceChildren();
   const facts = [
