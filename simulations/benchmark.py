@@ -83,10 +83,7 @@ def plot_rounds(cold: dict[str, Any], probe_accuracy: float, path: Path) -> None
     right.set(xlabel="round", ylabel="bytes", title="backbone once (round 1), then heads only")
     right.legend(fontsize=8)
     right.grid(alpha=0.3, which="both")
-    figure.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, dpi=110)
-    plt.close(figure)
+    save_figure(figure, path)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -146,6 +143,16 @@ def main(argv: list[str] | None = None) -> int:
         f"![accuracy per round and bytes sent](docs/{plot_path.name})\n",
     )
     return 0
+
+
+def save_figure(figure: Any, path: Path) -> None:
+    """A benchmark's plot as a PNG beside BENCHMARKS.md (docs/), for the section to link."""
+    import matplotlib.pyplot as plt
+
+    figure.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
 
 
 def markdown_table(rows: Sequence[Sequence[str]], columns: Sequence[str] = ("measure", "value")) -> str:

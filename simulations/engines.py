@@ -142,10 +142,9 @@ def plot_engines(results: dict[str, dict[str, Any]], probes: dict[str, float], p
     axes.set(ylabel="images / s", title="EfficientNet-Lite0 at 224 px on this CPU (ELPV images)")
     axes.legend(fontsize=8)
     axes.grid(alpha=0.3, axis="y")
-    figure.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, dpi=110)
-    plt.close(figure)
+    from simulations.benchmark import save_figure
+
+    save_figure(figure, path)
 
 
 def _cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:

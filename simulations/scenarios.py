@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from server.checkpoint import Checkpoint, CheckpointError
-from simulations.benchmark import markdown_table, update_section
+from simulations.benchmark import markdown_table, save_figure, update_section
 from simulations.federation import PROJECT_ROOT, flwr_run
 
 COMMAND = "python -m simulations.scenarios"
@@ -131,10 +131,7 @@ def plot(results: list[dict[str, Any]], path: Path) -> None:
     axis.set(xlabel="round", ylabel="held-out accuracy", title=f"ELPV 4-level, {CLIENTS} clients, Dirichlet 0.3")
     axis.grid(alpha=0.3)
     axis.legend(fontsize=7, ncol=2, loc="lower right")
-    figure.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, dpi=110)
-    plt.close(figure)
+    save_figure(figure, path)
 
 
 def main(argv: list[str] | None = None) -> int:
