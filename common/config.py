@@ -17,8 +17,7 @@ from common.data import class_names_for
 from common.engines import ENGINE_CHOICES
 from common.heads import HEAD_KINDS
 
-STRATEGIES = ("fedavg", "fedadam", "fedprox", "fedmedian", "fedtrimmedavg", "krum")
-ROBUST_STRATEGIES = ("fedmedian", "fedtrimmedavg", "krum")
+STRATEGIES = ("fedavg", "fedadam", "fedprox", "fedmedian", "fedtrimmedavg", "krum", "multikrum")
 PARTITIONERS = ("iid", "dirichlet", "pathological")
 DATASETS = ("elpv", "folder")
 ELPV_TASKS = ("4-level", "binary")
@@ -56,8 +55,8 @@ class RunConfig:
     round_timeout: float = _key(600.0, "seconds to wait for replies in one round", **_range(1, 86_400))
     proximal_mu: float = _key(0.01, "FedProx proximal term weight", **_range(0.0, 100.0))
     server_learning_rate: float = _key(0.01, "FedAdam server step size (eta)", **_range(0.0, 10.0))
-    trim_beta: float = _key(0.1, "fedtrimmedavg: share cut from each end per coordinate", **_range(0.0, 0.49))
-    krum_malicious: int = _key(1, "krum: how many malicious clients to tolerate", **_range(0, 10_000))
+    trim_beta: float = _key(0.2, "fedtrimmedavg: share cut from each end per coordinate", **_range(0.0, 0.49))
+    krum_malicious: int = _key(1, "krum, multikrum: how many malicious clients to tolerate", **_range(0, 10_000))
     round_retries: int = _key(2, "retries of a round with fewer than min-clients usable updates", **_range(0, 100))
     node_wait_timeout: float = _key(300.0, "seconds to wait for min-clients nodes to connect", **_range(1, 86_400))
     resume_from: str = _key("", "run folder to continue from its checkpoint (e.g. runs/<run-id>)")
@@ -134,9 +133,9 @@ class RunConfig:
                     "dataset='folder' needs 'server-test-dir': an ImageFolder the server holds for central evaluation."
                 )
         self.faults()  # raises on a malformed list
-        if self.strategy == "krum" and self.min_clients < 2 * self.krum_malicious + 3:
+        if self.strategy in ("krum", "multikrum") and self.min_clients < 2 * self.krum_malicious + 3:
             raise ConfigError(
-                f"strategy='krum' with krum-malicious={self.krum_malicious} needs min-clients >= "
+                f"strategy='{self.strategy}' with krum-malicious={self.krum_malicious} needs min-clients >= "
                 f"{2 * self.krum_malicious + 3} (Krum scores each update against n - f - 2 others)."
             )
         if self.partitioner == "pathological" and self.classes_per_client > len(self.classes()):

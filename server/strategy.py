@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid
-from flwr.serverapp.strategy import FedAdam, FedAvg, FedMedian, FedProx, FedTrimmedAvg, Krum
+from flwr.serverapp.strategy import FedAdam, FedAvg, FedMedian, FedProx, FedTrimmedAvg, Krum, MultiKrum
 
 from common import wire
 from common.config import RunConfig
@@ -439,7 +439,21 @@ class EdgeKrum(EdgeSplitMixin, Krum):
     """Krum: the one update closest to its n - f - 2 nearest neighbours."""
 
 
-EdgeStrategy = EdgeFedAvg | EdgeFedProx | EdgeFedAdam | EdgeFedMedian | EdgeFedTrimmedAvg | EdgeKrum
+class EdgeMultiKrum(EdgeSplitMixin, MultiKrum):
+    """Multi-Krum: drop the ``krum-malicious`` updates with the worst Krum scores each round,
+    then average the rest weighted by examples, as FedAvg does. Keeps FedAvg's use of every
+    honest client's data where Krum keeps one update and the median ignores the weights."""
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        replies = list(replies)
+        # How many survive depends on how many answered (and passed screening) this round.
+        self.num_nodes_to_select = max(1, len(replies) - self.num_malicious_nodes)
+        return super().aggregate_train(server_round, replies)
+
+
+EdgeStrategy = EdgeFedAvg | EdgeFedProx | EdgeFedAdam | EdgeFedMedian | EdgeFedTrimmedAvg | EdgeKrum | EdgeMultiKrum
 
 
 def make_strategy(config: RunConfig, run: ServerRun) -> EdgeStrategy:
@@ -461,7 +475,9 @@ def make_strategy(config: RunConfig, run: ServerRun) -> EdgeStrategy:
         strategy = EdgeFedMedian(**common)
     elif config.strategy == "fedtrimmedavg":
         strategy = EdgeFedTrimmedAvg(beta=config.trim_beta, **common)
-    else:
+    elif config.strategy == "krum":
         strategy = EdgeKrum(num_malicious_nodes=config.krum_malicious, **common)
+    else:
+        strategy = EdgeMultiKrum(num_malicious_nodes=config.krum_malicious, **common)
     strategy.attach(run)
     return strategy

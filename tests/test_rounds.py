@@ -19,7 +19,16 @@ from common.config import RunConfig
 from server.checkpoint import Checkpoint, CheckpointError, checkpoint_path
 from server.core import RoundRecord
 from server.runlog import RunLog
-from server.strategy import EdgeFedAdam, EdgeFedAvg, EdgeFedMedian, EdgeKrum, EdgeSplitMixin, RunStopped, make_strategy
+from server.strategy import (
+    EdgeFedAdam,
+    EdgeFedAvg,
+    EdgeFedMedian,
+    EdgeKrum,
+    EdgeMultiKrum,
+    EdgeSplitMixin,
+    RunStopped,
+    make_strategy,
+)
 from tests.test_strategy import FP, StubRun
 
 # A client's answer to a train message: (arrays, num-examples), or None for silence, or an Error.
@@ -237,7 +246,7 @@ def test_a_fixed_update_bound_rejects_a_large_update(tmp_path: Path) -> None:
     assert "above max-update-norm=5" in _reasons(tmp_path / "run")[2]
 
 
-@pytest.mark.parametrize("name, kind", [("fedmedian", EdgeFedMedian), ("krum", EdgeKrum)])
+@pytest.mark.parametrize("name, kind", [("fedmedian", EdgeFedMedian), ("krum", EdgeKrum), ("multikrum", EdgeMultiKrum)])
 def test_robust_aggregation_ignores_an_outlier_that_passes_the_checks(
     tmp_path: Path, name: str, kind: type[EdgeSplitMixin]
 ) -> None:
