@@ -439,18 +439,22 @@ class EdgeKrum(EdgeSplitMixin, Krum):
     """Krum: the one update closest to its n - f - 2 nearest neighbours."""
 
 
-class EdgeMultiKrum(EdgeSplitMixin, MultiKrum):
-    """Multi-Krum: drop the ``krum-malicious`` updates with the worst Krum scores each round,
-    then average the rest weighted by examples, as FedAvg does. Keeps FedAvg's use of every
-    honest client's data where Krum keeps one update and the median ignores the weights."""
+class _MultiKrumOfWhatArrived(MultiKrum):
+    """Flower's Multi-Krum keeps a fixed number of updates; keep all but ``num_malicious_nodes``
+    of those that arrived and passed screening (the mixin screens before this runs)."""
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         replies = list(replies)
-        # How many survive depends on how many answered (and passed screening) this round.
         self.num_nodes_to_select = max(1, len(replies) - self.num_malicious_nodes)
         return super().aggregate_train(server_round, replies)
+
+
+class EdgeMultiKrum(EdgeSplitMixin, _MultiKrumOfWhatArrived):
+    """Multi-Krum: drop the ``krum-malicious`` updates with the worst Krum scores each round,
+    then average the rest weighted by examples, as FedAvg does. Keeps FedAvg's use of every
+    honest client's data where Krum keeps one update and the median ignores the weights."""
 
 
 EdgeStrategy = EdgeFedAvg | EdgeFedProx | EdgeFedAdam | EdgeFedMedian | EdgeFedTrimmedAvg | EdgeKrum | EdgeMultiKrum

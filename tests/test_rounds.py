@@ -262,3 +262,12 @@ def test_robust_aggregation_ignores_an_outlier_that_passes_the_checks(
     assert isinstance(mean, EdgeFedAvg) and not isinstance(mean, EdgeFedAdam)
     averaged = mean.run_rounds(ClientsGrid([1, 2, 3, 4, 5], {4: pull}))  # type: ignore[arg-type, dict-item]
     assert float(np.abs(averaged["weight"]).max()) > 0.4  # the plain average follows it
+
+
+def test_multikrum_drops_the_assumed_number_after_screening(tmp_path: Path) -> None:
+    """Screening removes the NaN client; Multi-Krum still drops its one most outlying update of
+    the nine left, so that one attacker who passes the checks cannot hide behind one who did not."""
+    settings = {"num-server-rounds": 1, "strategy": "multikrum", "min-clients": 5, "max-update-ratio": 0}
+    strategy = _strategy(tmp_path / "run", **settings)
+    strategy.run_rounds(ClientsGrid(list(range(1, 11)), {3: nan_update}))  # type: ignore[arg-type, dict-item]
+    assert isinstance(strategy, EdgeMultiKrum) and strategy.num_nodes_to_select == 8
