@@ -35,15 +35,22 @@ def main(argv: list[str] | None = None) -> int:
 
     overrides = parse_run_config(args.run_config)
     overrides.setdefault("runs-dir", str(PROJECT_ROOT / "runs"))
+    if overrides.get("resume-from"):  # relative to where the user is, not where Flower runs the app
+        overrides["resume-from"] = str(Path(str(overrides["resume-from"])).expanduser().resolve())
     config = RunConfig.from_flower(overrides)  # fail fast, before starting Flower
     started = time.time()
     result = flwr_run(overrides, args.clients, PROJECT_ROOT / ".flwr", stream_to=sys.stdout)
-    summaries = [p for p in Path(config.runs_dir).glob("*/summary.json") if p.stat().st_mtime >= started]
+    candidates = [Path(config.resume_from) / "summary.json"] if config.resume_from else []
+    candidates += Path(config.runs_dir).glob("*/summary.json")
+    summaries = [p for p in candidates if p.is_file() and p.stat().st_mtime >= started]
     if result.returncode != 0 or not summaries:
         print(f"\nThe run did not finish (exit code {result.returncode}); see the log above.", file=sys.stderr)
         return 1
     summary_path = max(summaries, key=lambda p: p.stat().st_mtime)
     summary = json.loads(summary_path.read_text())
+    if summary.get("stopped"):
+        print(f"\nThe run stopped early: {summary['stopped']}", file=sys.stderr)
+        return 1
     if not args.no_reference and config.dataset == "elpv":
         print("\nCentralised reference probe on the same training embeddings (experimenter's view)...")
         probe = centralised_probe(config, args.clients)
