@@ -110,24 +110,40 @@ def run_scenario(scenario: Scenario, rounds: int, cache: Path, runs: Path) -> di
     }
 
 
+FAULT_SCENARIOS = ("clean", "dropouts", "stragglers", "restart")  # the left panel; poisoning on the right
+
+
 def plot(results: list[dict[str, Any]], path: Path) -> None:
+    """Accuracy per round: faults and restart on the left, one poisoned client on the right
+    (clean on both, as the reference)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    figure, axis = plt.subplots(figsize=(9, 4.2))
-    for result in results:
-        rounds = range(1, len(result["per_round"]) + 1)
-        axis.plot(
-            rounds,
-            result["per_round"],
-            lw=2.2 if result["scenario"].name == "clean" else 1.2,
-            label=result["scenario"].name,
-        )
-    axis.set(xlabel="round", ylabel="held-out accuracy", title=f"ELPV 4-level, {CLIENTS} clients, Dirichlet 0.3")
-    axis.grid(alpha=0.3)
-    axis.legend(fontsize=7, ncol=2, loc="lower right")
+    figure, panels = plt.subplots(1, 2, figsize=(12, 4.4), sharey=True)
+    groups = (
+        [r for r in results if r["scenario"].name in FAULT_SCENARIOS],
+        [r for r in results if r["scenario"].name not in FAULT_SCENARIOS[1:]],
+    )
+    titles = ("faults and a restart", "one of the clients poisoned")
+    styles = ("-", "--", "-.", ":")
+    for axis, group, title in zip(panels, groups, titles, strict=True):
+        colours = [plt.get_cmap("tab10")(i) for i in range(10)]
+        for index, result in enumerate(group):
+            clean = result["scenario"].name == "clean"
+            axis.plot(
+                range(1, len(result["per_round"]) + 1),
+                result["per_round"],
+                color="black" if clean else colours[index % len(colours)],
+                ls="-" if clean else styles[index % len(styles)],
+                lw=2.4 if clean else 1.4,
+                label=result["scenario"].name,
+            )
+        axis.set(xlabel="round", title=f"{title} ({CLIENTS} clients, ELPV, Dirichlet 0.3)")
+        axis.grid(alpha=0.3)
+        axis.legend(fontsize=8, loc="lower right")
+    panels[0].set_ylabel("held-out accuracy")
     save_figure(figure, path)
 
 
@@ -168,6 +184,8 @@ def main(argv: list[str] | None = None) -> int:
     print(table)
     plot_path = args.output.parent / "docs" / "scenarios.png"
     plot(results, plot_path)
+    numbers = {r["scenario"].name: {k: v for k, v in r.items() if k != "scenario"} for r in results}
+    plot_path.with_suffix(".json").write_text(json.dumps(numbers, indent=1) + "\n")
     update_section(
         args.output,
         "Reliability scenarios (faults, poisoned updates, restart)",
