@@ -26,7 +26,7 @@ from common.config import RunConfig
 from common.engines import ENGINES
 from server.checkpoint import Checkpoint, random_state_from_json, random_state_to_json
 from server.core import RoundRecord, ServerRun
-from server.validation import outliers, reject_reason, update_norm
+from server.validation import reject_reason, update_bounds, update_norm
 
 log = logging.getLogger(__name__)
 
@@ -349,7 +349,7 @@ class EdgeSplitMixin:
                 node: update_norm(from_record(r.content.array_records[wire.ARRAYS]), self._global)
                 for r, node, _ in candidates
             }
-            flagged = outliers(norms, self.run.config.max_update_ratio)
+            flagged = update_bounds(norms, self.run.config.max_update_norm, self.run.config.max_update_ratio)
             for node, reason in flagged.items():
                 self._reject(node, phase, reason)
             candidates = [c for c in candidates if c[1] not in flagged]
@@ -409,8 +409,6 @@ class EdgeSplitMixin:
             expected_shapes=self._expected_shapes if phase == "train" else None,
             expected_fingerprint=self.run.fingerprint,
             max_norm=self.run.config.max_weight_norm,
-            global_arrays=self._global if phase == "train" else None,
-            max_update_norm=self.run.config.max_update_norm,
             examples_before=self._first_examples.get(node),
         )
 

@@ -19,15 +19,13 @@ def reject_reason(
     expected_shapes: Mapping[str, tuple[int, ...]] | None,
     expected_fingerprint: str,
     max_norm: float = 1e4,
-    global_arrays: Mapping[str, np.ndarray] | None = None,
-    max_update_norm: float = 0.0,
     examples_before: int | None = None,
 ) -> str | None:
     """Why this reply must not be aggregated, or None if it may.
 
-    ``expected_shapes`` is None for evaluation replies, which carry no arrays. With
-    ``global_arrays`` and ``max_update_norm > 0`` the update (reply minus the global head it
-    started from) is bounded too. ``examples_before`` is what this node reported in its first
+    ``expected_shapes`` is None for evaluation replies, which carry no arrays. How far an update
+    moved the head is checked for the whole round at once (``update_bounds``). ``examples_before``
+    is what this node reported in its first
     train reply: a count above it by more than ``EXAMPLES_SLACK`` is an inflated claim, which
     would buy the node a larger weight in the average.
     """
@@ -64,10 +62,6 @@ def reject_reason(
         norm = float(np.linalg.norm(array))
         if norm > max_norm:
             return f"array {name!r} has norm {norm:.3g}, above max-weight-norm={max_norm:.3g}"
-    if global_arrays is not None and max_update_norm > 0:
-        update = update_norm(arrays, global_arrays)
-        if update > max_update_norm:
-            return f"update norm {update:.3g} is above max-update-norm={max_update_norm:.3g}"
     return None
 
 
@@ -76,22 +70,28 @@ def update_norm(arrays: Mapping[str, np.ndarray], start: Mapping[str, np.ndarray
     return math.sqrt(sum(float(np.sum((arrays[n].astype(np.float64) - start[n]) ** 2)) for n in start))
 
 
-def outliers(norms: Mapping[int, float], max_ratio: float, minimum: int = 5) -> dict[int, str]:
-    """Updates that moved the head more than ``max_ratio`` times the round's median update did.
+def update_bounds(norms: Mapping[int, float], max_norm: float, max_ratio: float, minimum: int = 5) -> dict[int, str]:
+    """Updates (by node) that moved the head more than ``max_norm``, or more than ``max_ratio``
+    times the round's median update did; 0 turns either check off.
 
-    A fixed bound cannot fit every round: honest updates shrink as the learning rate decays, so
+    A fixed bound alone cannot fit every round: honest updates shrink as the learning rate decays, so
     a 1000x-scaled update late in a run can be smaller than an honest one early on. Relative to
     the median it stands out in any round. The ratio is generous (100 by default) because honest
     clients differ too: with one-class clients, a minority client's honest update was measured
-    at 27x the majority's. Needs at least ``minimum`` updates for a median worth trusting;
-    ``max_ratio`` 0 turns the check off.
+    at 27x the majority's. The ratio needs at least ``minimum`` updates for a median worth trusting.
     """
-    if max_ratio <= 0 or len(norms) < minimum:
-        return {}
-    median = float(np.median(list(norms.values())))
-    return {
-        node: f"update norm {norm:.3g} is {norm / median:.0f}x the round's median {median:.3g} "
-        f"(max-update-ratio={max_ratio:g})"
+    reasons = {
+        node: f"update norm {norm:.3g} is above max-update-norm={max_norm:.3g}"
         for node, norm in norms.items()
-        if median > 0 and norm > max_ratio * median
+        if max_norm > 0 and norm > max_norm
     }
+    if max_ratio <= 0 or len(norms) < minimum:
+        return reasons
+    median = float(np.median(list(norms.values())))
+    for node, norm in norms.items():
+        if node not in reasons and median > 0 and norm > max_ratio * median:
+            reasons[node] = (
+                f"update norm {norm:.3g} is {norm / median:.0f}x the round's median {median:.3g} "
+                f"(max-update-ratio={max_ratio:g})"
+            )
+    return reasons

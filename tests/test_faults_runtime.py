@@ -70,7 +70,7 @@ def test_a_killed_server_resumes_and_ends_like_an_uninterrupted_run(tmp_path: Pa
     )
     assert killed["summary"] is None  # it really died mid-run
     reached = _checkpointed_round(run_dir)
-    assert 1 <= reached < 3
+    assert reached in (1, 2)  # it died between rounds, before the last
 
     # A fresh SuperLink; the run continues from its checkpoint with one setting.
     resumed = _run(tmp_path, "resumed", 3, cache, config={**rounds, "resume-from": str(run_dir)})
