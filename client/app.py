@@ -8,7 +8,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.clientapp.typing import ClientAppCallable
 
@@ -17,8 +17,8 @@ from client.privacy import PrivacyViolation, audit, violations
 from common import wire
 from common.backbones import get_spec
 from common.config import NodeConfig, RunConfig
-from common.heads import make_head
 from common.logs import configure_logging
+from common.split import build_head
 
 
 def to_record(arrays: dict[str, np.ndarray]) -> ArrayRecord:
@@ -41,22 +41,35 @@ def privacy_guard(msg: Message, context: Context, call_next: ClientAppCallable) 
         "configs": {r: dict(rec.items()) for r, rec in content.config_records.items()},
     }
     audit(description, msg.metadata.message_type)
-    head_shapes = _head_shapes(msg) if msg.metadata.message_type.startswith("train") else None
-    problems = violations(description, head_shapes)
+    problems = violations(description, allowed_arrays(msg))
     if problems:
         raise PrivacyViolation("reply refused by the privacy guard: " + "; ".join(problems))
     return reply
 
 
-def _head_shapes(msg: Message) -> dict[str, tuple[int, ...]]:
-    instructions = Instructions.from_record(msg.content[wire.CONFIG])
-    head = make_head(
+def allowed_arrays(msg: Message) -> dict[str, dict[str, tuple[int, ...]]]:
+    """The array records, names and shapes a reply to ``msg`` may carry: the trainable arrays
+    after train, the class statistics after FedNCM's query, nothing otherwise."""
+    kind = msg.metadata.message_type
+    if kind.startswith("train"):
+        instructions = Instructions.from_record(msg.content[wire.CONFIG])
+        return {wire.ARRAYS: _trainable_shapes(instructions)}
+    if kind == MessageType.QUERY and msg.content[wire.CONFIG].get(wire.QUERY_ACTION) == wire.ACTION_CLASS_SUMS:
+        instructions = Instructions.from_record(msg.content[wire.CONFIG])
+        classes, dim = instructions.num_classes, get_spec(instructions.backbone_name).feature_dim
+        return {wire.CLASS_STATS: {wire.CLASS_SUMS: (classes, dim), wire.CLASS_COUNTS: (classes,)}}
+    return {}
+
+
+def _trainable_shapes(instructions: Instructions) -> dict[str, tuple[int, ...]]:
+    head = build_head(
+        instructions.backbone_name,
+        instructions.cut,
         instructions.head,
-        get_spec(instructions.backbone_name).feature_dim,
         instructions.num_classes,
         instructions.mlp_hidden,
     )
-    return {name: tuple(p.shape) for name, p in head.classifier.named_parameters()}
+    return {name: tuple(p.shape) for name, p in head.named_parameters()}
 
 
 app = ClientApp(mods=[privacy_guard])
@@ -93,7 +106,13 @@ def _receive(client: EdgeClient, msg: Message) -> Instructions:
     return instructions
 
 
-def _reply(msg: Message, client: EdgeClient, metrics: dict[str, Any], arrays: ArrayRecord | None = None) -> Message:
+def _reply(
+    msg: Message,
+    client: EdgeClient,
+    metrics: dict[str, Any],
+    arrays: ArrayRecord | None = None,
+    record: str = wire.ARRAYS,
+) -> Message:
     metrics[wire.BACKBONE_RECEIVED] = int(wire.BACKBONE in msg.content.array_records)
     instructions = msg.content[wire.CONFIG]
     status: dict[str, Any] = {
@@ -105,18 +124,25 @@ def _reply(msg: Message, client: EdgeClient, metrics: dict[str, Any], arrays: Ar
         status[wire.DATA_NOTES] = "; ".join(client.data.notes)
     content = RecordDict({wire.METRICS: MetricRecord(metrics), wire.STATUS: ConfigRecord(status)})
     if arrays is not None:
-        content[wire.ARRAYS] = arrays
+        content[record] = arrays
     return Message(content=content, reply_to=msg)
 
 
 @app.query()
 def query(msg: Message, context: Context) -> Message:
     """Answer which engine this device runs and which variant of the run's backbone it holds
-    (verified, not just present)."""
+    (verified, not just present); or, for FedNCM, send the local class statistics."""
     question = msg.content.config_records[wire.CONFIG]
-    if question.get(wire.QUERY_ACTION) != wire.ACTION_BACKBONE_STATUS:
-        raise ValueError(f"Unknown query action {question.get(wire.QUERY_ACTION)!r}; is the server the same version?")
-    engine, held = _client(context).backbone_status(str(question[wire.FINGERPRINT]))
+    action = question.get(wire.QUERY_ACTION)
+    client = _client(context)
+    if action == wire.ACTION_CLASS_SUMS:
+        instructions = _receive(client, msg)
+        stats, metrics = client.class_sums(from_record(msg.content.array_records[wire.ARRAYS]), instructions)
+        return _reply(msg, client, metrics, to_record(stats), record=wire.CLASS_STATS)
+    if action != wire.ACTION_BACKBONE_STATUS:
+        raise ValueError(f"Unknown query action {action!r}; is the server the same version?")
+    cut = question.get(wire.CUT, 0)
+    engine, held = client.backbone_status(str(question[wire.FINGERPRINT]), cut if isinstance(cut, int) else 0)
     answer = ConfigRecord({wire.ENGINE: engine, wire.HELD_FINGERPRINT: held})
     return Message(content=RecordDict({wire.STATUS: answer}), reply_to=msg)
 

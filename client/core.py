@@ -7,6 +7,7 @@ share. Its images and embeddings never leave this module except as head weights 
 
 from __future__ import annotations
 
+import copy
 import logging
 import os
 import threading
@@ -21,13 +22,15 @@ import torch
 from client.faults import before_work, fault_of, flip_labels, poison
 from client.telemetry import device_metrics
 from common import wire
-from common.backbones import BackboneError, build_backbone, fingerprint, get_spec
+from common.backbones import BackboneError, build_backbone, fingerprint
 from common.config import NodeConfig, RunConfig
 from common.data import LabelledFiles, elpv_split, partition, scan_image_folder
 from common.embedding import EmbeddingCache, EmbedStats, embed_files, progress_logger
 from common.engines import Engine, OnnxEngine, TorchEngine, resolve_engine, variant_fingerprint
-from common.heads import Head, evaluate_head, head_arrays, load_head_arrays, make_head, train_head
+from common.heads import Head, class_sums, evaluate_head, head_arrays, load_head_arrays, train_head
 from common.preprocess import PreprocessSpec
+from common.split import build_head, embedding_space, split_backbone
+from common.views import parse_views
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +54,9 @@ class Instructions:
     engine_fingerprint: str
     head: str
     mlp_hidden: int
+    cut: int
+    views: tuple[str, ...]
+    average_views: bool
     num_classes: int
     local_epochs: int
     learning_rate: float
@@ -58,6 +64,8 @@ class Instructions:
     batch_size: int
     proximal_mu: float
     seed: int
+    personal_epochs: int
+    ncm_min_examples: int
 
     @classmethod
     def from_record(cls, record: Mapping[str, Any]) -> Instructions:
@@ -71,6 +79,9 @@ class Instructions:
                 engine_fingerprint=str(record[wire.ENGINE_FINGERPRINT]),
                 head=str(record[wire.HEAD]),
                 mlp_hidden=int(record[wire.MLP_HIDDEN]),
+                cut=int(record[wire.CUT]),
+                views=parse_views(str(record[wire.VIEWS])),
+                average_views=bool(record[wire.AVERAGE_VIEWS]),
                 num_classes=int(record[wire.NUM_CLASSES]),
                 local_epochs=int(record[wire.LOCAL_EPOCHS]),
                 learning_rate=float(record[wire.LEARNING_RATE]),
@@ -78,6 +89,8 @@ class Instructions:
                 batch_size=int(record[wire.BATCH_SIZE]),
                 proximal_mu=float(record.get(wire.PROXIMAL_MU, 0.0)),
                 seed=int(record[wire.SEED]),
+                personal_epochs=int(record[wire.PERSONAL_EPOCHS]),
+                ncm_min_examples=int(record[wire.NCM_MIN_EXAMPLES]),
             )
         except KeyError as missing:
             raise ValueError(
@@ -91,35 +104,38 @@ class Instructions:
 class BackboneCache:
     """Backbone variants this device holds, one file each, verified before use.
 
-    The torch variant is the weights (``<fingerprint>.pt``), checked by recomputing the backbone
-    fingerprint; an ONNX engine's variant is its model file (``<fingerprint>.<engine>.onnx``),
+    The torch variant is the weights (``<fingerprint>.pt``, whatever the cut: the device builds
+    the prefix from them), checked by recomputing the backbone fingerprint; an ONNX engine's
+    variant is its model of the backbone up to the cut (``<fingerprint>.<engine>[.cut<k>].onnx``),
     checked by recomputing the variant fingerprint from its bytes. A copy that fails the check
     is not held (a torch file is deleted, an ONNX file replaced), so the server sends it again.
     """
 
     _lock = threading.RLock()  # re-entered: engine() reads and verifies under the lock
     _verified: ClassVar[dict[Path, str]] = {}  # file -> variant fingerprint, per process
-    _engines: ClassVar[dict[str, Engine]] = {}  # one built engine per variant, per process
+    _engines: ClassVar[dict[tuple[str, int], Engine]] = {}  # one built engine per variant and cut, per process
 
     def __init__(self, directory: Path) -> None:
         self.directory = directory / "backbones"
 
-    def _path(self, fp: str, engine: str = "torch") -> Path:
-        return self.directory / (f"{fp}.pt" if engine == "torch" else f"{fp}.{engine}.onnx")
+    def _path(self, fp: str, engine: str = "torch", cut: int = 0) -> Path:
+        if engine == "torch":
+            return self.directory / f"{fp}.pt"
+        return self.directory / (f"{fp}.{engine}.onnx" if cut == 0 else f"{fp}.{engine}.cut{cut}.onnx")
 
-    def held(self, fp: str, engine: str = "torch") -> str | None:
+    def held(self, fp: str, engine: str = "torch", cut: int = 0) -> str | None:
         """The variant fingerprint of this engine's verified copy of backbone ``fp``, if any."""
         try:
-            return self._check(fp, engine)
+            return self._check(fp, engine, cut)
         except FingerprintMismatch as error:
             log.warning("%s; it will be downloaded again.", error)
             return None
         except FileNotFoundError:
             return None
 
-    def holds(self, fp: str, engine: str = "torch", variant: str | None = None) -> bool:
+    def holds(self, fp: str, engine: str = "torch", variant: str | None = None, cut: int = 0) -> bool:
         """True if a verified copy of the variant (default: the torch weights) is on disk."""
-        return self.held(fp, engine) == (variant or fp)
+        return self.held(fp, engine, cut) == (variant or fp)
 
     def store(self, name: str, state: dict[str, torch.Tensor], preprocess: PreprocessSpec, expected: str) -> None:
         """Keep received torch weights, refusing them if they do not hash to ``expected``."""
@@ -135,7 +151,7 @@ class BackboneCache:
             lambda path: torch.save({"name": name, "preprocess": preprocess.to_json(), "state": state}, path),
         )
 
-    def store_onnx(self, fp: str, engine: str, model: bytes, expected: str) -> None:
+    def store_onnx(self, fp: str, engine: str, model: bytes, expected: str, cut: int = 0) -> None:
         """Keep a received ONNX variant, refusing it if it does not hash to ``expected``."""
         actual = variant_fingerprint(fp, engine, model)
         if actual != expected:
@@ -143,7 +159,7 @@ class BackboneCache:
                 f"Received {engine} backbone hashes to {actual[:12]}, but the server announced {expected[:12]}. "
                 "The transfer was corrupted; the round is refused."
             )
-        self._write(self._path(fp, engine), expected, lambda path: path.write_bytes(model))
+        self._write(self._path(fp, engine, cut), expected, lambda path: path.write_bytes(model))
 
     def _write(self, path: Path, variant: str, write: Callable[[Path], object]) -> None:
         self.directory.mkdir(parents=True, exist_ok=True)
@@ -153,30 +169,33 @@ class BackboneCache:
         with self._lock:
             self._verified[path] = variant
 
-    def engine(self, fp: str, engine: str, variant: str, num_threads: int = 0) -> Engine:
-        """The runnable backbone for this variant, built once per process. This device must hold
-        a verified copy even when another simulated node already built it."""
+    def engine(self, fp: str, engine: str, variant: str, num_threads: int = 0, cut: int = 0) -> Engine:
+        """The runnable backbone up to the cut for this variant, built once per process. This
+        device must hold a verified copy even when another simulated node already built it."""
         with self._lock:
-            if engine == "torch" and variant == fp and variant not in self._engines:
+            key = (variant, cut)
+            if engine == "torch" and variant == fp and key not in self._engines:
                 # One read both verifies the weights and gives them to build from (not two hashes).
-                self._engines[variant] = TorchEngine(build_backbone(*self._read_torch(fp)))
-            if self._check(fp, engine) != variant:
+                name, state = self._read_torch(fp)
+                prefix, _ = split_backbone(name, build_backbone(name, state), cut)
+                self._engines[key] = TorchEngine(prefix)
+            if self._check(fp, engine, cut) != variant:
                 raise FingerprintMismatch(
                     f"This device holds no {engine} backbone {variant[:12]}; the server must send it."
                 )
-            if variant not in self._engines:
-                self._engines[variant] = OnnxEngine(self._path(fp, engine), num_threads)
-            return self._engines[variant]
+            if key not in self._engines:
+                self._engines[key] = OnnxEngine(self._path(fp, engine, cut), num_threads)
+            return self._engines[key]
 
-    def _check(self, fp: str, engine: str) -> str:
+    def _check(self, fp: str, engine: str, cut: int = 0) -> str:
         """Verify this device's copy once per process (hashing megabytes is not free)."""
         with self._lock:
-            path = self._path(fp, engine)
+            path = self._path(fp, engine, cut)
             if path not in self._verified:
                 if engine == "torch":
                     self._read_torch(fp)
                 else:
-                    self._read_onnx(fp, engine)
+                    self._read_onnx(path, fp, engine)
             return self._verified[path]
 
     def _read_torch(self, fp: str) -> tuple[str, dict[str, torch.Tensor]]:
@@ -200,9 +219,8 @@ class BackboneCache:
             self._verified[path] = fp
         return name, state
 
-    def _read_onnx(self, fp: str, engine: str) -> None:
+    def _read_onnx(self, path: Path, fp: str, engine: str) -> None:
         """An ONNX variant is whatever its bytes hash to; the caller compares with what it needs."""
-        path = self._path(fp, engine)
         if not path.is_file():
             raise FileNotFoundError(path)
         with self._lock:
@@ -283,7 +301,7 @@ class EdgeClient:
     config: RunConfig
     node: NodeConfig
     _data: LocalData | None = None
-    _embedded: dict[str, EmbeddedData] = field(default_factory=dict)
+    _embedded: dict[tuple[str, tuple[str, ...]], EmbeddedData] = field(default_factory=dict)  # (space, views) ->
 
     @property
     def name(self) -> str:
@@ -314,16 +332,20 @@ class EdgeClient:
         resolves here, on the device, from what is installed)."""
         return resolve_engine(self.node.engine or self.config.engine)
 
-    def backbone_status(self, fp: str) -> tuple[str, str]:
+    def backbone_status(self, fp: str, cut: int = 0) -> tuple[str, str]:
         """(engine, the variant fingerprint held for it or ""): the answer to the server's query."""
         engine = self.engine
-        return engine, self.backbones.held(fp, engine) or ""
+        return engine, self.backbones.held(fp, engine, cut) or ""
 
     def receive_backbone(self, artifact: dict[str, torch.Tensor] | bytes, instructions: Instructions) -> None:
         """Keep the variant the server sent: torch weights, or an ONNX engine's model bytes."""
         if isinstance(artifact, bytes):
             self.backbones.store_onnx(
-                instructions.fingerprint, instructions.engine, artifact, instructions.engine_fingerprint
+                instructions.fingerprint,
+                instructions.engine,
+                artifact,
+                instructions.engine_fingerprint,
+                instructions.cut,
             )
         else:
             self.backbones.store(
@@ -331,42 +353,47 @@ class EdgeClient:
             )
 
     def embedded(self, instructions: Instructions) -> EmbeddedData:
-        """Embeddings of the local train and test files, computed at most once per image."""
+        """Embeddings at the cut of every view of the local train and test files, computed at
+        most once per image and view."""
         fp, engine, variant = instructions.fingerprint, instructions.engine, instructions.engine_fingerprint
-        if variant not in self._embedded:
-            if not self.backbones.holds(fp, engine, variant):
+        cut, views = instructions.cut, instructions.views
+        key = (embedding_space(variant, cut), views)
+        if key not in self._embedded:
+            if not self.backbones.holds(fp, engine, variant, cut):
                 raise FingerprintMismatch(
                     f"{self.name} does not hold the {engine} backbone {variant[:12]}; the server must send it."
                 )
-            log.info("%s: embedding local images with the %s engine", self.name, engine)
+            log.info("%s: embedding local images in %d view(s) with the %s engine", self.name, len(views), engine)
             train, test = self.data.train, self.data.test
             # One pass over both shares: one progress stream, one warning about bad images.
             # (Both shares carry the folder's skipped files: count them once.)
             files = LabelledFiles(
                 train.paths + test.paths, train.labels + test.labels, train.class_names, skipped=train.skipped
             )
-            cache = EmbeddingCache(self.cache_dir / "embeddings", variant)
+            cache = EmbeddingCache(self.cache_dir / "embeddings", key[0])
             try:
                 embedded = embed_files(
                     files,
-                    lambda: self.backbones.engine(fp, engine, variant, self.config.num_threads),
+                    lambda: self.backbones.engine(fp, engine, variant, self.config.num_threads, cut),
                     instructions.preprocess,
                     cache,
                     self.config.embed_batch_size,
                     progress_logger(self.name),
                     who=self.name,
+                    views=views,
                 )
             finally:
                 cache.close()
-            self._embedded[variant] = EmbeddedData(
+            self._embedded[key] = EmbeddedData(
                 *embedded.rows(0, len(train)), *embedded.rows(len(train), len(files)), stats=embedded.stats
             )
-        return self._embedded[variant]
+        return self._embedded[key]
 
     def train(
         self, arrays: Mapping[str, np.ndarray], instructions: Instructions
     ) -> tuple[dict[str, np.ndarray], dict[str, float]]:
-        """Train the head from the global weights; returns (head arrays, metrics)."""
+        """Train the trainable part (the head, and the tail at a later cut) from the global
+        weights; returns (its arrays, metrics)."""
         fault = fault_of(self.config, self.node.partition_id, instructions.server_round)
         before_work(fault, self.config)
         data = self.embedded(instructions)
@@ -382,7 +409,7 @@ class EdgeClient:
             batch_size=instructions.batch_size,
             weight_decay=instructions.weight_decay,
             proximal_mu=instructions.proximal_mu,
-            seed=instructions.seed + 1000 * instructions.server_round + (self.node.partition_id or 0),
+            seed=self._seed(instructions),
         )
         metrics = {
             wire.NUM_EXAMPLES: result.num_examples,
@@ -393,27 +420,78 @@ class EdgeClient:
             **self._embedding_metrics(data),
             **device_metrics(),
         }
-        return poison(fault, head_arrays(head.classifier), arrays), metrics
+        return poison(fault, head_arrays(head), arrays), metrics
 
     def evaluate(self, arrays: Mapping[str, np.ndarray], instructions: Instructions) -> dict[str, float]:
-        """Score the global head on this device's local test share."""
+        """Score the global head on this device's local test share; with ``personal-epochs``,
+        also a personal head fine-tuned from it on the local training share."""
         before_work(fault_of(self.config, self.node.partition_id, instructions.server_round), self.config)
         data = self.embedded(instructions)
         head = self._head(arrays, instructions)
-        report = evaluate_head(head, data.test_x, data.test_y, instructions.num_classes)
-        return {
+        classes, average = instructions.num_classes, instructions.average_views
+        report = evaluate_head(head, data.test_x, data.test_y, classes, average)
+        metrics = {
             wire.NUM_EXAMPLES: report.num_examples,
             wire.LOSS: report.loss if report.num_examples else 0.0,
             wire.ACCURACY: report.accuracy,
             wire.MACRO_F1: report.macro_f1,
-            **self._embedding_metrics(data),
-            **device_metrics(),
         }
+        if instructions.personal_epochs > 0 and len(data.train_y):
+            personal = self.personalise(head, data, instructions)
+            personal_report = evaluate_head(personal, data.test_x, data.test_y, classes, average)
+            metrics[wire.PERSONAL_ACCURACY] = personal_report.accuracy
+            metrics[wire.PERSONAL_MACRO_F1] = personal_report.macro_f1
+        return {**metrics, **self._embedding_metrics(data), **device_metrics()}
+
+    def personalise(self, global_head: Head, data: EmbeddedData, instructions: Instructions) -> Head:
+        """A personal head: the global model with its classifier fine-tuned on this device's own
+        training share (the tail, the shared representation, stays global: FedRep/FedBABU). It is
+        kept on disk, so the board can classify with it, and never sent."""
+        head = copy.deepcopy(global_head)
+        train_head(
+            head,
+            data.train_x,
+            data.train_y,
+            epochs=instructions.personal_epochs,
+            learning_rate=instructions.learning_rate,
+            batch_size=instructions.batch_size,
+            weight_decay=instructions.weight_decay,
+            seed=self._seed(instructions) + 1,
+            train=lambda name: name.startswith("classifier."),
+        )
+        directory = self.cache_dir / "personal"
+        directory.mkdir(parents=True, exist_ok=True)
+        path = directory / f"{instructions.fingerprint[:16]}-cut{instructions.cut}.npz"
+        np.savez(path, **head_arrays(head))  # type: ignore[arg-type]  # numpy's stub types **kwds oddly
+        return head
+
+    def class_sums(
+        self, arrays: Mapping[str, np.ndarray], instructions: Instructions
+    ) -> tuple[dict[str, np.ndarray], dict[str, float]]:
+        """FedNCM's statistics of the local training share: per class, the sum of the features
+        the classifier sees and the count. A class with fewer than ``ncm-min-examples`` images
+        is sent as zeros, so that no sum is close to one image's features."""
+        data = self.embedded(instructions)
+        sums, counts = class_sums(
+            self._head(arrays, instructions), data.train_x, data.train_y, instructions.num_classes
+        )
+        too_few = counts < instructions.ncm_min_examples
+        sums[too_few], counts[too_few] = 0.0, 0.0
+        metrics = {wire.NUM_EXAMPLES: len(data.train_y), **self._embedding_metrics(data), **device_metrics()}
+        return {wire.CLASS_SUMS: sums, wire.CLASS_COUNTS: counts}, metrics
+
+    def _seed(self, instructions: Instructions) -> int:
+        return instructions.seed + 1000 * instructions.server_round + (self.node.partition_id or 0)
 
     def _head(self, arrays: Mapping[str, np.ndarray], instructions: Instructions) -> Head:
-        spec = get_spec(instructions.backbone_name)
-        head = make_head(instructions.head, spec.feature_dim, instructions.num_classes, instructions.mlp_hidden)
-        load_head_arrays(head.classifier, arrays)
+        head = build_head(
+            instructions.backbone_name,
+            instructions.cut,
+            instructions.head,
+            instructions.num_classes,
+            instructions.mlp_hidden,
+        )
+        load_head_arrays(head, arrays)
         return head
 
     @staticmethod

@@ -24,6 +24,7 @@ from common.data import IMAGE_EXTENSIONS
 from common.engines import MODEL_INFO, PROBABILITIES, EngineError, OnnxEngine, onnxruntime_available
 from common.metrics import classification_report
 from common.preprocess import DECODE_ERRORS, PreprocessSpec, decode_image
+from common.views import apply_view
 
 
 class PredictError(ValueError):
@@ -62,6 +63,8 @@ class Classifier:
         self.engine = OnnxEngine(model_path, num_threads)
         self.classes: list[str] = list(self.info["classes"])
         self.preprocess = PreprocessSpec.from_json(json.dumps(self.info["preprocess"]))
+        # A run that scored its models on the mean prediction over views does the same here.
+        self.views: list[str] = list(self.info.get("views", ["identity"]))
 
     def probabilities(self, batch: np.ndarray) -> np.ndarray:
         outputs = dict(zip(self.engine.output_names, self.engine.run(batch), strict=True))
@@ -71,14 +74,21 @@ class Classifier:
         """Predictions in input order; an unreadable image yields a Prediction with its problem."""
         for start in range(0, len(files), batch_size):
             chunk = files[start : start + batch_size]
-            images, kept, failed = [], [], {}
+            images: list[np.ndarray] = []
+            kept, failed = [], {}
             for index, (path, _) in enumerate(chunk):
                 try:
-                    images.append(self.preprocess(decode_image(Path(path).read_bytes())))
-                    kept.append(index)
+                    image = self.preprocess(decode_image(Path(path).read_bytes()))
                 except DECODE_ERRORS as error:
                     failed[index] = f"{type(error).__name__}: {error}"
-            scores = self.probabilities(np.stack(images)) if images else np.zeros((0, len(self.classes)))
+                    continue
+                images.extend(apply_view(view, image) for view in self.views)
+                kept.append(index)
+            scores = (
+                self.probabilities(np.stack(images)).reshape(len(kept), len(self.views), -1).mean(1)
+                if images
+                else np.zeros((0, len(self.classes)))
+            )
             by_index = dict(zip(kept, scores, strict=True))
             for index, (path, label) in enumerate(chunk):
                 if index in failed:

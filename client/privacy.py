@@ -1,6 +1,7 @@
-"""The last check before anything leaves a device: only declared head arrays, scalar metrics and
-short status strings may go out. Plain Python over a description of the reply, so that it can be
-tested alone; ``client/app.py`` applies it to every reply as a Flower mod.
+"""The last check before anything leaves a device: only the declared trainable arrays (or FedNCM's
+class statistics, to its query), scalar metrics and short status strings may go out. Plain
+Python over a description of the reply, so that it can be tested alone; ``client/app.py``
+applies it to every reply as a Flower mod.
 """
 
 from __future__ import annotations
@@ -23,23 +24,28 @@ class PrivacyViolation(RuntimeError):
     """A reply would carry something other than the declared trainable arrays and numbers."""
 
 
-def violations(reply: Mapping[str, Any], head_shapes: Mapping[str, tuple[int, ...]] | None) -> list[str]:
+def violations(reply: Mapping[str, Any], allowed: Mapping[str, Mapping[str, tuple[int, ...]]]) -> list[str]:
     """Everything wrong with an outgoing reply.
 
     ``reply`` describes the message: {"arrays": {record: {name: (shape, dtype)}},
-    "metrics": {record: {key: value}}, "configs": {record: {key: value}}}. ``head_shapes`` are
-    the trainable arrays this reply may carry (None: it may carry no arrays at all).
+    "metrics": {record: {key: value}}, "configs": {record: {key: value}}}. ``allowed`` are the
+    array records this reply may carry, each with exactly these names and shapes: the trainable
+    arrays after training, FedNCM's class statistics after its query, nothing otherwise.
     """
     problems = []
     for record, arrays in reply.get("arrays", {}).items():
-        if head_shapes is None or record != wire.ARRAYS:
+        if record not in allowed:
             problems.append(f"array record {record!r} is not allowed in this reply")
             continue
-        if set(arrays) != set(head_shapes):
-            problems.append(f"arrays {sorted(arrays)} are not exactly the head's {sorted(head_shapes)}")
+        shapes = allowed[record]
+        if set(arrays) != set(shapes):
+            unexpected, missing = sorted(set(arrays) - set(shapes)), sorted(set(shapes) - set(arrays))
+            problems.append(
+                f"arrays of {record!r} are not the declared ones: unexpected {unexpected}, missing {missing}"
+            )
         for name, (shape, _dtype) in arrays.items():
-            if name in head_shapes and tuple(shape) != tuple(head_shapes[name]):
-                problems.append(f"array {name!r} has shape {tuple(shape)}, the head's is {tuple(head_shapes[name])}")
+            if name in shapes and tuple(shape) != tuple(shapes[name]):
+                problems.append(f"array {name!r} has shape {tuple(shape)}, the declared one is {tuple(shapes[name])}")
     for record, metrics in reply.get("metrics", {}).items():
         if record != wire.METRICS:
             problems.append(f"metric record {record!r} is not allowed")

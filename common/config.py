@@ -12,16 +12,19 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
-from common.backbones import available_backbones
+from common.backbones import BackboneError, available_backbones
 from common.data import class_names_for
 from common.engines import ENGINE_CHOICES
 from common.heads import HEAD_KINDS
+from common.split import check_cut
+from common.views import VIEW_SETS, ViewError, parse_views
 
 STRATEGIES = ("fedavg", "fedadam", "fedprox", "fedmedian", "fedtrimmedavg", "krum", "multikrum")
 PARTITIONERS = ("iid", "dirichlet", "pathological")
 DATASETS = ("elpv", "folder")
 ELPV_TASKS = ("4-level", "binary")
 LR_SCHEDULES = ("cosine", "constant")
+HEAD_INITS = ("random", "ncm")
 # Faults a simulated client can be told to commit (scenario runs and tests; see client/faults.py).
 FAULT_KINDS = ("nan-update", "scaled-update", "label-flip", "crash", "straggle")
 
@@ -75,6 +78,24 @@ class RunConfig:
     crop_pct: float = _key(1.0, "centre-crop share (1.0 keeps the whole image)", **_range(0.1, 1.0))
     head: str = _key("linear", "trainable head", **_choice(*HEAD_KINDS))
     mlp_hidden: int = _key(256, "hidden width of the mlp head", **_range(1, 65_536))
+    cut: int = _key(0, "backbone stages that train with the head, counted from the end (0: head only)", **_range(0, 64))
+    head_init: str = _key(
+        "random", "initial head: random, or ncm (FedNCM: from the clients' class means)", **_choice(*HEAD_INITS)
+    )
+    ncm_min_examples: int = _key(
+        5,
+        "ncm: a client shares a class's feature sum only if it has at least this many images of it",
+        **_range(2, 10**6),
+    )
+    views: str = _key(
+        "auto",
+        "views embedded and trained on: none, hflip, flips, dihedral or a comma list (auto: dihedral "
+        "for ELPV's symmetric cells, none for folders)",
+    )
+    average_views: bool = _key(True, "evaluate by averaging predictions over the views (else the image as it is)")
+    personal_epochs: int = _key(
+        0, "epochs each client fine-tunes a personal head from the global one at evaluation (0: off)", **_range(0, 1000)
+    )
     # Local training
     local_epochs: int = _key(5, "epochs over local embeddings per round", **_range(1, 1000))
     learning_rate: float = _key(0.01, "client SGD learning rate (round 1)", **_range(0.0, 10.0))
@@ -133,6 +154,13 @@ class RunConfig:
                     "dataset='folder' needs 'server-test-dir': an ImageFolder the server holds for central evaluation."
                 )
         self.faults()  # raises on a malformed list
+        self.view_names()  # raises on an unknown view
+        try:
+            check_cut(self.backbone, self.cut)
+        except BackboneError as error:
+            raise ConfigError(str(error)) from None
+        if self.head_init == "ncm" and self.head != "linear":
+            raise ConfigError("head-init='ncm' sets a linear classifier from class means; it needs head='linear'.")
         if self.strategy in ("krum", "multikrum") and self.min_clients < 2 * self.krum_malicious + 3:
             raise ConfigError(
                 f"strategy='{self.strategy}' with krum-malicious={self.krum_malicious} needs min-clients >= "
@@ -147,6 +175,15 @@ class RunConfig:
     def classes(self) -> tuple[str, ...]:
         """The run's class list, in label-index order."""
         return class_names_for(self.dataset, self.elpv_task, self.class_list())
+
+    def view_names(self) -> tuple[str, ...]:
+        """The views each image is embedded in (the identity first)."""
+        if self.views == "auto":
+            return VIEW_SETS["dihedral"] if self.dataset == "elpv" else VIEW_SETS["none"]
+        try:
+            return parse_views(self.views)
+        except ViewError as error:
+            raise ConfigError(f"Run-config key 'views': {error}") from None
 
     def class_list(self) -> tuple[str, ...]:
         return tuple(name.strip() for name in self.class_names.split(",") if name.strip())

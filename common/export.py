@@ -7,8 +7,9 @@ onnxscript and onnxruntime (the ``server`` extra).
   and quantize badly).
 - ``quantize_int8``: static int8 in QDQ format, per-channel weights, activation ranges from
   MinMax calibration on images the server may hold (never client data).
-- ``export_model``: backbone + federated head as one ONNX model (fp32 and int8) and as
-  TorchScript, with ``model.json`` (classes, preprocessing, fingerprints) beside them.
+- ``export_model``: backbone up to the cut + the federated part (tail and head) as one ONNX
+  model (fp32 and int8) and as TorchScript, with ``model.json`` (classes, preprocessing, cut,
+  views, fingerprints) beside them.
 """
 
 from __future__ import annotations
@@ -147,17 +148,19 @@ def export_model(
 ) -> dict[str, Path]:
     """Write the trained model in every deployable form; returns {form: path}.
 
-    The ONNX models are the run's own backbone variants (the very files clients embedded with)
-    with the head's graph appended, so the int8 model computes exactly what an int8 client does.
+    The ONNX models are the run's own backbone variants up to the cut (the very files clients
+    embedded with) with the trained part's graph appended (the tail, if the cut is later, and
+    the head), so the int8 model computes exactly what an int8 client does. ``backbone`` is the
+    torch backbone up to the cut.
     """
     import onnx
     from onnx import compose
 
     directory.mkdir(parents=True, exist_ok=True)
     head = head.eval()
-    feature_dim = int(info["feature_dim"])
+    feature_shape = tuple(info.get("feature_shape") or (int(info["feature_dim"]),))
     head_path = directory / "head.onnx"
-    export_onnx(_HeadWithProbabilities(head), (feature_dim,), head_path, ONNX_OUTPUT, (LOGITS, PROBABILITIES))
+    export_onnx(_HeadWithProbabilities(head), feature_shape, head_path, ONNX_OUTPUT, (LOGITS, PROBABILITIES))
     head_graph = compose.add_prefix(onnx.load(str(head_path)), "head/", rename_outputs=False)
     head_path.unlink()
     written: dict[str, Path] = {}

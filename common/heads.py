@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -30,20 +30,31 @@ class PowerNorm(nn.Module):
 
 
 class Head(nn.Module):
-    """The trainable part after the cut. Only ``classifier`` has parameters, and they travel."""
+    """The trainable part after the cut: the backbone's tail (if the cut is later than the
+    pooled features), global average pooling, then ``norm`` and ``classifier``. Every parameter
+    trains and travels; nothing else does (``norm`` has none, the tail's batch norms are folded)."""
 
-    def __init__(self, classifier: nn.Module) -> None:
+    def __init__(self, classifier: nn.Module, tail: nn.Module | None = None) -> None:
         super().__init__()
+        self.tail = tail
         self.norm = PowerNorm()
         self.classifier = classifier
 
+    def pooled(self, features: torch.Tensor) -> torch.Tensor:
+        """The pooled, normalised features the classifier sees."""
+        if self.tail is not None:
+            features = self.tail(features).mean((2, 3))
+        return self.norm(features)
+
     def forward(self, features: torch.Tensor) -> torch.Tensor:
-        return self.classifier(self.norm(features))
+        return self.classifier(self.pooled(features))
 
 
-def make_head(kind: str, in_dim: int, num_classes: int, hidden: int = 256, seed: int = 0) -> Head:
-    """A linear layer or a one-hidden-layer MLP on normalised features, seeded so every party
-    that builds it gets the same initial weights."""
+def make_head(
+    kind: str, in_dim: int, num_classes: int, hidden: int = 256, seed: int = 0, tail: nn.Module | None = None
+) -> Head:
+    """A linear layer or a one-hidden-layer MLP on normalised features (after the backbone's
+    ``tail``, if the cut is later), seeded so every party that builds it gets the same weights."""
     generator = torch.Generator().manual_seed(seed)
     if kind == "linear":
         classifier: nn.Module = nn.Linear(in_dim, num_classes)
@@ -59,7 +70,7 @@ def make_head(kind: str, in_dim: int, num_classes: int, hidden: int = 256, seed:
                 bound = 1 / module.in_features**0.5
                 module.weight.uniform_(-bound, bound, generator=generator)
                 module.bias.uniform_(-bound, bound, generator=generator)
-    return Head(classifier)
+    return Head(classifier, tail)
 
 
 def head_arrays(head: nn.Module) -> dict[str, np.ndarray]:
@@ -70,7 +81,11 @@ def head_arrays(head: nn.Module) -> dict[str, np.ndarray]:
 def load_head_arrays(head: nn.Module, arrays: Mapping[str, np.ndarray]) -> None:
     expected = dict(head.named_parameters())
     if set(arrays) != set(expected):
-        raise ValueError(f"Head arrays {sorted(arrays)} do not match the head's {sorted(expected)}.")
+        missing, extra = sorted(set(expected) - set(arrays)), sorted(set(arrays) - set(expected))
+        raise ValueError(
+            f"Head arrays do not match the head: missing {missing[:4]}, unexpected {extra[:4]}. "
+            "Do the server and this device agree on 'head', 'cut' and the backbone?"
+        )
     with torch.no_grad():
         for name, param in expected.items():
             value = torch.as_tensor(np.asarray(arrays[name]), dtype=param.dtype)
@@ -97,29 +112,38 @@ def train_head(
     weight_decay: float = 0.0,
     proximal_mu: float = 0.0,
     seed: int = 0,
+    train: Callable[[str], bool] | None = None,
 ) -> TrainResult:
-    """Mini-batch SGD with momentum on embeddings; FedProx's proximal term when ``proximal_mu > 0``."""
+    """Mini-batch SGD with momentum on cached embeddings; FedProx's proximal term when
+    ``proximal_mu > 0``.
+
+    ``features`` is (n, views, ...): each epoch sees every example once, in a view drawn at
+    random, so the views augment without making epochs longer. ``train`` picks the parameters
+    that train by name (default: all); the others stay as they came.
+    """
     with torch.random.fork_rng():  # dropout draws from the global RNG: seed it, and restore it after
         torch.manual_seed(seed)
         started = time.perf_counter()
-        x = torch.from_numpy(np.ascontiguousarray(features, dtype=np.float32))
+        x = torch.from_numpy(np.ascontiguousarray(features))
         y = torch.from_numpy(np.asarray(labels, dtype=np.int64))
         generator = torch.Generator().manual_seed(seed)
-        anchor = [p.detach().clone() for p in head.parameters()]
-        optimizer = torch.optim.SGD(head.parameters(), lr=learning_rate, momentum=0.9, weight_decay=weight_decay)
+        params = [p for name, p in head.named_parameters() if train is None or train(name)]
+        anchor = [p.detach().clone() for p in params]
+        optimizer = torch.optim.SGD(params, lr=learning_rate, momentum=0.9, weight_decay=weight_decay)
         loss_fn = nn.CrossEntropyLoss(reduction="sum")
         head.train()
         total_loss, correct = 0.0, 0
         for _ in range(epochs):
             total_loss, correct = 0.0, 0
             order = torch.randperm(len(y), generator=generator)
+            views = torch.randint(0, x.shape[1], (len(y),), generator=generator)
             for start in range(0, len(y), batch_size):
                 index = order[start : start + batch_size]
-                logits = head(x[index])
+                logits = head(x[index, views[index]].float())
                 loss = loss_fn(logits, y[index])
                 objective = loss / len(index)
                 if proximal_mu > 0:
-                    drift = sum(((p - a) ** 2).sum() for p, a in zip(head.parameters(), anchor, strict=True))
+                    drift = sum(((p - a) ** 2).sum() for p, a in zip(params, anchor, strict=True))
                     objective = objective + proximal_mu / 2 * drift
                 optimizer.zero_grad(set_to_none=True)
                 objective.backward()
@@ -132,13 +156,61 @@ def train_head(
 
 
 @torch.inference_mode()
-def evaluate_head(head: nn.Module, features: np.ndarray, labels: np.ndarray, num_classes: int) -> ClassificationReport:
-    """Metrics of the head on embeddings; the loss is the mean cross-entropy."""
+def predict_proba(head: nn.Module, features: np.ndarray, average_views: bool, batch_size: int = 256) -> torch.Tensor:
+    """Class probabilities of (n, views, ...) features: of the identity view (the first), or
+    averaged over every view (test-time augmentation)."""
     head.eval()
-    x = torch.from_numpy(np.ascontiguousarray(features, dtype=np.float32))
-    y = torch.from_numpy(np.asarray(labels, dtype=np.int64))
+    chosen = features if average_views else features[:, :1]
+    rows = []
+    for start in range(0, len(chosen), batch_size):
+        batch = torch.from_numpy(np.ascontiguousarray(chosen[start : start + batch_size])).float()
+        logits = head(batch.flatten(0, 1)).unflatten(0, batch.shape[:2])
+        rows.append(logits.softmax(-1).mean(1))
+    return torch.cat(rows) if rows else torch.zeros(0)
+
+
+def evaluate_head(
+    head: nn.Module, features: np.ndarray, labels: np.ndarray, num_classes: int, average_views: bool = False
+) -> ClassificationReport:
+    """Metrics of the head on (n, views, ...) embeddings; the loss is the mean cross-entropy of
+    the (view-averaged) probabilities."""
+    y = np.asarray(labels, dtype=np.int64)
     if len(y) == 0:
         return classification_report(np.zeros(0), np.zeros(0), num_classes, loss=float("nan"))
-    logits = head(x)
-    loss = float(nn.functional.cross_entropy(logits, y))
-    return classification_report(y.numpy(), logits.argmax(1).numpy(), num_classes, loss=loss)
+    probabilities = predict_proba(head, features, average_views)
+    picked = probabilities[torch.arange(len(y)), torch.from_numpy(y)]
+    loss = float(-torch.log(picked.clamp_min(1e-12)).mean())
+    return classification_report(y, probabilities.argmax(1).numpy(), num_classes, loss=loss)
+
+
+@torch.inference_mode()
+def class_sums(head: Head, features: np.ndarray, labels: np.ndarray, num_classes: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per class: the sum of the pooled, normalised features the classifier sees (every view
+    of every example) and the number of examples. FedNCM's one-shot statistics."""
+    head.eval()
+    sums = torch.zeros(num_classes, 0)
+    for start in range(0, len(labels), 256):
+        batch = torch.from_numpy(np.ascontiguousarray(features[start : start + 256])).float()
+        pooled = head.pooled(batch.flatten(0, 1)).unflatten(0, batch.shape[:2]).mean(1)
+        if sums.shape[1] == 0:
+            sums = torch.zeros(num_classes, pooled.shape[1])
+        sums.index_add_(0, torch.from_numpy(np.asarray(labels[start : start + 256], dtype=np.int64)), pooled)
+    counts = np.bincount(np.asarray(labels, dtype=np.int64), minlength=num_classes)
+    return sums.numpy().astype(np.float32), counts.astype(np.float32)
+
+
+def ncm_head_arrays(
+    arrays: Mapping[str, np.ndarray], sums: np.ndarray, counts: np.ndarray
+) -> tuple[dict[str, np.ndarray], list[int]]:
+    """FedNCM (Legate et al., NeurIPS 2023): the linear classifier of ``arrays`` set from the
+    federation's class means of the features it sees, as a nearest-class-mean rule by cosine:
+    each class's weight row is its mean's direction and its bias 0. Classes no client could
+    share keep their random rows. Returns (the new arrays, the classes that were set)."""
+    updated = {name: np.array(value, dtype=np.float32, copy=True) for name, value in arrays.items()}
+    weight, bias = updated["classifier.weight"], updated["classifier.bias"]
+    known = [c for c in range(len(counts)) if counts[c] > 0]
+    for c in known:
+        mean = sums[c] / counts[c]
+        weight[c] = mean / max(float(np.linalg.norm(mean)), 1e-12)
+        bias[c] = 0.0
+    return updated, known

@@ -29,9 +29,10 @@ from common.data import LabelledFiles, elpv_split, scan_image_folder
 from common.embedding import Embedded, EmbeddingCache, embed_files, progress_logger
 from common.engines import ONNX_ENGINES, resolve_engine
 from common.export import calibration_images, export_model
-from common.heads import Head, evaluate_head, head_arrays, load_head_arrays, make_head
+from common.heads import Head, evaluate_head, head_arrays, load_head_arrays
 from common.metrics import ClassificationReport
 from common.preprocess import PreprocessSpec
+from common.split import build_head, embedding_space, split_backbone
 from server.checkpoint import Checkpoint
 from server.report import write_report
 from server.runlog import RunLog, new_run_id
@@ -56,6 +57,7 @@ class RoundRecord:
     clients_rejected: int = 0
     backbones_sent: int = 0
     client_accuracy: float = float("nan")  # clients' local test shares, weighted by examples
+    client_personal_accuracy: float = float("nan")  # the same shares, each client's personal head
     max_bytes_up_per_client: int = 0
     attempts: int = 1  # more than 1: the round was retried after too few usable updates
 
@@ -81,6 +83,8 @@ class ServerRun:
     images_skipped: int = 0
     final_report: ClassificationReport | None = None
     checkpoint: Checkpoint | None = None  # what a resumed run continues from
+    initialisation: dict[str, Any] = field(default_factory=dict)  # how the head was initialised (FedNCM)
+    _initial_head: dict[str, np.ndarray] | None = None
 
     @property
     def start_round(self) -> int:
@@ -134,7 +138,8 @@ class ServerRun:
         # The server embeds with the run's engine, as a client on this platform would, so its
         # evaluation sees the features the clients train on.
         engine = resolve_engine(config.engine)
-        cache = EmbeddingCache(server_cache_dir(config) / "embeddings", variants.variant_fingerprint(engine))
+        space = embedding_space(variants.variant_fingerprint(engine), config.cut)
+        cache = EmbeddingCache(server_cache_dir(config) / "embeddings", space)
         try:
             test = embed_files(
                 test_files,
@@ -144,6 +149,7 @@ class ServerRun:
                 config.embed_batch_size,
                 progress_logger("server (held-out test)"),
                 who="server",
+                views=config.view_names() if config.average_views else ("identity",),
             )
         finally:
             cache.close()
@@ -183,6 +189,11 @@ class ServerRun:
             wire.PREPROCESS: self.preprocess.to_json(),
             wire.HEAD: config.head,
             wire.MLP_HIDDEN: config.mlp_hidden,
+            wire.CUT: config.cut,
+            wire.VIEWS: ",".join(config.view_names()),
+            wire.AVERAGE_VIEWS: config.average_views,
+            wire.PERSONAL_EPOCHS: config.personal_epochs,
+            wire.NCM_MIN_EXAMPLES: config.ncm_min_examples,
             wire.NUM_CLASSES: len(self.classes),
             wire.LOCAL_EPOCHS: config.local_epochs,
             wire.LEARNING_RATE: config.learning_rate,
@@ -193,23 +204,50 @@ class ServerRun:
         }
 
     def initial_head(self) -> dict[str, np.ndarray]:
-        head = self._new_head()
-        return head_arrays(head.classifier)
+        """The trainable part before round 1: the backbone's pretrained tail after the cut (if
+        any) and a seeded classifier."""
+        if self._initial_head is None:
+            config = self.config
+            head = build_head(
+                self.spec.name,
+                config.cut,
+                config.head,
+                len(self.classes),
+                config.mlp_hidden,
+                config.seed,
+                model=build_backbone(self.spec.name, self.backbone_state) if config.cut else None,
+            )
+            self._initial_head = head_arrays(head)
+        return dict(self._initial_head)
 
     def head_shapes(self) -> dict[str, tuple[int, ...]]:
         return {name: array.shape for name, array in self.initial_head().items()}
 
-    def _new_head(self) -> Head:
-        return make_head(
-            self.config.head, self.spec.feature_dim, len(self.classes), self.config.mlp_hidden, self.config.seed
-        )
+    def head(self, arrays: dict[str, np.ndarray]) -> Head:
+        """The trainable part holding ``arrays``."""
+        config = self.config
+        head = build_head(self.spec.name, config.cut, config.head, len(self.classes), config.mlp_hidden)
+        load_head_arrays(head, arrays)
+        return head
 
     # --- central evaluation ----------------------------------------------------------------------
 
     def evaluate(self, arrays: dict[str, np.ndarray]) -> ClassificationReport:
-        head = self._new_head()
-        load_head_arrays(head.classifier, arrays)
-        return evaluate_head(head, self.test.features, self.test.labels, len(self.classes))
+        head = self.head(arrays)
+        return evaluate_head(head, self.test.features, self.test.labels, len(self.classes), self.config.average_views)
+
+    def record_initialisation(self, **facts: Any) -> None:
+        """What FedNCM's one-shot initialisation took and found (summary.json's ``head_init``)."""
+        self.initialisation = facts
+        self.run_log.event("head-initialised", **facts)
+        log.info(
+            "head initialised by %s from %d node(s): classes %s set, %s down, %s up",
+            facts.get("method"),
+            facts.get("nodes", 0),
+            facts.get("classes_set"),
+            human_bytes(facts.get("bytes_down", 0)),
+            human_bytes(facts.get("bytes_up", 0)),
+        )
 
     def record_round(self, record: RoundRecord, report: ClassificationReport) -> None:
         record.accuracy, record.macro_f1, record.loss = report.accuracy, report.macro_f1, report.loss
@@ -248,7 +286,11 @@ class ServerRun:
             {
                 "head": self.config.head,
                 "mlp_hidden": self.config.mlp_hidden,
-                "input": "backbone features, then PowerNorm (sqrt, L2 * sqrt(dim))",
+                "cut": self.config.cut,
+                "input": "backbone features at the cut; then the tail (cut > 0), average pooling, PowerNorm "
+                "(sqrt, L2 * sqrt(dim)) and the classifier",
+                "views": list(self.config.view_names()),
+                "average_views": self.config.average_views,
                 "classes": list(self.classes),
                 "backbone": {"name": self.spec.name, "fingerprint": self.fingerprint},
                 "preprocess": asdict(self.preprocess),
@@ -267,6 +309,7 @@ class ServerRun:
                 "test_examples": report.num_examples,
             },
             "classes": list(self.classes),
+            "head_init": self.initialisation or {"method": self.config.head_init},
             "rounds": [asdict(r) for r in self.rounds],
             "embedding": {
                 "computed": self.embedding_computed,
@@ -295,18 +338,22 @@ class ServerRun:
     def export(self, arrays: dict[str, np.ndarray]) -> Path | None:
         """Backbone + trained head as ONNX (fp32, int8) and TorchScript in ``<run>/model/``.
         A failure is logged and recorded; the run's results stand without it."""
-        head = self._new_head()
-        load_head_arrays(head.classifier, arrays)
         directory = self.run_log.run_dir / "model"
         try:
+            prefix, _ = split_backbone(
+                self.spec.name, build_backbone(self.spec.name, self.backbone_state), self.config.cut
+            )
             written = export_model(
                 directory,
-                build_backbone(self.spec.name, self.backbone_state),
-                head,
+                prefix,
+                self.head(arrays),
                 {engine: self.variants.path(engine) for engine in ONNX_ENGINES},
                 info={
                     "classes": list(self.classes),
                     "feature_dim": self.spec.feature_dim,
+                    "cut": self.config.cut,
+                    "feature_shape": list(self.test.features.shape[2:]),
+                    "views": list(self.config.view_names()) if self.config.average_views else ["identity"],
                     "preprocess": asdict(self.preprocess),
                     "backbone": {
                         "name": self.spec.name,
@@ -345,6 +392,7 @@ def backbone_variants(
         preprocess,
         fp,
         calibration=lambda: calibration_images(test_files, preprocess),
+        cut=config.cut,
     )
 
 

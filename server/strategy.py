@@ -24,9 +24,10 @@ from flwr.serverapp.strategy import FedAdam, FedAvg, FedMedian, FedProx, FedTrim
 from common import wire
 from common.config import RunConfig
 from common.engines import ENGINES
+from common.heads import ncm_head_arrays
 from server.checkpoint import Checkpoint, random_state_from_json, random_state_to_json
 from server.core import RoundRecord, ServerRun
-from server.validation import reject_reason, update_bounds, update_norm
+from server.validation import class_stats_reject_reason, reject_reason, update_bounds, update_norm
 
 log = logging.getLogger(__name__)
 
@@ -105,6 +106,8 @@ class EdgeSplitMixin:
             self._restore(self.run.checkpoint)
         else:
             random.seed(config.seed)  # Flower samples nodes with Python's global RNG
+            if config.head_init == "ncm":
+                self.global_head = self._ncm_head(grid)
             self.end_round(0, to_record(self.global_head))
         arrays = to_record(self.global_head)
         for server_round in range(self.run.start_round + 1, config.num_server_rounds + 1):
@@ -136,6 +139,46 @@ class EdgeSplitMixin:
                 self.aggregate_evaluate(server_round, grid.send_and_receive(messages, timeout=config.round_timeout))
             self.end_round(server_round, arrays)
         return self.global_head
+
+    def _ncm_head(self, grid: Grid) -> dict[str, np.ndarray]:
+        """FedNCM: one message to every connected node for its class statistics under the
+        initial model (embedding its images on the way, as round 1 would), then the classifier
+        from the federation's class means. Nodes that fail or send malformed statistics are
+        left out; with none usable the head stays random."""
+        self._round = RoundRecord(round=0)
+        started = time.perf_counter()
+        nodes = self._connected(grid, self.min_available_nodes).get_node_ids()
+        question = ConfigRecord(
+            {**self.run.instructions(), wire.SERVER_ROUND: 0, wire.QUERY_ACTION: wire.ACTION_CLASS_SUMS}
+        )
+        arrays = to_record(self.global_head)
+        messages = [
+            Message(
+                RecordDict({wire.ARRAYS: arrays, wire.CONFIG: question}), dst_node_id=n, message_type=MessageType.QUERY
+            )
+            for n in nodes
+        ]
+        prepared = self._with_backbone(messages, grid, phase="ncm")
+        accepted = self._screen(list(grid.send_and_receive(prepared, timeout=self.run.config.round_timeout)), "ncm")
+        stats = [from_record(reply.content.array_records[wire.CLASS_STATS]) for reply in accepted]
+        head, known = self.global_head, list[int]()
+        if stats:
+            sums = np.sum([s[wire.CLASS_SUMS] for s in stats], axis=0)
+            counts = np.sum([s[wire.CLASS_COUNTS] for s in stats], axis=0)
+            head, known = ncm_head_arrays(self.global_head, sums, counts)
+        else:
+            log.warning("FedNCM: no usable class statistics arrived; the head starts random")
+        self.run.record_initialisation(
+            method="ncm",
+            nodes=len(accepted),
+            classes_set=known,
+            class_counts=np.sum([s[wire.CLASS_COUNTS] for s in stats], axis=0).astype(int).tolist() if stats else [],
+            bytes_down=self._round.bytes_down,
+            bytes_up=self._round.bytes_up,
+            backbones_sent=self._round.backbones_sent,
+            seconds=round(time.perf_counter() - started, 3),
+        )
+        return head
 
     def _connected(self, grid: Grid, minimum: int) -> Grid:
         """The grid with its node list fixed, once at least ``minimum`` nodes are connected;
@@ -225,6 +268,8 @@ class EdgeSplitMixin:
         metrics = super().aggregate_evaluate(server_round, scored) if scored else None  # type: ignore[misc]
         if metrics is not None and wire.ACCURACY in metrics:
             self._round.client_accuracy = _number(metrics[wire.ACCURACY])
+        if metrics is not None and wire.PERSONAL_ACCURACY in metrics:
+            self._round.client_personal_accuracy = _number(metrics[wire.PERSONAL_ACCURACY])
         return metrics  # type: ignore[no-any-return]
 
     # --- end of round: central evaluation (Flower calls this after each round, and for round 0) -
@@ -278,7 +323,11 @@ class EdgeSplitMixin:
 
     def _ask_backbone_status(self, nodes: list[int], grid: Grid) -> None:
         question = ConfigRecord(
-            {wire.QUERY_ACTION: wire.ACTION_BACKBONE_STATUS, wire.FINGERPRINT: self.run.fingerprint}
+            {
+                wire.QUERY_ACTION: wire.ACTION_BACKBONE_STATUS,
+                wire.FINGERPRINT: self.run.fingerprint,
+                wire.CUT: self.run.config.cut,
+            }
         )
         queries = [
             Message(content=RecordDict({wire.CONFIG: question}), dst_node_id=node, message_type=MessageType.QUERY)
@@ -379,10 +428,9 @@ class EdgeSplitMixin:
             **({"update_norm": round(norm, 6)} if norm is not None else {}),
             **({"notes": notes} if notes else {}),
         )
-        if phase != "train":
-            return
-        self._first_examples.setdefault(node, int(_number(metrics.get(wire.NUM_EXAMPLES))))
-        if node not in self._embedding_counted:
+        if phase == "train":
+            self._first_examples.setdefault(node, int(_number(metrics.get(wire.NUM_EXAMPLES))))
+        if phase in ("train", "ncm") and node not in self._embedding_counted:
             # First train reply per node only: a deployed ClientApp is a new process each
             # round and reports its cache loads again; those are telemetry, not new work.
             self._embedding_counted.add(node)
@@ -396,7 +444,15 @@ class EdgeSplitMixin:
             return "reply carries no metrics"
         status = content.config_records.get(wire.STATUS)
         arrays = None
-        if phase == "train":
+        if phase == "ncm":
+            if set(content.array_records) != {wire.CLASS_STATS}:
+                return f"a FedNCM reply must carry exactly the class statistics, got {sorted(content.array_records)}"
+            reason = class_stats_reject_reason(
+                from_record(content.array_records[wire.CLASS_STATS]), len(self.run.classes), self.run.spec.feature_dim
+            )
+            if reason is not None:
+                return reason
+        elif phase == "train":
             if set(content.array_records) != {wire.ARRAYS}:
                 return f"reply must carry exactly the head arrays, got records {sorted(content.array_records)}"
             arrays = from_record(content.array_records[wire.ARRAYS])

@@ -95,3 +95,26 @@ def update_bounds(norms: Mapping[int, float], max_norm: float, max_ratio: float,
                 f"(max-update-ratio={max_ratio:g})"
             )
     return reasons
+
+
+def class_stats_reject_reason(arrays: Mapping[str, np.ndarray], num_classes: int, feature_dim: int) -> str | None:
+    """Why a FedNCM reply (per-class feature sums and counts) must not be used, or None.
+
+    The classifier's input features have norm sqrt(feature_dim) exactly (PowerNorm), so no
+    honest class mean is longer than that: a longer one is a forged or broken reply.
+    """
+    shapes = {wire.CLASS_SUMS: (num_classes, feature_dim), wire.CLASS_COUNTS: (num_classes,)}
+    if set(arrays) != set(shapes):
+        return f"class statistics must be exactly {sorted(shapes)}, got {sorted(arrays)}"
+    for name, shape in shapes.items():
+        if tuple(arrays[name].shape) != shape:
+            return f"array {name!r} has shape {tuple(arrays[name].shape)}, expected {shape}"
+        if not np.all(np.isfinite(arrays[name])):
+            return f"array {name!r} contains NaN or Inf"
+    sums, counts = arrays[wire.CLASS_SUMS].astype(np.float64), arrays[wire.CLASS_COUNTS].astype(np.float64)
+    if np.any(counts < 0) or np.any(counts != np.round(counts)):
+        return "class counts must be non-negative integers"
+    lengths = np.linalg.norm(sums, axis=1)
+    if np.any(lengths > counts * math.sqrt(feature_dim) * (1 + 1e-3)):
+        return "a class mean is longer than any normalised feature can be"
+    return None

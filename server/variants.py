@@ -2,8 +2,10 @@
 
 One backbone, one fingerprint, three variants (``common/engines.py``): the torch weights
 themselves, an ONNX fp32 export and an int8 model calibrated on the server's own held-out
-images. Exporting and calibrating take ~10 s for EfficientNet-Lite0 on two cores, so each is done
-once per backbone and cache folder, and only for an engine some client or the server uses.
+images. At a later cut (``common/split.py``) the ONNX variants are the backbone up to the cut:
+what the devices run once per image. Exporting and calibrating take ~10 s for
+EfficientNet-Lite0 on two cores, so each is done once per backbone, cut and cache folder, and
+only for an engine some client or the server uses.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from common.engines import ONNX_INPUT, ONNX_OUTPUT, Engine, OnnxEngine, TorchEng
 from common.export import export_onnx, quantize_int8
 from common.logs import quiet_root_logger
 from common.preprocess import PreprocessSpec
+from common.split import split_backbone
 
 log = logging.getLogger(__name__)
 
@@ -37,8 +40,10 @@ class BackboneVariants:
         preprocess: PreprocessSpec,
         fingerprint: str,
         calibration: Callable[[], np.ndarray],
+        cut: int = 0,
     ) -> None:
-        self.directory = directory / fingerprint[:32]
+        self.directory = directory / fingerprint[:32] / (f"cut{cut}" if cut else "")
+        self.cut = cut
         self.name = name
         self.state = state
         self.preprocess = preprocess
@@ -67,9 +72,9 @@ class BackboneVariants:
         return self._fingerprints[engine]
 
     def engine(self, engine: str, num_threads: int = 0) -> Engine:
-        """A runnable engine of this backbone for the server's own embedding."""
+        """A runnable engine of this backbone (up to the cut) for the server's own embedding."""
         if engine == "torch":
-            return TorchEngine(build_backbone(self.name, self.state))
+            return TorchEngine(self._prefix())
         return OnnxEngine(self.path(engine), num_threads)
 
     def _ensure(self, engine: str) -> Path:
@@ -84,9 +89,7 @@ class BackboneVariants:
         if not fp32.is_file():
             log.info("Exporting backbone %s to ONNX (once per backbone)", self.name)
             image_size = self.preprocess.image_size
-            export_onnx(
-                build_backbone(self.name, self.state), (3, image_size, image_size), fp32, ONNX_INPUT, [ONNX_OUTPUT]
-            )
+            export_onnx(self._prefix(), (3, image_size, image_size), fp32, ONNX_INPUT, [ONNX_OUTPUT])
         if engine == "onnx":
             return fp32
         if engine != "onnx-int8":
@@ -97,3 +100,6 @@ class BackboneVariants:
             with quiet_root_logger():  # the quantizer logs every rescaled channel at INFO
                 quantize_int8(fp32, int8, self._calibration(), get_spec(self.name).int8_float_convs)
         return int8
+
+    def _prefix(self) -> torch.nn.Module:
+        return split_backbone(self.name, build_backbone(self.name, self.state), self.cut)[0]

@@ -120,7 +120,7 @@ def test_every_file_of_a_bad_corpus_is_used_or_skipped_with_its_reason(
             assert name in used, f"{name} was skipped: {skipped.get(name)}"
         else:
             assert skipped.get(name, "").startswith(outcome), f"{name}: {skipped.get(name)!r}, expected {outcome!r}"
-    assert embedded.features.shape == (len(used), 3) and np.all(np.isfinite(embedded.features))
+    assert embedded.features.shape == (len(used), 1, 3) and np.all(np.isfinite(embedded.features))
     warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
     assert len(warnings) == 1  # one clear warning, with counts by reason and a first example
     assert f"skipped {len(skipped)} of {len(expected)} images" in warnings[0]

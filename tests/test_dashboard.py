@@ -188,6 +188,7 @@ def test_live_dashboard_in_a_real_browser(tmp_path: Path, server_engines: Path) 
         "subset": 240,
         "num-server-rounds": 3,
         "local-epochs": 1,
+        "views": "none",
         "cache-dir": str(with_server_engines(tmp_path / "cache", server_engines)),
         "runs-dir": str(tmp_path / "runs"),
         "run-name": "live",

@@ -8,11 +8,16 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
+import pytest
+
 from client.telemetry import cpu_temperature_c, device_metrics, peak_rss_mb
 from common import wire
-from common.backbones import fingerprint, load_backbone_weights, preprocess_for
+from common.backbones import build_backbone, fingerprint, load_backbone_weights, preprocess_for
 from common.data import scan_image_folder
 from common.export import calibration_images
+from common.heads import head_arrays
+from common.split import build_head
 from server.variants import BackboneVariants
 from tests.conftest import REPO_ROOT, write_image_folder
 
@@ -33,7 +38,7 @@ import json, sys
 BLOCKED = set(json.loads(sys.argv[1]))
 for name in BLOCKED:  # None in sys.modules: `import` fails and find_spec says "not installed"
     sys.modules[name] = None
-import torch
+import numpy as np
 import client.app  # the ClientApp Flower loads on a board
 from client.core import EdgeClient, Instructions
 from common.config import NodeConfig, RunConfig
@@ -45,16 +50,19 @@ client = EdgeClient(config, node)
 instructions = Instructions.from_record(setup["instructions"])
 assert client.engine == "onnx-int8"  # "auto" on a board with ONNX Runtime
 client.receive_backbone(open(setup["backbone"], "rb").read(), instructions)
-head = {"weight": torch.zeros(2, 1280).numpy(), "bias": torch.zeros(2).numpy()}
+head = dict(np.load(setup["head"]))
 arrays, metrics = client.train(head, instructions)
+assert sorted(arrays) == sorted(head)
 loaded = {name.split(".")[0] for name, module in sys.modules.items() if module is not None}
 print(json.dumps({"metrics": metrics, "loaded": sorted(loaded & BLOCKED)}))
 """
 
 
-def test_the_client_trains_with_the_edge_install_alone(tmp_path: Path) -> None:
-    """The default engine end to end on a board: it receives the int8 ONNX backbone the server
-    made, embeds with ONNX Runtime and trains the head, with no server package importable."""
+@pytest.mark.parametrize("cut", [0, 1])
+def test_the_client_trains_with_the_edge_install_alone(tmp_path: Path, cut: int) -> None:
+    """The default engine end to end on a board: it receives the int8 ONNX backbone (up to the
+    cut) the server made, embeds with ONNX Runtime and trains the head (and at cut 1 the last
+    stage, built from timm's architecture), with no server package importable."""
     write_image_folder(tmp_path / "board", {"ok": 6, "crack": 6}, seed=0)
     write_image_folder(tmp_path / "server", {"ok": 4, "crack": 4}, seed=1)
     preprocess = preprocess_for("efficientnet_lite0", 64, 1.0)
@@ -68,12 +76,16 @@ def test_the_client_trains_with_the_edge_install_alone(tmp_path: Path) -> None:
         preprocess,
         backbone_fp,
         calibration=lambda: calibration_images(server_files, preprocess),
+        cut=cut,
     )
     (tmp_path / "backbone.onnx").write_bytes(variants.artifact("onnx-int8"))
+    model = build_backbone("efficientnet_lite0", state)
+    np.savez(tmp_path / "head.npz", **head_arrays(build_head("efficientnet_lite0", cut, "linear", 2, model=model)))
     setup = {
         "run_config": {"dataset": "folder", "class-names": "ok,crack", "server-test-dir": str(tmp_path)},
         "node_config": {"data-dir": str(tmp_path / "board"), "cache-dir": str(tmp_path / "cache")},
         "backbone": str(tmp_path / "backbone.onnx"),
+        "head": str(tmp_path / "head.npz"),
         "instructions": {
             wire.SERVER_ROUND: 1,
             wire.FINGERPRINT: backbone_fp,
@@ -83,6 +95,11 @@ def test_the_client_trains_with_the_edge_install_alone(tmp_path: Path) -> None:
             wire.ENGINE_FINGERPRINT: variants.variant_fingerprint("onnx-int8"),
             wire.HEAD: "linear",
             wire.MLP_HIDDEN: 8,
+            wire.CUT: cut,
+            wire.VIEWS: "identity,hflip",
+            wire.AVERAGE_VIEWS: True,
+            wire.PERSONAL_EPOCHS: 0,
+            wire.NCM_MIN_EXAMPLES: 2,
             wire.NUM_CLASSES: 2,
             wire.LOCAL_EPOCHS: 2,
             wire.LEARNING_RATE: 0.01,
@@ -102,7 +119,7 @@ def test_the_client_trains_with_the_edge_install_alone(tmp_path: Path) -> None:
     report = json.loads(result.stdout.strip().splitlines()[-1])
     assert report["loaded"] == []
     metrics = report["metrics"]
-    assert metrics[wire.EMBEDDINGS_COMPUTED] == 12  # train and local test share, in one pass
+    assert metrics[wire.EMBEDDINGS_COMPUTED] == 12  # train and local test share, in one pass (two views each)
     assert metrics[wire.PEAK_RSS_MB] > 50 and metrics[wire.TRAIN_SECONDS] > 0
 
 

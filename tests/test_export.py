@@ -27,7 +27,7 @@ def exported(real_lite0: RealLite0, tmp_path_factory: pytest.TempPathFactory) ->
         features = real_lite0.torch_model(torch.from_numpy(real_lite0.images)).numpy()
     head: Head = make_head("linear", 1280, 4, seed=0)
     labels = np.asarray(real_lite0.files.labels)
-    train_head(head, features, labels, epochs=30, learning_rate=0.05, batch_size=16, weight_decay=0.0, seed=0)
+    train_head(head, features[:, None], labels, epochs=30, learning_rate=0.05, batch_size=16, weight_decay=0.0, seed=0)
     variants = real_lite0.variants
     directory = tmp_path_factory.mktemp("export") / "model"
     info = {

@@ -15,7 +15,7 @@ from tests.conftest import with_server_engines
 
 pytestmark = pytest.mark.flower
 
-SMALL = {"subset": 240, "local-epochs": 2, "partitioner": "iid", "export-model": False}
+SMALL = {"subset": 240, "local-epochs": 2, "partitioner": "iid", "export-model": False, "views": "none"}
 
 
 def _events(run_dir: Path) -> list[dict[str, Any]]:

@@ -19,8 +19,8 @@ from tests.conftest import with_server_engines, write_image_folder
 
 pytestmark = pytest.mark.flower
 
-HEAD_SHAPES = {"weight": [4, 1280], "bias": [4]}
-SMALL_RUN = {"subset": 240, "num-server-rounds": 2, "local-epochs": 2}
+HEAD_SHAPES = {"classifier.weight": [4, 1280], "classifier.bias": [4]}
+SMALL_RUN = {"subset": 240, "num-server-rounds": 2, "local-epochs": 2, "views": "none"}
 
 
 def _events(run_dir: Path) -> list[dict[str, Any]]:
@@ -48,10 +48,11 @@ def _run(
 
 @pytest.fixture(scope="module")
 def elpv_runs(tmp_path_factory: pytest.TempPathFactory, server_engines: Path) -> tuple[dict[str, Any], dict[str, Any]]:
-    """The same small ELPV run twice with one cache: the second must find everything cached."""
+    """The same small ELPV run twice with one cache: the second must find everything cached.
+    ELPV's default views (the eight flips and rotations) are embedded once, in the first run."""
     tmp = tmp_path_factory.mktemp("elpv")
-    first = _run(tmp, "first", tmp / "cache", server_engines)
-    second = _run(tmp, "second", tmp / "cache", server_engines)
+    first = _run(tmp, "first", tmp / "cache", server_engines, extra={"views": "auto"})
+    second = _run(tmp, "second", tmp / "cache", server_engines, extra={"views": "auto"})
     return first, second
 
 
@@ -193,12 +194,17 @@ def test_user_folders_and_a_client_without_data(tmp_path: Path, server_engines: 
     [
         (
             {"strategy": "fedprox", "head": "mlp", "mlp-hidden": 16, "partitioner": "iid", "engine": "torch"},
-            {"0.weight": [16, 1280], "0.bias": [16], "3.weight": [4, 16], "3.bias": [4]},
+            {
+                "classifier.0.weight": [16, 1280],
+                "classifier.0.bias": [16],
+                "classifier.3.weight": [4, 16],
+                "classifier.3.bias": [4],
+            },
             ["p0", "p1/3", "p2/3", "p1"],
         ),
         (
             {"strategy": "fedadam", "elpv-task": "binary", "partitioner": "pathological", "classes-per-client": 1},
-            {"weight": [2, 1280], "bias": [2]},
+            {"classifier.weight": [2, 1280], "classifier.bias": [2]},
             ["functional", "defective"],
         ),
     ],
@@ -217,6 +223,54 @@ def test_other_strategies_heads_and_tasks(
     assert {k: list(head[k].shape) for k in head.files} == head_shapes
     # the aggregated head moved away from the seeded initial head the server started from
     initial = head_arrays(
-        make_head(extra.get("head", "linear"), 1280, len(classes), extra.get("mlp-hidden", 256), seed=42).classifier
+        make_head(extra.get("head", "linear"), 1280, len(classes), extra.get("mlp-hidden", 256), seed=42)
     )
     assert any(not np.allclose(head[name], initial[name]) for name in initial)
+
+
+def test_later_cut_fedncm_and_personal_heads(tmp_path: Path, server_engines: Path) -> None:
+    """cut=1: the backbone's last stage trains on the devices and travels with the head; FedNCM
+    initialises the head from the clients' class sums; clients score personal heads too; and the
+    exported model (int8 backbone up to the cut, then the trained tail and head) reproduces the
+    server's view-averaged accuracy on its held-out images."""
+    from client.predict import Classifier
+    from common.config import RunConfig
+    from server.core import server_test_files
+
+    extra = {"cut": 1, "head-init": "ncm", "ncm-min-examples": 2, "personal-epochs": 3, "views": "flips"}
+    run = _run(tmp_path, "cut", tmp_path / "cache", server_engines, extra=extra)
+    summary, events = run["summary"], run["events"]
+    trainable = {
+        "tail.0.0.weight": [1280, 320, 1, 1],  # conv_head
+        "tail.0.1.scale": [1280],  # its batch norm, statistics folded in
+        "tail.0.1.shift": [1280],
+        **HEAD_SHAPES,
+    }
+    head = np.load(run["run_dir"] / "head.npz")
+    assert {k: list(head[k].shape) for k in head.files} == trainable
+    # every train reply carries exactly the trainable part; FedNCM's replies only class statistics
+    for reply in run["audit"]:
+        if reply["message_type"] == "train":
+            assert {n: list(s) for n, (s, _) in reply["arrays"]["arrays"].items()} == trainable
+    stats = [r["arrays"] for r in run["audit"] if r["message_type"] == "query" and r["arrays"]]
+    assert len(stats) == 3
+    assert all(
+        {n: list(s) for n, (s, _) in a["class-stats"].items()} == {"sums": [4, 1280], "counts": [4]} for a in stats
+    )
+    init = [e for e in events if e["event"] == "head-initialised"]
+    assert len(init) == 1 and init[0]["nodes"] == 3 and init[0]["classes_set"]
+    assert sum(init[0]["class_counts"]) > 0 and summary["head_init"]["method"] == "ncm"
+    assert init[0]["backbones_sent"] == 3  # the backbone up to the cut went with FedNCM's query
+    for record in summary["rounds"]:
+        assert record["clients_ok"] == 3 and record["backbones_sent"] == 0
+        assert record["max_bytes_up_per_client"] > 1280 * 320 * 4  # the tail travels
+        assert 0 <= record["client_personal_accuracy"] <= 1
+    # the deployable model computes what the server evaluated
+    info = json.loads((run["run_dir"] / "model" / "model.json").read_text())
+    assert info["cut"] == 1 and info["feature_shape"] == [320, 7, 7] and len(info["views"]) == 4
+    config = RunConfig.from_flower({**SMALL_RUN, **extra})
+    test_files = server_test_files(config)
+    classifier = Classifier(run["run_dir"] / "model", int8=True)
+    predictions = list(classifier.predict(list(zip(test_files.paths, test_files.labels, strict=True))))
+    accuracy = np.mean([p.predicted == p.label for p in predictions])
+    assert accuracy == pytest.approx(summary["final"]["accuracy"], abs=2 / len(predictions))

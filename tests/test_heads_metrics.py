@@ -184,13 +184,13 @@ def test_load_head_arrays_wrong_names_is_a_value_error():
 
 
 def _blobs(n_per_class: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Two non-negative Gaussian blobs in 8 dimensions, far apart."""
+    """Two non-negative Gaussian blobs in 8 dimensions, far apart: (n, 1 view, 8) features."""
     rng = np.random.default_rng(seed)
     centre0 = np.array([3.0, 3.0, 3.0, 3.0, 0.5, 0.5, 0.5, 0.5])
     centre1 = centre0[::-1].copy()
     x = np.concatenate([centre0 + rng.normal(0, 0.5, (n_per_class, 8)), centre1 + rng.normal(0, 0.5, (n_per_class, 8))])
     y = np.repeat([0, 1], n_per_class)
-    return np.abs(x).astype(np.float32), y
+    return np.abs(x).astype(np.float32)[:, None], y
 
 
 def test_train_head_learns_separable_blobs():
@@ -261,7 +261,7 @@ def test_proximal_term_keeps_weights_near_the_start():
 
 
 def test_evaluate_head_on_no_examples():
-    report = evaluate_head(make_head("linear", 8, 2), np.zeros((0, 8), np.float32), np.zeros(0), 2)
+    report = evaluate_head(make_head("linear", 8, 2), np.zeros((0, 1, 8), np.float32), np.zeros(0), 2)
 
     assert report.num_examples == 0
     assert np.isnan(report.loss)

@@ -1,10 +1,11 @@
-"""The outgoing-reply guard: only the declared head arrays, single numbers and short status strings."""
+"""The outgoing-reply guard: only the declared arrays (the trainable part, or FedNCM's class
+statistics), single numbers and short status strings."""
 
 from __future__ import annotations
 
 from client.privacy import violations
 
-HEAD = {"weight": (4, 1280), "bias": (4,)}
+HEAD = {"arrays": {"weight": (4, 1280), "bias": (4,)}}
 
 
 def _reply(**parts: object) -> dict[str, object]:
@@ -24,7 +25,7 @@ def test_a_head_update_passes() -> None:
 def test_embeddings_cannot_ride_along_as_an_extra_array() -> None:
     arrays = {"arrays": {"weight": ((4, 1280), "float32"), "bias": ((4,), "float32"), "emb": ((200, 1280), "float32")}}
     problems = violations(_reply(arrays=arrays), HEAD)
-    assert len(problems) == 1 and "not exactly the head's" in problems[0]
+    assert problems == ["arrays of 'arrays' are not the declared ones: unexpected ['emb'], missing []"]
 
 
 def test_an_extra_array_record_is_refused() -> None:
@@ -34,12 +35,25 @@ def test_an_extra_array_record_is_refused() -> None:
 
 def test_a_head_array_of_another_shape_is_refused() -> None:
     arrays = {"arrays": {"weight": ((200, 1280), "float32"), "bias": ((4,), "float32")}}
-    assert violations(_reply(arrays=arrays), HEAD) == ["array 'weight' has shape (200, 1280), the head's is (4, 1280)"]
+    assert violations(_reply(arrays=arrays), HEAD) == [
+        "array 'weight' has shape (200, 1280), the declared one is (4, 1280)"
+    ]
 
 
 def test_replies_that_may_carry_no_arrays_refuse_any() -> None:
-    assert violations(_reply(), None) == ["array record 'arrays' is not allowed in this reply"]
-    assert violations(_reply(arrays={}), None) == []
+    assert violations(_reply(), {}) == ["array record 'arrays' is not allowed in this reply"]
+    assert violations(_reply(arrays={}), {}) == []
+
+
+def test_class_statistics_pass_only_where_declared() -> None:
+    stats = {"class-stats": {"sums": ((4, 1280), "float32"), "counts": ((4,), "float32")}}
+    declared = {"class-stats": {"sums": (4, 1280), "counts": (4,)}}
+    assert violations(_reply(arrays=stats), declared) == []
+    assert violations(_reply(arrays=stats), HEAD) == ["array record 'class-stats' is not allowed in this reply"]
+    per_image = {"class-stats": {"sums": ((200, 1280), "float32"), "counts": ((4,), "float32")}}
+    assert violations(_reply(arrays=per_image), declared) == [
+        "array 'sums' has shape (200, 1280), the declared one is (4, 1280)"
+    ]
 
 
 def test_per_sample_metrics_are_refused() -> None:
