@@ -446,14 +446,18 @@ class EdgeClient:
     def personalise(self, global_head: Head, data: EmbeddedData, instructions: Instructions) -> Head:
         """A personal head: the global model with its classifier fine-tuned on this device's own
         training share (the tail, the shared representation, stays global: FedRep/FedBABU). It is
-        kept on disk, so the board can classify with it, and never sent."""
+        kept on disk, so the board can classify with it, and never sent.
+
+        The step is a tenth of ``learning-rate``: it adjusts a trained head to local data rather
+        than retraining it, and a few local images at the full rate overshoot (on a
+        2-classes-per-client split, the full rate left personal heads below the global one)."""
         head = copy.deepcopy(global_head)
         train_head(
             head,
             data.train_x,
             data.train_y,
             epochs=instructions.personal_epochs,
-            learning_rate=instructions.learning_rate,
+            learning_rate=instructions.learning_rate / 10,
             batch_size=instructions.batch_size,
             weight_decay=instructions.weight_decay,
             seed=self._seed(instructions) + 1,

@@ -1,0 +1,120 @@
+"""FedNCM and personal heads on a pathological split of generated images: 10 classes, 10 clients
+holding 2 classes each. In process: the real ServerRun, strategy and round loop, and the real
+ClientApp handlers (privacy guard included) behind a grid that delivers each message by calling
+them. (simulations/pathological.py runs the same through the Flower runtime for BENCHMARKS.md.)
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable
+from typing import Any
+
+import numpy as np
+import pytest
+from flwr.app import Context, Message, RecordDict
+from flwr.supercore.task_identity import TaskIdentity
+
+from client import app as client_app
+from common.config import RunConfig
+from server.core import ServerRun
+from server.strategy import make_strategy
+from simulations.pathological import CLASSES, rounds_to_target, run_config, write_pathological_data
+from simulations.reference import centralised_probe
+
+CLIENTS = 10
+ROUNDS = 6
+HANDLERS = {"train": client_app.train, "evaluate": client_app.evaluate, "query": client_app.query}
+
+
+class InProcessGrid:
+    """Nodes 1..10, each the ClientApp of simulated partition node - 1, answering by function call."""
+
+    def __init__(self, config: dict[str, Any]) -> None:
+        self.contexts = {
+            node: Context(
+                run_id=1,
+                node_id=node,
+                node_config={"partition-id": node - 1, "num-partitions": CLIENTS},
+                state=RecordDict(),
+                run_config=config,
+            )
+            for node in range(1, CLIENTS + 1)
+        }
+
+    def get_node_ids(self) -> list[int]:
+        return list(self.contexts)
+
+    def send_and_receive(self, messages: Iterable[Message], timeout: float | None = None) -> list[Message]:
+        replies = []
+        for message in messages:
+            message.metadata.__dict__["_message_id"] = message.object_id  # what Flower does on push
+            node = message.metadata.dst_node_id
+            TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, node
+            handler = HANDLERS[message.metadata.message_type]
+            replies.append(client_app.privacy_guard(message, self.contexts[node], handler))
+        return replies
+
+
+@pytest.fixture(scope="module")
+def federations(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """The same pathological federation twice, head initialised at random and by FedNCM."""
+    TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 0  # as the ServerApp's runtime sets
+    tmp = tmp_path_factory.mktemp("pathological")
+    root = write_pathological_data(tmp / "data", clients=CLIENTS, per_class=30, test_per_class=8)
+    results: dict[str, Any] = {}
+    for init in ("random", "ncm"):
+        settings = run_config(
+            root,
+            tmp / "cache",
+            tmp / "runs",
+            init,
+            # half of each client's images are its local test share: enough to compare two heads on
+            **{"head-init": init, "num-server-rounds": ROUNDS, "engine": "torch", "client-test-fraction": 0.5},
+        )
+        config = RunConfig.from_flower(settings)
+        run = ServerRun.prepare(config)
+        strategy = make_strategy(config, run)
+        strategy.run_rounds(InProcessGrid(settings))  # type: ignore[arg-type]
+        events = [json.loads(line) for line in (run.run_log.run_dir / "events.jsonl").read_text().splitlines()]
+        results[init] = {
+            "rounds": run.rounds,
+            "initial": next(e["accuracy"] for e in events if e["event"] == "initial-evaluation"),
+            "events": events,
+        }
+    results["probe"] = centralised_probe(config, CLIENTS).accuracy
+    return results
+
+
+def test_fedncm_reaches_the_probe_plateau_in_fewer_rounds(federations: dict[str, Any]) -> None:
+    target = federations["probe"] - 0.02
+    reached = {}
+    for init in ("random", "ncm"):
+        accuracy = [r.accuracy for r in federations[init]["rounds"]]
+        found = rounds_to_target(accuracy, federations[init]["initial"], target)
+        reached[init] = ROUNDS + 1 if found is None else found
+    print(f"probe {federations['probe']:.3f}, rounds to {target:.3f}: {reached}")  # shown with -s
+    assert federations["probe"] > 0.8  # the classes are learnable from the frozen features
+    assert reached["ncm"] < reached["random"]
+    init = [e for e in federations["ncm"]["events"] if e["event"] == "head-initialised"]
+    assert len(init) == 1 and init[0]["nodes"] == CLIENTS and init[0]["classes_set"] == list(range(len(CLASSES)))
+    assert not [e for e in federations["random"]["events"] if e["event"] == "head-initialised"]
+
+
+def test_personal_heads_beat_the_global_head_on_local_data(federations: dict[str, Any]) -> None:
+    for init in ("random", "ncm"):
+        rounds = federations[init]["rounds"]
+        personal = [r.client_personal_accuracy for r in rounds]
+        shared = [r.client_accuracy for r in rounds]
+        print(init, "global head", np.round(shared, 3), "personal heads", np.round(personal, 3))  # shown with -s
+        assert all(p >= s for p, s in zip(personal, shared, strict=True))
+        assert personal[-1] > 0.9  # two classes each: easy alone
+    # where the global head is weak (random start, label skew), the personal heads gain most
+    random_rounds = federations["random"]["rounds"]
+    assert np.mean([r.client_personal_accuracy - r.client_accuracy for r in random_rounds]) > 0.05
+
+
+def test_rounds_to_target_counts_from_the_initial_head() -> None:
+    assert rounds_to_target([0.5, 0.9, 0.95], initial=0.2, target=0.9) == 2
+    assert rounds_to_target([0.5, 0.6], initial=0.95, target=0.9) == 0
+    assert rounds_to_target([0.5, 0.6], initial=0.2, target=0.9) is None
