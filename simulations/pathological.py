@@ -61,10 +61,10 @@ def write_pathological_data(
     files = LabelledFiles(tuple(paths), tuple(labels), CLASSES)
     for k in range(clients):
         share = partition(files, clients, k, "pathological", seed, classes_per_client=2)
-        for path, label in zip(share.paths, share.labels, strict=True):
-            target = root / f"client-{k}" / CLASSES[label] / Path(path).name
+        for source, label in zip(share.paths, share.labels, strict=True):
+            target = root / f"client-{k}" / CLASSES[label] / Path(source).name
             target.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(path, target)  # a copy: a board's folder holds its own files
+            shutil.copyfile(source, target)  # a copy: a board's folder holds its own files
     return root
 
 
@@ -127,19 +127,19 @@ def main(argv: list[str] | None = None) -> int:
 
     target = probe - args.tolerance
     rows, curves = [], {}
-    for init, result in results.items():
-        rounds = result["summary"]["rounds"]
+    for init, outcome in results.items():
+        rounds = outcome["summary"]["rounds"]
         accuracy = [r["accuracy"] for r in rounds]
         curves[init] = {
-            "accuracy": [result["initial"], *accuracy],
+            "accuracy": [outcome["initial"], *accuracy],
             "client_global": [r["client_accuracy"] for r in rounds],
             "client_personal": [r["client_personal_accuracy"] for r in rounds],
         }
-        reached = rounds_to_target(accuracy, result["initial"], target)
+        reached = rounds_to_target(accuracy, outcome["initial"], target)
         rows.append(
             (
                 "FedNCM" if init == "ncm" else "random",
-                f"{result['initial']:.3f}",
+                f"{outcome['initial']:.3f}",
                 str(reached) if reached is not None else f"not in {args.rounds}",
                 f"{accuracy[-1]:.3f}",
                 f"{rounds[-1]['client_accuracy']:.3f}",

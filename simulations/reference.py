@@ -57,14 +57,14 @@ def centralised_probe(config: RunConfig, num_clients: int) -> ProbeResult:
     for partition_id in range(num_clients):
         client = EdgeClient(config, NodeConfig(partition_id=partition_id, num_partitions=num_clients))
         embedded = embed(client.data.train, client.cache_dir)
-        features.append(embedded.features)
+        features.append(embedded.features[:, 0])  # the images as they are (the identity view)
         labels.append(embedded.labels)
     test = embed(test_files, server_cache_dir(config))
     train_x, train_y = np.concatenate(features), np.concatenate(labels)
     norm = PowerNorm()
     with torch.no_grad():
-        normed_train = norm(torch.from_numpy(train_x)).numpy()
-        normed_test = norm(torch.from_numpy(test.features)).numpy()
+        normed_train = norm(torch.from_numpy(train_x).float()).numpy()
+        normed_test = norm(torch.from_numpy(test.features[:, 0]).float()).numpy()
     num_classes = len(config.classes())
     return _fit(normed_train, train_y, normed_test, test.labels, num_classes, config.seed)
 
