@@ -476,11 +476,9 @@ class EdgeClient:
         the classifier sees and the count. A class with fewer than ``ncm-min-examples`` images
         is sent as zeros, so that no sum is close to one image's features."""
         data = self.embedded(instructions)
-        sums, counts = class_sums(
-            self._head(arrays, instructions), data.train_x, data.train_y, instructions.num_classes
-        )
-        too_few = counts < instructions.ncm_min_examples
-        sums[too_few], counts[too_few] = 0.0, 0.0
+        head = self._head(arrays, instructions)
+        minimum = instructions.ncm_min_examples
+        sums, counts = class_sums(head, data.train_x, data.train_y, instructions.num_classes, minimum)
         metrics = {wire.NUM_EXAMPLES: len(data.train_y), **self._embedding_metrics(data), **device_metrics()}
         return {wire.CLASS_SUMS: sums, wire.CLASS_COUNTS: counts}, metrics
 

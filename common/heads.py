@@ -184,19 +184,24 @@ def evaluate_head(
 
 
 @torch.inference_mode()
-def class_sums(head: Head, features: np.ndarray, labels: np.ndarray, num_classes: int) -> tuple[np.ndarray, np.ndarray]:
-    """Per class: the sum of the pooled, normalised features the classifier sees (every view
-    of every example) and the number of examples. FedNCM's one-shot statistics."""
+def class_sums(
+    head: Head, features: np.ndarray, labels: np.ndarray, num_classes: int, min_examples: int = 1
+) -> tuple[np.ndarray, np.ndarray]:
+    """Per class: the sum of the pooled, normalised features the classifier sees (each example's
+    mean over its views) and the number of examples: FedNCM's one-shot statistics. A class with
+    fewer than ``min_examples`` examples is left out (zeros), so no sum is close to one image's."""
     head.eval()
-    sums = torch.zeros(num_classes, 0)
+    classifier = head.classifier
+    assert isinstance(classifier, nn.Linear), "FedNCM sets a linear classifier"  # the config rule
+    sums = torch.zeros(num_classes, classifier.in_features)
     for start in range(0, len(labels), 256):
         batch = torch.from_numpy(np.ascontiguousarray(features[start : start + 256])).float()
         pooled = head.pooled(batch.flatten(0, 1)).unflatten(0, batch.shape[:2]).mean(1)
-        if sums.shape[1] == 0:
-            sums = torch.zeros(num_classes, pooled.shape[1])
         sums.index_add_(0, torch.from_numpy(np.asarray(labels[start : start + 256], dtype=np.int64)), pooled)
-    counts = np.bincount(np.asarray(labels, dtype=np.int64), minlength=num_classes)
-    return sums.numpy().astype(np.float32), counts.astype(np.float32)
+    counts = np.bincount(np.asarray(labels, dtype=np.int64), minlength=num_classes).astype(np.float32)
+    too_few = counts < min_examples
+    sums[torch.from_numpy(too_few)], counts[too_few] = 0.0, 0.0
+    return sums.numpy().astype(np.float32), counts
 
 
 def ncm_head_arrays(

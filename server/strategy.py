@@ -1,5 +1,6 @@
-"""Flower strategies that federate the head only, ship the backbone once per node, and screen
-replies. Flower's own strategies do the sampling and aggregation; the mixin wraps their hooks
+"""Flower strategies that federate the trainable part (the head, and the backbone's tail at a
+later cut), ship the backbone once per node, and screen replies. Flower's own strategies do the
+sampling and aggregation; the mixin wraps their hooks
 (``configure_*``, ``aggregate_*``) and calls ``super()``.
 
 The round loop is ours (``run_rounds``), not Flower's ``start()``: it is the same few calls, plus
@@ -75,7 +76,7 @@ STATE_ATTRIBUTES = ("m_t", "v_t")
 
 
 class EdgeSplitMixin:
-    """Head-only federation around any Flower message strategy (put it first in the bases)."""
+    """Split federation around any Flower message strategy (put it first in the bases)."""
 
     run: ServerRun
     min_available_nodes: int
@@ -161,10 +162,11 @@ class EdgeSplitMixin:
         prepared = self._with_backbone(messages, grid, phase="ncm")
         accepted = self._screen(list(grid.send_and_receive(prepared, timeout=self.run.config.round_timeout)), "ncm")
         stats = [from_record(reply.content.array_records[wire.CLASS_STATS]) for reply in accepted]
-        head, known = self.global_head, list[int]()
+        head, counts = self.global_head, np.zeros(len(self.run.classes))
+        known: list[int] = []
         if stats:
-            sums = np.sum([s[wire.CLASS_SUMS] for s in stats], axis=0)
             counts = np.sum([s[wire.CLASS_COUNTS] for s in stats], axis=0)
+            sums = np.sum([s[wire.CLASS_SUMS] for s in stats], axis=0)
             head, known = ncm_head_arrays(self.global_head, sums, counts)
         else:
             log.warning("FedNCM: no usable class statistics arrived; the head starts random")
@@ -172,7 +174,7 @@ class EdgeSplitMixin:
             method="ncm",
             nodes=len(accepted),
             classes_set=known,
-            class_counts=np.sum([s[wire.CLASS_COUNTS] for s in stats], axis=0).astype(int).tolist() if stats else [],
+            class_counts=counts.astype(int).tolist(),
             bytes_down=self._round.bytes_down,
             bytes_up=self._round.bytes_up,
             backbones_sent=self._round.backbones_sent,

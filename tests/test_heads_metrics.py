@@ -9,10 +9,12 @@ import torch
 
 from common.heads import (
     PowerNorm,
+    class_sums,
     evaluate_head,
     head_arrays,
     load_head_arrays,
     make_head,
+    ncm_head_arrays,
     train_head,
 )
 from common.metrics import classification_report
@@ -279,3 +281,30 @@ def test_power_norm_rows_have_unit_mean_square():
     # first row: sqrt -> [2, 0, 3, 1], norm sqrt(14), times sqrt(4) = 2
     assert torch.allclose(y[0], torch.tensor([2.0, 0.0, 3.0, 1.0]) * 2 / 14**0.5)
     assert y[2, 0] < 0 < y[2, 1]  # the sign is kept
+
+
+def test_class_sums_leave_out_classes_with_too_few_examples():
+    head = make_head("linear", 8, 3, seed=0)
+    x, _ = _blobs(5, seed=0)  # ten (1 view, 8) examples
+    y = np.array([0] * 6 + [1] * 3 + [2] * 1)
+
+    sums, counts = class_sums(head, x, y, num_classes=3, min_examples=3)
+
+    assert counts.tolist() == [6.0, 3.0, 0.0]  # class 2's single image is not shared
+    assert not sums[2].any()
+    normed = head.pooled(torch.from_numpy(x[:, 0])).detach().numpy()
+    np.testing.assert_allclose(sums[0], normed[:6].sum(0), rtol=1e-5)
+
+
+def test_ncm_head_points_each_known_class_at_its_mean():
+    start = head_arrays(make_head("linear", 4, 3, seed=0))
+    sums = np.array([[2.0, 0, 0, 0], [0, 0, 3.0, 4.0], [0, 0, 0, 0]], np.float32)
+    counts = np.array([2.0, 5.0, 0.0], np.float32)
+
+    arrays, known = ncm_head_arrays(start, sums, counts)
+
+    assert known == [0, 1]
+    np.testing.assert_allclose(arrays["classifier.weight"][0], [1, 0, 0, 0])
+    np.testing.assert_allclose(arrays["classifier.weight"][1], [0, 0, 0.6, 0.8])
+    np.testing.assert_array_equal(arrays["classifier.weight"][2], start["classifier.weight"][2])  # no data: as it was
+    assert arrays["classifier.bias"][:2].tolist() == [0.0, 0.0]

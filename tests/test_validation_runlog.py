@@ -14,7 +14,7 @@ from common import wire
 from common.backbones import fingerprint
 from common.preprocess import PreprocessSpec
 from server.runlog import RunLog, new_run_id, write_json_atomic
-from server.validation import reject_reason
+from server.validation import class_stats_reject_reason, reject_reason
 
 # --- reject_reason --------------------------------------------------------------------------------
 
@@ -335,3 +335,17 @@ def test_unreadable_file_is_not_held_and_is_deleted(tmp_path, fresh_process_stat
     # Assert
     assert held is False
     assert not path.exists()
+
+
+def test_class_statistics_screening() -> None:
+    dim = 16
+    sums = np.full((3, dim), 0.5, np.float32)  # mean length 2, below sqrt(16) = 4
+    sums[2] = 0.0  # a class the client does not share
+    honest = {"sums": sums, "counts": np.array([4, 1, 0], np.float32)}
+    assert class_stats_reject_reason(honest, 3, dim) is None
+    forged = {**honest, "sums": honest["sums"] * 100}  # a class mean longer than any normalised feature
+    assert class_stats_reject_reason(forged, 3, dim) == "a class mean is longer than any normalised feature can be"
+    negative = {**honest, "counts": np.array([4, -1, 0], np.float32)}
+    assert class_stats_reject_reason(negative, 3, dim) == "class counts must be non-negative integers"
+    per_image = {**honest, "sums": np.zeros((40, dim), np.float32)}
+    assert class_stats_reject_reason(per_image, 3, dim) == "array 'sums' has shape (40, 16), expected (3, 16)"
