@@ -23,7 +23,7 @@ from simulations.pathological import CLASSES, rounds_to_target, run_config, writ
 from simulations.reference import centralised_probe
 
 CLIENTS = 10
-ROUNDS = 6
+ROUNDS = 4
 HANDLERS = {"train": client_app.train, "evaluate": client_app.evaluate, "query": client_app.query}
 
 
