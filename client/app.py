@@ -18,7 +18,6 @@ from common import wire
 from common.backbones import get_spec
 from common.config import NodeConfig, RunConfig
 from common.logs import configure_logging
-from common.split import build_head
 
 
 def to_record(arrays: dict[str, np.ndarray]) -> ArrayRecord:
@@ -62,14 +61,7 @@ def allowed_arrays(msg: Message) -> dict[str, dict[str, tuple[int, ...]]]:
 
 
 def _trainable_shapes(instructions: Instructions) -> dict[str, tuple[int, ...]]:
-    head = build_head(
-        instructions.backbone_name,
-        instructions.cut,
-        instructions.head,
-        instructions.num_classes,
-        instructions.mlp_hidden,
-    )
-    return {name: tuple(p.shape) for name, p in head.named_parameters()}
+    return {name: tuple(p.shape) for name, p in instructions.new_head().named_parameters()}
 
 
 app = ClientApp(mods=[privacy_guard])

@@ -67,6 +67,10 @@ class Instructions:
     personal_epochs: int
     ncm_min_examples: int
 
+    def new_head(self) -> Head:
+        """The trainable part these instructions describe, its values still to be loaded."""
+        return build_head(self.backbone_name, self.cut, self.head, self.num_classes, self.mlp_hidden)
+
     @classmethod
     def from_record(cls, record: Mapping[str, Any]) -> Instructions:
         try:
@@ -486,13 +490,7 @@ class EdgeClient:
         return instructions.seed + 1000 * instructions.server_round + (self.node.partition_id or 0)
 
     def _head(self, arrays: Mapping[str, np.ndarray], instructions: Instructions) -> Head:
-        head = build_head(
-            instructions.backbone_name,
-            instructions.cut,
-            instructions.head,
-            instructions.num_classes,
-            instructions.mlp_hidden,
-        )
+        head = instructions.new_head()
         load_head_arrays(head, arrays)
         return head
 
