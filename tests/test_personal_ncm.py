@@ -19,7 +19,7 @@ from client import app as client_app
 from common.config import RunConfig
 from server.core import ServerRun
 from server.strategy import make_strategy
-from simulations.pathological import CLASSES, rounds_to_target, run_config, write_pathological_data
+from simulations.pathological import CLASSES, rounds_to_stay, rounds_to_target, run_config, write_pathological_data
 from simulations.reference import centralised_probe
 
 CLIENTS = 10
@@ -112,6 +112,12 @@ def test_personal_heads_beat_the_global_head_on_local_data(federations: dict[str
     # where the global head is weak (random start, label skew), the personal heads gain most
     random_rounds = federations["random"]["rounds"]
     assert np.mean([r.client_personal_accuracy - r.client_accuracy for r in random_rounds]) > 0.05
+
+
+def test_rounds_to_stay_needs_every_later_round_at_the_target() -> None:
+    assert rounds_to_stay([0.5, 0.95, 0.97], initial=0.99, target=0.9) == 2
+    assert rounds_to_stay([0.95, 0.97], initial=0.99, target=0.9) == 0
+    assert rounds_to_stay([0.95, 0.5], initial=0.2, target=0.9) is None
 
 
 def test_rounds_to_target_counts_from_the_initial_head() -> None:
