@@ -185,6 +185,10 @@ class RunConfig:
         except ViewError as error:
             raise ConfigError(f"Run-config key 'views': {error}") from None
 
+    def evaluation_views(self) -> tuple[str, ...]:
+        """The views predictions are averaged over when scoring (the identity alone if not)."""
+        return self.view_names() if self.average_views else ("identity",)
+
     def class_list(self) -> tuple[str, ...]:
         return tuple(name.strip() for name in self.class_names.split(",") if name.strip())
 

@@ -149,7 +149,7 @@ class ServerRun:
                 config.embed_batch_size,
                 progress_logger("server (held-out test)"),
                 who="server",
-                views=config.view_names() if config.average_views else ("identity",),
+                views=config.evaluation_views(),
             )
         finally:
             cache.close()
@@ -353,7 +353,7 @@ class ServerRun:
                     "feature_dim": self.spec.feature_dim,
                     "cut": self.config.cut,
                     "feature_shape": list(self.test.features.shape[2:]),
-                    "views": list(self.config.view_names()) if self.config.average_views else ["identity"],
+                    "views": list(self.config.evaluation_views()),
                     "preprocess": asdict(self.preprocess),
                     "backbone": {
                         "name": self.spec.name,
