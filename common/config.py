@@ -9,6 +9,7 @@ import dataclasses
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
+from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
@@ -25,8 +26,20 @@ DATASETS = ("elpv", "folder")
 ELPV_TASKS = ("4-level", "binary")
 LR_SCHEDULES = ("cosine", "constant")
 HEAD_INITS = ("random", "ncm")
-# Faults a simulated client can be told to commit (scenario runs and tests; see client/faults.py).
-FAULT_KINDS = ("nan-update", "scaled-update", "label-flip", "crash", "straggle")
+
+
+class FaultKind(StrEnum):
+    """Faults a simulated client commits on purpose (scenario runs and tests; client/faults.py)."""
+
+    NAN_UPDATE = "nan-update"  # sends NaN arrays
+    SCALED_UPDATE = "scaled-update"  # sends global + 1000 x its honest update
+    LABEL_FLIP = "label-flip"  # trains on class C - 1 - y
+    CRASH = "crash"  # raises instead of answering
+    STRAGGLE = "straggle"  # sleeps fault-delay seconds first
+    DROPOUT = "dropout"  # raises, drawn per round with chance fault-dropout (or always, if listed)
+
+
+FAULT_KINDS = tuple(kind.value for kind in FaultKind)
 
 
 class ConfigError(ValueError):
@@ -192,9 +205,9 @@ class RunConfig:
     def class_list(self) -> tuple[str, ...]:
         return tuple(name.strip() for name in self.class_names.split(",") if name.strip())
 
-    def faults(self) -> dict[int, str]:
+    def faults(self) -> dict[int, FaultKind]:
         """``fault-clients`` as {partition id: fault}."""
-        faults: dict[int, str] = {}
+        faults: dict[int, FaultKind] = {}
         for item in filter(None, (part.strip() for part in self.fault_clients.split(","))):
             partition, _, kind = item.partition(":")
             if not partition.strip().isdigit() or kind.strip() not in FAULT_KINDS:
@@ -202,7 +215,7 @@ class RunConfig:
                     f"Run-config key 'fault-clients' must list partition:fault pairs such as '3:nan-update', with "
                     f"faults {list(FAULT_KINDS)}; got {item!r}."
                 )
-            faults[int(partition)] = kind.strip()
+            faults[int(partition)] = FaultKind(kind.strip())
         return faults
 
     def resolved_cache_dir(self) -> Path:

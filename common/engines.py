@@ -1,35 +1,39 @@
-"""Backbone engines: the frozen backbone as a function from preprocessed images to features.
+"""Backbone engines: the frozen backbone as a function from preprocessed images to features, and
+the engine kinds that say how each form of it travels, is kept on a board and is built.
 
-Three engines run the same backbone:
+Three kinds run the same backbone:
 
-- ``torch``: PyTorch eager, channels_last (the reference);
-- ``onnx``: ONNX Runtime, fp32;
+- ``torch``: PyTorch eager, channels_last (the reference); what travels is the weights;
+- ``onnx``: ONNX Runtime, fp32; what travels is the ONNX file;
 - ``onnx-int8``: ONNX Runtime, static int8 (QDQ, per-channel weights), calibrated on the server.
 
-The server makes every variant from the one backbone it holds (``common/export.py``), so all
+The server makes every variant from the one backbone it holds (``server/variants.py``), so all
 clients of a run share one feature space. A variant's fingerprint covers the backbone's
 fingerprint, the engine and the artifact's bytes: a client can check what it received, and
-embeddings of different variants never share a cache.
+embeddings of different variants never share a cache. A fourth engine is one ``EngineKind``
+subclass and one line in ``ENGINE_KINDS``.
 
-No torch import at module level: ``edgesplit predict`` uses the ONNX engine on a torch-free board.
+No torch import at module level: a head-only board and ``edgesplit predict`` run without torch.
 """
 
 from __future__ import annotations
 
 import hashlib
 import importlib.util
-from collections.abc import Callable
+import os
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
+
+from common.protocol import ONNX_MODEL
 
 if TYPE_CHECKING:
     from torch import nn
 
-ENGINES = ("torch", "onnx", "onnx-int8")
-ENGINE_CHOICES = ("auto", *ENGINES)
-ONNX_ENGINES = ("onnx", "onnx-int8")
+    from common.protocol import Instructions
+
 ONNX_INPUT = "images"
 ONNX_OUTPUT = "features"
 # An exported model (common/export.py, read by client/predict.py): its description and outputs.
@@ -44,44 +48,213 @@ class EngineError(RuntimeError):
     """An engine cannot run here, or its artifact is not what was announced."""
 
 
+class FingerprintMismatch(EngineError):
+    """A backbone artifact does not hash to the fingerprint it was announced with."""
+
+
+def _write_atomically(path: Path, write: Callable[[Path], object]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_suffix(f".tmp{os.getpid()}")
+    write(temporary)
+    temporary.replace(path)  # a crash never leaves half a file
+
+
+class EngineKind:
+    """One form of the backbone: what travels, what a board keeps, how it is checked and run."""
+
+    name: ClassVar[str]
+    needs: ClassVar[str]  # the module a device must have installed
+    install: ClassVar[str]  # how to install it
+
+    def available(self) -> bool:
+        return importlib.util.find_spec(self.needs) is not None
+
+    def require(self) -> None:
+        if not self.available():
+            raise EngineError(
+                f"engine={self.name!r} needs {self.needs}, which is not installed on this device. "
+                f"Install it with: {self.install}, or choose another engine."
+            )
+
+    def file_name(self, fp: str, cut: int) -> str:
+        """The file a board keeps this variant in (unique per backbone, engine and cut)."""
+        raise NotImplementedError
+
+    def variant_fingerprint(self, fp: str, artifact: bytes | None) -> str:
+        raise NotImplementedError
+
+    def pack(self, artifact: Any) -> dict[str, np.ndarray]:
+        """The arrays the backbone record carries for this engine."""
+        raise NotImplementedError
+
+    def keep(self, path: Path, arrays: Mapping[str, np.ndarray], instructions: Instructions) -> str:
+        """Verify a received variant against the instructions and keep it at ``path``; returns
+        its variant fingerprint. Raises FingerprintMismatch for a corrupted transfer."""
+        raise NotImplementedError
+
+    def check(self, path: Path, fp: str) -> str:
+        """The variant fingerprint of the copy at ``path``. Raises FileNotFoundError when there
+        is none and FingerprintMismatch (after removing it) when it is unreadable."""
+        raise NotImplementedError
+
+    def load(self, path: Path, cut: int, num_threads: int) -> Engine:
+        """The runnable backbone (up to the cut) from a checked copy."""
+        raise NotImplementedError
+
+
+class TorchKind(EngineKind):
+    """The weights themselves; a board builds the architecture from timm/torchvision."""
+
+    name, needs, install = "torch", "torch", "pip install 'edgesplit[torch]'"
+
+    def file_name(self, fp: str, cut: int) -> str:
+        return f"{fp}.pt"  # whatever the cut: the board builds the prefix from the weights
+
+    def variant_fingerprint(self, fp: str, artifact: bytes | None) -> str:
+        return fp  # the torch variant is the backbone itself
+
+    def pack(self, artifact: Any) -> dict[str, np.ndarray]:
+        return {name: tensor.detach().cpu().numpy() for name, tensor in artifact.items()}
+
+    def keep(self, path: Path, arrays: Mapping[str, np.ndarray], instructions: Instructions) -> str:
+        import torch
+
+        from common.backbones import fingerprint
+
+        state = {name: torch.from_numpy(np.array(value)) for name, value in arrays.items()}
+        actual = fingerprint(instructions.backbone_name, state, instructions.preprocess)
+        if actual != instructions.fingerprint:
+            raise FingerprintMismatch(
+                f"Received backbone hashes to {actual[:12]}, but the server announced "
+                f"{instructions.fingerprint[:12]}. The transfer was corrupted or the server's registry changed; "
+                "the round is refused."
+            )
+        stored = {"name": instructions.backbone_name, "preprocess": instructions.preprocess.to_json(), "state": state}
+        _write_atomically(path, lambda target: torch.save(stored, target))
+        return actual
+
+    def check(self, path: Path, fp: str) -> str:
+        self._read(path, fp)
+        return fp
+
+    def load(self, path: Path, cut: int, num_threads: int) -> Engine:
+        from common.backbones import build_backbone
+        from common.split import split_backbone
+
+        name, state = self._read(path, path.name.split(".")[0])
+        return TorchEngine(split_backbone(name, build_backbone(name, state), cut)[0])
+
+    @staticmethod
+    def _read(path: Path, fp: str) -> tuple[str, dict[str, Any]]:
+        """Load and verify; a copy that is unreadable or hashes differently is deleted."""
+        import torch
+
+        from common.backbones import fingerprint
+        from common.preprocess import PreprocessSpec
+
+        if not path.is_file():
+            raise FileNotFoundError(path)
+        try:
+            stored = torch.load(path, map_location="cpu", weights_only=True)
+            name, state = stored["name"], stored["state"]
+            matches = fingerprint(name, state, PreprocessSpec.from_json(stored["preprocess"])) == fp
+        except Exception as error:  # truncated or foreign file: treat as not held
+            path.unlink(missing_ok=True)
+            raise FingerprintMismatch(f"Cached backbone {path} is unreadable ({error}) and was removed") from error
+        if not matches:
+            path.unlink(missing_ok=True)
+            raise FingerprintMismatch(f"Cached backbone {path} does not match its fingerprint {fp[:12]} and was removed")
+        return name, state
+
+
+class OnnxKind(EngineKind):
+    """An ONNX model of the backbone up to the cut, run by ONNX Runtime in fp32."""
+
+    name, needs, install = "onnx", "onnxruntime", "pip install 'edgesplit[edge]'"
+    server_file: ClassVar[str] = "backbone.onnx"  # in the server's variants folder
+
+    def file_name(self, fp: str, cut: int) -> str:
+        return f"{fp}.{self.name}.onnx" if cut == 0 else f"{fp}.{self.name}.cut{cut}.onnx"
+
+    def variant_fingerprint(self, fp: str, artifact: bytes | None) -> str:
+        if artifact is None:
+            raise EngineError(f"engine {self.name!r} needs the artifact's bytes to fingerprint it.")
+        digest = hashlib.sha256(f"{fp}|{self.name}|".encode())
+        digest.update(artifact)
+        return digest.hexdigest()
+
+    def pack(self, artifact: Any) -> dict[str, np.ndarray]:
+        return {ONNX_MODEL: np.frombuffer(artifact, dtype=np.uint8)}
+
+    def keep(self, path: Path, arrays: Mapping[str, np.ndarray], instructions: Instructions) -> str:
+        if set(arrays) != {ONNX_MODEL}:
+            raise FingerprintMismatch(f"An {self.name} backbone record must hold only {ONNX_MODEL!r}.")
+        model = np.asarray(arrays[ONNX_MODEL], dtype=np.uint8).tobytes()
+        actual = self.variant_fingerprint(instructions.fingerprint, model)
+        if actual != instructions.engine_fingerprint:
+            raise FingerprintMismatch(
+                f"Received {self.name} backbone hashes to {actual[:12]}, but the server announced "
+                f"{instructions.engine_fingerprint[:12]}. The transfer was corrupted; the round is refused."
+            )
+        _write_atomically(path, lambda target: target.write_bytes(model))
+        return actual
+
+    def check(self, path: Path, fp: str) -> str:
+        """Whatever its bytes hash to; the caller compares with what it needs."""
+        if not path.is_file():
+            raise FileNotFoundError(path)
+        return self.variant_fingerprint(fp, path.read_bytes())
+
+    def load(self, path: Path, cut: int, num_threads: int) -> Engine:
+        self.require()
+        return OnnxEngine(path, num_threads)
+
+    def make(self, fp32: Path, target: Path, calibration: Callable[[], np.ndarray], keep_float_convs: int) -> None:
+        """Make this variant from the fp32 export (the server's job); fp32 is the export itself."""
+
+
+class OnnxInt8Kind(OnnxKind):
+    """Static int8, calibrated on the server's held-out images (common/export.py)."""
+
+    name = "onnx-int8"
+    server_file = "backbone-int8.onnx"
+
+    def make(self, fp32: Path, target: Path, calibration: Callable[[], np.ndarray], keep_float_convs: int) -> None:
+        from common.export import quantize_int8
+
+        quantize_int8(fp32, target, calibration(), keep_float_convs)
+
+
+ENGINE_KINDS: dict[str, EngineKind] = {kind.name: kind for kind in (TorchKind(), OnnxKind(), OnnxInt8Kind())}
+ENGINES = tuple(ENGINE_KINDS)
+ENGINE_CHOICES = ("auto", *ENGINES)
+ONNX_ENGINES = tuple(name for name, kind in ENGINE_KINDS.items() if isinstance(kind, OnnxKind))
+
+
+def engine_kind(name: str) -> EngineKind:
+    try:
+        return ENGINE_KINDS[name]
+    except KeyError:
+        raise EngineError(f"Unknown engine {name!r}; choose one of {list(ENGINE_CHOICES)}.") from None
+
+
 def onnxruntime_available() -> bool:
-    return importlib.util.find_spec("onnxruntime") is not None
+    return ENGINE_KINDS["onnx"].available()
 
 
-def resolve_engine(requested: str) -> str:
-    """The engine a device runs for a requested one.
+def resolve_engine(requested: str) -> EngineKind:
+    """The engine kind a device runs for a requested one.
 
     ``auto`` picks ``onnx-int8`` wherever ONNX Runtime is installed: on the 2-core x86 machines we
     measured it is 2x ONNX fp32 and over 10x PyTorch eager, with the linear probe within a point
     (BENCHMARKS.md, "Backbone engines"). Without ONNX Runtime (e.g. 32-bit Raspberry Pi OS, which
     has no wheels) it falls back to ``torch``.
     """
-    if requested not in ENGINE_CHOICES:
-        raise EngineError(f"Unknown engine {requested!r}; choose one of {list(ENGINE_CHOICES)}.")
     if requested == "auto":
-        return "onnx-int8" if onnxruntime_available() else "torch"
-    if requested in ONNX_ENGINES and not onnxruntime_available():
-        raise EngineError(
-            f"engine={requested!r} needs ONNX Runtime, which is not installed on this device. "
-            "Install it with: pip install 'edgesplit[edge]' (or pip install onnxruntime), or set engine='torch'."
-        )
-    return requested
-
-
-def variant_fingerprint(backbone_fingerprint: str, engine: str, artifact: bytes | None = None) -> str:
-    """The fingerprint of one engine's variant of a backbone.
-
-    The torch variant is the backbone's own weights, so it keeps the backbone fingerprint.
-    """
-    if engine == "torch":
-        return backbone_fingerprint
-    if artifact is None:
-        raise EngineError(f"engine {engine!r} needs the artifact's bytes to fingerprint it.")
-    digest = hashlib.sha256(f"{backbone_fingerprint}|{engine}|".encode())
-    digest.update(artifact)
-    return digest.hexdigest()
-
-
+        return ENGINE_KINDS["onnx-int8" if onnxruntime_available() else "torch"]
+    kind = engine_kind(requested)
+    kind.require()
+    return kind
 class OnnxEngine:
     """An ONNX model in ONNX Runtime on the CPU.
 

@@ -1,0 +1,244 @@
+"""The wire protocol: every message edgesplit sends, typed, in one place (DESIGN.md, wire protocol).
+
+Server -> client
+    ``train`` / ``evaluate``: ``arrays`` (the trainable part: the head, and the backbone's tail at
+    a later cut), ``config`` (``Instructions``), and ``backbone`` (the frozen part as the node's
+    engine runs it) only for a node that does not hold that variant yet.
+    ``query``: ``config`` holds an ``action``. ``backbone-status`` (``BackboneQuery``) asks which
+    engine the node runs and which variant it holds; ``class-sums`` (FedNCM) carries a train
+    message's content and asks for ``ClassStats``.
+Client -> server
+    ``arrays`` (the trainable part, after train only), ``metrics`` (numbers only, with
+    ``num-examples``; the keys below) and ``status`` (``ReplyStatus``, or ``BackboneStatus`` to a
+    status query); to the FedNCM query, ``class-stats`` (``ClassStats``). Never images, never
+    embeddings, never anything per sample.
+
+Each message is a frozen dataclass whose ``to_record`` / ``from_record`` are derived from its
+fields (``snake_case`` field, ``kebab-case`` key). Plain Python: the Flower records are made in
+``common/flower_glue.py``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from collections.abc import Mapping
+from dataclasses import dataclass, fields
+from enum import StrEnum
+from typing import Any, ClassVar, Self
+
+import numpy as np
+
+from common.preprocess import PreprocessSpec
+
+# --- record names inside a message's RecordDict ------------------------------------------------
+ARRAYS = "arrays"
+CONFIG = "config"
+BACKBONE = "backbone"
+METRICS = "metrics"
+STATUS = "status"
+CLASS_STATS = "class-stats"
+
+# --- metric keys (client -> server, all numbers) ----------------------------------------------
+NUM_EXAMPLES = "num-examples"
+TRAIN_LOSS = "train-loss"
+TRAIN_ACCURACY = "train-accuracy"
+TRAIN_SECONDS = "train-seconds"
+EMBED_SECONDS = "embed-seconds"
+EMBEDDINGS_COMPUTED = "embeddings-computed"  # of this node's images, by the process that embedded them
+EMBEDDINGS_CACHED = "embeddings-cached"
+IMAGES_SKIPPED = "images-skipped"
+CLASSES_MISSING = "classes-missing"  # run classes with no local image (names go in the status's data notes)
+BACKBONE_RECEIVED = "backbone-received"
+LOSS = "loss"
+ACCURACY = "accuracy"
+MACRO_F1 = "macro-f1"
+PERSONAL_ACCURACY = "personal-accuracy"  # the personal head on the same local test share
+PERSONAL_MACRO_F1 = "personal-macro-f1"
+PEAK_RSS_MB = "peak-rss-mb"  # device telemetry: the ClientApp process's memory high-water mark
+CPU_TEMP_C = "cpu-temp-c"  # device telemetry, only where the board exposes a CPU thermal zone
+
+# Every metric a reply may carry, per phase (the privacy guard allows exactly these).
+EMBEDDING_METRICS = (EMBED_SECONDS, EMBEDDINGS_COMPUTED, EMBEDDINGS_CACHED, IMAGES_SKIPPED)
+TELEMETRY_METRICS = (PEAK_RSS_MB, CPU_TEMP_C)
+
+# The ONNX engines' backbone record holds the model file's bytes under this name.
+ONNX_MODEL = "model.onnx"
+# The key of the query action in a query's config record.
+ACTION = "action"
+# Flower's strategies put the round into every config record under this key.
+SERVER_ROUND = "server-round"
+
+
+class Phase(StrEnum):
+    """What a message to a node is for; replies are screened and counted per phase."""
+
+    TRAIN = "train"
+    EVALUATE = "evaluate"
+    CLASS_SUMS = "class-sums"  # FedNCM's one-shot query before round 1
+
+
+class QueryAction(StrEnum):
+    BACKBONE_STATUS = "backbone-status"
+    CLASS_SUMS = "class-sums"
+
+
+class ProtocolError(ValueError):
+    """A message lacks a key or holds a value of the wrong type: a different edgesplit version,
+    or a message that was not made by edgesplit."""
+
+
+def query_action(record: Mapping[str, Any]) -> QueryAction:
+    """The action a query's config record asks for."""
+    try:
+        return QueryAction(record.get(ACTION))
+    except ValueError:
+        raise ProtocolError(
+            f"Unknown query action {record.get(ACTION)!r}; known: {[a.value for a in QueryAction]}. "
+            "Is the server the same edgesplit version?"
+        ) from None
+
+
+# --- typed config records ------------------------------------------------------------------------
+
+
+def _key(name: str) -> str:
+    return name.replace("_", "-")
+
+
+def _encode(value: Any) -> Any:
+    if isinstance(value, PreprocessSpec):
+        return value.to_json()
+    if isinstance(value, tuple):
+        return list(value)
+    return value
+
+
+def _decode(kind: Any, value: Any, key: str) -> Any:
+    """``value`` as a field of type ``kind``, or ProtocolError."""
+    if kind is PreprocessSpec:
+        if isinstance(value, str):
+            return PreprocessSpec.from_json(value)
+    elif typing.get_origin(kind) is tuple:
+        if isinstance(value, list | tuple) and all(isinstance(item, str) for item in value):
+            return tuple(value)
+    elif kind is bool:
+        if isinstance(value, bool):
+            return value
+    elif kind is float:
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            return float(value)
+    elif kind is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif isinstance(value, kind):
+        return value
+    raise ProtocolError(f"Message key {key!r} must be {getattr(kind, '__name__', kind)}, got {value!r}.")
+
+
+class ConfigMessage:
+    """A frozen dataclass that travels as a flat config record (see the module docstring)."""
+
+    @classmethod
+    def keys(cls) -> tuple[str, ...]:
+        return tuple(_key(f.name) for f in fields(cls))  # type: ignore[arg-type]
+
+    def to_record(self) -> dict[str, Any]:
+        """The record's content: bools, ints, floats, strings and lists of strings."""
+        return {_key(f.name): _encode(getattr(self, f.name)) for f in fields(self)}  # type: ignore[arg-type]
+
+    @classmethod
+    def from_record(cls, record: Mapping[str, Any]) -> Self:
+        """Read the fields from a record; other keys are ignored (Flower adds its own)."""
+        hints = typing.get_type_hints(cls)
+        values = {}
+        for f in fields(cls):  # type: ignore[arg-type]
+            key = _key(f.name)
+            if key not in record:
+                if f.default is not dataclasses.MISSING:
+                    continue
+                raise ProtocolError(
+                    f"{cls.__name__} lacks key {key!r}; is the other side the same edgesplit version?"
+                )
+            values[f.name] = _decode(hints[f.name], record[key], key)
+        return cls(**values)
+
+
+@dataclass(frozen=True)
+class Instructions(ConfigMessage):
+    """What the server asks of a node in a train, evaluate or class-sums message."""
+
+    server_round: int
+    fingerprint: str  # the backbone's (weights + preprocessing)
+    backbone_name: str
+    preprocess: PreprocessSpec
+    engine: str  # the engine this node runs (per node)
+    engine_fingerprint: str  # that engine's variant of the backbone (per node)
+    head: str
+    mlp_hidden: int
+    cut: int  # backbone stages after the cut, trained with the head
+    views: tuple[str, ...]  # the views embedded and trained on (common/views.py)
+    average_views: bool  # evaluate on the mean prediction over the views
+    num_classes: int
+    local_epochs: int
+    learning_rate: float
+    weight_decay: float
+    batch_size: int
+    seed: int
+    personal_epochs: int  # > 0: fine-tune and score a personal head at evaluation
+    ncm_min_examples: int
+    proximal_mu: float = 0.0  # also the key Flower's FedProx writes
+
+
+@dataclass(frozen=True)
+class BackboneQuery(ConfigMessage):
+    """Which engine does the node run, and which variant of this backbone (at this cut) does it hold?"""
+
+    fingerprint: str
+    cut: int
+    action: str = QueryAction.BACKBONE_STATUS.value
+
+
+@dataclass(frozen=True)
+class BackboneStatus(ConfigMessage):
+    """A node's answer to ``BackboneQuery``: its engine and the variant fingerprint it holds ("" if none)."""
+
+    engine: str
+    held_fingerprint: str
+
+
+@dataclass(frozen=True)
+class ReplyStatus(ConfigMessage):
+    """What a node says about itself with every train, evaluate and class-sums reply."""
+
+    fingerprint: str  # the backbone it used
+    engine: str
+    engine_fingerprint: str
+    data_notes: str = ""  # what it skipped or lacks (short, no per-image content)
+
+
+# --- the one array message ---------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ClassStats:
+    """FedNCM's reply: per class, the sum of the classifier's input features over the node's
+    training images (classes below the privacy floor as zeros), and the counts."""
+
+    sums: np.ndarray  # (classes, feature_dim)
+    counts: np.ndarray  # (classes,)
+
+    NAMES: ClassVar[tuple[str, str]] = ("sums", "counts")
+
+    def to_arrays(self) -> dict[str, np.ndarray]:
+        return {"sums": self.sums, "counts": self.counts}
+
+    @classmethod
+    def shapes(cls, num_classes: int, feature_dim: int) -> dict[str, tuple[int, ...]]:
+        return {"sums": (num_classes, feature_dim), "counts": (num_classes,)}
+
+    @classmethod
+    def from_arrays(cls, arrays: Mapping[str, np.ndarray]) -> ClassStats:
+        if set(arrays) != set(cls.NAMES):
+            raise ProtocolError(f"class statistics must be exactly {sorted(cls.NAMES)}, got {sorted(arrays)}")
+        return cls(sums=arrays["sums"], counts=arrays["counts"])
