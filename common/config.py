@@ -20,7 +20,6 @@ from common.heads import HEAD_KINDS
 from common.split import check_cut
 from common.views import VIEW_SETS, ViewError, parse_views
 
-STRATEGIES = ("fedavg", "fedadam", "fedprox", "fedmedian", "fedtrimmedavg", "krum", "multikrum")
 PARTITIONERS = ("iid", "dirichlet", "pathological")
 DATASETS = ("elpv", "folder")
 ELPV_TASKS = ("4-level", "binary")
@@ -50,6 +49,13 @@ def _choice(*allowed: str) -> dict[str, Any]:
     return {"choices": allowed}
 
 
+def _strategy_names() -> tuple[str, ...]:
+    """The aggregation rules the server knows: the keys of its strategy table."""
+    from server.strategies import STRATEGIES  # the table imports Flower's strategies: only when checked
+
+    return tuple(STRATEGIES)
+
+
 def _range(low: float | None = None, high: float | None = None) -> dict[str, Any]:
     return {"low": low, "high": high}
 
@@ -64,7 +70,7 @@ class RunConfig:
 
     # Federation
     num_server_rounds: int = _key(30, "rounds of federated training", **_range(1, 10_000))
-    strategy: str = _key("fedavg", "server aggregation", **_choice(*STRATEGIES))
+    strategy: str = _key("fedavg", "server aggregation (a name in server/strategies.py)", choices=_strategy_names)
     fraction_train: float = _key(1.0, "share of connected clients sampled per round", **_range(0.0, 1.0))
     fraction_evaluate: float = _key(1.0, "share of clients asked to evaluate locally", **_range(0.0, 1.0))
     min_clients: int = _key(2, "clients needed before a round starts", **_range(1, 100_000))
@@ -174,7 +180,9 @@ class RunConfig:
             raise ConfigError(str(error)) from None
         if self.head_init == "ncm" and self.head != "linear":
             raise ConfigError("head-init='ncm' sets a linear classifier from class means; it needs head='linear'.")
-        if self.strategy in ("krum", "multikrum") and self.min_clients < 2 * self.krum_malicious + 3:
+        from server.strategies import KRUM_FAMILY
+
+        if self.strategy in KRUM_FAMILY and self.min_clients < 2 * self.krum_malicious + 3:
             raise ConfigError(
                 f"strategy='{self.strategy}' with krum-malicious={self.krum_malicious} needs min-clients >= "
                 f"{2 * self.krum_malicious + 3} (Krum scores each update against n - f - 2 others)."
@@ -246,8 +254,10 @@ def _check(key: str, field: dataclasses.Field[Any], value: Any) -> Any:
     if not isinstance(value, expected) or isinstance(value, bool):
         raise ConfigError(f"Run-config key '{key}' must be {expected.__name__}, got {type(value).__name__} {value!r}.")
     rules = field.metadata
-    if "choices" in rules and value not in rules["choices"]:
-        raise ConfigError(f"Run-config key '{key}' must be one of {list(rules['choices'])}, got {value!r}.")
+    choices = rules.get("choices")
+    choices = choices() if callable(choices) else choices
+    if choices is not None and value not in choices:
+        raise ConfigError(f"Run-config key '{key}' must be one of {list(choices)}, got {value!r}.")
     low, high = rules.get("low"), rules.get("high")
     if (low is not None and value < low) or (high is not None and value > high):
         raise ConfigError(f"Run-config key '{key}' must be in [{low}, {high}], got {value!r}.")

@@ -128,46 +128,25 @@ def embed_files(
     """
     started = time.perf_counter()
     stats = EmbedStats(skipped_files=list(files.skipped))
-    # First pass hashes only, so memory stays bounded by one batch of decoded images.
-    keys: list[str] = []  # "" marks an unreadable file
-    for path in files.paths:
-        try:
-            keys.append(_file_sha256(path))
-        except OSError as error:
-            keys.append("")
-            stats.skipped_files.append((path, f"unreadable ({type(error).__name__})"))
+    keys = _content_keys(files, stats)  # "" marks an unreadable file
     cached = cache.get_many(view_key(k, v) for k in keys if k for v in views)
     missing = {i: [v for v in views if view_key(k, v) not in cached] for i, k in enumerate(keys) if k}
     to_compute = [i for i, views_missing in missing.items() if views_missing]
     stats.cached = len(missing) - len(to_compute)
 
     engine: Engine | None = None
-    first_bad: str | None = None
-    done = 0
+    first_bad: list[str] = []
     images_per_batch = max(1, batch_size // len(views))
     for start in range(0, len(to_compute), images_per_batch):
-        batch_keys, inputs = [], []
-        for i in to_compute[start : start + images_per_batch]:
-            try:
-                image = preprocess(decode_image(Path(files.paths[i]).read_bytes()))
-            except DECODE_ERRORS as error:
-                reason = error.reason if isinstance(error, UnusableImage) else f"unreadable ({type(error).__name__})"
-                stats.skipped_files.append((files.paths[i], reason))
-                first_bad = first_bad or f"{files.paths[i]}: {error}"
-                continue
-            for view in missing[i]:
-                inputs.append(apply_view(view, image))
-                batch_keys.append(view_key(keys[i], view))
-            stats.computed += 1
+        batch = to_compute[start : start + images_per_batch]
+        batch_keys, inputs = _decode_views(files, keys, batch, missing, preprocess, stats, first_bad)
         if inputs:
-            if engine is None:
-                engine = load_engine()
+            engine = engine or load_engine()
             outputs = np.asarray(engine(np.stack(inputs)), dtype=np.float16)
             cache.put_many(zip(batch_keys, outputs, strict=True))
             cached.update(zip(batch_keys, outputs, strict=True))
-        done += len(to_compute[start : start + images_per_batch])
         if progress is not None:
-            progress(done, len(to_compute))
+            progress(start + len(batch), len(to_compute))
     if stats.num_skipped:
         log.warning(
             "%s: skipped %d of %d images (%s); first: %s",
@@ -175,9 +154,57 @@ def embed_files(
             stats.num_skipped,
             len(files) + len(files.skipped),
             dict(stats.skipped),
-            first_bad or (stats.skipped_files[0][0] if stats.skipped_files else ""),
+            first_bad[0] if first_bad else stats.skipped_files[0][0],
         )
+    embedded = _assemble(files, keys, cached, views, stats)
+    stats.seconds = time.perf_counter() - started
+    return embedded
 
+
+def _content_keys(files: LabelledFiles, stats: EmbedStats) -> list[str]:
+    """Each file's content hash ("" for an unreadable file, counted as skipped). Hashing first
+    keeps memory bounded by one batch of decoded images."""
+    keys = []
+    for path in files.paths:
+        try:
+            keys.append(_file_sha256(path))
+        except OSError as error:
+            keys.append("")
+            stats.skipped_files.append((path, f"unreadable ({type(error).__name__})"))
+    return keys
+
+
+def _decode_views(
+    files: LabelledFiles,
+    keys: list[str],
+    batch: list[int],
+    missing: dict[int, list[str]],
+    preprocess: PreprocessSpec,
+    stats: EmbedStats,
+    first_bad: list[str],
+) -> tuple[list[str], list[np.ndarray]]:
+    """The backbone inputs of the views a batch of files still lacks, with their cache keys; each
+    image is decoded once for all its views, and an undecodable one is skipped and counted."""
+    batch_keys, inputs = [], []
+    for i in batch:
+        try:
+            image = preprocess(decode_image(Path(files.paths[i]).read_bytes()))
+        except DECODE_ERRORS as error:
+            reason = error.reason if isinstance(error, UnusableImage) else f"unreadable ({type(error).__name__})"
+            stats.skipped_files.append((files.paths[i], reason))
+            first_bad.append(f"{files.paths[i]}: {error}")
+            continue
+        for view in missing[i]:
+            inputs.append(apply_view(view, image))
+            batch_keys.append(view_key(keys[i], view))
+        stats.computed += 1
+    return batch_keys, inputs
+
+
+def _assemble(
+    files: LabelledFiles, keys: list[str], cached: dict[str, np.ndarray], views: tuple[str, ...], stats: EmbedStats
+) -> Embedded:
+    """The features of every file whose views are all known, in file order."""
     kept = [i for i, k in enumerate(keys) if k and all(view_key(k, v) in cached for v in views)]
     features = (
         np.stack([np.stack([cached[view_key(keys[i], v)] for v in views]) for i in kept])
@@ -185,7 +212,6 @@ def embed_files(
         else np.zeros((0, len(views), 0), dtype=np.float16)
     )
     labels = np.asarray([files.labels[i] for i in kept], dtype=np.int64)
-    stats.seconds = time.perf_counter() - started
     return Embedded(features, labels, stats, np.asarray(kept, dtype=np.int64))
 
 

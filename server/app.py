@@ -10,8 +10,11 @@ from flwr.serverapp import Grid, ServerApp
 
 from common.config import RunConfig
 from common.logs import configure_logging
-from server.core import ServerRun
-from server.strategy import RunStopped, make_strategy
+from server.nodes import RunStopped
+from server.outcome import finish
+from server.rounds import RoundLoop
+from server.run import ServerRun
+from server.strategy import EdgeSplitStrategy
 
 app = ServerApp()
 log = logging.getLogger(__name__)
@@ -19,19 +22,19 @@ log = logging.getLogger(__name__)
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
-    """Prepare the backbone and test split, run the strategy, write the summary."""
+    """Prepare the backbone and test split, run the rounds, write the summary."""
     configure_logging()
     config = RunConfig.from_flower(context.run_config)
     if config.num_threads:
         torch.set_num_threads(config.num_threads)
     run = ServerRun.prepare(config, flower_run_id=context.run_id)
-    strategy = make_strategy(config, run)
+    rounds = RoundLoop(EdgeSplitStrategy.for_run(run))
     try:
-        run.finish(strategy.run_rounds(grid))
+        finish(run, rounds.run_rounds(grid))
     except RunStopped as stop:
         # Record what was reached (summary, report, checkpoint stay), then fail the Flower run.
         log.error("%s", stop)
-        run.finish(strategy.global_head, stopped=str(stop))
+        finish(run, rounds.global_head, stopped=str(stop))
         raise
     finally:
         run.run_log.close()

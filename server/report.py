@@ -97,6 +97,22 @@ def _save(plt: Any, figure: Any, path: Path) -> None:
     plt.close(figure)
 
 
+CLIENT_COLUMNS = (
+    "node",
+    "engine",
+    "samples",
+    "rounds_joined",
+    "train_seconds",
+    "embed_seconds",
+    "bytes_up",
+    "bytes_down",
+    "peak_rss_mb",
+    "failures",
+    "rejected",
+    "last_problem",
+)
+
+
 def _html(state: dict[str, Any]) -> str:
     escape = html.escape
     final = state.get("final") or {}
@@ -111,20 +127,7 @@ def _html(state: dict[str, Any]) -> str:
             f"{final.get('accuracy', float('nan')):.4f} / {final.get('macro_f1', float('nan')):.4f}",
         ),
     ]
-    columns = [
-        "node",
-        "engine",
-        "samples",
-        "rounds_joined",
-        "train_seconds",
-        "embed_seconds",
-        "bytes_up",
-        "bytes_down",
-        "peak_rss_mb",
-        "failures",
-        "rejected",
-        "last_problem",
-    ]
+    columns = CLIENT_COLUMNS
     rows = "".join(
         "<tr>" + "".join(f"<td>{escape(str(client[c]))}</td>" for c in columns) + "</tr>" for client in state["clients"]
     )

@@ -7,9 +7,14 @@ from collections.abc import Mapping
 
 import numpy as np
 
-from common import wire
+from common import protocol
 
 EXAMPLES_SLACK = 1.1  # a board may gain a few images mid-run, not multiply them
+
+
+def number(value: object) -> float:
+    """A metric value as a float; anything that is not a single number counts as 0."""
+    return float(value) if isinstance(value, int | float) and not isinstance(value, bool) else 0.0
 
 
 def reject_reason(
@@ -33,7 +38,7 @@ def reject_reason(
         return (
             f"backbone fingerprint {str(reply_fingerprint)[:12]!r} differs from the run's {expected_fingerprint[:12]!r}"
         )
-    num_examples = metrics.get(wire.NUM_EXAMPLES)
+    num_examples = metrics.get(protocol.NUM_EXAMPLES)
     if (
         isinstance(num_examples, bool)
         or not isinstance(num_examples, int | float)
@@ -97,24 +102,24 @@ def update_bounds(norms: Mapping[int, float], max_norm: float, max_ratio: float,
     return reasons
 
 
-def class_stats_reject_reason(arrays: Mapping[str, np.ndarray], num_classes: int, feature_dim: int) -> str | None:
-    """Why a FedNCM reply (per-class feature sums and counts) must not be used, or None.
+def class_stats_reject_reason(arrays: Mapping[str, np.ndarray], shapes: Mapping[str, tuple[int, ...]]) -> str | None:
+    """Why a FedNCM reply (per-class feature sums and counts, ``ClassStats.shapes``) must not be
+    used, or None.
 
     The classifier's input features have norm sqrt(feature_dim) exactly (PowerNorm), so no
     honest class mean is longer than that: a longer one is a forged or broken reply.
     """
-    shapes = {wire.CLASS_SUMS: (num_classes, feature_dim), wire.CLASS_COUNTS: (num_classes,)}
     if set(arrays) != set(shapes):
         return f"class statistics must be exactly {sorted(shapes)}, got {sorted(arrays)}"
     for name, shape in shapes.items():
-        if tuple(arrays[name].shape) != shape:
-            return f"array {name!r} has shape {tuple(arrays[name].shape)}, expected {shape}"
+        if tuple(arrays[name].shape) != tuple(shape):
+            return f"array {name!r} has shape {tuple(arrays[name].shape)}, expected {tuple(shape)}"
         if not np.all(np.isfinite(arrays[name])):
             return f"array {name!r} contains NaN or Inf"
-    sums, counts = arrays[wire.CLASS_SUMS].astype(np.float64), arrays[wire.CLASS_COUNTS].astype(np.float64)
+    sums, counts = arrays["sums"].astype(np.float64), arrays["counts"].astype(np.float64)
     if np.any(counts < 0) or np.any(counts != np.round(counts)):
         return "class counts must be non-negative integers"
     lengths = np.linalg.norm(sums, axis=1)
-    if np.any(lengths > counts * math.sqrt(feature_dim) * (1 + 1e-3)):
+    if np.any(lengths > counts * math.sqrt(sums.shape[1]) * (1 + 1e-3)):
         return "a class mean is longer than any normalised feature can be"
     return None

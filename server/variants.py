@@ -15,13 +15,14 @@ import logging
 import threading
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 
 from common.backbones import build_backbone, get_spec
-from common.engines import ONNX_INPUT, ONNX_OUTPUT, Engine, OnnxEngine, TorchEngine, variant_fingerprint
-from common.export import export_onnx, quantize_int8
+from common.engines import ONNX_ENGINES, ONNX_INPUT, ONNX_OUTPUT, Engine, EngineKind, OnnxKind, TorchEngine, engine_kind
+from common.export import export_onnx
 from common.logs import quiet_root_logger
 from common.preprocess import PreprocessSpec
 from common.split import split_backbone
@@ -53,53 +54,55 @@ class BackboneVariants:
         self._bytes: dict[str, bytes] = {}
         self._fingerprints: dict[str, str] = {}  # asked for every message of every round: hash once
 
-    def path(self, engine: str) -> Path:
+    def path(self, kind: EngineKind | str) -> Path:
         """The ONNX file of an ONNX engine's variant, made if this server has not made it yet."""
+        kind = engine_kind(kind) if isinstance(kind, str) else kind
+        if not isinstance(kind, OnnxKind):
+            raise ValueError(f"No ONNX variant for engine {kind.name!r}; ONNX engines: {list(ONNX_ENGINES)}.")
         with self._lock:
-            return self._ensure(engine)
+            return self._ensure(kind)
 
-    def artifact(self, engine: str) -> bytes:
-        """The bytes a client of this engine receives (ONNX engines only)."""
+    def artifact(self, kind: EngineKind) -> Any:
+        """What a client of this engine receives: the weights, or the ONNX file's bytes."""
+        if not isinstance(kind, OnnxKind):
+            return self.state
         with self._lock:
-            if engine not in self._bytes:
-                self._bytes[engine] = self._ensure(engine).read_bytes()
-            return self._bytes[engine]
+            if kind.name not in self._bytes:
+                self._bytes[kind.name] = self._ensure(kind).read_bytes()
+            return self._bytes[kind.name]
 
-    def variant_fingerprint(self, engine: str) -> str:
-        if engine not in self._fingerprints:
-            artifact = None if engine == "torch" else self.artifact(engine)
-            self._fingerprints[engine] = variant_fingerprint(self.fingerprint, engine, artifact)
-        return self._fingerprints[engine]
+    def variant_fingerprint(self, kind: EngineKind | str) -> str:
+        kind = engine_kind(kind) if isinstance(kind, str) else kind
+        if kind.name not in self._fingerprints:
+            artifact = self.artifact(kind) if isinstance(kind, OnnxKind) else None
+            self._fingerprints[kind.name] = kind.variant_fingerprint(self.fingerprint, artifact)
+        return self._fingerprints[kind.name]
 
-    def engine(self, engine: str, num_threads: int = 0) -> Engine:
+    def engine(self, kind: EngineKind, num_threads: int = 0) -> Engine:
         """A runnable engine of this backbone (up to the cut) for the server's own embedding."""
-        if engine == "torch":
+        if not isinstance(kind, OnnxKind):
             return TorchEngine(self._prefix())
-        return OnnxEngine(self.path(engine), num_threads)
+        return kind.load(self.path(kind), self.cut, num_threads)
 
-    def _ensure(self, engine: str) -> Path:
+    def _ensure(self, kind: OnnxKind) -> Path:
         # Another server process may share this cache: one makes a variant, the other waits for it.
         self.directory.mkdir(parents=True, exist_ok=True)
         with (self.directory / ".lock").open("w") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
-            return self._make(engine)
+            return self._make(kind)
 
-    def _make(self, engine: str) -> Path:
-        fp32 = self.directory / "backbone.onnx"
+    def _make(self, kind: OnnxKind) -> Path:
+        fp32 = self.directory / OnnxKind.server_file
         if not fp32.is_file():
             log.info("Exporting backbone %s to ONNX (once per backbone)", self.name)
             image_size = self.preprocess.image_size
             export_onnx(self._prefix(), (3, image_size, image_size), fp32, ONNX_INPUT, [ONNX_OUTPUT])
-        if engine == "onnx":
-            return fp32
-        if engine != "onnx-int8":
-            raise ValueError(f"No ONNX variant for engine {engine!r}.")
-        int8 = self.directory / "backbone-int8.onnx"
-        if not int8.is_file():
-            log.info("Calibrating the int8 backbone on the server's held-out images (once per backbone)")
+        target = self.directory / kind.server_file
+        if not target.is_file():
+            log.info("Making the %s backbone from the fp32 export (once per backbone)", kind.name)
             with quiet_root_logger():  # the quantizer logs every rescaled channel at INFO
-                quantize_int8(fp32, int8, self._calibration(), get_spec(self.name).int8_float_convs)
-        return int8
+                kind.make(fp32, target, self._calibration, get_spec(self.name).int8_float_convs)
+        return target
 
     def _prefix(self) -> torch.nn.Module:
         return split_backbone(self.name, build_backbone(self.name, self.state), self.cut)[0]

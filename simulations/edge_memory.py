@@ -15,6 +15,7 @@ BENCHMARKS.md.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import platform
 import re
@@ -24,7 +25,6 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from common import wire
 from simulations.federation import PROJECT_ROOT, run_child
 
 COMMAND = "python -m simulations.edge_memory"
@@ -100,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
     # Imported here, not at the top: the client processes import only what a ClientApp imports.
     from client.core import load_local_data
     from common.config import NodeConfig, RunConfig
-    from server.core import ServerRun
+    from server.run import ServerRun
     from simulations.benchmark import markdown_table, update_section
 
     with tempfile.TemporaryDirectory(prefix="edgesplit-memory-") as tmp:
@@ -132,12 +132,9 @@ def main(argv: list[str] | None = None) -> int:
             "node_config": {"data-dir": str(board_data)},
             # The torch engine: this benchmark measures PyTorch's memory on a board; the ONNX
             # engines' footprint is in the engines benchmark.
-            "instructions": {
-                **run.instructions(),
-                "server-round": 1,
-                wire.ENGINE: "torch",
-                wire.ENGINE_FINGERPRINT: run.fingerprint,
-            },
+            "instructions": dataclasses.replace(
+                run.instructions(1), engine="torch", engine_fingerprint=run.fingerprint
+            ).to_record(),
             "head_shapes": {name: list(shape) for name, shape in run.head_shapes().items()},
             "backbone": str(Path(tmp) / "backbone.pt"),
             "threads": args.threads,

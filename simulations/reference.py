@@ -22,7 +22,7 @@ from common.embedding import Embedded, EmbeddingCache, embed_files
 from common.engines import resolve_engine
 from common.heads import PowerNorm
 from common.metrics import classification_report
-from server.core import backbone_variants, server_cache_dir, server_test_files
+from server.run import backbone_variants, server_cache_dir, server_test_files
 
 
 @dataclass(frozen=True)

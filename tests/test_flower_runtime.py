@@ -235,7 +235,7 @@ def test_later_cut_fedncm_and_personal_heads(tmp_path: Path, server_engines: Pat
     server's view-averaged accuracy on its held-out images."""
     from client.predict import Classifier
     from common.config import RunConfig
-    from server.core import server_test_files
+    from server.run import server_test_files
 
     extra = {"cut": 1, "head-init": "ncm", "ncm-min-examples": 2, "personal-epochs": 3, "views": "flips"}
     run = _run(tmp_path, "cut", tmp_path / "cache", server_engines, extra=extra)

@@ -17,8 +17,9 @@ from flwr.supercore.task_identity import TaskIdentity
 
 from client import app as client_app
 from common.config import RunConfig
-from server.core import ServerRun
-from server.strategy import make_strategy
+from server.rounds import RoundLoop
+from server.run import ServerRun
+from server.strategy import EdgeSplitStrategy
 from simulations.pathological import CLASSES, rounds_to_stay, rounds_to_target, run_config, write_pathological_data
 from simulations.reference import centralised_probe
 
@@ -74,8 +75,7 @@ def federations(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
         )
         config = RunConfig.from_flower(settings)
         run = ServerRun.prepare(config)
-        strategy = make_strategy(config, run)
-        strategy.run_rounds(InProcessGrid(settings))  # type: ignore[arg-type]
+        RoundLoop(EdgeSplitStrategy.for_run(run)).run_rounds(InProcessGrid(settings))  # type: ignore[arg-type]
         events = [json.loads(line) for line in (run.run_log.run_dir / "events.jsonl").read_text().splitlines()]
         results[init] = {
             "rounds": run.rounds,

@@ -11,24 +11,20 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, MessageType, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, Error, Message, MessageType, MetricRecord, RecordDict
+from flwr.serverapp.strategy import FedAvg, FedMedian, Krum
 from flwr.supercore.task_identity import TaskIdentity
 
-from common import wire
+from common import protocol
 from common.config import RunConfig
+from common.flower_glue import to_config_record
 from server.checkpoint import Checkpoint, CheckpointError, checkpoint_path
-from server.core import RoundRecord
+from server.ledger import RoundRecord
+from server.nodes import RunStopped
+from server.rounds import RoundLoop
 from server.runlog import RunLog
-from server.strategy import (
-    EdgeFedAdam,
-    EdgeFedAvg,
-    EdgeFedMedian,
-    EdgeKrum,
-    EdgeMultiKrum,
-    EdgeSplitMixin,
-    RunStopped,
-    make_strategy,
-)
+from server.strategies import MultiKrumOfWhatArrived, make_inner_strategy
+from server.strategy import EdgeSplitStrategy
 from tests.test_strategy import FP, StubRun
 
 # A client's answer to a train message: (arrays, num-examples), or None for silence, or an Error.
@@ -60,16 +56,18 @@ class ClientsGrid:
             TaskIdentity.node_id = node
             kind = message.metadata.message_type
             if kind == MessageType.QUERY:
-                status = ConfigRecord({wire.ENGINE: "torch", wire.HELD_FINGERPRINT: FP})
-                replies.append(Message(RecordDict({wire.STATUS: status}), reply_to=message))
+                status = to_config_record(protocol.BackboneStatus(engine="torch", held_fingerprint=FP))
+                replies.append(Message(RecordDict({protocol.STATUS: status}), reply_to=message))
                 continue
-            status = ConfigRecord({wire.FINGERPRINT: FP})
+            status = to_config_record(protocol.ReplyStatus(fingerprint=FP, engine="torch", engine_fingerprint=FP))
             if kind == MessageType.EVALUATE:
-                metrics = MetricRecord({wire.NUM_EXAMPLES: 0})
-                replies.append(Message(RecordDict({wire.METRICS: metrics, wire.STATUS: status}), reply_to=message))
+                metrics = MetricRecord({protocol.NUM_EXAMPLES: 0})
+                replies.append(
+                    Message(RecordDict({protocol.METRICS: metrics, protocol.STATUS: status}), reply_to=message)
+                )
                 continue
-            server_round = int(message.content.config_records[wire.CONFIG][wire.SERVER_ROUND])
-            start = {k: v.numpy() for k, v in message.content.array_records[wire.ARRAYS].items()}
+            server_round = int(message.content.config_records[protocol.CONFIG][protocol.SERVER_ROUND])
+            start = {k: v.numpy() for k, v in message.content.array_records[protocol.ARRAYS].items()}
             answer = self.behaviour.get(node, honest)(node, server_round, start)
             self.trained.append((server_round, node))
             if answer is None:
@@ -80,9 +78,9 @@ class ClientsGrid:
             arrays, examples = answer
             content = RecordDict(
                 {
-                    wire.ARRAYS: ArrayRecord({k: Array(np.asarray(v, np.float32)) for k, v in arrays.items()}),
-                    wire.METRICS: MetricRecord({wire.NUM_EXAMPLES: examples}),
-                    wire.STATUS: status,
+                    protocol.ARRAYS: ArrayRecord({k: Array(np.asarray(v, np.float32)) for k, v in arrays.items()}),
+                    protocol.METRICS: MetricRecord({protocol.NUM_EXAMPLES: examples}),
+                    protocol.STATUS: status,
                 }
             )
             replies.append(Message(content, reply_to=message))
@@ -94,13 +92,13 @@ def task_identity() -> None:
     TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 0
 
 
-def _strategy(run_dir: Path, resume: bool = False, **config: object) -> EdgeSplitMixin:
+def _strategy(run_dir: Path, resume: bool = False, **config: object) -> RoundLoop:
     settings: dict[str, object] = {"min-clients": 2, "round-timeout": 5, **config}
     run_config = RunConfig.from_flower(settings)
     checkpoint = Checkpoint.load(run_dir) if resume else None
     run = StubRun(RunLog(run_dir, resume=resume), config=run_config, checkpoint=checkpoint)
     run.rounds = [RoundRecord(**record) for record in checkpoint.rounds] if checkpoint else []  # as ServerRun does
-    return make_strategy(run_config, run)  # type: ignore[arg-type]
+    return RoundLoop(EdgeSplitStrategy(make_inner_strategy(run_config), run))  # type: ignore[arg-type]
 
 
 def _events(run_dir: Path) -> list[dict[str, object]]:
@@ -246,20 +244,20 @@ def test_a_fixed_update_bound_rejects_a_large_update(tmp_path: Path) -> None:
     assert "above max-update-norm=5" in _reasons(tmp_path / "run")[2]
 
 
-@pytest.mark.parametrize("name, kind", [("fedmedian", EdgeFedMedian), ("krum", EdgeKrum), ("multikrum", EdgeMultiKrum)])
-def test_robust_aggregation_ignores_an_outlier_that_passes_the_checks(
-    tmp_path: Path, name: str, kind: type[EdgeSplitMixin]
-) -> None:
+@pytest.mark.parametrize(
+    "name, kind", [("fedmedian", FedMedian), ("krum", Krum), ("multikrum", MultiKrumOfWhatArrived)]
+)
+def test_robust_aggregation_ignores_an_outlier_that_passes_the_checks(tmp_path: Path, name: str, kind: type) -> None:
     def pull(node: int, server_round: int, start: dict[str, np.ndarray]) -> object:
         return {k: v + 3.0 for k, v in start.items()}, 10 * node  # large, finite, within every bound here
 
     settings = {"num-server-rounds": 1, "strategy": name, "min-clients": 5, "max-update-ratio": 0}
     strategy = _strategy(tmp_path / name, **settings)
-    assert isinstance(strategy, kind)
+    assert type(strategy.strategy.inner) is kind
     final = strategy.run_rounds(ClientsGrid([1, 2, 3, 4, 5], {4: pull}))  # type: ignore[arg-type, dict-item]
     assert float(np.abs(final["weight"]).max()) < 1.0  # the median / Krum's pick is an honest update
     mean = _strategy(tmp_path / "fedavg", **{**settings, "strategy": "fedavg"})
-    assert isinstance(mean, EdgeFedAvg) and not isinstance(mean, EdgeFedAdam)
+    assert type(mean.strategy.inner) is FedAvg
     averaged = mean.run_rounds(ClientsGrid([1, 2, 3, 4, 5], {4: pull}))  # type: ignore[arg-type, dict-item]
     assert float(np.abs(averaged["weight"]).max()) > 0.4  # the plain average follows it
 
@@ -270,4 +268,5 @@ def test_multikrum_drops_the_assumed_number_after_screening(tmp_path: Path) -> N
     settings = {"num-server-rounds": 1, "strategy": "multikrum", "min-clients": 5, "max-update-ratio": 0}
     strategy = _strategy(tmp_path / "run", **settings)
     strategy.run_rounds(ClientsGrid(list(range(1, 11)), {3: nan_update}))  # type: ignore[arg-type, dict-item]
-    assert isinstance(strategy, EdgeMultiKrum) and strategy.num_nodes_to_select == 8
+    inner = strategy.strategy.inner
+    assert isinstance(inner, MultiKrumOfWhatArrived) and inner.num_nodes_to_select == 8

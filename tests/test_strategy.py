@@ -14,48 +14,57 @@ import numpy as np
 import pytest
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, MetricRecord, RecordDict
+from flwr.serverapp.strategy import FedAvg
 from flwr.supercore.task_identity import TaskIdentity
 
-from common import wire
+from common import protocol
 from common.config import RunConfig
+from common.engines import ENGINE_KINDS, EngineKind
+from common.flower_glue import from_array_record, to_array_record, to_config_record
+from common.preprocess import PreprocessSpec
+from common.protocol import Instructions, Phase
 from server.checkpoint import Checkpoint
-from server.core import RoundRecord
+from server.ledger import EmbeddingLedger, RoundRecord
 from server.runlog import RunLog
-from server.strategy import EdgeFedAvg, from_record, to_record
+from server.strategy import EdgeSplitStrategy
 
 FP = "f" * 64
 SHAPES = {"weight": (2, 3), "bias": (2,)}
+TORCH = ENGINE_KINDS["torch"]
 
 
 class StubVariants:
     """Engine variants of the backbone: the torch one is the backbone itself."""
 
-    def variant_fingerprint(self, engine: str) -> str:
-        return FP if engine == "torch" else f"{engine}-of-{FP[:8]}"
+    fingerprint, cut = FP, 0
 
-    def artifact(self, engine: str) -> bytes:
-        return f"ONNX model for {engine}".encode()
+    def variant_fingerprint(self, kind: EngineKind | str) -> str:
+        name = kind if isinstance(kind, str) else kind.name
+        return FP if name == TORCH.name else f"{name}-of-{FP[:8]}"
+
+    def artifact(self, kind: EngineKind) -> object:
+        return {"w": torch.ones(4)} if kind is TORCH else f"ONNX model for {kind.name}".encode()
 
 
 @dataclass
 class StubRun:
-    """The parts of ServerRun the strategy touches."""
+    """The parts of ServerRun the strategy and the round loop touch."""
 
     run_log: RunLog
     config: RunConfig = field(default_factory=lambda: RunConfig(min_clients=1))
     fingerprint: str = FP
-    backbone_state: dict[str, torch.Tensor] = field(default_factory=lambda: {"w": torch.ones(4)})
-    embedding_computed: int = 0
-    embedding_cached: int = 0
-    images_skipped: int = 0
-    engine: str = "torch"
+    engine: EngineKind = TORCH
     variants: StubVariants = field(default_factory=lambda: StubVariants())
     classes: tuple[str, ...] = ("a", "b")
     checkpoint: Checkpoint | None = None
     rounds: list[RoundRecord] = field(default_factory=list)
+    embedding: EmbeddingLedger = field(default_factory=EmbeddingLedger)
 
     def head_shapes(self) -> dict[str, tuple[int, ...]]:
         return SHAPES
+
+    def class_stats_shapes(self) -> dict[str, tuple[int, ...]]:
+        return {"sums": (2, 3), "counts": (2,)}
 
     @property
     def start_round(self) -> int:
@@ -65,11 +74,8 @@ class StubRun:
     def start_head(self) -> dict[str, np.ndarray]:
         return dict(self.checkpoint.head) if self.checkpoint else _head(0.0)
 
-    def totals(self) -> dict[str, int]:
-        return {}
-
-    def instructions(self) -> dict[str, object]:
-        return {wire.SEED: 0}
+    def instructions(self, server_round: int, phase: Phase = Phase.TRAIN) -> Instructions:
+        return instructions(server_round)
 
     def evaluate(self, arrays: dict[str, np.ndarray]) -> SimpleNamespace:
         """Stands for central accuracy: the mean weight, so a test can tell heads apart."""
@@ -79,6 +85,34 @@ class StubRun:
         record.accuracy = report.accuracy
         self.rounds.append(record)
         self.run_log.event("round-end", round=record.round, accuracy=record.accuracy)
+
+
+def instructions(server_round: int = 1) -> Instructions:
+    return Instructions(
+        server_round=server_round,
+        fingerprint=FP,
+        backbone_name="stub",
+        preprocess=PreprocessSpec(),
+        engine=TORCH.name,
+        engine_fingerprint=FP,
+        head="linear",
+        mlp_hidden=4,
+        cut=0,
+        views=("identity",),
+        average_views=True,
+        num_classes=2,
+        local_epochs=1,
+        learning_rate=0.1,
+        weight_decay=0.0,
+        batch_size=4,
+        seed=0,
+        personal_epochs=0,
+        ncm_min_examples=5,
+    )
+
+
+def _config(server_round: int = 1) -> ConfigRecord:
+    return to_config_record(instructions(server_round))
 
 
 class StubGrid:
@@ -100,8 +134,8 @@ class StubGrid:
             TaskIdentity.node_id = node
             engine = self.engines.get(node, "torch")
             held = StubVariants().variant_fingerprint(engine) if node in self.holders else ""
-            answer = ConfigRecord({wire.ENGINE: engine, wire.HELD_FINGERPRINT: self.held.get(node, held)})
-            replies.append(Message(RecordDict({wire.STATUS: answer}), reply_to=question))
+            answer = protocol.BackboneStatus(engine=engine, held_fingerprint=self.held.get(node, held))
+            replies.append(Message(RecordDict({protocol.STATUS: to_config_record(answer)}), reply_to=question))
         return replies
 
 
@@ -110,11 +144,13 @@ def task_identity() -> None:
     TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 0
 
 
+def _edge_strategy(run: StubRun) -> EdgeSplitStrategy:
+    return EdgeSplitStrategy(FedAvg(min_train_nodes=1, min_evaluate_nodes=1, min_available_nodes=1), run)  # type: ignore[arg-type]
+
+
 @pytest.fixture
-def strategy(tmp_path: Path) -> EdgeFedAvg:
-    strategy = EdgeFedAvg(min_train_nodes=1, min_evaluate_nodes=1, min_available_nodes=1)
-    strategy.attach(StubRun(RunLog(tmp_path / "run")))  # type: ignore[arg-type]
-    return strategy
+def strategy(tmp_path: Path) -> EdgeSplitStrategy:
+    return _edge_strategy(StubRun(RunLog(tmp_path / "run")))
 
 
 def _head(value: float) -> dict[str, np.ndarray]:
@@ -125,68 +161,69 @@ def _reply(instruction: Message, arrays: dict[str, np.ndarray], num_examples: ob
     TaskIdentity.node_id = instruction.metadata.dst_node_id
     content = RecordDict(
         {
-            wire.ARRAYS: ArrayRecord({k: Array(v) for k, v in arrays.items()}),
-            wire.METRICS: MetricRecord({wire.NUM_EXAMPLES: num_examples}),  # type: ignore[dict-item]
-            wire.STATUS: ConfigRecord({wire.FINGERPRINT: fp}),
+            protocol.ARRAYS: ArrayRecord({k: Array(v) for k, v in arrays.items()}),
+            protocol.METRICS: MetricRecord({protocol.NUM_EXAMPLES: num_examples}),  # type: ignore[dict-item]
+            protocol.STATUS: to_config_record(
+                protocol.ReplyStatus(fingerprint=fp, engine="torch", engine_fingerprint=fp)
+            ),
         }
     )
     return Message(content, reply_to=instruction)
 
 
-def _events(strategy: EdgeFedAvg) -> list[dict[str, object]]:
+def _events(strategy: EdgeSplitStrategy) -> list[dict[str, object]]:
     strategy.run.run_log.close()
     return [json.loads(line) for line in (strategy.run.run_log.run_dir / "events.jsonl").read_text().splitlines()]
 
 
-def test_backbone_goes_only_to_nodes_that_lack_it_and_only_once(strategy: EdgeFedAvg) -> None:
+def test_backbone_goes_only_to_nodes_that_lack_it_and_only_once(strategy: EdgeSplitStrategy) -> None:
     grid = StubGrid([1, 2, 3], holders={2})
-    first = list(strategy.configure_train(1, to_record(_head(0)), ConfigRecord(), grid))  # type: ignore[arg-type]
-    with_backbone = {m.metadata.dst_node_id for m in first if wire.BACKBONE in m.content.array_records}
+    first = list(strategy.configure_train(1, to_array_record(_head(0)), _config(), grid))  # type: ignore[arg-type]
+    with_backbone = {m.metadata.dst_node_id for m in first if protocol.BACKBONE in m.content.array_records}
     assert with_backbone == {1, 3}
     assert sorted(grid.questions) == [1, 2, 3]
-    second = list(strategy.configure_train(2, to_record(_head(0)), ConfigRecord(), grid))  # type: ignore[arg-type]
-    assert not [m for m in second if wire.BACKBONE in m.content.array_records]
+    second = list(strategy.configure_train(2, to_array_record(_head(0)), _config(), grid))  # type: ignore[arg-type]
+    assert not [m for m in second if protocol.BACKBONE in m.content.array_records]
     assert sorted(grid.questions) == [1, 2, 3]  # nobody asked twice
 
 
-def test_each_node_gets_the_variant_of_the_engine_it_runs(strategy: EdgeFedAvg) -> None:
+def test_each_node_gets_the_variant_of_the_engine_it_runs(strategy: EdgeSplitStrategy) -> None:
     grid = StubGrid([1, 2, 3, 4], holders={3}, engines={1: "onnx-int8", 2: "onnx", 3: "onnx-int8"})
     grid.held[4] = "a-variant-this-server-no-longer-makes"
-    sent = {m.metadata.dst_node_id: m for m in strategy.configure_train(1, to_record(_head(0)), ConfigRecord(), grid)}  # type: ignore[arg-type]
+    sent = {m.metadata.dst_node_id: m for m in strategy.configure_train(1, to_array_record(_head(0)), _config(), grid)}  # type: ignore[arg-type]
     variants = StubVariants()
     for node, engine in {1: "onnx-int8", 2: "onnx", 3: "onnx-int8", 4: "torch"}.items():
-        instructions = sent[node].content.config_records[wire.CONFIG]
-        assert (instructions[wire.ENGINE], instructions[wire.ENGINE_FINGERPRINT]) == (
+        told = Instructions.from_record(sent[node].content.config_records[protocol.CONFIG])
+        assert (told.engine, told.engine_fingerprint) == (
             engine,
             variants.variant_fingerprint(engine),
         )
-    model = sent[1].content.array_records[wire.BACKBONE][wire.ONNX_MODEL].numpy().tobytes()
-    assert model == variants.artifact("onnx-int8")
-    assert set(sent[2].content.array_records[wire.BACKBONE]) == {wire.ONNX_MODEL}
-    assert wire.BACKBONE not in sent[3].content.array_records  # holds the int8 variant already
-    assert set(sent[4].content.array_records[wire.BACKBONE]) == {"w"}  # stale copy: the weights again
-    assert strategy._round.backbones_sent == 3
+    model = sent[1].content.array_records[protocol.BACKBONE][protocol.ONNX_MODEL].numpy().tobytes()
+    assert model == variants.artifact(ENGINE_KINDS["onnx-int8"])
+    assert set(sent[2].content.array_records[protocol.BACKBONE]) == {protocol.ONNX_MODEL}
+    assert protocol.BACKBONE not in sent[3].content.array_records  # holds the int8 variant already
+    assert set(sent[4].content.array_records[protocol.BACKBONE]) == {"w"}  # stale copy: the weights again
+    assert strategy.tally.record.backbones_sent == 3
 
 
-def test_a_node_that_failed_is_asked_again(strategy: EdgeFedAvg) -> None:
+def test_a_node_that_failed_is_asked_again(strategy: EdgeSplitStrategy) -> None:
     grid = StubGrid([1, 2], holders=set())
-    messages = list(strategy.configure_train(1, to_record(_head(0)), ConfigRecord(), grid))  # type: ignore[arg-type]
+    messages = list(strategy.configure_train(1, to_array_record(_head(0)), _config(), grid))  # type: ignore[arg-type]
     sent = {m.metadata.dst_node_id: m for m in messages}
     TaskIdentity.node_id = 2
     failed = Message(Error(code=1, reason="disk full"), reply_to=sent[2])
     strategy.aggregate_train(1, [_reply(sent[1], _head(0.5)), failed])
-    list(strategy.configure_train(2, to_record(_head(0)), ConfigRecord(), grid))  # type: ignore[arg-type]
+    list(strategy.configure_train(2, to_array_record(_head(0)), _config(), grid))  # type: ignore[arg-type]
     assert grid.questions.count(2) == 2 and grid.questions.count(1) == 1
 
 
 def test_a_silent_node_counts_as_failed_and_too_few_replies_keep_the_head(tmp_path: Path) -> None:
-    strategy = EdgeFedAvg(min_train_nodes=1, min_evaluate_nodes=1, min_available_nodes=1)
-    strategy.attach(StubRun(RunLog(tmp_path / "run"), config=RunConfig(min_clients=2, round_timeout=5)))  # type: ignore[arg-type]
+    strategy = _edge_strategy(StubRun(RunLog(tmp_path / "run"), config=RunConfig(min_clients=2, round_timeout=5)))
     grid = StubGrid([1, 2, 3], holders={1, 2, 3})
-    sent = {m.metadata.dst_node_id: m for m in strategy.configure_train(1, to_record(_head(0)), ConfigRecord(), grid)}  # type: ignore[arg-type]
+    sent = {m.metadata.dst_node_id: m for m in strategy.configure_train(1, to_array_record(_head(0)), _config(), grid)}  # type: ignore[arg-type]
     arrays, _ = strategy.aggregate_train(1, [_reply(sent[1], _head(0.5))])  # 2 and 3 never answer
     assert arrays is None  # one usable update is below min-clients=2
-    record: RoundRecord = strategy._round
+    record: RoundRecord = strategy.tally.record
     assert (record.clients_ok, record.clients_failed) == (1, 2)
     events = _events(strategy)
     silent = [e for e in events if e["event"] == "client-failed"]
@@ -195,9 +232,9 @@ def test_a_silent_node_counts_as_failed_and_too_few_replies_keep_the_head(tmp_pa
     assert [e["usable"] for e in events if e["event"] == "round-skipped"] == [1]
 
 
-def test_only_well_formed_replies_reach_the_aggregate(strategy: EdgeFedAvg) -> None:
+def test_only_well_formed_replies_reach_the_aggregate(strategy: EdgeSplitStrategy) -> None:
     grid = StubGrid([1, 2, 3, 4, 5, 6], holders={1, 2, 3, 4, 5, 6})
-    sent = {m.metadata.dst_node_id: m for m in strategy.configure_train(1, to_record(_head(0)), ConfigRecord(), grid)}  # type: ignore[arg-type]
+    sent = {m.metadata.dst_node_id: m for m in strategy.configure_train(1, to_array_record(_head(0)), _config(), grid)}  # type: ignore[arg-type]
     nan_head = _head(1.0)
     nan_head["bias"][0] = np.nan
     TaskIdentity.node_id = 6
@@ -211,9 +248,9 @@ def test_only_well_formed_replies_reach_the_aggregate(strategy: EdgeFedAvg) -> N
     ]
     arrays, _ = strategy.aggregate_train(1, replies)
     assert arrays is not None
-    aggregate = from_record(arrays)
+    aggregate = from_array_record(arrays)
     np.testing.assert_array_equal(aggregate["weight"], _head(0.5)["weight"])  # the good reply alone
-    record: RoundRecord = strategy._round
+    record: RoundRecord = strategy.tally.record
     assert (record.clients_ok, record.clients_rejected, record.clients_failed) == (1, 4, 1)
     reasons = [e["reason"] for e in _events(strategy) if e["event"] == "client-rejected"]
     assert len(reasons) == 4
@@ -221,9 +258,9 @@ def test_only_well_formed_replies_reach_the_aggregate(strategy: EdgeFedAvg) -> N
     assert any("fingerprint" in r for r in reasons) and any("num-examples" in r for r in reasons)
 
 
-def test_an_error_the_superlink_sends_for_a_dead_node_counts_against_that_node(strategy: EdgeFedAvg) -> None:
+def test_an_error_the_superlink_sends_for_a_dead_node_counts_against_that_node(strategy: EdgeSplitStrategy) -> None:
     grid = StubGrid([7, 8], holders={7, 8})
-    sent = {m.metadata.dst_node_id: m for m in strategy.configure_train(1, to_record(_head(0)), ConfigRecord(), grid)}  # type: ignore[arg-type]
+    sent = {m.metadata.dst_node_id: m for m in strategy.configure_train(1, to_array_record(_head(0)), _config(), grid)}  # type: ignore[arg-type]
     for message in sent.values():  # what Flower's grid does when it pushes a message
         message.metadata.__dict__["_message_id"] = message.object_id
     unavailable = Message(Error(code=5, reason="Node Unavailable"), reply_to=sent[8])
@@ -231,4 +268,4 @@ def test_an_error_the_superlink_sends_for_a_dead_node_counts_against_that_node(s
     strategy.aggregate_train(1, [_reply(sent[7], _head(0.5)), unavailable])
     failed = [e for e in _events(strategy) if e["event"] == "client-failed"]
     assert [(e["node"], e["reason"]) for e in failed] == [(8, "Node Unavailable")]
-    assert strategy._round.clients_failed == 1
+    assert strategy.tally.record.clients_failed == 1

@@ -10,9 +10,10 @@ import pytest
 import torch
 
 from client.core import BackboneCache, FingerprintMismatch
-from common import wire
+from common import protocol
 from common.backbones import fingerprint
 from common.preprocess import PreprocessSpec
+from common.protocol import ClassStats
 from server.runlog import RunLog, new_run_id, write_json_atomic
 from server.validation import class_stats_reject_reason, reject_reason
 
@@ -27,7 +28,7 @@ def _arrays() -> dict[str, np.ndarray]:
 
 
 def _reason(arrays=None, num_examples=10, fp=FP, shapes=SHAPES):
-    metrics = {} if num_examples is ... else {wire.NUM_EXAMPLES: num_examples}
+    metrics = {} if num_examples is ... else {protocol.NUM_EXAMPLES: num_examples}
     return reject_reason(_arrays() if arrays is None else arrays, metrics, fp, shapes, FP)
 
 
@@ -112,7 +113,7 @@ def test_norm_just_below_the_bound_is_accepted():
 
 
 def test_no_arrays_in_a_train_reply_is_rejected():
-    reason = reject_reason(None, {wire.NUM_EXAMPLES: 5}, FP, SHAPES, FP)
+    reason = reject_reason(None, {protocol.NUM_EXAMPLES: 5}, FP, SHAPES, FP)
 
     assert reason is not None and "no head arrays" in reason
 
@@ -146,12 +147,12 @@ def test_non_finite_num_examples_is_rejected_not_raised(num_examples):
 
 
 def test_evaluation_reply_accepts_zero_examples():
-    assert reject_reason(None, {wire.NUM_EXAMPLES: 0}, FP, None, FP) is None
+    assert reject_reason(None, {protocol.NUM_EXAMPLES: 0}, FP, None, FP) is None
 
 
 def test_evaluation_reply_still_checks_fingerprint_and_count():
-    assert "fingerprint" in (reject_reason(None, {wire.NUM_EXAMPLES: 3}, "x", None, FP) or "")
-    assert "integer" in (reject_reason(None, {wire.NUM_EXAMPLES: 2.5}, FP, None, FP) or "")
+    assert "fingerprint" in (reject_reason(None, {protocol.NUM_EXAMPLES: 3}, "x", None, FP) or "")
+    assert "integer" in (reject_reason(None, {protocol.NUM_EXAMPLES: 2.5}, FP, None, FP) or "")
 
 
 # --- run log --------------------------------------------------------------------------------------
@@ -342,10 +343,18 @@ def test_class_statistics_screening() -> None:
     sums = np.full((3, dim), 0.5, np.float32)  # mean length 2, below sqrt(16) = 4
     sums[2] = 0.0  # a class the client does not share
     honest = {"sums": sums, "counts": np.array([4, 1, 0], np.float32)}
-    assert class_stats_reject_reason(honest, 3, dim) is None
+    assert class_stats_reject_reason(honest, ClassStats.shapes(3, dim)) is None
     forged = {**honest, "sums": honest["sums"] * 100}  # a class mean longer than any normalised feature
-    assert class_stats_reject_reason(forged, 3, dim) == "a class mean is longer than any normalised feature can be"
+    assert (
+        class_stats_reject_reason(forged, ClassStats.shapes(3, dim))
+        == "a class mean is longer than any normalised feature can be"
+    )
     negative = {**honest, "counts": np.array([4, -1, 0], np.float32)}
-    assert class_stats_reject_reason(negative, 3, dim) == "class counts must be non-negative integers"
+    assert (
+        class_stats_reject_reason(negative, ClassStats.shapes(3, dim)) == "class counts must be non-negative integers"
+    )
     per_image = {**honest, "sums": np.zeros((40, dim), np.float32)}
-    assert class_stats_reject_reason(per_image, 3, dim) == "array 'sums' has shape (40, 16), expected (3, 16)"
+    assert (
+        class_stats_reject_reason(per_image, ClassStats.shapes(3, dim))
+        == "array 'sums' has shape (40, 16), expected (3, 16)"
+    )

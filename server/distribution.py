@@ -1,0 +1,97 @@
+"""The backbone, once per node: which engine each node runs, which variant of the backbone it
+holds, and the variant attached to a message only for a node that lacks it. Each message gets
+its own content, so that the megabytes go only where they are needed."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
+from flwr.serverapp import Grid
+
+from common import protocol
+from common.engines import ENGINE_KINDS, EngineKind
+from common.flower_glue import to_array_record, to_config_record, wire_bytes
+from common.protocol import BackboneQuery, BackboneStatus, Instructions, ProtocolError
+from server.ledger import RoundTally
+from server.runlog import RunLog
+from server.variants import BackboneVariants
+
+log = logging.getLogger(__name__)
+
+
+class BackboneDistributor:
+    """What the server knows of each node's backbone, and the messages that follow from it."""
+
+    def __init__(
+        self, run_log: RunLog, variants: BackboneVariants, default_engine: EngineKind, round_timeout: float
+    ) -> None:
+        self.run_log, self.variants, self.default_engine = run_log, variants, default_engine
+        self.round_timeout = round_timeout
+        self.holders: dict[int, str] = {}  # node -> the variant fingerprint it is known to hold
+        self.engines: dict[int, EngineKind] = {}  # node -> the engine it runs (from its answer)
+        self._records: dict[str, ArrayRecord] = {}  # engine -> the variant as it is sent
+
+    def forget(self, nodes: set[int]) -> None:
+        """Nodes that failed: ask again next time (they may have lost their cache)."""
+        for node in nodes:
+            self.holders.pop(node, None)
+
+    def prepare(self, messages: list[Message], grid: Grid, tally: RoundTally) -> list[tuple[Message, int]]:
+        """Each message with its node's engine and variant in the instructions, and the variant
+        itself where the node lacks it; with the bytes each message carries."""
+        unknown = [m.metadata.dst_node_id for m in messages if m.metadata.dst_node_id not in self.holders]
+        if unknown:
+            self._ask_status(unknown, grid, tally)
+        prepared = []
+        for message in messages:
+            node = message.metadata.dst_node_id
+            # A node that did not answer gets the server's engine; if that is wrong for it, its
+            # round fails and it is asked again next round.
+            kind = self.engines.get(node, self.default_engine)
+            variant = self.variants.variant_fingerprint(kind)
+            given = message.content.config_records[protocol.CONFIG]
+            instructions = dataclasses.replace(
+                Instructions.from_record(given), engine=kind.name, engine_fingerprint=variant
+            )
+            config = ConfigRecord({**dict(given.items()), **instructions.to_record()})
+            content = RecordDict({**dict(message.content.items()), protocol.CONFIG: config})
+            if self.holders.get(node) != variant:
+                content[protocol.BACKBONE] = self._record(kind)
+                tally.record.backbones_sent += 1
+                self.holders[node] = variant  # optimistic; a failed reply removes it again
+                self.run_log.event("backbone-sent", round=tally.record.round, node=node, engine=kind.name)
+            outgoing = Message(content=content, dst_node_id=node, message_type=message.metadata.message_type)
+            size = wire_bytes(outgoing)
+            tally.record.bytes_down += size
+            prepared.append((outgoing, size))
+        return prepared
+
+    def _ask_status(self, nodes: list[int], grid: Grid, tally: RoundTally) -> None:
+        question = to_config_record(BackboneQuery(fingerprint=self.variants.fingerprint, cut=self.variants.cut))
+        queries = [
+            Message(RecordDict({protocol.CONFIG: question}), dst_node_id=node, message_type=MessageType.QUERY)
+            for node in nodes
+        ]
+        tally.record.bytes_down += sum(wire_bytes(q) for q in queries)
+        for reply in grid.send_and_receive(queries, timeout=self.round_timeout):
+            if reply.has_error() or protocol.STATUS not in reply.content.config_records:
+                continue  # it gets the server's engine; if it is dead, its round fails anyway
+            tally.record.bytes_up += wire_bytes(reply)
+            try:
+                answer = BackboneStatus.from_record(reply.content.config_records[protocol.STATUS])
+            except ProtocolError as error:
+                log.warning("node %s: unreadable backbone status (%s)", reply.metadata.src_node_id, error)
+                continue
+            node = reply.metadata.src_node_id
+            if answer.engine in ENGINE_KINDS:
+                self.engines[node] = ENGINE_KINDS[answer.engine]
+            if answer.held_fingerprint:
+                self.holders[node] = answer.held_fingerprint
+
+    def _record(self, kind: EngineKind) -> ArrayRecord:
+        """The backbone as one engine's clients receive it (made once per engine)."""
+        if kind.name not in self._records:
+            self._records[kind.name] = to_array_record(kind.pack(self.variants.artifact(kind)))
+        return self._records[kind.name]

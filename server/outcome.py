@@ -1,0 +1,145 @@
+"""What a finished (or stopped) run leaves: the final evaluation, the head, the deployable model,
+summary.json, the report and the terminal table. Plain Python, no Flower imports."""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from common.backbones import build_backbone
+from common.engines import ONNX_ENGINES
+from common.export import export_model
+from common.split import split_backbone
+from server.ledger import human_bytes
+from server.report import write_report
+from server.run import ServerRun
+
+log = logging.getLogger(__name__)
+
+
+def finish(run: ServerRun, final_arrays: dict[str, np.ndarray], stopped: str | None = None) -> dict[str, Any]:
+    """Final evaluation, head, deployable model, summary and report. ``stopped`` is why the
+    run ended before its last round (the summary says so; the checkpoint allows resuming)."""
+    report = run.evaluate(final_arrays)
+    head_path = run.run_log.save_head(
+        final_arrays,
+        {
+            "head": run.config.head,
+            "mlp_hidden": run.config.mlp_hidden,
+            "cut": run.config.cut,
+            "input": "backbone features at the cut; then the tail (cut > 0), average pooling, PowerNorm "
+            "(sqrt, L2 * sqrt(dim)) and the classifier",
+            "views": list(run.config.view_names()),
+            "average_views": run.config.average_views,
+            "classes": list(run.classes),
+            "backbone": {"name": run.spec.name, "fingerprint": run.fingerprint},
+            "preprocess": asdict(run.preprocess),
+        },
+    )
+    model_dir = export(run, final_arrays) if run.config.export_model else None
+    summary = {
+        "final": {
+            "accuracy": report.accuracy,
+            "macro_precision": report.macro_precision,
+            "macro_recall": report.macro_recall,
+            "macro_f1": report.macro_f1,
+            "per_class_recall": report.per_class_recall,
+            "confusion_matrix": report.confusion_matrix,
+            "loss": report.loss,
+            "test_examples": report.num_examples,
+        },
+        "classes": list(run.classes),
+        "head_init": run.initialisation or {"method": run.config.head_init},
+        "rounds": [asdict(r) for r in run.rounds],
+        "embedding": {
+            "computed": run.embedding_computed,
+            "cached": run.embedding_cached,
+            "skipped": run.images_skipped,
+        },
+        "wall_seconds": time.perf_counter() - run.started,
+        # engine: what the server embedded its held-out images with (each client's is in events.jsonl)
+        "backbone": {"name": run.spec.name, "fingerprint": run.fingerprint, "engine": run.engine.name},
+        "head_path": str(head_path),
+        "model_dir": str(model_dir) if model_dir else None,
+        "run_dir": str(run.run_log.run_dir),
+        "completed_rounds": run.rounds[-1].round if run.rounds else 0,
+        "stopped": stopped,
+    }
+    run.run_log.write_summary(summary)
+    run.run_log.event("run-end", final_accuracy=report.accuracy, final_macro_f1=report.macro_f1, stopped=stopped)
+    try:
+        log.info("Report: %s", write_report(run.run_log.run_dir))
+    except Exception as error:  # like the export: a convenience on top of a finished run
+        log.error("Writing report.html failed (%s: %s); the run's results stand.", type(error).__name__, error)
+    for line in summary_table(summary).splitlines():
+        log.info("%s", line)
+    return summary
+
+
+def export(run: ServerRun, arrays: dict[str, np.ndarray]) -> Path | None:
+    """Backbone + trained head as ONNX (fp32, int8) and TorchScript in ``<run>/model/``.
+    A failure is logged and recorded; the run's results stand without it."""
+    directory = run.run_log.run_dir / "model"
+    try:
+        prefix, _ = split_backbone(run.spec.name, build_backbone(run.spec.name, run.backbone_state), run.config.cut)
+        written = export_model(
+            directory,
+            prefix,
+            run.head(arrays),
+            {engine: run.variants.path(engine) for engine in ONNX_ENGINES},
+            info={
+                "classes": list(run.classes),
+                "feature_dim": run.spec.feature_dim,
+                "cut": run.config.cut,
+                "feature_shape": list(run.test.features.shape[2:]),
+                "views": list(run.config.evaluation_views()),
+                "preprocess": asdict(run.preprocess),
+                "backbone": {
+                    "name": run.spec.name,
+                    "fingerprint": run.fingerprint,
+                    "variants": {e: run.variants.variant_fingerprint(e) for e in ONNX_ENGINES},
+                },
+                "head": {"kind": run.config.head, "mlp_hidden": run.config.mlp_hidden},
+            },
+        )
+    except Exception as error:  # the export is a convenience on top of a finished run
+        log.error("Exporting the model failed (%s: %s); the run's results stand.", type(error).__name__, error)
+        run.run_log.event("export-failed", reason=f"{type(error).__name__}: {error}")
+        return None
+    run.run_log.event("model-exported", files={form: path.name for form, path in written.items()})
+    log.info("Deployable model: %s (classify images with: edgesplit predict %s <folder>)", directory, directory)
+    return directory
+
+
+def summary_table(summary: dict[str, Any]) -> str:
+    """A fixed-width table of the run for the terminal."""
+    final, rounds = summary["final"], summary["rounds"]
+    lines = [
+        "",
+        f"{'round':>5} {'accuracy':>9} {'macro-F1':>9} {'loss':>7} {'down':>9} {'up':>9} {'sec':>6}"
+        f" {'ok':>3} {'fail':>4}",
+    ]
+    for r in rounds:
+        lines.append(
+            f"{r['round']:>5} {r['accuracy']:>9.4f} {r['macro_f1']:>9.4f} {r['loss']:>7.4f} "
+            f"{human_bytes(r['bytes_down']):>9} {human_bytes(r['bytes_up']):>9} {r['seconds']:>6.1f} "
+            f"{r['clients_ok']:>3} {r['clients_failed']:>4}"
+        )
+    emb = summary["embedding"]
+    recall = [round(x, 3) for x in final["per_class_recall"]]
+    lines += [
+        "",
+        f"final accuracy {final['accuracy']:.4f} | macro-P {final['macro_precision']:.4f} | "
+        f"macro-R {final['macro_recall']:.4f} | macro-F1 {final['macro_f1']:.4f} "
+        f"on {final['test_examples']} held-out images",
+        f"per-class recall {dict(zip(summary['classes'], recall, strict=True))}",
+        f"confusion matrix (rows true, columns predicted): {final['confusion_matrix']}",
+        f"embeddings computed {emb['computed']}, read from cache {emb['cached']}, skipped {emb['skipped']}",
+        f"wall time {summary['wall_seconds']:.1f}s | run folder {summary['run_dir']}",
+    ]
+    return "\n".join(lines)

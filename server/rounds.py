@@ -1,0 +1,104 @@
+"""The round loop: the same few calls as Flower's ``Strategy.start()``, plus what ``start()``
+cannot do: begin at a checkpointed round, retry a round that got too few usable updates,
+checkpoint after every round, and stop with a clear message instead of waiting forever."""
+
+from __future__ import annotations
+
+import logging
+import random
+from dataclasses import asdict
+
+import numpy as np
+from flwr.serverapp import Grid
+
+from common.flower_glue import from_array_record, to_array_record, to_config_record
+from common.protocol import Phase
+from server.checkpoint import Checkpoint, random_state_from_json, random_state_to_json
+from server.head_init import fedncm_head
+from server.nodes import RunStopped
+from server.strategies import restore_strategy_state, strategy_state
+from server.strategy import EdgeSplitStrategy
+
+log = logging.getLogger(__name__)
+
+
+class RoundLoop:
+    """Runs a strategy's rounds for one ``ServerRun``; ``global_head`` is the latest global head,
+    whatever happens next (a stopped run still writes it)."""
+
+    def __init__(self, strategy: EdgeSplitStrategy) -> None:
+        self.strategy, self.run = strategy, strategy.run
+        self.global_head = self.run.start_head
+
+    def run_rounds(self, grid: Grid) -> dict[str, np.ndarray]:
+        """Rounds after the checkpointed one (if any) up to ``num-server-rounds``; returns the
+        final head. Raises RunStopped when too few nodes connect or a round fails too often."""
+        config = self.run.config
+        if self.run.checkpoint is not None:
+            restore_strategy_state(self.strategy.inner, self.run.checkpoint.strategy_state)
+            if self.run.checkpoint.random_state is not None:
+                random.setstate(random_state_from_json(self.run.checkpoint.random_state))
+        else:
+            random.seed(config.seed)  # Flower samples nodes with Python's global RNG
+            if config.head_init == "ncm":
+                self.global_head = fedncm_head(self.strategy, grid, self.global_head)
+            report = self.run.evaluate(self.global_head)
+            self.run.run_log.event(
+                "initial-evaluation", accuracy=report.accuracy, macro_f1=report.macro_f1, loss=report.loss
+            )
+        for server_round in range(self.run.start_round + 1, config.num_server_rounds + 1):
+            self.global_head = self._train(server_round, grid)
+            if config.fraction_evaluate > 0:
+                self._evaluate(server_round, grid)
+            self._end_round(server_round)
+        return self.global_head
+
+    def _train(self, server_round: int, grid: Grid) -> dict[str, np.ndarray]:
+        """One round's training, retried while it gets fewer than min-clients usable updates."""
+        config, strategy = self.run.config, self.strategy
+        strategy.tally.begin(server_round)
+        instructions = to_config_record(self.run.instructions(server_round, Phase.TRAIN))
+        for attempt in range(config.round_retries + 1):
+            strategy.tally.record.attempts = attempt + 1
+            messages = strategy.configure_train(server_round, to_array_record(self.global_head), instructions, grid)
+            replies = grid.send_and_receive(messages, timeout=config.round_timeout)
+            aggregated, _ = strategy.aggregate_train(server_round, replies)
+            if aggregated is not None:
+                return from_array_record(aggregated)
+            if attempt < config.round_retries:
+                self.run.run_log.event("round-retry", round=server_round, attempt=attempt + 2)
+                log.warning(
+                    "round %d: retrying (attempt %d of %d)", server_round, attempt + 2, 1 + config.round_retries
+                )
+        raise RunStopped(
+            f"Round {server_round} got fewer than min-clients={config.min_clients} usable updates in "
+            f"{config.round_retries + 1} attempts; the run stops at round {server_round - 1}. The reasons "
+            "are in events.jsonl and on the dashboard (failed and rejected clients). Fix them, then "
+            f"continue with resume-from='{self.run.run_log.run_dir}'."
+        )
+
+    def _evaluate(self, server_round: int, grid: Grid) -> None:
+        config, strategy = self.run.config, self.strategy
+        instructions = to_config_record(self.run.instructions(server_round, Phase.EVALUATE))
+        messages = strategy.configure_evaluate(server_round, to_array_record(self.global_head), instructions, grid)
+        strategy.aggregate_evaluate(server_round, grid.send_and_receive(messages, timeout=config.round_timeout))
+
+    def _end_round(self, server_round: int) -> None:
+        """Central evaluation and the round's record, then the checkpoint: after the round-end
+        event, so that a crash between the two redoes this round on resume (the event log
+        shows both attempts; readers keep the last)."""
+        report = self.run.evaluate(self.global_head)
+        self.run.record_round(self.strategy.tally.close(), report)
+        run = self.run
+        Checkpoint(
+            round=server_round,
+            head=self.global_head,
+            fingerprint=run.fingerprint,
+            classes=run.classes,
+            strategy=run.config.strategy,
+            strategy_state=strategy_state(self.strategy.inner),
+            random_state=random_state_to_json(random.getstate()),
+            rounds=[asdict(r) for r in run.rounds],
+            totals=run.embedding.totals(),
+        ).save(run.run_log.run_dir)
+        run.run_log.event("checkpoint", round=server_round)

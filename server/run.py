@@ -1,0 +1,306 @@
+"""One federated run from the server's side, in plain Python: the backbone and its variants,
+the held-out test embedding, the instructions nodes get, central evaluation and the records of
+each round. No Flower imports: ``server/strategy.py`` and its collaborators translate between
+Flower messages and the calls here; ``server/outcome.py`` writes what a finished run leaves.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from common.backbones import (
+    BackboneSpec,
+    build_backbone,
+    fingerprint,
+    get_spec,
+    load_backbone_weights,
+    preprocess_for,
+)
+from common.config import RunConfig
+from common.data import LabelledFiles, elpv_split, scan_image_folder
+from common.embedding import Embedded, EmbeddingCache, embed_files, progress_logger
+from common.engines import EngineKind, resolve_engine
+from common.export import calibration_images
+from common.heads import Head, evaluate_head, head_arrays, load_head_arrays
+from common.metrics import ClassificationReport
+from common.preprocess import PreprocessSpec
+from common.protocol import ClassStats, Instructions, Phase
+from common.split import build_head, embedding_space
+from server.checkpoint import Checkpoint
+from server.ledger import EmbeddingLedger, RoundRecord, human_bytes
+from server.runlog import RunLog, new_run_id
+from server.variants import BackboneVariants
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ServerRun:
+    """One federated run, from the server's point of view."""
+
+    config: RunConfig
+    spec: BackboneSpec
+    backbone_state: dict[str, torch.Tensor]
+    preprocess: PreprocessSpec
+    fingerprint: str
+    classes: tuple[str, ...]
+    run_log: RunLog
+    test: Embedded
+    variants: BackboneVariants
+    engine: EngineKind  # what the server embeds its own held-out images with
+    started: float = field(default_factory=time.perf_counter)
+    rounds: list[RoundRecord] = field(default_factory=list)
+    embedding: EmbeddingLedger = field(default_factory=EmbeddingLedger)
+    final_report: ClassificationReport | None = None
+    checkpoint: Checkpoint | None = None  # what a resumed run continues from
+    initialisation: dict[str, Any] = field(default_factory=dict)  # how the head was initialised (FedNCM)
+    _initial_head: dict[str, np.ndarray] | None = None
+
+    @property
+    def start_round(self) -> int:
+        """The last round completed before this process started (0 for a new run)."""
+        return self.checkpoint.round if self.checkpoint else 0
+
+    @property
+    def start_head(self) -> dict[str, np.ndarray]:
+        return dict(self.checkpoint.head) if self.checkpoint else self.initial_head()
+
+    @classmethod
+    def prepare(cls, config: RunConfig, flower_run_id: int | None = None) -> ServerRun:
+        """Build the backbone, fingerprint it, open the run folder, embed the held-out test split."""
+        started = time.perf_counter()
+        spec = get_spec(config.backbone)
+        preprocess = preprocess_for(config.backbone, config.image_size, config.crop_pct)
+        state = load_backbone_weights(config.backbone, config.backbone_weights or None)
+        fp = fingerprint(spec.name, state, preprocess)
+        classes = config.classes()
+        checkpoint, run_log = _open_run_folder(config, fp, classes, flower_run_id)
+        run_log.write_config(
+            {
+                "run_config": config.to_flower(),
+                "classes": list(classes),
+                "backbone": {"name": spec.name, "fingerprint": fp, "feature_dim": spec.feature_dim},
+                "preprocess": asdict(preprocess),
+                "flower_run_id": flower_run_id,
+            }
+        )
+        log.info("Run folder: %s", run_log.run_dir)
+        log.info("Backbone %s, fingerprint %s", spec.name, fp[:16])
+        test_files = server_test_files(config)
+        variants = backbone_variants(config, spec.name, state, preprocess, fp, test_files)
+        # The server embeds with the run's engine, as a client on this platform would, so its
+        # evaluation sees the features the clients train on.
+        engine = resolve_engine(config.engine)
+        test = embed_held_out(config, variants, engine, preprocess, test_files)
+        run = cls(config, spec, state, preprocess, fp, classes, run_log, test, variants, engine, started=started)
+        run.embedding = EmbeddingLedger(test.stats.computed, test.stats.cached, test.stats.num_skipped)
+        if checkpoint is not None:
+            run.resume_from(checkpoint)
+        run_log.event(
+            "run-resumed" if checkpoint else "run-start",
+            **({"from_round": checkpoint.round} if checkpoint else {}),
+            backbone=spec.name,
+            fingerprint=fp,
+            engine=engine.name,
+            test_examples=len(test.labels),
+            test_class_counts=np.bincount(test.labels, minlength=len(classes)).tolist(),
+            embeddings_computed=test.stats.computed,
+            embeddings_cached=test.stats.cached,
+        )
+        return run
+
+    def resume_from(self, checkpoint: Checkpoint) -> None:
+        """Go on after the checkpointed round: its rounds so far, and the embedding work of the
+        run's earlier processes (skipped images are a property of the data, and every client
+        reports its own again after the restart)."""
+        self.checkpoint = checkpoint
+        self.rounds = [RoundRecord(**record) for record in checkpoint.rounds]
+        self.embedding.base_computed += checkpoint.totals.get("embedding_computed", 0)
+        self.embedding.base_cached += checkpoint.totals.get("embedding_cached", 0)
+        if self.rounds:
+            self.final_report = self.evaluate(checkpoint.head)
+
+    # --- what goes to clients ------------------------------------------------------------------
+
+    def instructions(self, server_round: int, phase: Phase = Phase.TRAIN) -> Instructions:
+        """What every node is told this round (its engine and variant are filled in per node).
+        Training follows the learning-rate schedule; evaluation and FedNCM's query carry the
+        base rate (personal heads fine-tune at a tenth of it)."""
+        config = self.config
+        rate = config.learning_rate_at(server_round) if phase is Phase.TRAIN else config.learning_rate
+        return Instructions(
+            server_round=server_round,
+            fingerprint=self.fingerprint,
+            backbone_name=self.spec.name,
+            preprocess=self.preprocess,
+            engine=self.engine.name,
+            engine_fingerprint=self.variants.variant_fingerprint(self.engine),
+            head=config.head,
+            mlp_hidden=config.mlp_hidden,
+            cut=config.cut,
+            views=config.view_names(),
+            average_views=config.average_views,
+            num_classes=len(self.classes),
+            local_epochs=config.local_epochs,
+            learning_rate=rate,
+            weight_decay=config.weight_decay,
+            batch_size=config.batch_size,
+            seed=config.seed,
+            personal_epochs=config.personal_epochs,
+            ncm_min_examples=config.ncm_min_examples,
+            proximal_mu=config.proximal_mu if config.strategy == "fedprox" else 0.0,
+        )
+
+    def class_stats_shapes(self) -> dict[str, tuple[int, ...]]:
+        return ClassStats.shapes(len(self.classes), self.spec.feature_dim)
+
+    def initial_head(self) -> dict[str, np.ndarray]:
+        """The trainable part before round 1: the backbone's pretrained tail after the cut (if
+        any) and a seeded classifier."""
+        if self._initial_head is None:
+            config = self.config
+            head = build_head(
+                self.spec.name,
+                config.cut,
+                config.head,
+                len(self.classes),
+                config.mlp_hidden,
+                config.seed,
+                model=build_backbone(self.spec.name, self.backbone_state) if config.cut else None,
+            )
+            self._initial_head = head_arrays(head)
+        return dict(self._initial_head)
+
+    def head_shapes(self) -> dict[str, tuple[int, ...]]:
+        return {name: array.shape for name, array in self.initial_head().items()}
+
+    def head(self, arrays: dict[str, np.ndarray]) -> Head:
+        """The trainable part holding ``arrays``."""
+        config = self.config
+        head = build_head(self.spec.name, config.cut, config.head, len(self.classes), config.mlp_hidden)
+        load_head_arrays(head, arrays)
+        return head
+
+    # --- central evaluation ----------------------------------------------------------------------
+
+    def evaluate(self, arrays: dict[str, np.ndarray]) -> ClassificationReport:
+        head = self.head(arrays)
+        return evaluate_head(head, self.test.features, self.test.labels, len(self.classes), self.config.average_views)
+
+    def record_initialisation(self, **facts: Any) -> None:
+        """What FedNCM's one-shot initialisation took and found (summary.json's ``head_init``)."""
+        self.initialisation = facts
+        self.run_log.event("head-initialised", **facts)
+        log.info(
+            "head initialised by %s from %d node(s): classes %s set, %s down, %s up",
+            facts.get("method"),
+            facts.get("nodes", 0),
+            facts.get("classes_set"),
+            human_bytes(facts.get("bytes_down", 0)),
+            human_bytes(facts.get("bytes_up", 0)),
+        )
+
+    def record_round(self, record: RoundRecord, report: ClassificationReport) -> None:
+        record.accuracy, record.macro_f1, record.loss = report.accuracy, report.macro_f1, report.loss
+        self.rounds.append(record)
+        self.final_report = report
+        self.run_log.event(
+            "round-end",
+            **asdict(record),
+            per_class_recall=report.per_class_recall,
+            confusion_matrix=report.confusion_matrix,
+        )
+        log.info(
+            "round %3d/%d | accuracy %.4f | macro-F1 %.4f | loss %.4f | down %s | up %s | %5.1fs | "
+            "clients ok %d failed %d rejected %d",
+            record.round,
+            self.config.num_server_rounds,
+            record.accuracy,
+            record.macro_f1,
+            record.loss,
+            human_bytes(record.bytes_down),
+            human_bytes(record.bytes_up),
+            record.seconds,
+            record.clients_ok,
+            record.clients_failed,
+            record.clients_rejected,
+        )
+
+
+def _open_run_folder(
+    config: RunConfig, fp: str, classes: tuple[str, ...], flower_run_id: int | None
+) -> tuple[Checkpoint | None, RunLog]:
+    """The run folder: a new one, or the resumed run's with its checkpoint (checked against
+    this run's backbone, classes and strategy)."""
+    if config.resume_from:
+        run_dir = Path(config.resume_from).expanduser().resolve()
+        checkpoint = Checkpoint.load(run_dir)
+        checkpoint.check_matches(fp, classes, config.strategy)
+        log.info("Resuming %s after round %d", run_dir, checkpoint.round)
+        return checkpoint, RunLog(run_dir, resume=True)
+    run_dir = Path(config.runs_dir).expanduser().resolve() / new_run_id(flower_run_id, config.run_name)
+    return None, RunLog(run_dir)
+
+
+def embed_held_out(
+    config: RunConfig,
+    variants: BackboneVariants,
+    engine: EngineKind,
+    preprocess: PreprocessSpec,
+    files: LabelledFiles,
+) -> Embedded:
+    """The server's held-out images at the cut, in the views it scores on (cached)."""
+    space = embedding_space(variants.variant_fingerprint(engine), config.cut)
+    cache = EmbeddingCache(server_cache_dir(config) / "embeddings", space)
+    try:
+        return embed_files(
+            files,
+            lambda: variants.engine(engine, config.num_threads),  # only on a miss
+            preprocess,
+            cache,
+            config.embed_batch_size,
+            progress_logger("server (held-out test)"),
+            who="server",
+            views=config.evaluation_views(),
+        )
+    finally:
+        cache.close()
+
+
+def server_cache_dir(config: RunConfig) -> Path:
+    return config.resolved_cache_dir() / "server"
+
+
+def backbone_variants(
+    config: RunConfig,
+    name: str,
+    state: dict[str, torch.Tensor],
+    preprocess: PreprocessSpec,
+    fp: str,
+    test_files: LabelledFiles,
+) -> BackboneVariants:
+    """The server's engine variants of its backbone, int8 calibrated on its held-out images."""
+    return BackboneVariants(
+        server_cache_dir(config) / "engines",
+        name,
+        state,
+        preprocess,
+        fp,
+        calibration=lambda: calibration_images(test_files, preprocess),
+        cut=config.cut,
+    )
+
+
+def server_test_files(config: RunConfig) -> LabelledFiles:
+    """The server's own labelled held-out images."""
+    if config.dataset == "folder":
+        return scan_image_folder(config.server_test_dir, config.classes())
+    _, test = elpv_split(config.elpv_task, config.subset, config.test_fraction, config.seed)
+    return test

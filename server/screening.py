@@ -1,0 +1,192 @@
+"""Every reply is screened here before a Flower strategy sees it: replies are matched to the
+nodes they answer, failures and silences are counted, malformed or poisoned replies are
+rejected with a reason (``client-rejected`` events), and accepted ones are logged with their
+bytes, engine and update norm. The checks themselves are plain functions in
+``server/validation.py``."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+from flwr.app import Message
+
+from common import protocol
+from common.config import RunConfig
+from common.flower_glue import from_array_record, wire_bytes
+from common.protocol import ClassStats, Phase, ProtocolError, ReplyStatus
+from server.ledger import EmbeddingLedger, RoundTally
+from server.runlog import RunLog
+from server.validation import class_stats_reject_reason, number, reject_reason, update_bounds, update_norm
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Screened:
+    """The replies that may be used, and the nodes that failed or stayed silent."""
+
+    accepted: list[Message] = field(default_factory=list)
+    lost: set[int] = field(default_factory=set)  # their backbone status is unknown again
+
+
+@dataclass
+class _Candidate:
+    reply: Message
+    node: int
+    size: int
+    status: ReplyStatus
+
+
+class ReplyScreen:
+    """Screens one phase's replies against what was sent and what the run expects."""
+
+    def __init__(
+        self,
+        run_log: RunLog,
+        config: RunConfig,
+        fingerprint: str,
+        head_shapes: dict[str, tuple[int, ...]],
+        class_stats_shapes: dict[str, tuple[int, ...]],
+        embedding: EmbeddingLedger,
+    ) -> None:
+        self.run_log, self.config, self.fingerprint = run_log, config, fingerprint
+        self.head_shapes, self.class_stats_shapes, self.embedding = head_shapes, class_stats_shapes, embedding
+        self.first_examples: dict[int, int] = {}  # node -> num-examples of its first accepted update
+
+    def screen(
+        self,
+        phase: Phase,
+        sent: list[tuple[Message, int]],
+        replies: list[Message],
+        tally: RoundTally,
+        start_head: dict[str, np.ndarray] | None,
+    ) -> Screened:
+        """Keep replies that are well-formed; count and log failures, silences and rejections.
+        ``sent`` holds each message sent in this phase with the bytes it carried."""
+        # The SuperLink answers for a dead node itself (src_node_id is then its own id), so
+        # replies are matched to nodes by the message they answer; Flower sets ids when it sends.
+        sent_to = {m.metadata.message_id: m.metadata.dst_node_id for m, _ in sent if m.metadata.message_id}
+        origins = [sent_to.get(r.metadata.reply_to_message_id, r.metadata.src_node_id) for r in replies]
+        result = Screened()
+        timeout = f"no reply within round-timeout={self.config.round_timeout:g}s"
+        for node in sorted({m.metadata.dst_node_id for m, _ in sent} - set(origins)):
+            self._fail(node, phase, timeout, tally, result)
+        candidates = []
+        for reply, node in zip(replies, origins, strict=True):
+            if reply.has_error():
+                self._fail(node, phase, reply.error.reason, tally, result)
+                continue
+            size = wire_bytes(reply)
+            tally.record.bytes_up += size
+            if phase is Phase.TRAIN:
+                tally.record.max_bytes_up_per_client = max(tally.record.max_bytes_up_per_client, size)
+            status, reason = self._status(reply)
+            if status is not None:
+                reason = self._reject_reason(reply, phase, node, status)
+            if reason is None and status is not None:
+                candidates.append(_Candidate(reply, node, size, status))
+            else:
+                self._reject(node, phase, str(reason), tally)
+        norms = self._update_norms(candidates, start_head) if phase is Phase.TRAIN else {}
+        flagged = update_bounds(norms, self.config.max_update_norm, self.config.max_update_ratio)
+        for node, reason in flagged.items():
+            self._reject(node, phase, reason, tally)
+        byte_counts = {m.metadata.dst_node_id: size for m, size in sent}
+        for candidate in candidates:
+            if candidate.node not in flagged:
+                self._accept(candidate, phase, tally, norms.get(candidate.node), byte_counts.get(candidate.node, 0))
+                result.accepted.append(candidate.reply)
+        return result
+
+    @staticmethod
+    def _update_norms(candidates: list[_Candidate], start: dict[str, np.ndarray] | None) -> dict[int, float]:
+        """How far each update moved the head: what the update bounds are chosen from."""
+        if start is None:
+            return {}
+        return {
+            c.node: update_norm(from_array_record(c.reply.content.array_records[protocol.ARRAYS]), start)
+            for c in candidates
+        }
+
+    @staticmethod
+    def _status(reply: Message) -> tuple[ReplyStatus | None, str | None]:
+        record = reply.content.config_records.get(protocol.STATUS)
+        if record is None:
+            return None, "reply carries no status"
+        try:
+            return ReplyStatus.from_record(record), None
+        except ProtocolError as error:
+            return None, f"malformed status: {error}"
+
+    def _fail(self, node: int, phase: Phase, reason: str, tally: RoundTally, result: Screened) -> None:
+        result.lost.add(node)
+        if phase is Phase.TRAIN:
+            tally.record.clients_failed += 1
+        self.run_log.event("client-failed", round=tally.record.round, phase=phase.value, node=node, reason=reason)
+        log.warning("node %s failed in %s: %s", node, phase.value, reason)
+
+    def _reject(self, node: int, phase: Phase, reason: str, tally: RoundTally) -> None:
+        if phase is Phase.TRAIN:
+            tally.record.clients_rejected += 1
+        self.run_log.event("client-rejected", round=tally.record.round, phase=phase.value, node=node, reason=reason)
+        log.warning("node %s: %s reply rejected: %s", node, phase.value, reason)
+
+    def _accept(self, c: _Candidate, phase: Phase, tally: RoundTally, norm: float | None, bytes_down: int) -> None:
+        metrics: dict[str, Any] = dict(c.reply.content[protocol.METRICS].items())
+        self.run_log.event(
+            "client-reply",
+            round=tally.record.round,
+            phase=phase.value,
+            node=c.node,
+            bytes=c.size,
+            bytes_down=bytes_down,
+            engine=c.status.engine,
+            metrics=metrics,
+            **({"update_norm": round(norm, 6)} if norm is not None else {}),
+            **({"notes": c.status.data_notes} if c.status.data_notes else {}),
+        )
+        if phase is Phase.TRAIN:
+            self.first_examples.setdefault(c.node, int(number(metrics.get(protocol.NUM_EXAMPLES))))
+        if phase in (Phase.TRAIN, Phase.CLASS_SUMS):
+            self.embedding.note(
+                c.node,
+                int(number(metrics.get(protocol.EMBEDDINGS_COMPUTED))),
+                int(number(metrics.get(protocol.EMBEDDINGS_CACHED))),
+                int(number(metrics.get(protocol.IMAGES_SKIPPED))),
+            )
+
+    def _reject_reason(self, reply: Message, phase: Phase, node: int, status: ReplyStatus) -> str | None:
+        content = reply.content
+        if protocol.METRICS not in content.metric_records:
+            return "reply carries no metrics"
+        arrays = None
+        if phase is Phase.CLASS_SUMS:
+            if set(content.array_records) != {protocol.CLASS_STATS}:
+                return f"a FedNCM reply must carry exactly the class statistics, got {sorted(content.array_records)}"
+            stats = from_array_record(content.array_records[protocol.CLASS_STATS])
+            reason = class_stats_reject_reason(stats, self.class_stats_shapes)
+            if reason is not None:
+                return reason
+        elif phase is Phase.TRAIN:
+            if set(content.array_records) != {protocol.ARRAYS}:
+                return f"reply must carry exactly the head arrays, got records {sorted(content.array_records)}"
+            arrays = from_array_record(content.array_records[protocol.ARRAYS])
+        elif content.array_records:
+            return "an evaluation reply must not carry arrays"
+        return reject_reason(
+            arrays=arrays,
+            metrics=dict(content.metric_records[protocol.METRICS].items()),
+            reply_fingerprint=status.fingerprint,
+            expected_shapes=self.head_shapes if phase is Phase.TRAIN else None,
+            expected_fingerprint=self.fingerprint,
+            max_norm=self.config.max_weight_norm,
+            examples_before=self.first_examples.get(node),
+        )
+
+
+def class_stats_of(reply: Message) -> ClassStats:
+    """The class statistics of a screened FedNCM reply."""
+    return ClassStats.from_arrays(from_array_record(reply.content.array_records[protocol.CLASS_STATS]))

@@ -1,0 +1,82 @@
+"""The aggregation rules: one table from a run-config ``strategy`` name to a Flower strategy.
+
+Flower's own strategies sample and aggregate; ``server/strategy.py`` wraps whichever one is
+chosen. Adding a Flower strategy is one line in ``STRATEGIES`` (the run config accepts exactly
+the names in it).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+from flwr.app import ArrayRecord, Message, MetricRecord
+from flwr.serverapp.strategy import FedAdam, FedAvg, FedMedian, FedProx, FedTrimmedAvg, Krum, MultiKrum, Strategy
+
+if TYPE_CHECKING:
+    from common.config import RunConfig
+
+
+class MultiKrumOfWhatArrived(MultiKrum):
+    """Multi-Krum: drop the ``krum-malicious`` updates with the worst Krum scores each round, then
+    average the rest weighted by examples, as FedAvg does. Flower's Multi-Krum keeps a fixed
+    number of updates; this keeps all but ``num_malicious_nodes`` of those that arrived and
+    passed screening (the wrapper screens before this runs)."""
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        replies = list(replies)
+        self.num_nodes_to_select = max(1, len(replies) - self.num_malicious_nodes)
+        return super().aggregate_train(server_round, replies)
+
+
+# name -> (config, the arguments every strategy takes) -> the Flower strategy
+StrategyFactory = Callable[["RunConfig", dict[str, Any]], Strategy]
+
+STRATEGIES: dict[str, StrategyFactory] = {
+    "fedavg": lambda config, common: FedAvg(**common),
+    # FedProx: clients add the proximal term (the instructions carry proximal-mu).
+    "fedprox": lambda config, common: FedProx(proximal_mu=config.proximal_mu, **common),
+    # FedAdam: server-side Adam on the averaged update.
+    "fedadam": lambda config, common: FedAdam(eta=config.server_learning_rate, eta_l=config.learning_rate, **common),
+    # Coordinate-wise median: robust to a minority of poisoned updates.
+    "fedmedian": lambda config, common: FedMedian(**common),
+    # Coordinate-wise mean after cutting the trim-beta share from each end.
+    "fedtrimmedavg": lambda config, common: FedTrimmedAvg(beta=config.trim_beta, **common),
+    # Krum: the one update closest to its n - f - 2 nearest neighbours.
+    "krum": lambda config, common: Krum(num_malicious_nodes=config.krum_malicious, **common),
+    "multikrum": lambda config, common: MultiKrumOfWhatArrived(num_malicious_nodes=config.krum_malicious, **common),
+}
+# Strategies that score each update against n - f - 2 others (the config checks min-clients).
+KRUM_FAMILY = frozenset({"krum", "multikrum"})
+
+
+def make_inner_strategy(config: RunConfig) -> Strategy:
+    """The Flower strategy the run config names, with the run's sampling settings."""
+    common: dict[str, Any] = {
+        "fraction_train": config.fraction_train,
+        "fraction_evaluate": config.fraction_evaluate,
+        "min_train_nodes": config.min_clients,
+        "min_evaluate_nodes": config.min_clients if config.fraction_evaluate > 0 else 0,
+        "min_available_nodes": config.min_clients,
+    }
+    return STRATEGIES[config.strategy](config, common)
+
+
+# Flower 1.41's FedOpt family (FedAdam, FedYogi, FedAdagrad) keeps its moments in the attributes
+# ``m_t`` and ``v_t`` and offers no API to save them. On a Flower upgrade, check that these names
+# still hold the whole state (``current_arrays`` is reset each round from the arrays we pass).
+STATE_ATTRIBUTES = ("m_t", "v_t")
+
+
+def strategy_state(strategy: Strategy) -> dict[str, dict[str, np.ndarray]]:
+    """What a strategy carries from round to round, for the checkpoint."""
+    return {name: dict(value) for name in STATE_ATTRIBUTES if (value := getattr(strategy, name, None)) is not None}
+
+
+def restore_strategy_state(strategy: Strategy, state: dict[str, dict[str, np.ndarray]]) -> None:
+    for name, value in state.items():
+        if name in STATE_ATTRIBUTES:
+            setattr(strategy, name, dict(value))
