@@ -91,7 +91,7 @@ class ProtocolError(ValueError):
 def query_action(record: Mapping[str, Any]) -> QueryAction:
     """The action a query's config record asks for."""
     try:
-        return QueryAction(record.get(ACTION))
+        return QueryAction(str(record.get(ACTION)))
     except ValueError:
         raise ProtocolError(
             f"Unknown query action {record.get(ACTION)!r}; known: {[a.value for a in QueryAction]}. "

@@ -44,7 +44,7 @@ def fedncm_head(strategy: EdgeSplitStrategy, grid: Grid, head: dict[str, np.ndar
     replies = grid.send_and_receive(prepared, timeout=run.config.round_timeout)
     accepted = strategy.screened(Phase.CLASS_SUMS, replies).accepted
     stats = [class_stats_of(reply) for reply in accepted]
-    counts, known = np.zeros(len(run.classes)), []
+    counts, known = np.zeros(len(run.classes)), list[int]()
     if stats:
         counts = np.sum([s.counts for s in stats], axis=0)
         head, known = ncm_head_arrays(head, np.sum([s.sums for s in stats], axis=0), counts)

@@ -57,9 +57,9 @@ def finish(run: ServerRun, final_arrays: dict[str, np.ndarray], stopped: str | N
         "head_init": run.initialisation or {"method": run.config.head_init},
         "rounds": [asdict(r) for r in run.rounds],
         "embedding": {
-            "computed": run.embedding_computed,
-            "cached": run.embedding_cached,
-            "skipped": run.images_skipped,
+            "computed": run.embedding.computed,
+            "cached": run.embedding.cached,
+            "skipped": run.embedding.skipped,
         },
         "wall_seconds": time.perf_counter() - run.started,
         # engine: what the server embedded its held-out images with (each client's is in events.jsonl)

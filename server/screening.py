@@ -77,7 +77,7 @@ class ReplyScreen:
         candidates = []
         for reply, node in zip(replies, origins, strict=True):
             if reply.has_error():
-                self._fail(node, phase, reply.error.reason, tally, result)
+                self._fail(node, phase, str(reply.error.reason), tally, result)
                 continue
             size = wire_bytes(reply)
             tally.record.bytes_up += size

@@ -269,3 +269,34 @@ def test_an_error_the_superlink_sends_for_a_dead_node_counts_against_that_node(s
     failed = [e for e in _events(strategy) if e["event"] == "client-failed"]
     assert [(e["node"], e["reason"]) for e in failed] == [(8, "Node Unavailable")]
     assert strategy.tally.record.clients_failed == 1
+
+
+def test_the_config_accepts_exactly_the_strategies_in_the_table() -> None:
+    from flwr.serverapp.strategy import Strategy
+
+    from common.config import ConfigError
+    from server.strategies import STRATEGIES, make_inner_strategy
+
+    for name in STRATEGIES:
+        config = RunConfig.from_flower({"strategy": name, "min-clients": 5})
+        assert isinstance(make_inner_strategy(config), Strategy)
+    with pytest.raises(ConfigError, match="must be one of"):
+        RunConfig.from_flower({"strategy": "fedsgd"})
+
+
+def test_a_node_repeating_its_embedding_counts_is_counted_once(strategy: EdgeSplitStrategy) -> None:
+    grid = StubGrid([1, 2], holders={1, 2})
+    for server_round in (1, 2):  # both rounds' replies carry the same counts: the work was done once
+        sent = {
+            m.metadata.dst_node_id: m
+            for m in strategy.configure_train(server_round, to_array_record(_head(0)), _config(server_round), grid)
+        }
+        replies = []
+        for node, message in sent.items():
+            reply = _reply(message, _head(0.1))
+            reply.content[protocol.METRICS][protocol.EMBEDDINGS_COMPUTED] = 10 * node
+            reply.content[protocol.METRICS][protocol.EMBEDDINGS_CACHED] = 1
+            replies.append(reply)
+        strategy.aggregate_train(server_round, replies)
+    ledger = strategy.run.embedding
+    assert (ledger.computed, ledger.cached) == (30, 2)
