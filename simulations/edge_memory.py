@@ -15,6 +15,7 @@ BENCHMARKS.md.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import platform
 import re
@@ -24,7 +25,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from common import wire
+from common.protocol import SERVER_ROUND, Instructions
 from simulations.federation import PROJECT_ROOT, run_child
 
 COMMAND = "python -m simulations.edge_memory"
@@ -56,8 +57,9 @@ def child(setup: dict[str, Any]) -> dict[str, float]:
 
     import torch
 
-    from client.core import EdgeClient, Instructions
+    from client.edge_client import EdgeClient
     from common.config import NodeConfig, RunConfig
+    from common.engines import ENGINE_KINDS
 
     peaks: dict[str, float] = {}
     _phase(peaks, "imports")
@@ -68,7 +70,7 @@ def child(setup: dict[str, Any]) -> dict[str, float]:
     if setup["receive"]:
         state = torch.load(setup["backbone"], weights_only=True)
         _reset_peak()
-        board.receive_backbone(state, instructions)
+        board.receive_backbone(ENGINE_KINDS["torch"].pack(state), instructions)
         del state
         _phase(peaks, "receive backbone")
     _reset_peak()
@@ -98,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     # Imported here, not at the top: the client processes import only what a ClientApp imports.
-    from client.core import load_local_data
+    from client.local_data import load_local_data
     from common.config import NodeConfig, RunConfig
     from server.core import ServerRun
     from simulations.benchmark import markdown_table, update_section
@@ -132,12 +134,11 @@ def main(argv: list[str] | None = None) -> int:
             "node_config": {"data-dir": str(board_data)},
             # The torch engine: this benchmark measures PyTorch's memory on a board; the ONNX
             # engines' footprint is in the engines benchmark.
-            "instructions": {
-                **run.instructions(),
-                "server-round": 1,
-                wire.ENGINE: "torch",
-                wire.ENGINE_FINGERPRINT: run.fingerprint,
-            },
+            "instructions": dataclasses.replace(
+                Instructions.from_record({**run.instructions(), SERVER_ROUND: 1}),
+                engine="torch",
+                engine_fingerprint=run.fingerprint,
+            ).to_record(),
             "head_shapes": {name: list(shape) for name, shape in run.head_shapes().items()},
             "backbone": str(Path(tmp) / "backbone.pt"),
             "threads": args.threads,

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from client.core import EdgeClient
+from client.edge_client import EdgeClient
 from common.backbones import fingerprint, get_spec, load_backbone_weights, preprocess_for
 from common.config import NodeConfig, RunConfig
 from common.data import LabelledFiles

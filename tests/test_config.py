@@ -7,7 +7,7 @@ import math
 
 import pytest
 
-from client.core import EdgeClient
+from client.edge_client import EdgeClient
 from common.config import ConfigError, NodeConfig, RunConfig
 from tests.conftest import REPO_ROOT
 
