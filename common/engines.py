@@ -163,7 +163,9 @@ class TorchKind(EngineKind):
             raise FingerprintMismatch(f"Cached backbone {path} is unreadable ({error}) and was removed") from error
         if not matches:
             path.unlink(missing_ok=True)
-            raise FingerprintMismatch(f"Cached backbone {path} does not match its fingerprint {fp[:12]} and was removed")
+            raise FingerprintMismatch(
+                f"Cached backbone {path} does not match its fingerprint {fp[:12]} and was removed"
+            )
         return name, state
 
 
@@ -255,6 +257,8 @@ def resolve_engine(requested: str) -> EngineKind:
     kind = engine_kind(requested)
     kind.require()
     return kind
+
+
 class OnnxEngine:
     """An ONNX model in ONNX Runtime on the CPU.
 

@@ -158,9 +158,7 @@ class ConfigMessage:
             if key not in record:
                 if f.default is not dataclasses.MISSING:
                     continue
-                raise ProtocolError(
-                    f"{cls.__name__} lacks key {key!r}; is the other side the same edgesplit version?"
-                )
+                raise ProtocolError(f"{cls.__name__} lacks key {key!r}; is the other side the same edgesplit version?")
             values[f.name] = _decode(hints[f.name], record[key], key)
         return cls(**values)
 
