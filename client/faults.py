@@ -1,6 +1,9 @@
 """Faults a simulated client commits on purpose, so that scenario runs and tests can show what
-the server does about them. Set by run-config ``fault-clients`` (by partition id),
-``fault-dropout`` and ``fault-delay``; a client without a partition id (a real board) commits none.
+the server does about them: a ClientApp mod, so that the training code has no fault branches.
+
+Set by run-config ``fault-clients`` (by partition id), ``fault-dropout`` and ``fault-delay``; a
+client without a partition id (a real board) commits none. Train messages get every fault;
+evaluate messages the ones that happen before any work (crash, dropout, straggle).
 """
 
 from __future__ import annotations
@@ -10,19 +13,26 @@ import time
 from collections.abc import Mapping
 
 import numpy as np
+from flwr.app import Context, Message, MessageType
+from flwr.clientapp.typing import ClientAppCallable, Mod
 
-from common.config import RunConfig
+from client.local_data import LocalData
+from client.state import ProcessState
+from common.config import FaultKind, RunConfig
+from common.flower_glue import from_array_record, to_array_record
+from common.protocol import ARRAYS, CONFIG, Instructions
 
 log = logging.getLogger(__name__)
 
 SCALE = 1000.0  # a "scaled-update" client sends global + SCALE * (its honest update)
+BEFORE_WORK = (FaultKind.CRASH, FaultKind.DROPOUT, FaultKind.STRAGGLE)
 
 
 class InjectedFault(RuntimeError):
     """A failure this client was told to commit (a crash or a dropout)."""
 
 
-def fault_of(config: RunConfig, partition_id: int | None, server_round: int) -> str | None:
+def fault_of(config: RunConfig, partition_id: int | None, server_round: int) -> FaultKind | None:
     """The fault this client commits in this round, if any; dropouts are drawn per round from
     the run's seed, so a scenario is reproducible."""
     if partition_id is None:
@@ -30,32 +40,65 @@ def fault_of(config: RunConfig, partition_id: int | None, server_round: int) -> 
     if config.fault_dropout > 0:
         draw = np.random.default_rng([config.seed, server_round, partition_id, 0xD809]).random()
         if draw < config.fault_dropout:
-            return "dropout"
+            return FaultKind.DROPOUT
     return config.faults().get(partition_id)
 
 
-def before_work(fault: str | None, config: RunConfig) -> None:
-    """Faults that happen before any work: dying, dropping out, or being slow."""
-    if fault in ("crash", "dropout"):
-        raise InjectedFault(f"injected fault: {fault}")
-    if fault == "straggle":
-        log.info("injected fault: sleeping %.1fs before replying", config.fault_delay)
-        time.sleep(config.fault_delay)
-
-
-def flip_labels(fault: str | None, labels: np.ndarray, num_classes: int) -> np.ndarray:
-    """A label-flipping client trains on class ``C - 1 - y`` instead of ``y``."""
-    return (num_classes - 1 - labels) if fault == "label-flip" else labels
+def flipped(data: LocalData, num_classes: int) -> LocalData:
+    """The local data of a label-flipping client: it trains on class ``C - 1 - y`` instead of ``y``."""
+    return data.with_train_labels(tuple(num_classes - 1 - label for label in data.train.labels))
 
 
 def poison(
-    fault: str | None, trained: Mapping[str, np.ndarray], start: Mapping[str, np.ndarray]
+    fault: FaultKind, trained: Mapping[str, np.ndarray], start: Mapping[str, np.ndarray]
 ) -> dict[str, np.ndarray]:
     """The arrays a poisoning client sends instead of its honest result."""
-    if fault == "nan-update":
+    if fault == FaultKind.NAN_UPDATE:
         return {name: np.full_like(value, np.nan) for name, value in trained.items()}
-    if fault == "scaled-update":
+    if fault == FaultKind.SCALED_UPDATE:
         return {
             name: (start[name] + SCALE * (value - start[name])).astype(np.float32) for name, value in trained.items()
         }
     return dict(trained)
+
+
+def fault_injector(state: ProcessState) -> Mod:
+    """The mod that makes this node commit its fault, if it has one this round.
+
+    Parameters
+    ----------
+    state
+        The ClientApp's process state: a label-flipping client's data is swapped in the
+        ``EdgeClient`` the handlers will use.
+    """
+
+    def inject_faults(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
+        phase = msg.metadata.message_type.split(".")[0]
+        if phase not in (MessageType.TRAIN, MessageType.EVALUATE):
+            return call_next(msg, context)
+        client = state.client(context.run_config, context.node_config)
+        instructions = Instructions.from_record(msg.content.config_records[CONFIG])
+        fault = fault_of(client.config, client.node.partition_id, instructions.server_round)
+        if fault is None or (phase == MessageType.EVALUATE and fault not in BEFORE_WORK):
+            return call_next(msg, context)
+        if fault in (FaultKind.CRASH, FaultKind.DROPOUT):
+            raise InjectedFault(f"injected fault: {fault}")
+        if fault == FaultKind.STRAGGLE:
+            log.info("injected fault: sleeping %.1fs before replying", client.config.fault_delay)
+            time.sleep(client.config.fault_delay)
+            return call_next(msg, context)
+        if fault == FaultKind.LABEL_FLIP:
+            honest = client.data
+            client.use_data(flipped(honest, instructions.num_classes))
+            try:
+                return call_next(msg, context)
+            finally:
+                client.use_data(honest)
+        reply = call_next(msg, context)
+        if not reply.has_error():
+            start = from_array_record(msg.content.array_records[ARRAYS])
+            trained = from_array_record(reply.content.array_records[ARRAYS])
+            reply.content[ARRAYS] = to_array_record(poison(fault, trained, start))
+        return reply
+
+    return inject_faults

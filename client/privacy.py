@@ -1,7 +1,7 @@
 """The last check before anything leaves a device: only the declared trainable arrays (or FedNCM's
-class statistics, to its query), scalar metrics and short status strings may go out. Plain
-Python over a description of the reply, so that it can be tested alone; ``client/app.py``
-applies it to every reply as a Flower mod.
+class statistics, to its query), scalar metrics and short status strings may go out.
+``violations`` is plain Python over a description of the reply, so that it can be tested alone;
+``privacy_guard`` applies it to every reply as the ClientApp's outermost mod.
 """
 
 from __future__ import annotations
@@ -11,20 +11,37 @@ import os
 from collections.abc import Mapping
 from typing import Any
 
-from common import wire
+from flwr.app import Context, Message, MessageType
+from flwr.clientapp.typing import ClientAppCallable
+
+from client.trainable import trainable_shapes
+from common.backbones import get_spec
+from common.protocol import (
+    ARRAYS,
+    CLASS_STATS,
+    CONFIG,
+    METRICS,
+    STATUS,
+    BackboneStatus,
+    ClassStats,
+    Instructions,
+    QueryAction,
+    ReplyStatus,
+    query_action,
+)
 
 AUDIT_LOG_ENV = "EDGESPLIT_AUDIT_LOG"  # if set: one JSON line per outgoing reply, for audits and tests
 MAX_STATUS_CHARS = 1000
-STATUS_KEYS = frozenset(
-    {wire.FINGERPRINT, wire.ENGINE, wire.ENGINE_FINGERPRINT, wire.HELD_FINGERPRINT, wire.DATA_NOTES}
-)
+STATUS_KEYS = frozenset(ReplyStatus.keys()) | frozenset(BackboneStatus.keys())
+
+Shapes = Mapping[str, Mapping[str, tuple[int, ...]]]  # record -> array name -> shape
 
 
 class PrivacyViolation(RuntimeError):
     """A reply would carry something other than the declared trainable arrays and numbers."""
 
 
-def violations(reply: Mapping[str, Any], allowed: Mapping[str, Mapping[str, tuple[int, ...]]]) -> list[str]:
+def violations(reply: Mapping[str, Any], allowed: Shapes) -> list[str]:
     """Everything wrong with an outgoing reply.
 
     ``reply`` describes the message: {"arrays": {record: {name: (shape, dtype)}},
@@ -47,13 +64,13 @@ def violations(reply: Mapping[str, Any], allowed: Mapping[str, Mapping[str, tupl
             if name in shapes and tuple(shape) != tuple(shapes[name]):
                 problems.append(f"array {name!r} has shape {tuple(shape)}, the declared one is {tuple(shapes[name])}")
     for record, metrics in reply.get("metrics", {}).items():
-        if record != wire.METRICS:
+        if record != METRICS:
             problems.append(f"metric record {record!r} is not allowed")
         for key, value in metrics.items():
             if isinstance(value, bool) or not isinstance(value, int | float):
                 problems.append(f"metric {key!r} is not a single number")
     for record, config in reply.get("configs", {}).items():
-        if record != wire.STATUS:
+        if record != STATUS:
             problems.append(f"config record {record!r} is not allowed")
             continue
         for key, value in config.items():
@@ -62,6 +79,42 @@ def violations(reply: Mapping[str, Any], allowed: Mapping[str, Mapping[str, tupl
             elif not isinstance(value, str) or len(value) > MAX_STATUS_CHARS:
                 problems.append(f"status {key!r} must be a string of at most {MAX_STATUS_CHARS} characters")
     return problems
+
+
+def allowed_arrays(msg: Message) -> dict[str, dict[str, tuple[int, ...]]]:
+    """The array records, names and shapes a reply to ``msg`` may carry: the trainable arrays
+    after train, the class statistics after FedNCM's query, nothing otherwise."""
+    kind = msg.metadata.message_type.split(".")[0]
+    if kind == MessageType.TRAIN:
+        return {ARRAYS: trainable_shapes(Instructions.from_record(msg.content.config_records[CONFIG]))}
+    if kind == MessageType.QUERY and query_action(msg.content.config_records[CONFIG]) == QueryAction.CLASS_SUMS:
+        instructions = Instructions.from_record(msg.content.config_records[CONFIG])
+        feature_dim = get_spec(instructions.backbone_name).feature_dim
+        return {CLASS_STATS: ClassStats.shapes(instructions.num_classes, feature_dim)}
+    return {}
+
+
+def describe(reply: Message) -> dict[str, Any]:
+    """What ``violations`` checks: array shapes and dtypes, metric and status values."""
+    content = reply.content
+    return {
+        "arrays": {r: {n: (a.shape, a.dtype) for n, a in rec.items()} for r, rec in content.array_records.items()},
+        "metrics": {r: dict(rec.items()) for r, rec in content.metric_records.items()},
+        "configs": {r: dict(rec.items()) for r, rec in content.config_records.items()},
+    }
+
+
+def privacy_guard(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
+    """Check every reply before it leaves: a violation becomes an error reply, carrying nothing."""
+    reply = call_next(msg, context)
+    if reply.has_error():
+        return reply
+    description = describe(reply)
+    audit(description, msg.metadata.message_type)
+    problems = violations(description, allowed_arrays(msg))
+    if problems:
+        raise PrivacyViolation("reply refused by the privacy guard: " + "; ".join(problems))
+    return reply
 
 
 def audit(reply: Mapping[str, Any], message_type: str) -> None:

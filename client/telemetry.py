@@ -11,7 +11,7 @@ import resource
 import sys
 from pathlib import Path
 
-from common import wire
+from common import protocol
 
 THERMAL_ROOT = Path("/sys/class/thermal")
 # Zone types that mean "the CPU" on common boards: Raspberry Pi (cpu-thermal), Jetson (CPU-therm),
@@ -41,8 +41,8 @@ def cpu_temperature_c(thermal_root: Path = THERMAL_ROOT) -> float | None:
 
 def device_metrics() -> dict[str, float]:
     """The per-round device telemetry, as metric values (temperature only where it exists)."""
-    metrics = {wire.PEAK_RSS_MB: round(peak_rss_mb(), 1)}
+    metrics = {protocol.PEAK_RSS_MB: round(peak_rss_mb(), 1)}
     temperature = cpu_temperature_c()
     if temperature is not None:
-        metrics[wire.CPU_TEMP_C] = round(temperature, 1)
+        metrics[protocol.CPU_TEMP_C] = round(temperature, 1)
     return metrics

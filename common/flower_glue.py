@@ -15,7 +15,11 @@ from common.protocol import ConfigMessage
 
 
 def to_array_record(arrays: Mapping[str, np.ndarray]) -> ArrayRecord:
-    return ArrayRecord({name: Array(np.ascontiguousarray(value)) for name, value in arrays.items()})
+    # np.ascontiguousarray makes a 0-d array 1-d; keep the shape (a torch state's
+    # num_batches_tracked is 0-d, and the backbone fingerprint covers every shape).
+    return ArrayRecord(
+        {name: Array(np.ascontiguousarray(value).reshape(np.shape(value))) for name, value in arrays.items()}
+    )
 
 
 def from_array_record(record: ArrayRecord) -> dict[str, np.ndarray]:

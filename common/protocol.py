@@ -90,11 +90,12 @@ class ProtocolError(ValueError):
 
 def query_action(record: Mapping[str, Any]) -> QueryAction:
     """The action a query's config record asks for."""
+    action = record.get(ACTION)
     try:
-        return QueryAction(str(record.get(ACTION)))
+        return QueryAction(action if isinstance(action, str) else "")
     except ValueError:
         raise ProtocolError(
-            f"Unknown query action {record.get(ACTION)!r}; known: {[a.value for a in QueryAction]}. "
+            f"Unknown query action {action!r}; known: {[a.value for a in QueryAction]}. "
             "Is the server the same edgesplit version?"
         ) from None
 

@@ -25,6 +25,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from common.protocol import Instructions
 from simulations.federation import PROJECT_ROOT, run_child
 
 COMMAND = "python -m simulations.edge_memory"
@@ -56,8 +57,9 @@ def child(setup: dict[str, Any]) -> dict[str, float]:
 
     import torch
 
-    from client.core import EdgeClient, Instructions
+    from client.edge_client import EdgeClient
     from common.config import NodeConfig, RunConfig
+    from common.engines import ENGINE_KINDS
 
     peaks: dict[str, float] = {}
     _phase(peaks, "imports")
@@ -68,7 +70,7 @@ def child(setup: dict[str, Any]) -> dict[str, float]:
     if setup["receive"]:
         state = torch.load(setup["backbone"], weights_only=True)
         _reset_peak()
-        board.receive_backbone(state, instructions)
+        board.receive_backbone(ENGINE_KINDS["torch"].pack(state), instructions)
         del state
         _phase(peaks, "receive backbone")
     _reset_peak()
@@ -98,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     # Imported here, not at the top: the client processes import only what a ClientApp imports.
-    from client.core import load_local_data
+    from client.local_data import load_local_data
     from common.config import NodeConfig, RunConfig
     from server.run import ServerRun
     from simulations.benchmark import markdown_table, update_section

@@ -36,7 +36,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from client.core import local_split
+from client.local_data import local_split
 from common.backbones import StateDict, load_backbone_weights, preprocess_for
 from common.data import LabelledFiles, elpv_split, partition
 from common.metrics import ClassificationReport, classification_report

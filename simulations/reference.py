@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from client.core import EdgeClient
+from client.edge_client import EdgeClient
 from common.backbones import fingerprint, get_spec, load_backbone_weights, preprocess_for
 from common.config import NodeConfig, RunConfig
 from common.data import LabelledFiles
@@ -44,12 +44,12 @@ def centralised_probe(config: RunConfig, num_clients: int) -> ProbeResult:
     test_files = server_test_files(config)
     variants = backbone_variants(config, spec.name, state, preprocess, fp, test_files)
     engine = resolve_engine(config.engine)
-    space = variants.variant_fingerprint(engine)
+    space = variants.variant_fingerprint(engine.name)
 
     def embed(files: LabelledFiles, cache_dir: Path) -> Embedded:
         cache = EmbeddingCache(cache_dir / "embeddings", space)
         try:
-            return embed_files(files, lambda: variants.engine(engine), preprocess, cache, config.embed_batch_size)
+            return embed_files(files, lambda: variants.engine(engine.name), preprocess, cache, config.embed_batch_size)
         finally:
             cache.close()
 

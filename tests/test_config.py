@@ -7,7 +7,7 @@ import math
 
 import pytest
 
-from client.core import EdgeClient
+from client.edge_client import EdgeClient
 from common.config import ConfigError, NodeConfig, RunConfig
 from tests.conftest import REPO_ROOT
 
@@ -254,8 +254,8 @@ def test_node_config_path_must_be_a_string():
 def test_node_config_engine_overrides_the_runs_and_is_checked():
     node = NodeConfig.from_flower({"engine": "torch"})
     client = EdgeClient(RunConfig(engine="onnx"), node)
-    assert client.engine == "torch"
-    assert EdgeClient(RunConfig(engine="onnx"), NodeConfig()).engine == "onnx"
+    assert client.engine.name == "torch"
+    assert EdgeClient(RunConfig(engine="onnx"), NodeConfig()).engine.name == "onnx"
     with pytest.raises(ConfigError, match="'engine' must be one of"):
         NodeConfig.from_flower({"engine": "tensorrt"})
     with pytest.raises(ConfigError, match="'engine' must be one of"):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from client.core import local_split
+from client.local_data import local_split
 from common.data import (
     DataError,
     LabelledFiles,

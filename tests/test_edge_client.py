@@ -12,11 +12,12 @@ import numpy as np
 import pytest
 
 from client.telemetry import cpu_temperature_c, device_metrics, peak_rss_mb
-from common import wire
+from common import protocol
 from common.backbones import build_backbone, fingerprint, load_backbone_weights, preprocess_for
 from common.data import scan_image_folder
 from common.export import calibration_images
 from common.heads import head_arrays
+from common.protocol import Instructions
 from common.split import build_head
 from server.variants import BackboneVariants
 from tests.conftest import REPO_ROOT, write_image_folder
@@ -40,16 +41,17 @@ for name in BLOCKED:  # None in sys.modules: `import` fails and find_spec says "
     sys.modules[name] = None
 import numpy as np
 import client.app  # the ClientApp Flower loads on a board
-from client.core import EdgeClient, Instructions
+from client.edge_client import EdgeClient
 from common.config import NodeConfig, RunConfig
+from common.protocol import Instructions
 
 setup = json.loads(sys.argv[2])
 config = RunConfig.from_flower(setup["run_config"])
 node = NodeConfig.from_flower(setup["node_config"])
 client = EdgeClient(config, node)
 instructions = Instructions.from_record(setup["instructions"])
-assert client.engine == "onnx-int8"  # "auto" on a board with ONNX Runtime
-client.receive_backbone(open(setup["backbone"], "rb").read(), instructions)
+assert client.engine.name == "onnx-int8"  # "auto" on a board with ONNX Runtime
+client.receive_backbone(client.engine.pack(open(setup["backbone"], "rb").read()), instructions)
 head = dict(np.load(setup["head"]))
 arrays, metrics = client.train(head, instructions)
 assert sorted(arrays) == sorted(head)
@@ -86,27 +88,27 @@ def test_the_client_trains_with_the_edge_install_alone(tmp_path: Path, cut: int)
         "node_config": {"data-dir": str(tmp_path / "board"), "cache-dir": str(tmp_path / "cache")},
         "backbone": str(tmp_path / "backbone.onnx"),
         "head": str(tmp_path / "head.npz"),
-        "instructions": {
-            wire.SERVER_ROUND: 1,
-            wire.FINGERPRINT: backbone_fp,
-            wire.BACKBONE_NAME: "efficientnet_lite0",
-            wire.PREPROCESS: preprocess.to_json(),
-            wire.ENGINE: "onnx-int8",
-            wire.ENGINE_FINGERPRINT: variants.variant_fingerprint("onnx-int8"),
-            wire.HEAD: "linear",
-            wire.MLP_HIDDEN: 8,
-            wire.CUT: cut,
-            wire.VIEWS: "identity,hflip",
-            wire.AVERAGE_VIEWS: True,
-            wire.PERSONAL_EPOCHS: 0,
-            wire.NCM_MIN_EXAMPLES: 2,
-            wire.NUM_CLASSES: 2,
-            wire.LOCAL_EPOCHS: 2,
-            wire.LEARNING_RATE: 0.01,
-            wire.WEIGHT_DECAY: 0.0,
-            wire.BATCH_SIZE: 4,
-            wire.SEED: 0,
-        },
+        "instructions": Instructions(
+            server_round=1,
+            fingerprint=backbone_fp,
+            backbone_name="efficientnet_lite0",
+            preprocess=preprocess,
+            engine="onnx-int8",
+            engine_fingerprint=variants.variant_fingerprint("onnx-int8"),
+            head="linear",
+            mlp_hidden=8,
+            cut=cut,
+            views=("identity", "hflip"),
+            average_views=True,
+            num_classes=2,
+            local_epochs=2,
+            learning_rate=0.01,
+            weight_decay=0.0,
+            batch_size=4,
+            seed=0,
+            personal_epochs=0,
+            ncm_min_examples=2,
+        ).to_record(),
     }
     result = subprocess.run(
         [sys.executable, "-c", BOARD_SCRIPT, json.dumps(SERVER_ONLY), json.dumps(setup)],
@@ -119,8 +121,8 @@ def test_the_client_trains_with_the_edge_install_alone(tmp_path: Path, cut: int)
     report = json.loads(result.stdout.strip().splitlines()[-1])
     assert report["loaded"] == []
     metrics = report["metrics"]
-    assert metrics[wire.EMBEDDINGS_COMPUTED] == 12  # train and local test share, in one pass (two views each)
-    assert metrics[wire.PEAK_RSS_MB] > 50 and metrics[wire.TRAIN_SECONDS] > 0
+    assert metrics[protocol.EMBEDDINGS_COMPUTED] == 12  # train and local test share, in one pass (two views each)
+    assert metrics[protocol.PEAK_RSS_MB] > 50 and metrics[protocol.TRAIN_SECONDS] > 0
 
 
 def _zone(root: Path, index: int, kind: str, millidegrees: str) -> None:
@@ -141,5 +143,5 @@ def test_cpu_temperature_comes_from_cpu_zones_only(tmp_path: Path) -> None:
 
 def test_device_metrics_are_numbers_about_the_device() -> None:
     metrics = device_metrics()
-    assert set(metrics) <= {wire.PEAK_RSS_MB, wire.CPU_TEMP_C}
-    assert metrics[wire.PEAK_RSS_MB] == round(peak_rss_mb(), 1) > 10
+    assert set(metrics) <= {protocol.PEAK_RSS_MB, protocol.CPU_TEMP_C}
+    assert metrics[protocol.PEAK_RSS_MB] == round(peak_rss_mb(), 1) > 10

@@ -10,9 +10,11 @@ import numpy as np
 import pytest
 import torch
 
-from client.core import BackboneCache, FingerprintMismatch
-from common.engines import EngineError, OnnxEngine, TorchEngine, resolve_engine, variant_fingerprint
+from client.state import ProcessState
+from common.engines import ENGINE_KINDS, EngineError, FingerprintMismatch, OnnxEngine, TorchEngine, resolve_engine
+from common.protocol import ONNX_MODEL
 from tests.conftest import RealLite0
+from tests.protocol_samples import instructions
 
 
 def _cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -54,11 +56,12 @@ def test_variant_fingerprints_name_the_engine_and_cover_the_bytes(real_lite0: Re
     assert prints["torch"] == variants.fingerprint  # the torch variant is the backbone itself
     assert len(set(prints.values())) == 3
     artifact = variants.artifact("onnx-int8")
-    assert variant_fingerprint(variants.fingerprint, "onnx-int8", artifact) == prints["onnx-int8"]
-    assert variant_fingerprint(variants.fingerprint, "onnx", artifact) != prints["onnx-int8"]
+    int8, fp32 = ENGINE_KINDS["onnx-int8"], ENGINE_KINDS["onnx"]
+    assert int8.variant_fingerprint(variants.fingerprint, artifact) == prints["onnx-int8"]
+    assert fp32.variant_fingerprint(variants.fingerprint, artifact) != prints["onnx-int8"]
     flipped = bytearray(artifact)
     flipped[len(flipped) // 2] ^= 1
-    assert variant_fingerprint(variants.fingerprint, "onnx-int8", bytes(flipped)) != prints["onnx-int8"]
+    assert int8.variant_fingerprint(variants.fingerprint, bytes(flipped)) != prints["onnx-int8"]
 
 
 def test_made_once_then_read_from_the_server_cache(real_lite0: RealLite0) -> None:
@@ -80,39 +83,38 @@ def test_made_once_then_read_from_the_server_cache(real_lite0: RealLite0) -> Non
 
 
 def test_a_client_keeps_a_variant_only_if_it_hashes_as_announced(real_lite0: RealLite0, tmp_path: Path) -> None:
-    variants, fp = real_lite0.variants, real_lite0.variants.fingerprint
+    variants, fp, kind = real_lite0.variants, real_lite0.variants.fingerprint, ENGINE_KINDS["onnx-int8"]
     expected = variants.variant_fingerprint("onnx-int8")
-    cache = BackboneCache(tmp_path)
-    assert cache.held(fp, "onnx-int8") is None
+    sent = instructions(fingerprint=fp, engine=kind.name, engine_fingerprint=expected)
+    cache = ProcessState().backbones(tmp_path)
+    assert cache.held(kind, fp) is None
     tampered = bytearray(variants.artifact("onnx-int8"))
     tampered[-100] ^= 0xFF
     with pytest.raises(FingerprintMismatch, match="announced"):
-        cache.store_onnx(fp, "onnx-int8", bytes(tampered), expected)
-    assert cache.held(fp, "onnx-int8") is None  # nothing half-kept
+        cache.keep(kind, kind.pack(bytes(tampered)), sent)
+    assert cache.held(kind, fp) is None  # nothing half-kept
 
-    cache.store_onnx(fp, "onnx-int8", variants.artifact("onnx-int8"), expected)
-    assert cache.holds(fp, "onnx-int8", expected)
-    features = cache.engine(fp, "onnx-int8", expected)(real_lite0.images[:2])
+    cache.keep(kind, {ONNX_MODEL: np.frombuffer(variants.artifact("onnx-int8"), np.uint8)}, sent)
+    assert cache.holds(kind, fp, expected)
+    features = cache.engine(kind, fp, expected)(real_lite0.images[:2])
     assert features.shape == (2, 1280)
 
     # the file rots on disk: a new process sees another hash and the server sends it again
-    BackboneCache._verified.clear()
-    BackboneCache._engines.clear()
     path = tmp_path / "backbones" / f"{fp}.onnx-int8.onnx"
     path.write_bytes(bytes(tampered))
-    assert not BackboneCache(tmp_path).holds(fp, "onnx-int8", expected)
+    assert not ProcessState().backbones(tmp_path).holds(kind, fp, expected)
     with pytest.raises(FingerprintMismatch, match="server must send it"):
-        BackboneCache(tmp_path).engine(fp, "onnx-int8", expected)
+        ProcessState().backbones(tmp_path).engine(kind, fp, expected)
 
 
 def test_auto_picks_int8_where_onnx_runtime_exists_and_torch_elsewhere(monkeypatch: pytest.MonkeyPatch) -> None:
-    assert resolve_engine("auto") == "onnx-int8"
-    assert resolve_engine("torch") == "torch"
+    assert resolve_engine("auto") is ENGINE_KINDS["onnx-int8"]
+    assert resolve_engine("torch") is ENGINE_KINDS["torch"]
     real_find_spec = importlib.util.find_spec
     monkeypatch.setattr(
         importlib.util, "find_spec", lambda name, *a: None if name == "onnxruntime" else real_find_spec(name, *a)
     )
-    assert resolve_engine("auto") == "torch"
+    assert resolve_engine("auto").name == "torch"
     with pytest.raises(EngineError, match=r"pip install 'edgesplit\[edge\]'"):
         resolve_engine("onnx-int8")
     with pytest.raises(EngineError, match="Unknown engine"):

@@ -149,7 +149,7 @@ def test_cosine_lr_is_edgesplits_schedule() -> None:
 
 
 def test_clients_train_on_the_files_an_edgesplit_client_trains_on() -> None:
-    from client.core import load_local_data
+    from client.local_data import load_local_data
     from common.config import NodeConfig, RunConfig
 
     config = PeerConfig(subset=300, num_clients=3)

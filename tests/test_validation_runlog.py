@@ -7,15 +7,10 @@ import math
 
 import numpy as np
 import pytest
-import torch
 
-from client.core import BackboneCache, FingerprintMismatch
 from common import protocol
-from common.backbones import fingerprint
-from common.preprocess import PreprocessSpec
-from common.protocol import ClassStats
 from server.runlog import RunLog, new_run_id, write_json_atomic
-from server.validation import class_stats_reject_reason, reject_reason
+from server.validation import reject_reason
 
 # --- reject_reason --------------------------------------------------------------------------------
 
@@ -236,125 +231,3 @@ def test_new_run_id():
     assert new_run_id(7, "mine") == "mine"
     assert new_run_id(7).endswith("-7")
     assert len(new_run_id(None)) == len("20250101-120000")
-
-
-# --- client backbone cache ------------------------------------------------------------------------
-
-
-@pytest.fixture
-def fresh_process_state():
-    """BackboneCache keeps per-process class-level dicts; isolate each test from the others."""
-    BackboneCache._verified.clear()
-    BackboneCache._engines.clear()
-    yield
-    BackboneCache._verified.clear()
-    BackboneCache._engines.clear()
-
-
-def _tiny_state() -> dict[str, torch.Tensor]:
-    return {"layer.weight": torch.arange(12, dtype=torch.float32).reshape(3, 4), "layer.bias": torch.zeros(3)}
-
-
-PRE = PreprocessSpec(image_size=32)
-
-
-def test_store_then_holds(tmp_path, fresh_process_state):
-    # Prepare
-    cache = BackboneCache(tmp_path)
-    fp = fingerprint("tiny", _tiny_state(), PRE)
-
-    # Execute
-    held_before = cache.holds(fp)
-    cache.store("tiny", _tiny_state(), PRE, fp)
-
-    # Assert
-    assert held_before is False
-    assert cache.holds(fp) is True
-    assert (tmp_path / "backbones" / f"{fp}.pt").is_file()
-    assert [p.name for p in (tmp_path / "backbones").iterdir()] == [f"{fp}.pt"]  # no temporary left
-
-
-def test_a_new_process_verifies_the_stored_file(tmp_path, fresh_process_state):
-    fp = fingerprint("tiny", _tiny_state(), PRE)
-    BackboneCache(tmp_path).store("tiny", _tiny_state(), PRE, fp)
-    BackboneCache._verified.clear()
-
-    assert BackboneCache(tmp_path).holds(fp) is True
-    assert BackboneCache._verified[tmp_path / "backbones" / f"{fp}.pt"] == fp
-
-
-def test_store_refuses_weights_that_do_not_match_the_announced_fingerprint(tmp_path, fresh_process_state):
-    # Prepare
-    cache = BackboneCache(tmp_path)
-    announced = fingerprint("tiny", _tiny_state(), PRE)
-    received = _tiny_state()
-    received["layer.bias"][0] = 1e-6  # one element changed in transit
-
-    # Execute
-    with pytest.raises(FingerprintMismatch) as caught:
-        cache.store("tiny", received, PRE, announced)
-
-    # Assert
-    assert announced[:12] in str(caught.value)
-    assert not cache.holds(announced)
-    assert not (tmp_path / "backbones" / f"{announced}.pt").exists()
-
-
-def test_corrupted_file_is_not_held_and_is_deleted(tmp_path, fresh_process_state):
-    # Prepare
-    fp = fingerprint("tiny", _tiny_state(), PRE)
-    BackboneCache(tmp_path).store("tiny", _tiny_state(), PRE, fp)
-    path = tmp_path / "backbones" / f"{fp}.pt"
-    stored = torch.load(path, weights_only=True)
-    stored["state"]["layer.weight"][2, 3] = -1.0
-    torch.save(stored, path)
-    BackboneCache._verified.clear()  # a new process: nothing verified, nothing built
-    BackboneCache._engines.clear()
-
-    # Execute
-    held = BackboneCache(tmp_path).holds(fp)
-
-    # Assert
-    assert held is False
-    assert not path.exists()
-    assert BackboneCache(tmp_path).holds(fp) is False
-
-
-def test_unreadable_file_is_not_held_and_is_deleted(tmp_path, fresh_process_state):
-    """A cached file that torch cannot read (bit rot, a partial manual copy) is corrupt too:
-    holds() should say False and remove it so that the server sends the backbone again."""
-    # Prepare
-    fp = fingerprint("tiny", _tiny_state(), PRE)
-    BackboneCache(tmp_path).store("tiny", _tiny_state(), PRE, fp)
-    path = tmp_path / "backbones" / f"{fp}.pt"
-    path.write_bytes(path.read_bytes()[:100])
-    BackboneCache._verified.clear()
-
-    # Execute
-    held = BackboneCache(tmp_path).holds(fp)
-
-    # Assert
-    assert held is False
-    assert not path.exists()
-
-
-def test_class_statistics_screening() -> None:
-    dim = 16
-    sums = np.full((3, dim), 0.5, np.float32)  # mean length 2, below sqrt(16) = 4
-    sums[2] = 0.0  # a class the client does not share
-    honest = {"sums": sums, "counts": np.array([4, 1, 0], np.float32)}
-    assert class_stats_reject_reason(honest, ClassStats.shapes(3, dim)) is None
-    forged = {**honest, "sums": honest["sums"] * 100}  # a class mean longer than any normalised feature
-    assert (
-        class_stats_reject_reason(forged, ClassStats.shapes(3, dim))
-        == "a class mean is longer than any normalised feature can be"
-    )
-    negative = {**honest, "counts": np.array([4, -1, 0], np.float32)}
-    assert (
-        class_stats_reject_reason(negative, ClassStats.shapes(3, dim)) == "class counts must be non-negative integers"
-    )
-    per_image = {**honest, "sums": np.zeros((40, dim), np.float32)}
-    assert (
-        class_stats_reject_reason(per_image, ClassStats.shapes(3, dim))
-        == "array 'sums' has shape (40, 16), expected (3, 16)"
-    )

@@ -1,0 +1,96 @@
+"""The backbone variants a device holds on disk, verified before use, and the engines built from them.
+
+Each engine kind (``common/engines.py``) says which file a variant lives in, how a received one is
+checked and kept, and how a kept one is checked again and loaded; this module only decides when.
+A copy that fails its check is not held (the kind deletes or overwrites it), so the server sends
+it again.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from pathlib import Path
+
+import numpy as np
+
+from client.lru import LruCache
+from common.engines import Engine, EngineKind, FingerprintMismatch
+from common.protocol import Instructions
+
+log = logging.getLogger(__name__)
+
+# What a process remembers about backbones (client/state.py owns the caches):
+VerifiedFiles = LruCache[Path, str]  # file -> the variant fingerprint its bytes were checked to have
+BuiltEngines = LruCache[tuple[str, int], Engine]  # (variant fingerprint, cut) -> runnable engine
+
+
+class BackboneCache:
+    """One device's backbone folder (``<cache>/backbones``) with the process's memory of it.
+
+    Parameters
+    ----------
+    directory
+        The device's cache directory; variants are kept in its ``backbones`` sub-folder.
+    verified
+        Files already checked by this process (hashing megabytes per message is not free).
+    engines
+        Engines already built by this process, shared by every node it serves.
+    """
+
+    def __init__(self, directory: Path, verified: VerifiedFiles, engines: BuiltEngines) -> None:
+        self.directory = directory / "backbones"
+        self._verified = verified
+        self._engines = engines
+
+    def path(self, kind: EngineKind, fp: str, cut: int = 0) -> Path:
+        return self.directory / kind.file_name(fp, cut)
+
+    def held(self, kind: EngineKind, fp: str, cut: int = 0) -> str | None:
+        """The variant fingerprint of this kind's verified copy of backbone ``fp``, if any."""
+        try:
+            return self._check(kind, fp, cut)
+        except FingerprintMismatch as error:
+            log.warning("%s; it will be downloaded again.", error)
+            return None
+        except FileNotFoundError:
+            return None
+
+    def holds(self, kind: EngineKind, fp: str, variant: str, cut: int = 0) -> bool:
+        """True if a verified copy of exactly this variant is on disk."""
+        return self.held(kind, fp, cut) == variant
+
+    def keep(self, kind: EngineKind, arrays: Mapping[str, np.ndarray], instructions: Instructions) -> str:
+        """Verify a received variant against the instructions and keep it; returns its variant
+        fingerprint. Raises FingerprintMismatch (keeping nothing) for a corrupted transfer."""
+        path = self.path(kind, instructions.fingerprint, instructions.cut)
+        with self._verified.lock:
+            self._verified.pop(path)  # whatever was there is being replaced
+            variant = kind.keep(path, arrays, instructions)
+            self._verified.put(path, variant)
+        return variant
+
+    def engine(self, kind: EngineKind, fp: str, variant: str, num_threads: int = 0, cut: int = 0) -> Engine:
+        """The runnable backbone up to the cut for this variant, built once per process. This
+        device must hold a verified copy even when another simulated node already built it."""
+        if self._check(kind, fp, cut) != variant:
+            raise FingerprintMismatch(
+                f"This device holds no {kind.name} backbone {variant[:12]}; the server must send it."
+            )
+        key = (variant, cut)
+        with self._engines.lock:  # two threads never build the same engine
+            engine = self._engines.get(key)
+            if engine is None:
+                engine = kind.load(self.path(kind, fp, cut), cut, num_threads)
+                self._engines.put(key, engine)
+            return engine
+
+    def _check(self, kind: EngineKind, fp: str, cut: int) -> str:
+        """The variant fingerprint of this device's copy, checked once per process."""
+        path = self.path(kind, fp, cut)
+        with self._verified.lock:
+            variant = self._verified.get(path)
+            if variant is None:
+                variant = kind.check(path, fp)
+                self._verified.put(path, variant)
+            return variant

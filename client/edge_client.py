@@ -1,0 +1,269 @@
+"""One edge device's work, in plain Python (no Flower imports): embed, train, evaluate,
+personalise, and FedNCM's class sums.
+
+A device keeps the backbone it was sent (client/backbone_cache.py), embeds each of its images
+once (cached on disk by content), trains the head on those embeddings and scores it on its local
+test share. Its images and embeddings never leave this module except as head weights and numbers.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from client.backbone_cache import BackboneCache, BuiltEngines, VerifiedFiles
+from client.local_data import LocalData, load_local_data
+from client.lru import LruCache
+from client.telemetry import device_metrics
+from client.trainable import head_for
+from common import protocol
+from common.config import NodeConfig, RunConfig
+from common.data import LabelledFiles
+from common.embedding import EmbeddingCache, EmbedStats, embed_files, progress_logger
+from common.engines import EngineKind, FingerprintMismatch, engine_kind, resolve_engine
+from common.heads import Head, class_sums, evaluate_head, head_arrays, load_head_arrays, train_head
+from common.protocol import BackboneStatus, ClassStats, Instructions, ReplyStatus
+from common.split import embedding_space
+
+log = logging.getLogger(__name__)
+
+# Embeddings a client keeps in memory: one per (space, views, training labels) it was asked for.
+EMBEDDINGS_KEPT = 4
+
+
+@dataclass
+class EmbeddedData:
+    """The local train and test shares as embeddings, and what embedding them cost."""
+
+    train_x: np.ndarray
+    train_y: np.ndarray
+    test_x: np.ndarray
+    test_y: np.ndarray
+    stats: EmbedStats
+
+    def metrics(self) -> dict[str, float]:
+        """The embedding's counts. Every reply that used this embedding carries the same ones, so
+        that a replayed or repeated reply changes nothing (the server counts each node once)."""
+        return {
+            protocol.EMBED_SECONDS: self.stats.seconds,
+            protocol.EMBEDDINGS_COMPUTED: self.stats.computed,
+            protocol.EMBEDDINGS_CACHED: self.stats.cached,
+            protocol.IMAGES_SKIPPED: self.stats.num_skipped,
+        }
+
+
+EmbeddingKey = tuple[str, tuple[str, ...], tuple[int, ...]]  # (space, views, training labels)
+
+
+@dataclass
+class EdgeClient:
+    """One device: its config, data and (lazily) its embeddings.
+
+    ``verified`` and ``engines`` are the process's backbone memory (client/state.py passes its
+    own, shared by every node the process serves); a client made alone gets private ones.
+    """
+
+    config: RunConfig
+    node: NodeConfig
+    verified: VerifiedFiles = field(default_factory=lambda: LruCache(64))
+    engines: BuiltEngines = field(default_factory=lambda: LruCache(4))
+    _data: LocalData | None = None
+    _embedded: LruCache[EmbeddingKey, EmbeddedData] = field(default_factory=lambda: LruCache(EMBEDDINGS_KEPT))
+
+    @property
+    def name(self) -> str:
+        return f"client {self.node.partition_id}" if self.node.partition_id is not None else "client"
+
+    @property
+    def cache_dir(self) -> Path:
+        if self.node.cache_dir:
+            return Path(self.node.cache_dir).expanduser()
+        suffix = f"node-{self.node.partition_id}" if self.node.partition_id is not None else "node"
+        return self.config.resolved_cache_dir() / suffix
+
+    @property
+    def backbones(self) -> BackboneCache:
+        return BackboneCache(self.cache_dir, self.verified, self.engines)
+
+    @property
+    def data(self) -> LocalData:
+        if self._data is None:
+            self._data = load_local_data(self.config, self.node)
+            for note in self._data.notes:
+                log.warning("%s: %s", self.name, note)
+        return self._data
+
+    def use_data(self, data: LocalData) -> None:
+        """Work on these files from now on (embeddings of other labels stay cached)."""
+        self._data = data
+
+    @property
+    def engine(self) -> EngineKind:
+        """The backbone engine this device runs: its node config's, else the run's (``auto``
+        resolves here, on the device, from what is installed)."""
+        return resolve_engine(self.node.engine or self.config.engine)
+
+    def backbone_status(self, fp: str, cut: int = 0) -> BackboneStatus:
+        """The engine and the variant held for it (verified, "" if none): the server's query."""
+        kind = self.engine
+        return BackboneStatus(engine=kind.name, held_fingerprint=self.backbones.held(kind, fp, cut) or "")
+
+    def receive_backbone(self, arrays: Mapping[str, np.ndarray], instructions: Instructions) -> None:
+        """Keep the variant the server sent (the backbone record's arrays) for the announced engine."""
+        self.backbones.keep(engine_kind(instructions.engine), arrays, instructions)
+
+    def reply_status(self, instructions: Instructions) -> ReplyStatus:
+        """What this device says about itself with every train, evaluate and class-sums reply."""
+        return ReplyStatus(
+            fingerprint=instructions.fingerprint,
+            engine=instructions.engine,
+            engine_fingerprint=instructions.engine_fingerprint,
+            data_notes="; ".join(self.data.notes),
+        )
+
+    def embedded(self, instructions: Instructions) -> EmbeddedData:
+        """Embeddings at the cut of every view of the local train and test files, computed at
+        most once per image and view."""
+        space = embedding_space(instructions.engine_fingerprint, instructions.cut)
+        key = (space, instructions.views, self.data.train.labels)
+        with self._embedded.lock:
+            embedded = self._embedded.get(key)
+            if embedded is None:
+                embedded = self._embed(instructions, space)
+                self._embedded.put(key, embedded)
+            return embedded
+
+    def _embed(self, instructions: Instructions, space: str) -> EmbeddedData:
+        kind, fp, variant = engine_kind(instructions.engine), instructions.fingerprint, instructions.engine_fingerprint
+        cut, views = instructions.cut, instructions.views
+        if not self.backbones.holds(kind, fp, variant, cut):
+            raise FingerprintMismatch(
+                f"{self.name} does not hold the {kind.name} backbone {variant[:12]}; the server must send it."
+            )
+        log.info("%s: embedding local images in %d view(s) with the %s engine", self.name, len(views), kind.name)
+        train, test = self.data.train, self.data.test
+        # One pass over both shares: one progress stream, one warning about bad images.
+        # (Both shares carry the folder's skipped files: count them once.)
+        files = LabelledFiles(
+            train.paths + test.paths, train.labels + test.labels, train.class_names, skipped=train.skipped
+        )
+        cache = EmbeddingCache(self.cache_dir / "embeddings", space)
+        try:
+            embedded = embed_files(
+                files,
+                lambda: self.backbones.engine(kind, fp, variant, self.config.num_threads, cut),
+                instructions.preprocess,
+                cache,
+                self.config.embed_batch_size,
+                progress_logger(self.name),
+                who=self.name,
+                views=views,
+            )
+        finally:
+            cache.close()
+        return EmbeddedData(*embedded.rows(0, len(train)), *embedded.rows(len(train), len(files)), stats=embedded.stats)
+
+    def train(
+        self, arrays: Mapping[str, np.ndarray], instructions: Instructions
+    ) -> tuple[dict[str, np.ndarray], dict[str, float]]:
+        """Train the trainable part (the head, and the tail at a later cut) from the global
+        weights; returns (its arrays, metrics)."""
+        data = self.embedded(instructions)
+        if len(data.train_y) == 0:
+            raise ValueError(f"{self.name} has no usable training images (all skipped).")
+        head = self._head(arrays, instructions)
+        result = train_head(
+            head,
+            data.train_x,
+            data.train_y,
+            epochs=instructions.local_epochs,
+            learning_rate=instructions.learning_rate,
+            batch_size=instructions.batch_size,
+            weight_decay=instructions.weight_decay,
+            proximal_mu=instructions.proximal_mu,
+            seed=self._seed(instructions),
+        )
+        present = set(self.data.train.labels + self.data.test.labels)
+        metrics = {
+            protocol.NUM_EXAMPLES: result.num_examples,
+            protocol.TRAIN_LOSS: result.loss,
+            protocol.TRAIN_ACCURACY: result.accuracy,
+            protocol.TRAIN_SECONDS: result.seconds,
+            protocol.CLASSES_MISSING: instructions.num_classes - len(present),
+            **data.metrics(),
+            **device_metrics(),
+        }
+        return head_arrays(head), metrics
+
+    def evaluate(self, arrays: Mapping[str, np.ndarray], instructions: Instructions) -> dict[str, float]:
+        """Score the global head on this device's local test share; with ``personal-epochs``,
+        also a personal head fine-tuned from it on the local training share."""
+        data = self.embedded(instructions)
+        head = self._head(arrays, instructions)
+        classes, average = instructions.num_classes, instructions.average_views
+        report = evaluate_head(head, data.test_x, data.test_y, classes, average)
+        metrics = {
+            protocol.NUM_EXAMPLES: report.num_examples,
+            protocol.LOSS: report.loss if report.num_examples else 0.0,
+            protocol.ACCURACY: report.accuracy,
+            protocol.MACRO_F1: report.macro_f1,
+        }
+        if instructions.personal_epochs > 0 and len(data.train_y):
+            personal = self.personalise(head, data, instructions)
+            personal_report = evaluate_head(personal, data.test_x, data.test_y, classes, average)
+            metrics[protocol.PERSONAL_ACCURACY] = personal_report.accuracy
+            metrics[protocol.PERSONAL_MACRO_F1] = personal_report.macro_f1
+        return {**metrics, **data.metrics(), **device_metrics()}
+
+    def personalise(self, global_head: Head, data: EmbeddedData, instructions: Instructions) -> Head:
+        """A personal head: the global model with its classifier fine-tuned on this device's own
+        training share (the tail, the shared representation, stays global: FedRep/FedBABU). It is
+        kept on disk, so the board can classify with it, and never sent.
+
+        The step is a tenth of ``learning-rate``: it adjusts a trained head to local data rather
+        than retraining it, and a few local images at the full rate overshoot (on a
+        2-classes-per-client split, the full rate left personal heads below the global one)."""
+        head = copy.deepcopy(global_head)
+        train_head(
+            head,
+            data.train_x,
+            data.train_y,
+            epochs=instructions.personal_epochs,
+            learning_rate=instructions.learning_rate / 10,
+            batch_size=instructions.batch_size,
+            weight_decay=instructions.weight_decay,
+            seed=self._seed(instructions) + 1,
+            train=lambda name: name.startswith("classifier."),
+        )
+        directory = self.cache_dir / "personal"
+        directory.mkdir(parents=True, exist_ok=True)
+        path = directory / f"{instructions.fingerprint[:16]}-cut{instructions.cut}.npz"
+        np.savez(path, **head_arrays(head))  # type: ignore[arg-type]  # numpy's stub types **kwds oddly
+        return head
+
+    def class_sums(
+        self, arrays: Mapping[str, np.ndarray], instructions: Instructions
+    ) -> tuple[ClassStats, dict[str, float]]:
+        """FedNCM's statistics of the local training share: per class, the sum of the features
+        the classifier sees and the count. A class with fewer than ``ncm-min-examples`` images
+        is sent as zeros, so that no sum is close to one image's features."""
+        data = self.embedded(instructions)
+        head = self._head(arrays, instructions)
+        minimum = instructions.ncm_min_examples
+        sums, counts = class_sums(head, data.train_x, data.train_y, instructions.num_classes, minimum)
+        metrics = {protocol.NUM_EXAMPLES: len(data.train_y), **data.metrics(), **device_metrics()}
+        return ClassStats(sums=sums, counts=counts), metrics
+
+    def _seed(self, instructions: Instructions) -> int:
+        return instructions.seed + 1000 * instructions.server_round + (self.node.partition_id or 0)
+
+    @staticmethod
+    def _head(arrays: Mapping[str, np.ndarray], instructions: Instructions) -> Head:
+        head = head_for(instructions)
+        load_head_arrays(head, arrays)
+        return head

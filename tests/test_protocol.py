@@ -1,0 +1,91 @@
+"""The typed wire protocol: every message survives its record, and a record that lacks a key or
+holds a value of the wrong type is refused by name."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from common.flower_glue import to_config_record
+from common.protocol import (
+    ACTION,
+    BackboneQuery,
+    BackboneStatus,
+    ClassStats,
+    ConfigMessage,
+    ProtocolError,
+    QueryAction,
+    ReplyStatus,
+    query_action,
+)
+from tests.protocol_samples import INSTRUCTIONS
+
+MESSAGES: list[ConfigMessage] = [
+    INSTRUCTIONS,
+    BackboneQuery(fingerprint="ab" * 32, cut=1),
+    BackboneStatus(engine="onnx-int8", held_fingerprint=""),
+    ReplyStatus(fingerprint="ab" * 32, engine="torch", engine_fingerprint="ab" * 32, data_notes="2 images skipped"),
+]
+
+
+@pytest.mark.parametrize("message", MESSAGES, ids=lambda m: type(m).__name__)
+def test_a_message_survives_its_record(message: ConfigMessage) -> None:
+    record = message.to_record()
+    assert set(record) == set(type(message).keys())
+    assert all(isinstance(v, bool | int | float | str | list) for v in record.values())  # what a ConfigRecord holds
+    assert type(message).from_record({**record, "server-round-extra": 1}) == message  # other keys are ignored
+    assert type(message).from_record(to_config_record(message)) == message  # and through Flower's record
+
+
+@pytest.mark.parametrize("message", MESSAGES, ids=lambda m: type(m).__name__)
+def test_a_missing_key_is_refused_by_name(message: ConfigMessage) -> None:
+    record = message.to_record()
+    required = next(f for f in record if f not in ("proximal-mu", "action", "data-notes"))
+    del record[required]
+    with pytest.raises(ProtocolError, match=repr(required)):
+        type(message).from_record(record)
+
+
+@pytest.mark.parametrize(
+    ("message", "key", "value"),
+    [
+        (INSTRUCTIONS, "server-round", "1"),
+        (INSTRUCTIONS, "num-classes", True),  # a bool is not an int
+        (INSTRUCTIONS, "learning-rate", "0.1"),
+        (INSTRUCTIONS, "views", "identity,hflip"),  # a list of strings, not a comma list
+        (INSTRUCTIONS, "average-views", 1),
+        (MESSAGES[1], "cut", 1.5),
+        (MESSAGES[2], "held-fingerprint", None),
+        (MESSAGES[3], "engine", 3),
+    ],
+)
+def test_a_value_of_the_wrong_type_is_refused(message: ConfigMessage, key: str, value: object) -> None:
+    with pytest.raises(ProtocolError, match=repr(key)):
+        type(message).from_record({**message.to_record(), key: value})
+
+
+def test_defaults_fill_keys_an_older_sender_leaves_out() -> None:
+    record = INSTRUCTIONS.to_record()
+    del record["proximal-mu"]
+    assert type(INSTRUCTIONS).from_record(record).proximal_mu == 0.0
+    assert BackboneQuery.from_record({"fingerprint": "ab", "cut": 0}).action == QueryAction.BACKBONE_STATUS
+
+
+def test_query_actions() -> None:
+    assert query_action(BackboneQuery(fingerprint="ab", cut=0).to_record()) is QueryAction.BACKBONE_STATUS
+    assert query_action({**INSTRUCTIONS.to_record(), ACTION: "class-sums"}) is QueryAction.CLASS_SUMS
+    for bad in ({}, {ACTION: "delete-everything"}, {ACTION: 3}):
+        with pytest.raises(ProtocolError, match="Unknown query action"):
+            query_action(bad)
+
+
+def test_class_stats_survive_their_arrays_and_refuse_others() -> None:
+    stats = ClassStats(sums=np.ones((3, 4), np.float32), counts=np.array([2, 0, 5], np.float32))
+    again = ClassStats.from_arrays(stats.to_arrays())
+    np.testing.assert_array_equal(again.sums, stats.sums)
+    np.testing.assert_array_equal(again.counts, stats.counts)
+    assert {name: a.shape for name, a in stats.to_arrays().items()} == ClassStats.shapes(3, 4)
+    with pytest.raises(ProtocolError, match="class statistics must be exactly"):
+        ClassStats.from_arrays({**stats.to_arrays(), "embeddings": np.zeros((10, 4))})
+    with pytest.raises(ProtocolError):
+        ClassStats.from_arrays({"sums": stats.sums})
