@@ -29,7 +29,7 @@ lint: setup
 
 test: lint
 	# Two workers, one test file each at a time (module fixtures stay in one process).
-	$(PY) -m pytest -n 2 --dist loadfile
+	$(PY) -m pytest -n 2 --dist loadfile --durations=10
 
 benchmark: setup
 	$(PY) -m simulations.benchmark

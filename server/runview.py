@@ -14,6 +14,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from common import protocol
+from common.protocol import Phase
 from server.runlog import ROUND_NUMBERS
 
 TIMELINE_ROUNDS = 40  # the timeline shows the latest rounds; the plots show them all
@@ -110,15 +112,16 @@ class RunView:
             row.bytes_up += int(event.get("bytes", 0))
             row.bytes_down += int(event.get("bytes_down", 0))
             row.engine = event.get("engine", row.engine) or row.engine
-            row.peak_rss_mb = max(row.peak_rss_mb, float(metrics.get("peak-rss-mb", 0.0)))
-            if phase == "train":
-                row.samples = int(metrics.get("num-examples", row.samples))
-                row.train_seconds = float(metrics.get("train-seconds", 0.0))
-                row.embed_seconds = max(row.embed_seconds, float(metrics.get("embed-seconds", 0.0)))
+            row.peak_rss_mb = max(row.peak_rss_mb, float(metrics.get(protocol.PEAK_RSS_MB, 0.0)))
+            if phase == Phase.TRAIN:
+                # Every reply repeats the embedding it used; it took time in the node's first round only.
+                embed_seconds = float(metrics.get(protocol.EMBED_SECONDS, 0.0)) if node not in self._joined else 0.0
+                row.samples = int(metrics.get(protocol.NUM_EXAMPLES, row.samples))
+                row.train_seconds = float(metrics.get(protocol.TRAIN_SECONDS, 0.0))
+                row.embed_seconds = max(row.embed_seconds, embed_seconds)
                 self._joined.setdefault(node, set()).add(server_round)
                 row.rounds_joined = len(self._joined[node])
-                seconds = float(metrics.get("train-seconds", 0.0)) + float(metrics.get("embed-seconds", 0.0))
-                self._cell(server_round, node, "ok", seconds)
+                self._cell(server_round, node, "ok", row.train_seconds + embed_seconds)
             return
         reason = str(event.get("reason", ""))
         if kind == "client-failed":
@@ -127,7 +130,7 @@ class RunView:
             row.rejected += 1
         row.last_problem = f"round {server_round} {phase}: {reason}"
         self.problems.append({"round": server_round, "node": str(node), "phase": phase, "kind": kind, "reason": reason})
-        if phase == "train":
+        if phase == Phase.TRAIN:
             self._cell(server_round, node, "failed" if kind == "client-failed" else "rejected", 0.0, reason)
 
     def _cell(self, server_round: int, node: int, status: str, seconds: float, reason: str = "") -> None:

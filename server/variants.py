@@ -62,8 +62,9 @@ class BackboneVariants:
         with self._lock:
             return self._ensure(kind)
 
-    def artifact(self, kind: EngineKind) -> Any:
+    def artifact(self, kind: EngineKind | str) -> Any:
         """What a client of this engine receives: the weights, or the ONNX file's bytes."""
+        kind = engine_kind(kind) if isinstance(kind, str) else kind
         if not isinstance(kind, OnnxKind):
             return self.state
         with self._lock:
@@ -78,8 +79,9 @@ class BackboneVariants:
             self._fingerprints[kind.name] = kind.variant_fingerprint(self.fingerprint, artifact)
         return self._fingerprints[kind.name]
 
-    def engine(self, kind: EngineKind, num_threads: int = 0) -> Engine:
+    def engine(self, kind: EngineKind | str, num_threads: int = 0) -> Engine:
         """A runnable engine of this backbone (up to the cut) for the server's own embedding."""
+        kind = engine_kind(kind) if isinstance(kind, str) else kind
         if not isinstance(kind, OnnxKind):
             return TorchEngine(self._prefix())
         return kind.load(self.path(kind), self.cut, num_threads)

@@ -58,7 +58,9 @@ def federation(cache: Path, runs: Path, name: str, clients: int) -> dict[str, An
     summary = json.loads((runs / name / "summary.json").read_text())
     events = [json.loads(line) for line in (runs / name / "events.jsonl").read_text().splitlines()]
     replies = [e for e in events if e["event"] == "client-reply" and e["phase"] == "train"]
-    summary["client_embed_seconds"] = sum(e["metrics"].get("embed-seconds", 0.0) for e in replies)
+    # Every reply repeats the embedding it used: count each node's first.
+    first = {e["node"]: e for e in reversed(replies)}
+    summary["client_embed_seconds"] = sum(e["metrics"].get("embed-seconds", 0.0) for e in first.values())
     summary["command_wall_seconds"] = wall
     return summary
 

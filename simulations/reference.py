@@ -44,12 +44,12 @@ def centralised_probe(config: RunConfig, num_clients: int) -> ProbeResult:
     test_files = server_test_files(config)
     variants = backbone_variants(config, spec.name, state, preprocess, fp, test_files)
     engine = resolve_engine(config.engine)
-    space = variants.variant_fingerprint(engine.name)
+    space = variants.variant_fingerprint(engine)
 
     def embed(files: LabelledFiles, cache_dir: Path) -> Embedded:
         cache = EmbeddingCache(cache_dir / "embeddings", space)
         try:
-            return embed_files(files, lambda: variants.engine(engine.name), preprocess, cache, config.embed_batch_size)
+            return embed_files(files, lambda: variants.engine(engine), preprocess, cache, config.embed_batch_size)
         finally:
             cache.close()
 
