@@ -14,7 +14,7 @@ from flwr.clientapp import ClientApp
 from client.edge_client import EdgeClient
 from client.faults import fault_injector
 from client.privacy import privacy_guard
-from client.state import ProcessState
+from client.state import process_state
 from common.flower_glue import from_array_record, to_array_record, to_config_record
 from common.protocol import (
     ARRAYS,
@@ -30,7 +30,7 @@ from common.protocol import (
     query_action,
 )
 
-state = ProcessState()
+state = process_state()
 inject_faults = fault_injector(state)
 app = ClientApp(mods=[privacy_guard, inject_faults])
 

@@ -56,6 +56,11 @@ class ProcessState:
         self.verified: VerifiedFiles = LruCache(max_verified)
         self._lock = threading.Lock()
 
+    def __reduce__(self) -> tuple[Any, ...]:
+        # Flower's simulation pickles the ClientApp, its mods included, into each worker process;
+        # there it must be that process's own state, not a copy of this one (locks do not pickle).
+        return (process_state, ())
+
     def client(self, run_config: Mapping[str, Any], node_config: Mapping[str, Any]) -> EdgeClient:
         """This node's client, set up for a message: the same on a cache hit and a miss."""
         key = (frozen(run_config), frozen(node_config))
@@ -79,3 +84,14 @@ class ProcessState:
         self.clients.clear()
         self.engines.clear()
         self.verified.clear()
+
+
+_PROCESS_STATE: ProcessState | None = None
+
+
+def process_state() -> ProcessState:
+    """This process's state, made on first use: what the ClientApp owns."""
+    global _PROCESS_STATE
+    if _PROCESS_STATE is None:
+        _PROCESS_STATE = ProcessState()
+    return _PROCESS_STATE

@@ -114,3 +114,12 @@ def test_an_unreadable_copy_is_not_held_and_is_deleted(tmp_path: Path) -> None:
     path.write_bytes(path.read_bytes()[:100])
     assert ProcessState().backbones(tmp_path).held(TORCH, fp) is None
     assert not path.exists()
+
+
+def test_the_state_pickles_as_the_receiving_process_own() -> None:
+    """Flower's simulation pickles the ClientApp (its mods hold the state) into worker processes."""
+    import pickle
+
+    from client.state import process_state
+
+    assert pickle.loads(pickle.dumps(ProcessState())) is process_state()
