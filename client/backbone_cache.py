@@ -77,20 +77,9 @@ class BackboneCache:
             raise FingerprintMismatch(
                 f"This device holds no {kind.name} backbone {variant[:12]}; the server must send it."
             )
-        key = (variant, cut)
-        with self._engines.lock:  # two threads never build the same engine
-            engine = self._engines.get(key)
-            if engine is None:
-                engine = kind.load(self.path(kind, fp, cut), cut, num_threads)
-                self._engines.put(key, engine)
-            return engine
+        return self._engines.get_or_make((variant, cut), lambda: kind.load(self.path(kind, fp, cut), cut, num_threads))
 
     def _check(self, kind: EngineKind, fp: str, cut: int) -> str:
         """The variant fingerprint of this device's copy, checked once per process."""
         path = self.path(kind, fp, cut)
-        with self._verified.lock:
-            variant = self._verified.get(path)
-            if variant is None:
-                variant = kind.check(path, fp)
-                self._verified.put(path, variant)
-            return variant
+        return self._verified.get_or_make(path, lambda: kind.check(path, fp))

@@ -131,12 +131,7 @@ class EdgeClient:
         most once per image and view."""
         space = embedding_space(instructions.engine_fingerprint, instructions.cut)
         key = (space, instructions.views, self.data.train.labels)
-        with self._embedded.lock:
-            embedded = self._embedded.get(key)
-            if embedded is None:
-                embedded = self._embed(instructions, space)
-                self._embedded.put(key, embedded)
-            return embedded
+        return self._embedded.get_or_make(key, lambda: self._embed(instructions, space))
 
     def _embed(self, instructions: Instructions, space: str) -> EmbeddedData:
         kind, fp, variant = engine_kind(instructions.engine), instructions.fingerprint, instructions.engine_fingerprint

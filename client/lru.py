@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import threading
 from collections import OrderedDict
-from collections.abc import Hashable
+from collections.abc import Callable, Hashable
 from typing import Generic, TypeVar
 
 K = TypeVar("K", bound=Hashable)
@@ -39,6 +39,15 @@ class LruCache(Generic[K, V]):
             self._entries.move_to_end(key)
             while len(self._entries) > self.capacity:
                 self._entries.popitem(last=False)
+
+    def get_or_make(self, key: K, make: Callable[[], V]) -> V:
+        """The entry, made by ``make`` under the lock if absent (two threads never make it twice)."""
+        with self.lock:
+            value = self.get(key)
+            if value is None:
+                value = make()
+                self.put(key, value)
+            return value
 
     def pop(self, key: K) -> None:
         with self.lock:

@@ -17,10 +17,10 @@ from common.backbones import build_backbone, fingerprint, load_backbone_weights,
 from common.data import scan_image_folder
 from common.export import calibration_images
 from common.heads import head_arrays
-from common.protocol import Instructions
 from common.split import build_head
 from server.variants import BackboneVariants
 from tests.conftest import REPO_ROOT, write_image_folder
+from tests.protocol_samples import instructions
 
 # Packages only the server / simulation extra installs. The client must run without any of them.
 SERVER_ONLY = [
@@ -88,26 +88,15 @@ def test_the_client_trains_with_the_edge_install_alone(tmp_path: Path, cut: int)
         "node_config": {"data-dir": str(tmp_path / "board"), "cache-dir": str(tmp_path / "cache")},
         "backbone": str(tmp_path / "backbone.onnx"),
         "head": str(tmp_path / "head.npz"),
-        "instructions": Instructions(
-            server_round=1,
+        "instructions": instructions(
             fingerprint=backbone_fp,
-            backbone_name="efficientnet_lite0",
             preprocess=preprocess,
             engine="onnx-int8",
             engine_fingerprint=variants.variant_fingerprint("onnx-int8"),
-            head="linear",
-            mlp_hidden=8,
             cut=cut,
             views=("identity", "hflip"),
             average_views=True,
-            num_classes=2,
             local_epochs=2,
-            learning_rate=0.01,
-            weight_decay=0.0,
-            batch_size=4,
-            seed=0,
-            personal_epochs=0,
-            ncm_min_examples=2,
         ).to_record(),
     }
     result = subprocess.run(

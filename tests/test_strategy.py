@@ -21,12 +21,12 @@ from common import protocol
 from common.config import RunConfig
 from common.engines import ENGINE_KINDS, EngineKind
 from common.flower_glue import from_array_record, to_array_record, to_config_record
-from common.preprocess import PreprocessSpec
 from common.protocol import Instructions, Phase
 from server.checkpoint import Checkpoint
 from server.ledger import EmbeddingLedger, RoundRecord
 from server.runlog import RunLog
 from server.strategy import EdgeSplitStrategy
+from tests.protocol_samples import instructions as sample_instructions
 
 FP = "f" * 64
 SHAPES = {"weight": (2, 3), "bias": (2,)}
@@ -88,27 +88,7 @@ class StubRun:
 
 
 def instructions(server_round: int = 1) -> Instructions:
-    return Instructions(
-        server_round=server_round,
-        fingerprint=FP,
-        backbone_name="stub",
-        preprocess=PreprocessSpec(),
-        engine=TORCH.name,
-        engine_fingerprint=FP,
-        head="linear",
-        mlp_hidden=4,
-        cut=0,
-        views=("identity",),
-        average_views=True,
-        num_classes=2,
-        local_epochs=1,
-        learning_rate=0.1,
-        weight_decay=0.0,
-        batch_size=4,
-        seed=0,
-        personal_epochs=0,
-        ncm_min_examples=5,
-    )
+    return sample_instructions(server_round=server_round, fingerprint=FP, engine_fingerprint=FP, backbone_name="stub")
 
 
 def _config(server_round: int = 1) -> ConfigRecord:
