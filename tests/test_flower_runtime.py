@@ -138,7 +138,7 @@ def test_every_reply_holds_only_head_arrays_and_numbers(elpv_runs: tuple[dict[st
             assert isinstance(value, int | float) and not isinstance(value, bool)
         assert set(reply["configs"]) <= {"status"}
         for key, value in reply["configs"].get("status", {}).items():
-            allowed = {"backbone-fingerprint", "engine", "engine-fingerprint", "held-fingerprint", "data-notes"}
+            allowed = {"fingerprint", "engine", "engine-fingerprint", "held-fingerprint", "data-notes"}
             assert key in allowed and isinstance(value, str)
         if reply["message_type"] == "train":
             arrays = reply["arrays"]
