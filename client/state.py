@@ -10,7 +10,6 @@ without limit.
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -54,7 +53,6 @@ class ProcessState:
         self.clients: LruCache[ClientKey, EdgeClient] = LruCache(max_clients)
         self.engines: BuiltEngines = LruCache(max_engines)
         self.verified: VerifiedFiles = LruCache(max_verified)
-        self._lock = threading.Lock()
 
     def __reduce__(self) -> tuple[Any, ...]:
         # Flower's simulation pickles the ClientApp, its mods included, into each worker process;
@@ -63,13 +61,15 @@ class ProcessState:
 
     def client(self, run_config: Mapping[str, Any], node_config: Mapping[str, Any]) -> EdgeClient:
         """This node's client, set up for a message: the same on a cache hit and a miss."""
-        key = (frozen(run_config), frozen(node_config))
-        with self._lock:
-            client = self.clients.get(key)
-            if client is None:
-                config, node = RunConfig.from_flower(dict(run_config)), NodeConfig.from_flower(dict(node_config))
-                client = EdgeClient(config, node, verified=self.verified, engines=self.engines)
-                self.clients.put(key, client)
+        client = self.clients.get_or_make(
+            (frozen(run_config), frozen(node_config)),
+            lambda: EdgeClient(
+                RunConfig.from_flower(dict(run_config)),
+                NodeConfig.from_flower(dict(node_config)),
+                verified=self.verified,
+                engines=self.engines,
+            ),
+        )
         configure_logging()
         if client.config.num_threads > 0:
             torch.set_num_threads(client.config.num_threads)

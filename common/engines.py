@@ -105,7 +105,7 @@ class EngineKind:
 class TorchKind(EngineKind):
     """The weights themselves; a board builds the architecture from timm/torchvision."""
 
-    name, needs, install = "torch", "torch", "pip install 'edgesplit[torch]'"
+    name, needs, install = "torch", "torch", "pip install torch torchvision timm"
 
     def file_name(self, fp: str, cut: int) -> str:
         return f"{fp}.pt"  # whatever the cut: the board builds the prefix from the weights
@@ -138,10 +138,13 @@ class TorchKind(EngineKind):
         return fp
 
     def load(self, path: Path, cut: int, num_threads: int) -> Engine:
+        import torch
+
         from common.backbones import build_backbone
         from common.split import split_backbone
 
-        name, state = self._read(path, path.name.split(".")[0])
+        stored = torch.load(path, map_location="cpu", weights_only=True)  # checked already: no second hash
+        name, state = stored["name"], stored["state"]
         return TorchEngine(split_backbone(name, build_backbone(name, state), cut)[0])
 
     @staticmethod
