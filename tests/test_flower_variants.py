@@ -1,0 +1,138 @@
+"""Through the real Flower runtime, what the default run does not exercise: user ImageFolders
+with missing and bad data, another strategy, head, engine, task and partition, and a later cut with
+FedNCM, personal heads and the exported model. (test_flower_runtime.py runs the default ELPV run.)
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from common.heads import head_arrays, make_head
+from tests.conftest import write_image_folder
+from tests.flower_runs import HEAD_SHAPES, SMALL_RUN, run_small
+
+pytestmark = pytest.mark.flower
+
+
+def test_user_folders_and_a_client_without_data(tmp_path: Path, server_engines: Path) -> None:
+    """ImageFolder data per client; one client's folder is missing, one has an unknown class and
+    a corrupt image, one odd files. The federation goes on with the others and the log says why."""
+    data = tmp_path / "data"
+    write_image_folder(data / "client-0", {"ok": 6, "crack": 6}, seed=0)
+    write_image_folder(data / "client-1", {"ok": 5, "crack": 4, "smudge": 3}, seed=1)
+    (data / "client-1" / "crack" / "broken.png").write_bytes(b"not a png at all")
+    # More that a board's folder may hold: an empty file, a note, a link out of the data folder.
+    (data / "client-0" / "ok" / "empty.png").write_bytes(b"")
+    (data / "client-0" / "ok" / "notes.txt").write_text("calibrated on Tuesday")
+    (tmp_path / "private.png").write_bytes((data / "client-0" / "ok" / "0.png").read_bytes())
+    (data / "client-0" / "crack" / "link.png").symlink_to(tmp_path / "private.png")
+    write_image_folder(tmp_path / "server-test", {"ok": 4, "crack": 4}, seed=2)
+    # client-2 has no folder at all
+    run = run_small(
+        tmp_path,
+        "folders",
+        tmp_path / "cache",
+        server_engines,
+        extra={
+            "subset": 0,
+            "dataset": "folder",
+            "class-names": "ok,crack",
+            "data-dir": str(data),
+            "server-test-dir": str(tmp_path / "server-test"),
+            "image-size": 64,
+            "min-clients": 2,
+            "export-model": False,
+        },
+    )
+    summary, events = run["summary"], run["events"]
+    assert [(r["clients_ok"], r["clients_failed"]) for r in summary["rounds"]] == [(2, 1), (2, 1)]
+    failures = [e for e in events if e["event"] == "client-failed" and e["phase"] == "train"]
+    assert len(failures) == 2 and all("client-2" in e["reason"] for e in failures)
+    notes = [e.get("notes", "") for e in events if e["event"] == "client-reply"]
+    assert any("smudge" in note for note in notes)
+    assert summary["embedding"]["skipped"] == 4  # corrupt, empty, not an image, link out: counted once
+    assert summary["classes"] == ["ok", "crack"]
+    assert np.asarray(summary["final"]["confusion_matrix"]).sum() == 8
+
+
+def test_another_strategy_head_engine_task_and_partition(tmp_path: Path, server_engines: Path) -> None:
+    """One run that changes everything the default run does not: FedProx, the MLP head, the torch
+    engine, the binary task and a pathological split (one class per client). FedAdam and the
+    robust strategies run through the same wrapper in process (test_rounds.py)."""
+    extra = {
+        "strategy": "fedprox",
+        "head": "mlp",
+        "mlp-hidden": 16,
+        "engine": "torch",
+        "elpv-task": "binary",
+        "partitioner": "pathological",
+        "classes-per-client": 1,
+    }
+    run = run_small(tmp_path, "variant", tmp_path / "cache", server_engines, extra={**extra, "export-model": False})
+    summary = run["summary"]
+    engines = {e["engine"] for e in run["events"] if e["event"] == "client-reply"}
+    assert engines == {"torch"}
+    assert summary["classes"] == ["functional", "defective"]
+    assert [(r["clients_ok"], r["clients_failed"], r["clients_rejected"]) for r in summary["rounds"]] == [(3, 0, 0)] * 2
+    head = np.load(run["run_dir"] / "head.npz")
+    assert {k: list(head[k].shape) for k in head.files} == {
+        "classifier.0.weight": [16, 1280],
+        "classifier.0.bias": [16],
+        "classifier.3.weight": [2, 16],
+        "classifier.3.bias": [2],
+    }
+    # the aggregated head moved away from the seeded initial head the server started from
+    initial = head_arrays(make_head("mlp", 1280, 2, 16, seed=42))
+    assert any(not np.allclose(head[name], initial[name]) for name in initial)
+
+
+def test_later_cut_fedncm_and_personal_heads(tmp_path: Path, server_engines: Path) -> None:
+    """cut=1: the backbone's last stage trains on the devices and travels with the head; FedNCM
+    initialises the head from the clients' class sums; clients score personal heads too; and the
+    exported model (int8 backbone up to the cut, then the trained tail and head) reproduces the
+    server's view-averaged accuracy on its held-out images."""
+    from client.predict import Classifier
+    from common.config import RunConfig
+    from server.run import server_test_files
+
+    extra = {"cut": 1, "head-init": "ncm", "ncm-min-examples": 2, "personal-epochs": 3, "views": "flips"}
+    run = run_small(tmp_path, "cut", tmp_path / "cache", server_engines, extra=extra)
+    summary, events = run["summary"], run["events"]
+    trainable = {
+        "tail.0.0.weight": [1280, 320, 1, 1],  # conv_head
+        "tail.0.1.scale": [1280],  # its batch norm, statistics folded in
+        "tail.0.1.shift": [1280],
+        **HEAD_SHAPES,
+    }
+    head = np.load(run["run_dir"] / "head.npz")
+    assert {k: list(head[k].shape) for k in head.files} == trainable
+    # every train reply carries exactly the trainable part; FedNCM's replies only class statistics
+    for reply in run["audit"]:
+        if reply["message_type"] == "train":
+            assert {n: list(s) for n, (s, _) in reply["arrays"]["arrays"].items()} == trainable
+    stats = [r["arrays"] for r in run["audit"] if r["message_type"] == "query" and r["arrays"]]
+    assert len(stats) == 3
+    assert all(
+        {n: list(s) for n, (s, _) in a["class-stats"].items()} == {"sums": [4, 1280], "counts": [4]} for a in stats
+    )
+    init = [e for e in events if e["event"] == "head-initialised"]
+    assert len(init) == 1 and init[0]["nodes"] == 3 and init[0]["classes_set"]
+    assert sum(init[0]["class_counts"]) > 0 and summary["head_init"]["method"] == "ncm"
+    assert init[0]["backbones_sent"] == 3  # the backbone up to the cut went with FedNCM's query
+    for record in summary["rounds"]:
+        assert record["clients_ok"] == 3 and record["backbones_sent"] == 0
+        assert record["max_bytes_up_per_client"] > 1280 * 320 * 4  # the tail travels
+        assert 0 <= record["client_personal_accuracy"] <= 1
+    # the deployable model computes what the server evaluated
+    info = json.loads((run["run_dir"] / "model" / "model.json").read_text())
+    assert info["cut"] == 1 and info["feature_shape"] == [320, 7, 7] and len(info["views"]) == 4
+    config = RunConfig.from_flower({**SMALL_RUN, **extra})
+    test_files = server_test_files(config)
+    classifier = Classifier(run["run_dir"] / "model", int8=True)
+    predictions = list(classifier.predict(list(zip(test_files.paths, test_files.labels, strict=True))))
+    accuracy = np.mean([p.predicted == p.label for p in predictions])
+    assert accuracy == pytest.approx(summary["final"]["accuracy"], abs=2 / len(predictions))
