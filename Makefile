@@ -28,8 +28,8 @@ lint: setup
 	$(VENV)/bin/mypy common client server simulations
 
 test: lint
-	# Two workers, one test file each at a time (module fixtures stay in one process).
-	$(PY) -m pytest -n 2 --dist loadfile --durations=10
+	# Two workers, one test file each at a time (module fixtures stay in one process), longest files first (tests/conftest.py).
+	$(PY) -m pytest -n 2 --dist loadfile --no-loadscope-reorder --durations=10
 
 benchmark: setup
 	$(PY) -m simulations.benchmark

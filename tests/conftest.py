@@ -23,7 +23,28 @@ from common.preprocess import decode_image  # noqa: E402
 if TYPE_CHECKING:
     from server.variants import BackboneVariants
 
-torch.set_num_threads(2)
+# Two xdist workers share two cores: one torch thread each (two each oversubscribe them).
+torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER") else 2)
+
+# The files that run real Flower processes, longest first: `make test` keeps this order
+# (--no-loadscope-reorder), so that each of the two workers starts on a long file and the short
+# ones fill the gaps, instead of a long file starting last and running alone.
+LONGEST_FIRST = (
+    "test_deployment.py",
+    "test_flower_runtime.py",
+    "test_faults_runtime.py",
+    "test_flower_variants.py",
+    "test_personal_ncm.py",
+    "test_dashboard.py",
+)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    def rank(item: pytest.Item) -> int:
+        name = item.path.name
+        return LONGEST_FIRST.index(name) if name in LONGEST_FIRST else len(LONGEST_FIRST)
+
+    items.sort(key=rank)  # stable: the order within a file stays
 
 
 def write_png(path: Path, seed: int, size: int = 40) -> Path:
