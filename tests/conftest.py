@@ -26,15 +26,16 @@ if TYPE_CHECKING:
 # Two xdist workers share two cores: one torch thread each (two each oversubscribe them).
 torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER") else 2)
 
-# The files that run real Flower processes, longest first: `make test` keeps this order
-# (--no-loadscope-reorder), so that each of the two workers starts on a long file and the short
-# ones fill the gaps, instead of a long file starting last and running alone.
+# The files that run real Flower processes first: `make test` keeps this order
+# (--no-loadscope-reorder). xdist gives each of the two workers two files to start with (the 1st
+# and 3rd to one, the 2nd and 4th to the other), then the rest as they free up: so the longest file
+# starts beside a short one, and no long file starts last and runs alone.
 LONGEST_FIRST = (
     "test_deployment.py",
-    "test_flower_runtime.py",
     "test_faults_runtime.py",
-    "test_flower_variants.py",
     "test_personal_ncm.py",
+    "test_flower_runtime.py",
+    "test_flower_variants.py",
     "test_dashboard.py",
 )
 

@@ -22,7 +22,7 @@ def elpv_runs(tmp_path_factory: pytest.TempPathFactory, server_engines: Path) ->
     ELPV's default views (the eight flips and rotations) are embedded once, in the first run."""
     tmp = tmp_path_factory.mktemp("elpv")
     first = run_small(tmp, "first", tmp / "cache", server_engines, extra={"views": "auto"})
-    second = run_small(tmp, "second", tmp / "cache", server_engines, extra={"views": "auto"})
+    second = run_small(tmp, "second", tmp / "cache", server_engines, extra={"views": "auto", "export-model": False})
     return first, second
 
 

@@ -1,5 +1,5 @@
 """Through the real Flower runtime, what the default run does not exercise: user ImageFolders
-with missing and bad data, another strategy, head, engine, task and partition, and a later cut with
+with missing and bad data with another strategy, head and engine, and a later cut with
 FedNCM, personal heads and the exported model. (test_flower_runtime.py runs the default ELPV run.)
 """
 
@@ -18,9 +18,14 @@ from tests.flower_runs import HEAD_SHAPES, SMALL_RUN, run_small
 pytestmark = pytest.mark.flower
 
 
-def test_user_folders_and_a_client_without_data(tmp_path: Path, server_engines: Path) -> None:
+def test_user_folders_another_strategy_head_and_engine_and_a_client_without_data(
+    tmp_path: Path, server_engines: Path
+) -> None:
     """ImageFolder data per client; one client's folder is missing, one has an unknown class and
-    a corrupt image, one odd files. The federation goes on with the others and the log says why."""
+    a corrupt image, one odd files. The federation goes on with the others and the log says why.
+    The run also changes what the default run does not: FedProx, the MLP head and the torch
+    engine. (FedAdam and the robust strategies run through the same wrapper in process, in
+    test_rounds.py; the binary task and the partitioners are unit-tested in test_data.py.)"""
     data = tmp_path / "data"
     write_image_folder(data / "client-0", {"ok": 6, "crack": 6}, seed=0)
     write_image_folder(data / "client-1", {"ok": 5, "crack": 4, "smudge": 3}, seed=1)
@@ -46,6 +51,10 @@ def test_user_folders_and_a_client_without_data(tmp_path: Path, server_engines: 
             "image-size": 64,
             "min-clients": 2,
             "export-model": False,
+            "strategy": "fedprox",
+            "head": "mlp",
+            "mlp-hidden": 16,
+            "engine": "torch",
         },
     )
     summary, events = run["summary"], run["events"]
@@ -57,27 +66,7 @@ def test_user_folders_and_a_client_without_data(tmp_path: Path, server_engines: 
     assert summary["embedding"]["skipped"] == 4  # corrupt, empty, not an image, link out: counted once
     assert summary["classes"] == ["ok", "crack"]
     assert np.asarray(summary["final"]["confusion_matrix"]).sum() == 8
-
-
-def test_another_strategy_head_engine_task_and_partition(tmp_path: Path, server_engines: Path) -> None:
-    """One run that changes everything the default run does not: FedProx, the MLP head, the torch
-    engine, the binary task and a pathological split (one class per client). FedAdam and the
-    robust strategies run through the same wrapper in process (test_rounds.py)."""
-    extra = {
-        "strategy": "fedprox",
-        "head": "mlp",
-        "mlp-hidden": 16,
-        "engine": "torch",
-        "elpv-task": "binary",
-        "partitioner": "pathological",
-        "classes-per-client": 1,
-    }
-    run = run_small(tmp_path, "variant", tmp_path / "cache", server_engines, extra={**extra, "export-model": False})
-    summary = run["summary"]
-    engines = {e["engine"] for e in run["events"] if e["event"] == "client-reply"}
-    assert engines == {"torch"}
-    assert summary["classes"] == ["functional", "defective"]
-    assert [(r["clients_ok"], r["clients_failed"], r["clients_rejected"]) for r in summary["rounds"]] == [(3, 0, 0)] * 2
+    assert {e["engine"] for e in events if e["event"] == "client-reply"} == {"torch"}
     head = np.load(run["run_dir"] / "head.npz")
     assert {k: list(head[k].shape) for k in head.files} == {
         "classifier.0.weight": [16, 1280],
