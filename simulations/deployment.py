@@ -47,6 +47,7 @@ class LocalDeployment:
     insecure: bool = False
     extra_env: Mapping[str, str] | None = None
     port: int = 0
+    app_dir: Path = PROJECT_ROOT  # the Flower app `flwr run` submits (benchmarks compare another revision's)
     _superlink: subprocess.Popen[bytes] | None = field(default=None, init=False, repr=False)
     _supernodes: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict, init=False, repr=False)
 
@@ -222,7 +223,7 @@ class LocalDeployment:
 
     def submit(self, run_config: Mapping[str, Any], stream_to: TextIO | None = None) -> subprocess.Popen[str]:
         """``flwr run . <connection> --stream``; the caller reads or waits on the process."""
-        command = ["flwr", "run", str(PROJECT_ROOT), CONNECTION, "--stream"]
+        command = ["flwr", "run", str(self.app_dir), CONNECTION, "--stream"]
         if run_config:
             command += ["--run-config", run_config_arg(run_config)]
         return subprocess.Popen(
