@@ -10,7 +10,7 @@ from flwr.serverapp import Grid, ServerApp
 
 from common.config import RunConfig
 from common.logs import configure_logging
-from server.nodes import RunStopped
+from server.nodes import PromptGrid, RunStopped
 from server.outcome import finish
 from server.rounds import RoundLoop
 from server.run import ServerRun
@@ -30,7 +30,7 @@ def main(grid: Grid, context: Context) -> None:
     run = ServerRun.prepare(config, flower_run_id=context.run_id)
     rounds = RoundLoop(EdgeSplitStrategy.for_run(run))
     try:
-        finish(run, rounds.run_rounds(grid))
+        finish(run, rounds.run_rounds(PromptGrid(grid)))
     except RunStopped as stop:
         # Record what was reached (summary, report, checkpoint stay), then fail the Flower run.
         log.error("%s", stop)

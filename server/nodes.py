@@ -1,6 +1,12 @@
-"""Waiting for nodes, boundedly. Flower's sampling waits without limit until enough nodes are
+"""The ServerApp's view of the fleet.
+
+Waiting for nodes, boundedly: Flower's sampling waits without limit until enough nodes are
 connected; the wrapper waits here (at most ``node-wait-timeout``) and then hands Flower a grid
-whose node list is fixed, so that Flower's own loop never waits again."""
+whose node list is fixed, so that Flower's own loop never waits again.
+
+Noticing replies promptly: Flower 1.41's deployed grid (``HttpGrid``) sleeps 3 s between pulls,
+so every phase of every round waited up to 3 s after its last reply had arrived.
+"""
 
 from __future__ import annotations
 
@@ -37,14 +43,18 @@ def wait_for_nodes(grid: Grid, minimum: int, timeout: float, min_clients: int) -
     return nodes
 
 
-class FixedNodesGrid(Grid):
-    """A grid whose node list is a snapshot; everything else goes to the real grid."""
+# Between pulls for replies: one small request to the SuperLink each (the simulation's grid uses 0.1 s).
+REPLY_POLL_SECONDS = 0.25
 
-    def __init__(self, grid: Grid, nodes: list[int]) -> None:
-        self._grid, self._nodes = grid, list(nodes)
+
+class PromptGrid(Grid):
+    """The run's grid, pulling replies every ``poll`` seconds; everything else goes to ``grid``."""
+
+    def __init__(self, grid: Grid, poll: float = REPLY_POLL_SECONDS) -> None:
+        self._grid, self._poll = grid, poll
 
     def get_node_ids(self) -> Iterable[int]:
-        return list(self._nodes)
+        return self._grid.get_node_ids()
 
     def set_run(self, run: Run) -> None:
         self._grid.set_run(run)
@@ -65,4 +75,26 @@ class FixedNodesGrid(Grid):
         return self._grid.pull_messages(message_ids)
 
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
-        return self._grid.send_and_receive(messages, timeout=timeout)
+        """Push, then pull until every message has its reply or ``timeout`` (seconds) has passed."""
+        waiting = set(self.push_messages(messages))
+        deadline = None if timeout is None else time.monotonic() + timeout
+        replies: list[Message] = []
+        while waiting:
+            arrived = list(self.pull_messages(waiting))
+            replies += arrived
+            waiting -= {reply.metadata.reply_to_message_id for reply in arrived}
+            if not waiting or (deadline is not None and time.monotonic() >= deadline):
+                break
+            time.sleep(self._poll)
+        return replies
+
+
+class FixedNodesGrid(PromptGrid):
+    """A grid whose node list is a snapshot."""
+
+    def __init__(self, grid: Grid, nodes: list[int]) -> None:
+        super().__init__(grid)
+        self._nodes = list(nodes)
+
+    def get_node_ids(self) -> Iterable[int]:
+        return list(self._nodes)
