@@ -13,7 +13,9 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
+from client.local_data import check_simulated_split
 from common.config import RunConfig
+from common.data import DataError
 from server.runlog import write_json_atomic
 from simulations.federation import PROJECT_ROOT, flwr_run
 from simulations.reference import centralised_probe
@@ -38,6 +40,11 @@ def main(argv: list[str] | None = None) -> int:
     if overrides.get("resume-from"):  # relative to where the user is, not where Flower runs the app
         overrides["resume-from"] = str(Path(str(overrides["resume-from"])).expanduser().resolve())
     config = RunConfig.from_flower(overrides)  # fail fast, before starting Flower
+    try:
+        check_simulated_split(config, args.clients)
+    except DataError as error:
+        print(f"Cannot start: {error}", file=sys.stderr)
+        return 2
     started = time.time()
     result = flwr_run(overrides, args.clients, PROJECT_ROOT / ".flwr", stream_to=sys.stdout)
     candidates = [Path(config.resume_from) / "summary.json"] if config.resume_from else []

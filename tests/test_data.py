@@ -297,3 +297,12 @@ def test_local_split_is_seeded():
     assert first[1].paths == again[1].paths
     assert first[1].paths != other[1].paths
     assert list(first[0].paths) == sorted(first[0].paths)  # order kept within each part
+
+
+def test_an_impossible_simulated_split_stops_the_main_job_once_before_flower_starts(capsys, monkeypatch):
+    from simulations import main_job
+
+    monkeypatch.setattr(main_job, "flwr_run", lambda *a, **k: pytest.fail("Flower must not start"))
+    code = main_job.main(["--clients", "30", "--run-config", "subset=60 dirichlet-alpha=0.05", "--no-reference"])
+    error = capsys.readouterr().err
+    assert code == 2 and error.count("Cannot split") == 1 and "Use fewer clients" in error
