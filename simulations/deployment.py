@@ -18,7 +18,16 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from server.credentials import Credentials, make_credentials
-from simulations.federation import PROJECT_ROOT, flower_env, free_port, run_config_arg, stop_process, wait_for_port
+from simulations.federation import (
+    PROJECT_ROOT,
+    flower_env,
+    free_port,
+    process_tree,
+    run_config_arg,
+    stop_process,
+    stop_processes,
+    wait_for_port,
+)
 
 log = logging.getLogger(__name__)
 
@@ -105,12 +114,18 @@ class LocalDeployment:
         self.wait_until_online(len(self.boards), wait_online)
 
     def stop(self) -> None:
-        """Stop every process this deployment started (SuperNodes first, then the SuperLink)."""
-        for name in list(self._supernodes):
-            self.stop_supernode(name)
-        if self._superlink is not None:
-            stop_process(self._superlink)
-            self._superlink = None
+        """Stop every process this deployment started, all at once: SuperNodes, the SuperLink, and
+        their descendants (SuperExecs, the ServerApp, ClientApps)."""
+        processes = [*self._supernodes.values(), *([self._superlink] if self._superlink else [])]
+        self._supernodes.clear()
+        self._superlink = None
+        stop_processes(processes)
+
+    def process_ids(self) -> list[int]:
+        """Every process this deployment runs now: the SuperLink, the SuperNodes and all their
+        descendants (SuperExecs, the ServerApp, ClientApps)."""
+        started = [p.pid for p in [self._superlink, *self._supernodes.values()] if p is not None and p.poll() is None]
+        return started + [child for pid in started for child in process_tree(pid)]
 
     # --- the SuperLink ------------------------------------------------------------------------------
 
@@ -157,10 +172,10 @@ class LocalDeployment:
         return result.stdout
 
     def register(self, name: str) -> int:
-        """Register a board's public key with the SuperLink (what the operator does once per board)."""
-        output = self._flwr(
-            "supernode", "register", str(self.credentials.board_public_key(name)), CONNECTION, "--format", "json"
-        )
+        """Register a board's public key, under its name, with the SuperLink (what the operator
+        does once per board); the run's events, dashboard and report then name the board."""
+        key = str(self.credentials.board_public_key(name))
+        output = self._flwr("supernode", "register", key, CONNECTION, "--name", name, "--format", "json")
         return int(_last_json(output)["node-id"])
 
     def node_status(self) -> dict[int, str]:
@@ -300,21 +315,27 @@ def main(argv: list[str] | None = None) -> int:
     if args.data_root and overrides.get("dataset") != "folder":
         parser.error("--data-root needs --run-config \"dataset='folder' class-names='a,b' server-test-dir='...'\"")
 
-    with LocalDeployment(args.workdir.resolve(), boards, insecure=args.insecure) as deployment:
-        print(
-            f"SuperLink on 127.0.0.1:{deployment.port} ({'INSECURE' if args.insecure else 'TLS'}), "
-            f"{len(boards)} authenticated SuperNodes online; logs in {deployment.workdir / 'logs'}"
-        )
-        if args.serve:
+    # SIGTERM stops as Ctrl-C does: every process this command started, the ServerApp included.
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    try:
+        with LocalDeployment(args.workdir.resolve(), boards, insecure=args.insecure) as deployment:
             print(
-                f"Submit runs with:\n  FLWR_HOME={deployment.flwr_home} flwr run . {CONNECTION} --stream\n"
-                "Ctrl-C stops every process."
+                f"SuperLink on 127.0.0.1:{deployment.port} ({'INSECURE' if args.insecure else 'TLS'}), "
+                f"{len(boards)} authenticated SuperNodes online; logs in {deployment.workdir / 'logs'}"
             )
-            signal.signal(signal.SIGTERM, signal.default_int_handler)  # stop cleanly on SIGTERM too
-            try:
+            if args.serve:
+                print(
+                    f"Submit runs with:\n  FLWR_HOME={deployment.flwr_home} flwr run . {CONNECTION} --stream\n"
+                    "Ctrl-C stops every process."
+                )
                 while True:
                     time.sleep(3600)
-            except KeyboardInterrupt:
-                return 0
-        run = deployment.submit(overrides, stream_to=sys.stdout)
-        return run.wait()
+            run = deployment.submit(overrides, stream_to=sys.stdout)
+            try:
+                return run.wait()
+            finally:
+                if run.poll() is None:
+                    run.terminate()
+    except KeyboardInterrupt:
+        print("Stopped: every process of this deployment has ended.", file=sys.stderr)
+        return 130

@@ -96,16 +96,64 @@ def wait_for_port(port: int, process: subprocess.Popen[bytes], log_path: Path, t
     raise RuntimeError(f"flower-superlink did not listen on port {port} within {timeout:.0f}s; see {log_path}")
 
 
-def stop_process(process: subprocess.Popen[bytes], kill: bool = False) -> None:
-    """Stop a process started with ``start_new_session`` and every child in its group."""
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(process.pid, signal.SIGKILL if kill else signal.SIGTERM)
+def process_tree(pid: int) -> list[int]:
+    """Every descendant of ``pid`` now, read from /proc (Linux; elsewhere none). Flower's SuperLink
+    starts its SuperExec in a session of its own, and that starts the ServerApp: a signal to the
+    SuperLink's process group reaches neither, and they outlive it."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError, IndexError, ValueError):
+            parent = int(stat.read_text().rsplit(")", 1)[1].split()[1])  # the field after the name
+            children.setdefault(parent, []).append(int(stat.parent.name))
+    found, queue = [], [pid]
+    while queue:
+        for child in children.get(queue.pop(), []):
+            found.append(child)
+            queue.append(child)
+    return found
+
+
+def running(pid: int) -> bool:
+    """Whether ``pid`` still runs (an exited process its parent has not reaped yet does not)."""
     try:
-        process.wait(timeout=20)
-    except subprocess.TimeoutExpired:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+    except (OSError, IndexError):
+        return False
+
+
+def _signal(pids: list[int], signum: int) -> None:
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.kill(pid, signum)
+
+
+def stop_processes(processes: list[subprocess.Popen[bytes]], kill: bool = False, grace: float = 8.0) -> None:
+    """Stop processes started with ``start_new_session``, together: every child in their groups and
+    every descendant elsewhere (a detached SuperExec and its ServerApp) gets SIGTERM (SIGKILL with
+    ``kill``), and whatever still runs after ``grace`` seconds gets SIGKILL."""
+    # The trees before any signal: an orphan is re-parented and lost to the walk.
+    tree = [pid for process in processes for pid in process_tree(process.pid)]
+    signum = signal.SIGKILL if kill else signal.SIGTERM
+    for process in processes:
         with contextlib.suppress(ProcessLookupError):
-            os.killpg(process.pid, signal.SIGKILL)
-        process.wait()
+            os.killpg(process.pid, signum)
+    _signal(tree, signum)
+    deadline = time.monotonic() + grace
+    for process in processes:
+        try:
+            process.wait(timeout=max(0.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+    while any(map(running, tree)) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    _signal([pid for pid in tree if running(pid)], signal.SIGKILL)
+
+
+def stop_process(process: subprocess.Popen[bytes], kill: bool = False, grace: float = 8.0) -> None:
+    """``stop_processes`` of one process."""
+    stop_processes([process], kill, grace)
 
 
 def run_config_arg(overrides: Mapping[str, Any]) -> str:
