@@ -19,6 +19,7 @@ from flwr.app import Message, RecordDict
 from flwr.serverapp import Grid
 
 if TYPE_CHECKING:
+    from flwr.proto.node_pb2 import NodeInfo
     from flwr.supercore.run import Run  # the type Flower 1.41's Grid declares
 
 log = logging.getLogger(__name__)
@@ -26,6 +27,16 @@ log = logging.getLogger(__name__)
 
 class RunStopped(RuntimeError):
     """The run cannot go on (too few nodes or usable updates); the message says what to do."""
+
+
+def board_names(grid: Grid) -> dict[int, str]:
+    """Node id -> the name its SuperNode was registered under (``flwr supernode register
+    --name``), for the nodes that have one; a grid that cannot say gives none."""
+    try:
+        return {int(node.node_id): str(node.name) for node in grid.get_nodes() if node.name}
+    except Exception as error:  # names are a courtesy: never a reason to stop a run
+        log.warning("could not read the SuperNodes' names: %s", error)
+        return {}
 
 
 def wait_for_nodes(grid: Grid, minimum: int, timeout: float, min_clients: int) -> list[int]:
@@ -55,6 +66,9 @@ class PromptGrid(Grid):
 
     def get_node_ids(self) -> Iterable[int]:
         return self._grid.get_node_ids()
+
+    def get_nodes(self) -> Iterable[NodeInfo]:
+        return self._grid.get_nodes()
 
     def set_run(self, run: Run) -> None:
         self._grid.set_run(run)
@@ -98,3 +112,6 @@ class FixedNodesGrid(PromptGrid):
 
     def get_node_ids(self) -> Iterable[int]:
         return list(self._nodes)
+
+    def get_nodes(self) -> Iterable[NodeInfo]:
+        return [node for node in self._grid.get_nodes() if node.node_id in self._nodes]

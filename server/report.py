@@ -99,6 +99,7 @@ def _save(plt: Any, figure: Any, path: Path) -> None:
 
 CLIENT_COLUMNS = (
     "node",
+    "board",
     "engine",
     "samples",
     "rounds_joined",

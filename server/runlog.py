@@ -64,11 +64,15 @@ class RunLog:
         self._events = (run_dir / "events.jsonl").open("a", buffering=1)
         self._lock = threading.Lock()
         self._tensorboard: Any = None  # a SummaryWriter, opened at the first round-end
+        # Node id -> board name (the SuperNode's registered name): every event about a node names it.
+        self.board_names: dict[int, str] = {}
 
     def write_config(self, document: dict[str, Any]) -> None:
         write_json_atomic(self.run_dir / "config.json", document)
 
     def event(self, kind: str, **fields: Any) -> None:
+        if "node" in fields and fields["node"] in self.board_names:
+            fields["board"] = self.board_names[fields["node"]]
         line = json.dumps(_jsonable({"time": round(time.time(), 3), "event": kind, **fields}))
         with self._lock:
             self._events.write(line + "\n")

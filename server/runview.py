@@ -26,6 +26,7 @@ class ClientRow:
     """One node as the dashboard's client table shows it."""
 
     node: int
+    board: str = ""  # the name its SuperNode was registered under, where it has one
     engine: str = ""
     samples: int = 0
     rounds_joined: int = 0
@@ -107,6 +108,7 @@ class RunView:
         row = self.clients.setdefault(node, ClientRow(node))
         row.last_seen = max(row.last_seen, time)
         row.last_round = max(row.last_round, server_round)
+        row.board = str(event.get("board", row.board))
         if kind == "client-reply":
             metrics = event.get("metrics", {})
             row.bytes_up += int(event.get("bytes", 0))

@@ -26,7 +26,7 @@ from common.flower_glue import from_array_record
 from common.protocol import Phase
 from server.distribution import BackboneDistributor
 from server.ledger import RoundTally
-from server.nodes import FixedNodesGrid, wait_for_nodes
+from server.nodes import FixedNodesGrid, board_names, wait_for_nodes
 from server.run import ServerRun
 from server.screening import ReplyScreen, Screened
 from server.strategies import make_inner_strategy
@@ -61,7 +61,9 @@ class EdgeSplitStrategy(Strategy):
     def connected(self, grid: Grid) -> list[int]:
         """The connected nodes, once at least min-clients are (waiting at most node-wait-timeout)."""
         config = self.run.config
-        return wait_for_nodes(grid, config.min_clients, config.node_wait_timeout, config.min_clients)
+        nodes = wait_for_nodes(grid, config.min_clients, config.node_wait_timeout, config.min_clients)
+        self.run.run_log.board_names.update(board_names(grid))
+        return nodes
 
     def prepare(self, phase: Phase, messages: Iterable[Message], grid: Grid) -> list[Message]:
         """The messages with each node's engine, variant and (where it lacks it) backbone."""

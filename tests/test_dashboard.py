@@ -270,3 +270,15 @@ def test_live_dashboard_in_a_real_browser(tmp_path: Path, server_engines: Path) 
         assert (run_dir / "report.html").is_file() and all((run_dir / name).is_file() for name in PLOTS.values())
     finally:
         stop_process(dashboard)  # type: ignore[arg-type]
+
+
+def test_events_and_the_client_table_name_each_board(tmp_path: Path) -> None:
+    log = RunLog(tmp_path / "run")
+    log.board_names.update({5: "greenhouse-pi"})  # what the strategy reads from the SuperLink
+    log.event("run-start", engine="onnx-int8")
+    log.event("client-reply", **_reply(1, 5, 0.2))
+    log.event("client-failed", round=1, phase="train", node=7, reason="Node Unavailable")
+    events = [json.loads(line) for line in (tmp_path / "run" / "events.jsonl").read_text().splitlines()]
+    assert [e.get("board") for e in events] == [None, "greenhouse-pi", None]  # node 7 has no name
+    boards = {c["node"]: c["board"] for c in RunView(tmp_path / "run").state()["clients"]}
+    assert boards == {"5": "greenhouse-pi", "7": ""}

@@ -26,6 +26,7 @@ from cryptography import x509
 
 from server.credentials import make_credentials
 from simulations.deployment import Board, LocalDeployment
+from simulations.federation import running
 from tests.conftest import with_server_engines, write_image_folder
 
 pytestmark = pytest.mark.flower
@@ -59,6 +60,16 @@ def _finish(process: subprocess.Popen[str], timeout: float = 400) -> str:
     output, _ = process.communicate(timeout=timeout)
     assert process.returncode == 0, output[-4000:]
     return output
+
+
+def _command_names(pid: int) -> set[str]:
+    """The file names in a process's command line (a console script runs as: python <script> ...)."""
+    try:
+        return {
+            Path(part.decode(errors="replace")).name for part in Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        }
+    except OSError:
+        return set()
 
 
 def _wait_for_line(path: Path, text: str, timeout: float) -> None:
@@ -140,6 +151,7 @@ def test_tls_authenticated_deployment_with_a_board_dying_mid_round(tmp_path: Pat
         # Device telemetry per node and round.
         assert {e["node"] for e in replies} and all(e["metrics"]["peak-rss-mb"] > 50 for e in replies)
         assert {e["engine"] for e in replies} == {"onnx-int8"}  # the two survivors
+        assert {e["board"] for e in replies} == {"board-0", "board-1"}  # named as registered, not by id alone
         assert all(e["metrics"]["train-seconds"] > 0 for e in replies)
 
         # The victim restarts: it still holds the verified backbone, so nothing big is sent.
@@ -167,7 +179,16 @@ def test_tls_authenticated_deployment_with_a_board_dying_mid_round(tmp_path: Pat
         assert summary["rounds"][0]["backbones_sent"] == 3 and summary["rounds"][0]["clients_ok"] == 3
         assert summary["rounds"][0]["bytes_down"] > 3 * 44_000_000
 
+        # Stopping in the middle of a run (what Ctrl-C or SIGTERM on deploy-local does) ends every
+        # process, the ServerApp included: Flower starts it in a session of its own.
+        deployment.submit(_run_config(tmp_path, "interrupted", rounds=100) | {"export-model": False})
+        _wait_for_line(tmp_path / "runs" / "interrupted" / "events.jsonl", '"round-end"', timeout=180)
+        running_before = deployment.process_ids()
+        assert any("flwr-serverapp" in _command_names(pid) for pid in running_before)
         started = [deployment.supernode(b.name) for b in boards]
+        stopping = time.monotonic()
+    assert time.monotonic() - stopping < 10
+    assert not [pid for pid in running_before if running(pid)]
     assert all(process.poll() is not None for process in [*started, intruder])
     # A ClientApp child may still be exiting on a loaded machine: give the group a few seconds.
     deadline = time.monotonic() + 15

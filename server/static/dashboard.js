@@ -83,6 +83,7 @@ function confusion(table, matrix, classes, recall) {
 
 const CLIENT_COLUMNS = [
   ["node", "node", (c) => c.node],
+  ["board", "board", (c) => c.board || "–"],
   ["engine", "engine", (c) => c.engine],
   ["samples", "samples", (c) => c.samples],
   ["rounds_joined", "rounds joined", (c) => c.rounds_joined],
@@ -137,8 +138,9 @@ function timeline(container, columns, clients) {
       svg.append(box);
     });
   });
+  const boards = Object.fromEntries(clients.map((c) => [c.node, c.board]));
   nodes.forEach((node, j) => svg.append(el("svg:text", { x: left - 4, y: top + j * cell + 12, "font-size": 9, "text-anchor": "end" },
-    String(node).slice(-8))));
+    (boards[node] || String(node)).slice(-8))));
   container.replaceChildren(svg);
 }
 
