@@ -13,19 +13,26 @@ import time
 from collections.abc import Mapping
 
 import numpy as np
-from flwr.app import Context, Message, MessageType
+from flwr.app import Context, Message, MessageType, MetricRecord
 from flwr.clientapp.typing import ClientAppCallable, Mod
 
 from client.local_data import LocalData
 from client.state import ProcessState
+from common import protocol
 from common.config import FaultKind, RunConfig
 from common.flower_glue import from_array_record, to_array_record
-from common.protocol import ARRAYS, CONFIG, Instructions
+from common.protocol import ARRAYS, CONFIG, METRICS, Instructions
 
 log = logging.getLogger(__name__)
 
 SCALE = 1000.0  # a "scaled-update" client sends global + SCALE * (its honest update)
 BEFORE_WORK = (FaultKind.CRASH, FaultKind.DROPOUT, FaultKind.STRAGGLE)
+# What a metrics fault adds to every train and evaluate reply.
+ODD_METRICS: dict[FaultKind, dict[str, float]] = {
+    FaultKind.HOT_BOARD: {protocol.CPU_TEMP_C: 71.5},
+    FaultKind.EXTRA_METRIC: {"debug-queue-length": 3.0},
+    FaultKind.INF_COUNTS: {protocol.EMBEDDINGS_COMPUTED: float("inf")},
+}
 
 
 class InjectedFault(RuntimeError):
@@ -62,6 +69,13 @@ def poison(
     return dict(trained)
 
 
+def with_metrics(reply: Message, extra: Mapping[str, float]) -> Message:
+    """The reply with ``extra`` added to its metrics."""
+    if not reply.has_error():
+        reply.content[METRICS] = MetricRecord({**dict(reply.content.metric_records[METRICS].items()), **extra})
+    return reply
+
+
 def fault_injector(state: ProcessState) -> Mod:
     """The mod that makes this node commit its fault, if it has one this round.
 
@@ -79,8 +93,10 @@ def fault_injector(state: ProcessState) -> Mod:
         client = state.client(context.run_config, context.node_config)
         instructions = Instructions.from_record(msg.content.config_records[CONFIG])
         fault = fault_of(client.config, client.node.partition_id, instructions.server_round)
-        if fault is None or (phase == MessageType.EVALUATE and fault not in BEFORE_WORK):
+        if fault is None or (phase == MessageType.EVALUATE and fault not in (*BEFORE_WORK, *ODD_METRICS)):
             return call_next(msg, context)
+        if fault in ODD_METRICS:
+            return with_metrics(call_next(msg, context), ODD_METRICS[fault])
         if fault in (FaultKind.CRASH, FaultKind.DROPOUT):
             raise InjectedFault(f"injected fault: {fault}")
         if fault == FaultKind.STRAGGLE:

@@ -7,6 +7,7 @@ round's peak; in simulation it is the peak of the worker process that hosts the 
 
 from __future__ import annotations
 
+import os
 import resource
 import sys
 from pathlib import Path
@@ -14,6 +15,7 @@ from pathlib import Path
 from common import protocol
 
 THERMAL_ROOT = Path("/sys/class/thermal")
+THERMAL_ROOT_ENV = "EDGESPLIT_THERMAL_ROOT"  # another sysfs-like folder (tests give a board a fake sensor)
 # Zone types that mean "the CPU" on common boards: Raspberry Pi (cpu-thermal), Jetson (CPU-therm),
 # x86 laptops and servers (x86_pkg_temp), many Arm SoCs (soc-thermal, cpu0-thermal...).
 CPU_ZONE_HINTS = ("cpu", "x86_pkg", "soc")
@@ -25,8 +27,9 @@ def peak_rss_mb() -> float:
     return peak / (1024 * 1024) if sys.platform == "darwin" else peak / 1024
 
 
-def cpu_temperature_c(thermal_root: Path = THERMAL_ROOT) -> float | None:
+def cpu_temperature_c(thermal_root: Path | None = None) -> float | None:
     """Hottest CPU thermal zone in degrees Celsius, or None where the board exposes none."""
+    thermal_root = thermal_root or Path(os.environ.get(THERMAL_ROOT_ENV) or THERMAL_ROOT)
     readings = []
     for zone in sorted(thermal_root.glob("thermal_zone*")):
         try:

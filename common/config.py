@@ -36,6 +36,10 @@ class FaultKind(StrEnum):
     CRASH = "crash"  # raises instead of answering
     STRAGGLE = "straggle"  # sleeps fault-delay seconds first
     DROPOUT = "dropout"  # raises, drawn per round with chance fault-dropout (or always, if listed)
+    # Replies a mixed or faulty fleet sends (their metrics, not their arrays):
+    HOT_BOARD = "hot-board"  # reports a CPU temperature, as a board with a thermal zone does
+    EXTRA_METRIC = "extra-metric"  # reports a metric no other node does
+    INF_COUNTS = "inf-counts"  # claims an infinite number of embedded images
 
 
 FAULT_KINDS = tuple(kind.value for kind in FaultKind)

@@ -58,9 +58,11 @@ PERSONAL_MACRO_F1 = "personal-macro-f1"
 PEAK_RSS_MB = "peak-rss-mb"  # device telemetry: the ClientApp process's memory high-water mark
 CPU_TEMP_C = "cpu-temp-c"  # device telemetry, only where the board exposes a CPU thermal zone
 
-# Every metric a reply may carry, per phase (the privacy guard allows exactly these).
 EMBEDDING_METRICS = (EMBED_SECONDS, EMBEDDINGS_COMPUTED, EMBEDDINGS_CACHED, IMAGES_SKIPPED)
 TELEMETRY_METRICS = (PEAK_RSS_MB, CPU_TEMP_C)
+# Counts a reply makes: finite, non-negative and below COUNT_LIMIT, or the reply is rejected.
+COUNT_METRICS = (NUM_EXAMPLES, EMBEDDINGS_COMPUTED, EMBEDDINGS_CACHED, IMAGES_SKIPPED, CLASSES_MISSING)
+COUNT_LIMIT = 1e9
 
 # The ONNX engines' backbone record holds the model file's bytes under this name.
 ONNX_MODEL = "model.onnx"

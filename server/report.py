@@ -108,6 +108,7 @@ CLIENT_COLUMNS = (
     "bytes_up",
     "bytes_down",
     "peak_rss_mb",
+    "cpu_temp_c",
     "failures",
     "rejected",
     "last_problem",

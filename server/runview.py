@@ -37,6 +37,7 @@ class ClientRow:
     bytes_up: int = 0
     bytes_down: int = 0
     peak_rss_mb: float = 0.0
+    cpu_temp_c: float | None = None  # the latest reading, where the board has a CPU thermal zone
     failures: int = 0
     rejected: int = 0
     last_problem: str = ""
@@ -115,6 +116,7 @@ class RunView:
             row.bytes_down += int(event.get("bytes_down", 0))
             row.engine = event.get("engine", row.engine) or row.engine
             row.peak_rss_mb = max(row.peak_rss_mb, float(metrics.get(protocol.PEAK_RSS_MB, 0.0)))
+            row.cpu_temp_c = metrics.get(protocol.CPU_TEMP_C, row.cpu_temp_c)
             if phase == Phase.TRAIN:
                 # Every reply repeats the embedding it used; it took time in the node's first round only.
                 embed_seconds = float(metrics.get(protocol.EMBED_SECONDS, 0.0)) if node not in self._joined else 0.0

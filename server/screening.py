@@ -2,7 +2,12 @@
 nodes they answer, failures and silences are counted, malformed or poisoned replies are
 rejected with a reason (``client-rejected`` events), and accepted ones are logged with their
 bytes, engine and update norm. The checks themselves are plain functions in
-``server/validation.py``."""
+``server/validation.py``.
+
+What a strategy then gets is a normalised copy: one array record and one metric record holding
+exactly the keys it averages (``AVERAGED``). Flower's strategies refuse a round whose replies'
+metric keys differ, which a mixed fleet causes (a board with a thermal zone reports its CPU
+temperature, one without cannot); the whole reply, telemetry included, is in the event log."""
 
 from __future__ import annotations
 
@@ -11,7 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-from flwr.app import Message
+from flwr.app import Message, MetricRecord, RecordDict
 
 from common import protocol
 from common.config import RunConfig
@@ -19,9 +24,27 @@ from common.flower_glue import from_array_record, wire_bytes
 from common.protocol import ClassStats, Phase, ProtocolError, ReplyStatus
 from server.ledger import EmbeddingLedger, RoundTally
 from server.runlog import RunLog
-from server.validation import class_stats_reject_reason, number, reject_reason, update_bounds, update_norm
+from server.validation import (
+    class_stats_reject_reason,
+    is_number,
+    metrics_reject_reason,
+    number,
+    reject_reason,
+    update_bounds,
+    update_norm,
+)
 
 log = logging.getLogger(__name__)
+
+# The metrics Flower's strategies average, per phase: every reply handed to them carries exactly these.
+AVERAGED = {
+    Phase.TRAIN: (protocol.NUM_EXAMPLES, protocol.TRAIN_LOSS, protocol.TRAIN_ACCURACY),
+    Phase.EVALUATE: (protocol.NUM_EXAMPLES, protocol.LOSS, protocol.ACCURACY, protocol.MACRO_F1),
+    Phase.CLASS_SUMS: (protocol.NUM_EXAMPLES,),
+}
+# Where a run fine-tunes personal heads, evaluation averages their scores too; a node that had
+# nothing to fine-tune on (no training share) scores its personal head as the global one.
+PERSONAL = {protocol.PERSONAL_ACCURACY: protocol.ACCURACY, protocol.PERSONAL_MACRO_F1: protocol.MACRO_F1}
 
 
 @dataclass
@@ -98,6 +121,7 @@ class ReplyScreen:
         for candidate in candidates:
             if candidate.node not in flagged:
                 self._accept(candidate, phase, tally, norms.get(candidate.node), byte_counts.get(candidate.node, 0))
+                candidate.reply.content = self._for_strategy(phase, candidate.reply.content)
                 result.accepted.append(candidate.reply)
         return result
 
@@ -134,8 +158,30 @@ class ReplyScreen:
         self.run_log.event("client-rejected", round=tally.record.round, phase=phase.value, node=node, reason=reason)
         log.warning("node %s: %s reply rejected: %s", node, phase.value, reason)
 
+    def _averaged(self, phase: Phase) -> tuple[str, ...]:
+        personal = tuple(PERSONAL) if phase is Phase.EVALUATE and self.config.personal_epochs > 0 else ()
+        return AVERAGED[phase] + personal
+
+    def _for_strategy(self, phase: Phase, content: RecordDict) -> RecordDict:
+        """What a Flower strategy may see of an accepted reply: its one array record, and one
+        metric record with exactly the averaged keys (``AVERAGED``, ``PERSONAL``)."""
+        metrics = content.metric_records[protocol.METRICS]
+        averaged: dict[str, int | float | list[int] | list[float]] = {
+            key: number(metrics.get(key))
+            for key in AVERAGED[phase]  # checked: finite numbers
+        }
+        for key in self._averaged(phase)[len(AVERAGED[phase]) :]:
+            averaged[key] = number(metrics.get(key) if is_number(metrics.get(key)) else metrics.get(PERSONAL[key]))
+        averaged[protocol.NUM_EXAMPLES] = int(number(averaged[protocol.NUM_EXAMPLES]))
+        normalised = RecordDict({protocol.METRICS: MetricRecord(averaged)})
+        for name in (protocol.ARRAYS, protocol.CLASS_STATS):
+            if name in content.array_records:
+                normalised[name] = content.array_records[name]
+        return normalised
+
     def _accept(self, c: _Candidate, phase: Phase, tally: RoundTally, norm: float | None, bytes_down: int) -> None:
-        metrics: dict[str, Any] = dict(c.reply.content[protocol.METRICS].items())
+        # The event keeps every number the node reported (telemetry included), finite ones only.
+        metrics: dict[str, Any] = {k: v for k, v in c.reply.content[protocol.METRICS].items() if is_number(v)}
         self.run_log.event(
             "client-reply",
             round=tally.record.round,
@@ -162,6 +208,9 @@ class ReplyScreen:
         content = reply.content
         if protocol.METRICS not in content.metric_records:
             return "reply carries no metrics"
+        reason = metrics_reject_reason(dict(content.metric_records[protocol.METRICS].items()), AVERAGED[phase])
+        if reason is not None:
+            return reason
         arrays = None
         if phase is Phase.CLASS_SUMS:
             if set(content.array_records) != {protocol.CLASS_STATS}:

@@ -17,6 +17,25 @@ def number(value: object) -> float:
     return float(value) if isinstance(value, int | float) and not isinstance(value, bool) else 0.0
 
 
+def is_number(value: object) -> bool:
+    """A single finite number (not a bool, not a list)."""
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def metrics_reject_reason(metrics: Mapping[str, object], required: tuple[str, ...]) -> str | None:
+    """Why a reply's metrics cannot be used, or None: every ``required`` key a finite number,
+    every count (``protocol.COUNT_METRICS``) it makes finite, non-negative and believable. (An
+    infinite count once raised in the server's bookkeeping; a huge one would skew it.)"""
+    for key in required:
+        if not is_number(metrics.get(key)):
+            return f"metric {key!r} must be a finite number, got {metrics.get(key)!r}"
+    for key in protocol.COUNT_METRICS:
+        value = metrics.get(key, 0)
+        if not is_number(value) or not 0 <= float(value) < protocol.COUNT_LIMIT:  # type: ignore[arg-type]
+            return f"count {key!r} must be a non-negative number below {protocol.COUNT_LIMIT:g}, got {value!r}"
+    return None
+
+
 def reject_reason(
     arrays: Mapping[str, np.ndarray] | None,
     metrics: Mapping[str, object],

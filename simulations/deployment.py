@@ -41,10 +41,11 @@ INSECURE_WARNING = (
 
 @dataclass(frozen=True)
 class Board:
-    """One simulated board: its name (key file name) and Flower node config."""
+    """One simulated board: its name (key file name), Flower node config and extra environment."""
 
     name: str
     node_config: Mapping[str, Any] = field(default_factory=dict)
+    env: Mapping[str, str] = field(default_factory=dict)
 
 
 @dataclass
@@ -221,7 +222,10 @@ class LocalDeployment:
         """Start (or restart) a board's SuperNode; ``key`` overrides its private key (tests)."""
         home = self.board_dir(name) / "flwr-home"
         home.mkdir(parents=True, exist_ok=True)
-        process = self._spawn(name, self.supernode_command(name, key), flower_env(home, self.extra_env))
+        board = next((b for b in self.boards if b.name == name), Board(name))
+        process = self._spawn(
+            name, self.supernode_command(name, key), flower_env(home, {**(self.extra_env or {}), **board.env})
+        )
         self._supernodes[name] = process
         return process
 

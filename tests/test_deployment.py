@@ -24,7 +24,9 @@ import torch
 import torchvision
 from cryptography import x509
 
+from client.telemetry import THERMAL_ROOT_ENV
 from server.credentials import make_credentials
+from server.runview import RunView
 from simulations.deployment import Board, LocalDeployment
 from simulations.federation import running
 from tests.conftest import with_server_engines, write_image_folder
@@ -97,6 +99,15 @@ def test_tls_authenticated_deployment_with_a_board_dying_mid_round(tmp_path: Pat
     # The victim runs the torch engine (its node config overrides the run's "auto"): slow enough
     # to be caught embedding, and proof that one run serves boards of different engines.
     boards[2] = Board(VICTIM, {**boards[2].node_config, "engine": "torch"})
+    # A mixed fleet: board-0 has a CPU thermal zone (a fake sysfs folder), the others none.
+    sensor = tmp_path / "thermal"
+    (sensor / "thermal_zone0").mkdir(parents=True)
+    (sensor / "thermal_zone0" / "type").write_text("cpu-thermal\n")
+    (sensor / "thermal_zone0" / "temp").write_text("48500\n")
+    boards = [
+        Board(b.name, b.node_config, {THERMAL_ROOT_ENV: str(sensor if b.name == "board-0" else tmp_path / "none")})
+        for b in boards
+    ]
     intruder_keys = make_credentials(tmp_path / "intruder", ["127.0.0.1"], ["intruder"])
 
     deployment = LocalDeployment(tmp_path / "deploy", boards)
@@ -152,6 +163,11 @@ def test_tls_authenticated_deployment_with_a_board_dying_mid_round(tmp_path: Pat
         assert {e["node"] for e in replies} and all(e["metrics"]["peak-rss-mb"] > 50 for e in replies)
         assert {e["engine"] for e in replies} == {"onnx-int8"}  # the two survivors
         assert {e["board"] for e in replies} == {"board-0", "board-1"}  # named as registered, not by id alone
+        temperatures = {e["board"]: e["metrics"].get("cpu-temp-c") for e in replies}
+        assert temperatures == {"board-0": 48.5, "board-1": None}  # and Flower aggregated both
+        table = {row["board"]: row for row in RunView(tmp_path / "runs" / "first").state()["clients"]}
+        assert (table["board-0"]["engine"], table["board-0"]["cpu_temp_c"]) == ("onnx-int8", 48.5)
+        assert table["board-1"]["cpu_temp_c"] is None and table[VICTIM]["failures"] == 1
         assert all(e["metrics"]["train-seconds"] > 0 for e in replies)
 
         # The victim restarts: it still holds the verified backbone, so nothing big is sent.

@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 
+from common import protocol
 from server.checkpoint import Checkpoint, CheckpointError
 from simulations.federation import flwr_run
 from tests.conftest import with_server_engines
@@ -52,11 +53,17 @@ def _checkpointed_round(run_dir: Path) -> int:
         return 0
 
 
-# Clients 1-3 of 7 misbehave in every round: NaN arrays, a 1000x update, a crash. Seven, so that
-# five updates pass the first checks and the median-relative bound applies in every round (a fixed
+# Clients 1-3 of 8 misbehave in every round: NaN arrays, a 1000x update, a crash. Clients 4-6 make
+# it a mixed fleet: one reports a CPU temperature, one an infinite count, one a metric no other
+# node has (Flower's strategies refuse replies whose metric keys differ). Eight, so that five
+# updates pass the first checks and the median-relative bound applies in every round (a fixed
 # bound alone misses a scaled update once the learning rate has decayed).
-CLIENTS = 7
-POISONED = {"fault-clients": "1:nan-update,2:scaled-update,3:crash", "min-clients": 2, "num-server-rounds": 3}
+CLIENTS = 8
+POISONED = {
+    "fault-clients": "1:nan-update,2:scaled-update,3:crash,4:hot-board,5:inf-counts,6:extra-metric",
+    "min-clients": 2,
+    "num-server-rounds": 3,
+}
 
 
 @pytest.fixture(scope="module")
@@ -68,10 +75,16 @@ def poisoned(tmp_path_factory: pytest.TempPathFactory, cache: Path) -> dict[str,
 
 def test_poisoned_and_crashing_clients_are_kept_out_and_the_run_goes_on(poisoned: dict[str, Any]) -> None:
     summary, events = poisoned["summary"], poisoned["events"]
-    assert [(r["clients_ok"], r["clients_rejected"], r["clients_failed"]) for r in summary["rounds"]] == [(4, 2, 1)] * 3
+    assert [(r["clients_ok"], r["clients_rejected"], r["clients_failed"]) for r in summary["rounds"]] == [(4, 3, 1)] * 3
     reasons = [e["reason"] for e in events if e["event"] == "client-rejected" and e["phase"] == "train"]
     assert sum("NaN" in r for r in reasons) == 3
     assert sum("max-update-ratio" in r or "max-update-norm" in r for r in reasons) == 3
+    assert sum("'embeddings-computed'" in r for r in reasons) == 3
+    # The mixed fleet's telemetry and extras are kept in the log; every evaluation was aggregated.
+    replies = [e for e in events if e["event"] == "client-reply"]
+    assert sum(protocol.CPU_TEMP_C in e["metrics"] for e in replies) == 6  # train and evaluate, 3 rounds
+    assert sum("debug-queue-length" in e["metrics"] for e in replies) == 6
+    assert all(r["client_accuracy"] is not None for r in summary["rounds"])
     crashes = [e["reason"] for e in events if e["event"] == "client-failed" and e["phase"] == "train"]
     assert len(crashes) == 3 and all("injected fault: crash" in r for r in crashes)
     assert summary["stopped"] is None and 0.0 < summary["final"]["accuracy"] <= 1.0

@@ -61,7 +61,9 @@ class ClientsGrid:
                 continue
             status = to_config_record(protocol.ReplyStatus(fingerprint=FP, engine="torch", engine_fingerprint=FP))
             if kind == MessageType.EVALUATE:
-                metrics = MetricRecord({protocol.NUM_EXAMPLES: 0})
+                metrics = MetricRecord(
+                    {protocol.NUM_EXAMPLES: 0, protocol.LOSS: 0.0, protocol.ACCURACY: 0.0, protocol.MACRO_F1: 0.0}
+                )
                 replies.append(
                     Message(RecordDict({protocol.METRICS: metrics, protocol.STATUS: status}), reply_to=message)
                 )
@@ -79,7 +81,9 @@ class ClientsGrid:
             content = RecordDict(
                 {
                     protocol.ARRAYS: ArrayRecord({k: Array(np.asarray(v, np.float32)) for k, v in arrays.items()}),
-                    protocol.METRICS: MetricRecord({protocol.NUM_EXAMPLES: examples}),
+                    protocol.METRICS: MetricRecord(
+                        {protocol.NUM_EXAMPLES: examples, protocol.TRAIN_LOSS: 0.5, protocol.TRAIN_ACCURACY: 0.8}
+                    ),
                     protocol.STATUS: status,
                 }
             )

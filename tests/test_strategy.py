@@ -137,12 +137,15 @@ def _head(value: float) -> dict[str, np.ndarray]:
     return {"weight": np.full((2, 3), value, np.float32), "bias": np.full(2, value, np.float32)}
 
 
+TRAIN_NUMBERS = {protocol.TRAIN_LOSS: 0.5, protocol.TRAIN_ACCURACY: 0.8}  # what every train reply reports
+
+
 def _reply(instruction: Message, arrays: dict[str, np.ndarray], num_examples: object = 10, fp: str = FP) -> Message:
     TaskIdentity.node_id = instruction.metadata.dst_node_id
     content = RecordDict(
         {
             protocol.ARRAYS: ArrayRecord({k: Array(v) for k, v in arrays.items()}),
-            protocol.METRICS: MetricRecord({protocol.NUM_EXAMPLES: num_examples}),  # type: ignore[dict-item]
+            protocol.METRICS: MetricRecord({protocol.NUM_EXAMPLES: num_examples, **TRAIN_NUMBERS}),  # type: ignore[dict-item]
             protocol.STATUS: to_config_record(
                 protocol.ReplyStatus(fingerprint=fp, engine="torch", engine_fingerprint=fp)
             ),
@@ -280,3 +283,37 @@ def test_a_node_repeating_its_embedding_counts_is_counted_once(strategy: EdgeSpl
         strategy.aggregate_train(server_round, replies)
     ledger = strategy.run.embedding
     assert (ledger.computed, ledger.cached) == (30, 2)
+
+
+def _with_metrics(reply: Message, **extra: object) -> Message:
+    metrics = dict(reply.content[protocol.METRICS].items())
+    reply.content[protocol.METRICS] = MetricRecord({**metrics, **extra})  # type: ignore[dict-item]
+    return reply
+
+
+def test_a_mixed_fleet_aggregates_and_odd_metrics_are_normalised_or_rejected(strategy: EdgeSplitStrategy) -> None:
+    """One board reports its CPU temperature, one an extra metric, one an infinite count, one a
+    second metric record: Flower's strategies refuse replies whose metric keys differ, so the
+    screen hands them exactly the averaged keys and keeps the rest in the event log."""
+    grid = StubGrid([1, 2, 3, 4, 5], holders={1, 2, 3, 4, 5})
+    sent = {m.metadata.dst_node_id: m for m in strategy.configure_train(1, to_array_record(_head(0)), _config(), grid)}  # type: ignore[arg-type]
+    two_records = _reply(sent[5], _head(1.0))
+    two_records.content["more-metrics"] = MetricRecord({"x": 1.0})
+    replies = [
+        _with_metrics(_reply(sent[1], _head(0.5)), **{protocol.CPU_TEMP_C: 61.5}),
+        _with_metrics(_reply(sent[2], _head(1.5)), **{"debug-counter": 3}),
+        _with_metrics(_reply(sent[3], _head(1.0)), **{protocol.EMBEDDINGS_COMPUTED: float("inf")}),
+        _with_metrics(_reply(sent[4], _head(1.0)), **{protocol.TRAIN_LOSS: [0.1, 0.2]}),
+        two_records,
+    ]
+    arrays, metrics = strategy.aggregate_train(1, replies)
+    assert arrays is not None and metrics is not None
+    np.testing.assert_allclose(from_array_record(arrays)["weight"], np.full((2, 3), 1.0, np.float32), rtol=1e-6)
+    assert set(metrics) == {protocol.TRAIN_LOSS, protocol.TRAIN_ACCURACY}  # Flower averaged exactly these
+    record: RoundRecord = strategy.tally.record
+    assert (record.clients_ok, record.clients_rejected) == (3, 2)
+    events = _events(strategy)
+    reasons = {e["node"]: e["reason"] for e in events if e["event"] == "client-rejected"}
+    assert "embeddings-computed" in str(reasons[3]) and "train-loss" in str(reasons[4])
+    logged = {e["node"]: e["metrics"] for e in events if e["event"] == "client-reply"}
+    assert logged[1][protocol.CPU_TEMP_C] == 61.5 and logged[2]["debug-counter"] == 3  # type: ignore[index]

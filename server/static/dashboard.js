@@ -93,6 +93,7 @@ const CLIENT_COLUMNS = [
   ["bytes_up", "bytes up", (c) => bytes(c.bytes_up)],
   ["bytes_down", "bytes down", (c) => bytes(c.bytes_down)],
   ["peak_rss_mb", "peak RSS MB", (c) => fmt(c.peak_rss_mb, 0)],
+  ["cpu_temp_c", "CPU °C", (c) => (c.cpu_temp_c == null ? "–" : fmt(c.cpu_temp_c, 1))],
   ["failures", "failures", (c) => c.failures],
   ["rejected", "rejected", (c) => c.rejected],
   ["last_problem", "last problem", (c) => c.last_problem],
