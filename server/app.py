@@ -30,7 +30,7 @@ def main(grid: Grid, context: Context) -> None:
     run = ServerRun.prepare(config, flower_run_id=context.run_id)
     rounds = RoundLoop(EdgeSplitStrategy.for_run(run))
     try:
-        finish(run, rounds.run_rounds(PromptGrid(grid)))
+        finish(run, rounds.run_rounds(PromptGrid(grid, on_event=run.run_log.event)))
     except RunStopped as stop:
         # Record what was reached (summary, report, checkpoint stay), then fail the Flower run.
         log.error("%s", stop)

@@ -5,7 +5,8 @@ connected; the wrapper waits here (at most ``node-wait-timeout``) and then hands
 whose node list is fixed, so that Flower's own loop never waits again.
 
 Noticing replies promptly: Flower 1.41's deployed grid (``HttpGrid``) sleeps 3 s between pulls,
-so every phase of every round waited up to 3 s after its last reply had arrived.
+so every phase of every round waited up to 3 s after its last reply had arrived. The run's grid
+pulls every 0.25 s, and sends lost or overdue instructions again (server/delivery.py).
 """
 
 from __future__ import annotations
@@ -17,6 +18,8 @@ from typing import TYPE_CHECKING
 
 from flwr.app import Message, RecordDict
 from flwr.serverapp import Grid
+
+from server.delivery import Delivery, EventSink
 
 if TYPE_CHECKING:
     from flwr.proto.node_pb2 import NodeInfo
@@ -59,10 +62,12 @@ REPLY_POLL_SECONDS = 0.25
 
 
 class PromptGrid(Grid):
-    """The run's grid, pulling replies every ``poll`` seconds; everything else goes to ``grid``."""
+    """The run's grid: replies pulled every ``poll`` seconds, lost or overdue instructions sent
+    again (server/delivery.py); everything else goes to ``grid``."""
 
-    def __init__(self, grid: Grid, poll: float = REPLY_POLL_SECONDS) -> None:
-        self._grid, self._poll = grid, poll
+    def __init__(self, grid: Grid, poll: float = REPLY_POLL_SECONDS, on_event: EventSink | None = None) -> None:
+        self._grid = grid
+        self.delivery = Delivery(grid, poll, on_event)
 
     def get_node_ids(self) -> Iterable[int]:
         return self._grid.get_node_ids()
@@ -89,25 +94,15 @@ class PromptGrid(Grid):
         return self._grid.pull_messages(message_ids)
 
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
-        """Push, then pull until every message has its reply or ``timeout`` (seconds) has passed."""
-        waiting = set(self.push_messages(messages))
-        deadline = None if timeout is None else time.monotonic() + timeout
-        replies: list[Message] = []
-        while waiting:
-            arrived = list(self.pull_messages(waiting))
-            replies += arrived
-            waiting -= {reply.metadata.reply_to_message_id for reply in arrived}
-            if not waiting or (deadline is not None and time.monotonic() >= deadline):
-                break
-            time.sleep(self._poll)
-        return replies
+        """One reply per node, or none from a node that gave none within ``timeout`` seconds."""
+        return self.delivery.send_and_receive(messages, timeout)
 
 
 class FixedNodesGrid(PromptGrid):
     """A grid whose node list is a snapshot."""
 
     def __init__(self, grid: Grid, nodes: list[int]) -> None:
-        super().__init__(grid)
+        super().__init__(grid)  # (Flower's strategies only sample from it; the round loop sends)
         self._nodes = list(nodes)
 
     def get_node_ids(self) -> Iterable[int]:
