@@ -42,9 +42,22 @@ def cpu_temperature_c(thermal_root: Path | None = None) -> float | None:
     return max(readings) if readings else None
 
 
+def process_seconds() -> float | None:
+    """Seconds since this process started (Linux /proc; None elsewhere)."""
+    try:
+        started_ticks = int(Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[19])
+        uptime = float(Path("/proc/uptime").read_text().split()[0])
+    except (OSError, IndexError, ValueError):
+        return None
+    return max(0.0, uptime - started_ticks / os.sysconf("SC_CLK_TCK"))
+
+
 def device_metrics() -> dict[str, float]:
     """The per-round device telemetry, as metric values (temperature only where it exists)."""
     metrics = {protocol.PEAK_RSS_MB: round(peak_rss_mb(), 1)}
+    age = process_seconds()
+    if age is not None:
+        metrics[protocol.PROCESS_SECONDS] = round(age, 2)
     temperature = cpu_temperature_c()
     if temperature is not None:
         metrics[protocol.CPU_TEMP_C] = round(temperature, 1)

@@ -57,9 +57,12 @@ PERSONAL_ACCURACY = "personal-accuracy"  # the personal head on the same local t
 PERSONAL_MACRO_F1 = "personal-macro-f1"
 PEAK_RSS_MB = "peak-rss-mb"  # device telemetry: the ClientApp process's memory high-water mark
 CPU_TEMP_C = "cpu-temp-c"  # device telemetry, only where the board exposes a CPU thermal zone
+# Device telemetry: seconds since the replying process started. Deployed, that is one ClientApp
+# process per message, so it is the board's whole time for the message (start-up included).
+PROCESS_SECONDS = "process-seconds"
 
 EMBEDDING_METRICS = (EMBED_SECONDS, EMBEDDINGS_COMPUTED, EMBEDDINGS_CACHED, IMAGES_SKIPPED)
-TELEMETRY_METRICS = (PEAK_RSS_MB, CPU_TEMP_C)
+TELEMETRY_METRICS = (PEAK_RSS_MB, CPU_TEMP_C, PROCESS_SECONDS)
 # Counts a reply makes: finite, non-negative and below COUNT_LIMIT, or the reply is rejected.
 COUNT_METRICS = (NUM_EXAMPLES, EMBEDDINGS_COMPUTED, EMBEDDINGS_CACHED, IMAGES_SKIPPED, CLASSES_MISSING)
 COUNT_LIMIT = 1e9

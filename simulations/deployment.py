@@ -103,9 +103,8 @@ class LocalDeployment:
         make_credentials(self.credentials.folder, ["127.0.0.1", "localhost"], [b.name for b in self.boards])
         self.port = self.port or free_port()
         self._write_connection()
-        # A fresh SuperLink state each start: every board key is registered anew below. The
-        # boards' caches (backbone, embeddings) live in their own folders and persist.
-        (self.workdir / "superlink.db").unlink(missing_ok=True)
+        # A fresh SuperLink state each start (in memory): every board key is registered anew
+        # below. The boards' caches (backbone, embeddings) live in their own folders and persist.
         self._superlink = self._spawn("superlink", self._superlink_command(), self.env, cwd=PROJECT_ROOT)
         wait_for_port(self.port, self._superlink, self.log_path("superlink"))
         for board in self.boards:
@@ -137,8 +136,8 @@ class LocalDeployment:
             "127.0.0.1",
             "--port",
             str(self.port),
-            "--database",
-            str(self.workdir / "superlink.db"),
+            # No --database: Flower's in-memory state. With its SQLite file, concurrent pushes from
+            # ten boards failed with "database is locked" and their replies were lost (issue 16).
             "--enable-supernode-auth",
             # Apps' dependencies are installed already; boards have no internet in the field either.
             "--disable-runtime-dependency-installation",

@@ -132,5 +132,9 @@ def test_cpu_temperature_comes_from_cpu_zones_only(tmp_path: Path) -> None:
 
 def test_device_metrics_are_numbers_about_the_device() -> None:
     metrics = device_metrics()
-    assert set(metrics) <= {protocol.PEAK_RSS_MB, protocol.CPU_TEMP_C}
+    assert set(metrics) <= {protocol.PEAK_RSS_MB, protocol.CPU_TEMP_C, protocol.PROCESS_SECONDS}
     assert metrics[protocol.PEAK_RSS_MB] == round(peak_rss_mb(), 1) > 10
+    if Path("/proc/self/stat").exists():  # Linux, as boards are: a fresh process's age
+        code = "import time; time.sleep(0.6); from client.telemetry import process_seconds; print(process_seconds())"
+        age = float(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout)
+        assert 0.6 <= age < 10
