@@ -167,10 +167,10 @@ class EdgeClient:
     ) -> tuple[dict[str, np.ndarray], dict[str, float]]:
         """Train the trainable part (the head, and the tail at a later cut) from the global
         weights; returns (its arrays, metrics)."""
+        head = self._head(arrays, instructions)  # first: a cut this device cannot train fails before embedding
         data = self.embedded(instructions)
         if len(data.train_y) == 0:
             raise ValueError(f"{self.name} has no usable training images (all skipped).")
-        head = self._head(arrays, instructions)
         result = head.train(
             data.train_x,
             data.train_y,
@@ -196,8 +196,8 @@ class EdgeClient:
     def evaluate(self, arrays: Mapping[str, np.ndarray], instructions: Instructions) -> dict[str, float]:
         """Score the global head on this device's local test share; with ``personal-epochs``,
         also a personal head fine-tuned from it on the local training share."""
-        data = self.embedded(instructions)
         head = self._head(arrays, instructions)
+        data = self.embedded(instructions)
         classes, average = instructions.num_classes, instructions.average_views
         report = head.evaluate(data.test_x, data.test_y, classes, average)
         metrics = {
@@ -244,8 +244,8 @@ class EdgeClient:
         """FedNCM's statistics of the local training share: per class, the sum of the features
         the classifier sees and the count. A class with fewer than ``ncm-min-examples`` images
         is sent as zeros, so that no sum is close to one image's features."""
-        data = self.embedded(instructions)
         head = self._head(arrays, instructions)
+        data = self.embedded(instructions)
         minimum = instructions.ncm_min_examples
         sums, counts = head.class_sums(data.train_x, data.train_y, instructions.num_classes, minimum)
         metrics = {protocol.NUM_EXAMPLES: len(data.train_y), **data.metrics(), **device_metrics()}
