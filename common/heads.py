@@ -191,8 +191,9 @@ def predict_proba(head: nn.Module, features: np.ndarray, average_views: bool, ba
     head.eval()
     chosen = features if average_views else features[:, :1]
     rows = []
-    for start in range(0, len(chosen), batch_size):
-        batch = torch.from_numpy(np.ascontiguousarray(chosen[start : start + batch_size])).float()
+    step = max(1, batch_size // max(chosen.shape[1], 1))  # batch_size rows, whatever the number of views
+    for start in range(0, len(chosen), step):
+        batch = torch.from_numpy(np.ascontiguousarray(chosen[start : start + step])).float()
         logits = head(batch.flatten(0, 1)).unflatten(0, batch.shape[:2])
         rows.append(logits.softmax(-1).mean(1).numpy())
     return np.concatenate(rows) if rows else np.zeros((0, 0), dtype=np.float32)
@@ -219,10 +220,11 @@ def class_sums(
     classifier = head.classifier
     assert isinstance(classifier, nn.Linear), "FedNCM sets a linear classifier"  # the config rule
     sums = torch.zeros(num_classes, classifier.in_features)
-    for start in range(0, len(labels), 256):
-        batch = torch.from_numpy(np.ascontiguousarray(features[start : start + 256])).float()
+    step = max(1, 256 // max(features.shape[1], 1))  # 256 rows, whatever the number of views
+    for start in range(0, len(labels), step):
+        batch = torch.from_numpy(np.ascontiguousarray(features[start : start + step])).float()
         pooled = head.pooled(batch.flatten(0, 1)).unflatten(0, batch.shape[:2]).mean(1)
-        sums.index_add_(0, torch.from_numpy(np.asarray(labels[start : start + 256], dtype=np.int64)), pooled)
+        sums.index_add_(0, torch.from_numpy(np.asarray(labels[start : start + step], dtype=np.int64)), pooled)
     counts = np.bincount(np.asarray(labels, dtype=np.int64), minlength=num_classes).astype(np.float32)
     too_few = counts < min_examples
     sums[torch.from_numpy(too_few)], counts[too_few] = 0.0, 0.0

@@ -277,8 +277,9 @@ class NumpyHead:
         averaged over every view (test-time augmentation)."""
         chosen = features if average_views else features[:, :1]
         rows = []
-        for start in range(0, len(chosen), batch_size):
-            batch = chosen[start : start + batch_size]
+        step = max(1, batch_size // max(chosen.shape[1], 1))  # batch_size rows, whatever the number of views
+        for start in range(0, len(chosen), step):
+            batch = chosen[start : start + step]
             logits, _ = self.logits(self.pooled(batch.reshape(-1, batch.shape[-1])))
             rows.append(softmax(logits).reshape(*batch.shape[:2], -1).mean(1))
         return np.concatenate(rows) if rows else np.zeros((0, self.num_classes), dtype=np.float32)
@@ -307,10 +308,11 @@ class NumpyHead:
             raise ValueError("FedNCM sets a linear classifier; class sums need head='linear'.")
         y = np.asarray(labels, dtype=np.int64)
         sums = np.zeros((num_classes, self.params["classifier.weight"].shape[1]), dtype=np.float32)
-        for start in range(0, len(y), 256):
-            batch = features[start : start + 256]
+        step = max(1, 256 // max(features.shape[1], 1))
+        for start in range(0, len(y), step):
+            batch = features[start : start + step]
             pooled = self.pooled(batch.reshape(-1, batch.shape[-1])).reshape(*batch.shape[:2], -1).mean(1)
-            np.add.at(sums, y[start : start + 256], pooled)
+            np.add.at(sums, y[start : start + step], pooled)
         counts = np.bincount(y, minlength=num_classes).astype(np.float32)
         too_few = counts < min_examples
         sums[too_few], counts[too_few] = 0.0, 0.0
