@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import re
 import shutil
@@ -211,7 +212,7 @@ def measure(tmp: Path, setup: dict[str, Any], cut: int) -> dict[str, dict[str, f
     return results
 
 
-def table(results: dict[str, dict[str, float]]) -> str:
+def table(results: dict[str, dict[str, float]], cut: int) -> str:
     from simulations.benchmark import markdown_table
 
     images = int(results["after"]["images"])
@@ -225,7 +226,12 @@ def table(results: dict[str, dict[str, float]]) -> str:
     rows = [(label, *(f"{results[mode][phase]:.0f} MiB" for mode in MODES)) for phase, label in labels.items()]
     rows.append(("highest phase", *(f"{max(results[m][p] for p in labels):.0f} MiB" for m in MODES)))
     rows.append(("torch imported", *("yes" if results[m]["torch imported"] else "no" for m in MODES)))
-    return markdown_table(rows, ("phase (peak RSS of the client process)", "before: torch head", "after: NumPy head"))
+    columns = (
+        ("before: torch head", "after: NumPy head")
+        if cut == 0
+        else ("before: torch imported at start", "after: torch imported for the tail")
+    )
+    return markdown_table(rows, ("phase (peak RSS of the client process)", *columns))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -243,8 +249,9 @@ def main(argv: list[str] | None = None) -> int:
             setup = board_setup(Path(tmp), cut, args.partitions)
             if cut == 0:
                 startup = {mode: startup_seconds(mode, setup) for mode in MODES}
+                startup["load"] = os.getloadavg()[0]
             tables[cut] = measure(Path(tmp), setup, cut)
-            print(f"cut={cut}\n{table(tables[cut])}\n", flush=True)
+            print(f"cut={cut}\n{table(tables[cut], cut)}\n", flush=True)
     body = report(tables, startup, args.partitions)
     print(body)
     from simulations.benchmark import update_section
@@ -271,23 +278,22 @@ def report(tables: dict[int, dict[str, dict[str, float]]], startup: dict[str, fl
         "engine (int8 ONNX Runtime) and views (8). Each scenario is a fresh process; a phase's figure is the "
         "process's peak during that phase. Before: torch imported with the ClientApp and the torch head (the "
         "client as it was); after: the NumPy head, torch not imported at cut 0.\n\n"
-        f"Head only (cut 0):\n\n{table(tables[0])}\n\n"
+        f"Head only (cut 0):\n\n{table(tables[0], 0)}\n\n"
         f"Last stage trains too (cut 1: 7x7x320 feature maps cached, the tail trains in torch):\n\n"
-        f"{table(tables[1])}\n\n"
+        f"{table(tables[1], 1)}\n\n"
         f"Highest peak after: {peak[0]:.0f} MiB at cut 0 (fits {fits(peak[0])}), {peak[1]:.0f} MiB at cut 1 "
         f"(fits {fits(peak[1])}). Memory assumed free for the client after a lite 64-bit OS: "
         + ", ".join(f"{size} board: {usable} MiB" for size, usable in USABLE_MIB.items())
         + ". The SuperNode process runs beside the ClientApp and needs memory too.\n\n"
         "Message start-up (head only): process start to the first line of the train handler, median of 3: "
         f"before {startup['before']:.2f} s, after {startup['after']:.2f} s "
-        f"({startup['before'] / startup['after']:.1f}x faster).\n"
+        f"({startup['before'] / startup['after']:.1f}x faster; load average {startup['load']:.1f} on this "
+        "shared machine while measuring).\n"
     )
 
 
 def _cpu() -> str:
     """The CPU model, its widest vector extension we care about, and the core count."""
-    import os
-
     info = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
     model = re.search(r"^model name\s*:\s*(.+)$", info, re.MULTILINE)
     flags = re.search(r"^flags\s*:\s*(.+)$", info, re.MULTILINE)
