@@ -1,4 +1,6 @@
-"""The trainable part: a small head on cached embeddings, and how it trains and scores."""
+"""The trainable part in torch: a small head on cached embeddings (after the backbone's tail at a
+later cut), and how it trains and scores. A head-only run uses the same head on NumPy
+(common/numpy_head.py), which draws the same random numbers: see ``make_head`` and ``train_head``."""
 
 from __future__ import annotations
 
@@ -14,6 +16,7 @@ from torch import nn
 
 from common.metrics import ClassificationReport
 from common.numpy_head import DROPOUT, HEAD_KINDS, Draws, TrainResult, initial_arrays, report_of
+from common.numpy_head import ncm_head_arrays as ncm_head_arrays  # re-exported: its home was here
 
 
 class MaskedDropout(nn.Module):

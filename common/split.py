@@ -22,6 +22,8 @@ from torch import nn
 
 from common.backbones import get_spec
 from common.cut import check_cut
+from common.cut import embedding_space as embedding_space  # re-exported: its home was here
+from common.cut import max_cut as max_cut  # re-exported: its home was here
 from common.heads import Head, make_head
 
 
