@@ -1,7 +1,8 @@
 """A head-only board's ClientApp process never imports torch: Flower's ClientApp is called on a
 real train message in a fresh process (as a SuperNode starts one per message), and afterwards
 neither torch nor torchvision nor timm is in ``sys.modules``. A board without torch asked for a
-later cut answers with an error that names the extra to install."""
+later cut answers with an error that names the extra to install, and the `edge` install profile
+does not install torch."""
 
 from __future__ import annotations
 
@@ -130,3 +131,21 @@ def test_a_board_without_torch_asked_for_a_later_cut_names_the_extra(tmp_path: P
     assert outcome["error"].startswith("MissingExtra: cut=1")
     assert "pip install 'edgesplit[edge,torch]'" in outcome["error"]
     assert outcome["heavy_imported"] == []
+
+
+def test_the_edge_install_profile_has_no_torch() -> None:
+    """pyproject.toml: the base install plus the `edge` extra name no torch, torchvision or timm
+    (pip resolves exactly these and their own dependencies, none of which is torch), while the
+    `torch` extra and the server's do."""
+    import re
+    import tomllib
+
+    project = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())["project"]
+    extras = project["optional-dependencies"]
+
+    def names(requirements: list[str]) -> set[str]:
+        return {re.split(r"[\[<>=!~ ;]", requirement, maxsplit=1)[0].lower() for requirement in requirements}
+
+    assert not names(project["dependencies"] + extras["edge"]) & set(HEAVY)
+    assert names(extras["torch"]) >= set(HEAVY)
+    assert "edgesplit[edge,torch]" in extras["server"]
