@@ -114,7 +114,9 @@ class EdgeClient:
 
     def receive_backbone(self, arrays: Mapping[str, np.ndarray], instructions: Instructions) -> None:
         """Keep the variant the server sent (the backbone record's arrays) for the announced engine."""
-        self.backbones.keep(engine_kind(instructions.engine), arrays, instructions)
+        kind = engine_kind(instructions.engine)
+        kind.require()  # e.g. the torch engine on a board without torch: say which extra to install
+        self.backbones.keep(kind, arrays, instructions)
 
     def reply_status(self, instructions: Instructions) -> ReplyStatus:
         """What this device says about itself with every train, evaluate and class-sums reply."""
@@ -135,6 +137,7 @@ class EdgeClient:
     def _embed(self, instructions: Instructions, space: str) -> EmbeddedData:
         kind, fp, variant = engine_kind(instructions.engine), instructions.fingerprint, instructions.engine_fingerprint
         cut, views = instructions.cut, instructions.views
+        kind.require()
         if not self.backbones.holds(kind, fp, variant, cut):
             raise FingerprintMismatch(
                 f"{self.name} does not hold the {kind.name} backbone {variant[:12]}; the server must send it."

@@ -119,16 +119,26 @@ def test_a_head_only_clientapp_process_trains_without_importing_torch(tmp_path: 
     assert np.isfinite(metrics[protocol.TRAIN_LOSS]) and metrics[protocol.BACKBONE_RECEIVED] == 1
 
 
-@pytest.mark.parametrize("cut", [1])
-def test_a_board_without_torch_asked_for_a_later_cut_names_the_extra(tmp_path: Path, cut: int) -> None:
-    # Prepare: no backbone needed, the board refuses before embedding anything
+@pytest.mark.parametrize(
+    ("cut", "engine", "refusal"),
+    [(1, "auto", "MissingExtra: cut=1"), (0, "torch", "EngineError: engine='torch' needs torch")],
+)
+def test_a_board_without_torch_asked_for_torch_work_names_the_extra(
+    tmp_path: Path, cut: int, engine: str, refusal: str
+) -> None:
+    """A later cut (the tail trains in torch) or the torch engine, on a board with the `edge`
+    profile only: the message is refused before any embedding, with the extra to install.
+    (Flower's runner turns the exception into an error reply; the server counts the node as
+    failed, with this reason in events.jsonl, and the round goes on with the others.)"""
+    # Prepare: no backbone needed, the board refuses first
     setup = _setup(tmp_path, cut, None)
+    setup["run_config"]["engine"] = engine
 
     # Execute
     outcome = _run_clientapp(setup, blocked=HEAVY)
 
     # Assert
-    assert outcome["error"].startswith("MissingExtra: cut=1")
+    assert outcome["error"].startswith(refusal)
     assert "pip install 'edgesplit[edge,torch]'" in outcome["error"]
     assert outcome["heavy_imported"] == []
 
