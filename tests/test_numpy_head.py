@@ -15,7 +15,8 @@ from common.numpy_head import NumpyHead, head_shapes, initial_arrays
 from common.trainable import MissingExtra, make_trainable, require_torch, trainable_shapes
 
 # float32 on both sides; only the order of additions in BLAS differs. Over 5 epochs of SGD with
-# momentum the arrays stay within 1e-5 of each other (measured: at most 7e-6); we allow 1e-4.
+# momentum the arrays stay within 1e-6 of each other in these cases (measured: at most 2.4e-7;
+# 6e-6 on 300 examples of 64-d features with mu=0.1); we allow 1e-4.
 ATOL = 1e-4
 
 
