@@ -1,7 +1,7 @@
 """Peak memory of one edge client process, phase by phase, and how long a message takes to start:
 what a board must have free, with the torch head (before issue 17) and the NumPy head (after).
 
-    python -m simulations.edge_memory            # about 5 minutes on 2 cores
+    python -m simulations.edge_memory            # about 13 minutes on 2 shared cores
 
 Each scenario runs in a fresh Python process that imports what a deployed ClientApp imports
 (``client.app``). The peak (VmHWM) is reset before each phase (``/proc/self/clear_refs``), so a
