@@ -14,6 +14,7 @@ $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
 	# torch first, pinned to the wheels this machine class carries (pip finds them locally).
 	$(PY) -m pip install --quiet torch==2.14.1 torchvision==0.29.1
+	# dev pulls server, which pulls edge and torch: everything (a board installs only ".[edge]").
 	$(PY) -m pip install --quiet -e ".[dev]"
 	# The dashboard test drives Debian's chromium (Playwright's own browser download is not used).
 	command -v chromium >/dev/null || { $(SUDO) apt-get update -qq && $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; }

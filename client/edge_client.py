@@ -8,7 +8,6 @@ test share. Its images and embeddings never leave this module except as head wei
 
 from __future__ import annotations
 
-import copy
 import logging
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -23,12 +22,12 @@ from client.telemetry import device_metrics
 from client.trainable import head_for
 from common import protocol
 from common.config import NodeConfig, RunConfig
+from common.cut import embedding_space
 from common.data import LabelledFiles
 from common.embedding import EmbeddingCache, EmbedStats, embed_files, progress_logger
 from common.engines import EngineKind, FingerprintMismatch, engine_kind, resolve_engine
-from common.heads import Head, class_sums, evaluate_head, head_arrays, load_head_arrays, train_head
 from common.protocol import BackboneStatus, ClassStats, Instructions, ReplyStatus
-from common.split import embedding_space
+from common.trainable import Trainable
 
 log = logging.getLogger(__name__)
 
@@ -115,7 +114,9 @@ class EdgeClient:
 
     def receive_backbone(self, arrays: Mapping[str, np.ndarray], instructions: Instructions) -> None:
         """Keep the variant the server sent (the backbone record's arrays) for the announced engine."""
-        self.backbones.keep(engine_kind(instructions.engine), arrays, instructions)
+        kind = engine_kind(instructions.engine)
+        kind.require()  # e.g. the torch engine on a board without torch: say which extra to install
+        self.backbones.keep(kind, arrays, instructions)
 
     def reply_status(self, instructions: Instructions) -> ReplyStatus:
         """What this device says about itself with every train, evaluate and class-sums reply."""
@@ -136,6 +137,7 @@ class EdgeClient:
     def _embed(self, instructions: Instructions, space: str) -> EmbeddedData:
         kind, fp, variant = engine_kind(instructions.engine), instructions.fingerprint, instructions.engine_fingerprint
         cut, views = instructions.cut, instructions.views
+        kind.require()
         if not self.backbones.holds(kind, fp, variant, cut):
             raise FingerprintMismatch(
                 f"{self.name} does not hold the {kind.name} backbone {variant[:12]}; the server must send it."
@@ -168,12 +170,11 @@ class EdgeClient:
     ) -> tuple[dict[str, np.ndarray], dict[str, float]]:
         """Train the trainable part (the head, and the tail at a later cut) from the global
         weights; returns (its arrays, metrics)."""
+        head = self._head(arrays, instructions)  # first: a cut this device cannot train fails before embedding
         data = self.embedded(instructions)
         if len(data.train_y) == 0:
             raise ValueError(f"{self.name} has no usable training images (all skipped).")
-        head = self._head(arrays, instructions)
-        result = train_head(
-            head,
+        result = head.train(
             data.train_x,
             data.train_y,
             epochs=instructions.local_epochs,
@@ -193,15 +194,15 @@ class EdgeClient:
             **data.metrics(),
             **device_metrics(),
         }
-        return head_arrays(head), metrics
+        return head.arrays(), metrics
 
     def evaluate(self, arrays: Mapping[str, np.ndarray], instructions: Instructions) -> dict[str, float]:
         """Score the global head on this device's local test share; with ``personal-epochs``,
         also a personal head fine-tuned from it on the local training share."""
-        data = self.embedded(instructions)
         head = self._head(arrays, instructions)
+        data = self.embedded(instructions)
         classes, average = instructions.num_classes, instructions.average_views
-        report = evaluate_head(head, data.test_x, data.test_y, classes, average)
+        report = head.evaluate(data.test_x, data.test_y, classes, average)
         metrics = {
             protocol.NUM_EXAMPLES: report.num_examples,
             protocol.LOSS: report.loss if report.num_examples else 0.0,
@@ -210,12 +211,12 @@ class EdgeClient:
         }
         if instructions.personal_epochs > 0 and len(data.train_y):
             personal = self.personalise(head, data, instructions)
-            personal_report = evaluate_head(personal, data.test_x, data.test_y, classes, average)
+            personal_report = personal.evaluate(data.test_x, data.test_y, classes, average)
             metrics[protocol.PERSONAL_ACCURACY] = personal_report.accuracy
             metrics[protocol.PERSONAL_MACRO_F1] = personal_report.macro_f1
         return {**metrics, **data.metrics(), **device_metrics()}
 
-    def personalise(self, global_head: Head, data: EmbeddedData, instructions: Instructions) -> Head:
+    def personalise(self, global_head: Trainable, data: EmbeddedData, instructions: Instructions) -> Trainable:
         """A personal head: the global model with its classifier fine-tuned on this device's own
         training share (the tail, the shared representation, stays global: FedRep/FedBABU). It is
         kept on disk, so the board can classify with it, and never sent.
@@ -223,9 +224,8 @@ class EdgeClient:
         The step is a tenth of ``learning-rate``: it adjusts a trained head to local data rather
         than retraining it, and a few local images at the full rate overshoot (on a
         2-classes-per-client split, the full rate left personal heads below the global one)."""
-        head = copy.deepcopy(global_head)
-        train_head(
-            head,
+        head = global_head.copy()
+        head.train(
             data.train_x,
             data.train_y,
             epochs=instructions.personal_epochs,
@@ -238,7 +238,7 @@ class EdgeClient:
         directory = self.cache_dir / "personal"
         directory.mkdir(parents=True, exist_ok=True)
         path = directory / f"{instructions.fingerprint[:16]}-cut{instructions.cut}.npz"
-        np.savez(path, **head_arrays(head))  # type: ignore[arg-type]  # numpy's stub types **kwds oddly
+        np.savez(path, **head.arrays())  # type: ignore[arg-type]  # numpy's stub types **kwds oddly
         return head
 
     def class_sums(
@@ -247,10 +247,10 @@ class EdgeClient:
         """FedNCM's statistics of the local training share: per class, the sum of the features
         the classifier sees and the count. A class with fewer than ``ncm-min-examples`` images
         is sent as zeros, so that no sum is close to one image's features."""
-        data = self.embedded(instructions)
         head = self._head(arrays, instructions)
+        data = self.embedded(instructions)
         minimum = instructions.ncm_min_examples
-        sums, counts = class_sums(head, data.train_x, data.train_y, instructions.num_classes, minimum)
+        sums, counts = head.class_sums(data.train_x, data.train_y, instructions.num_classes, minimum)
         metrics = {protocol.NUM_EXAMPLES: len(data.train_y), **data.metrics(), **device_metrics()}
         return ClassStats(sums=sums, counts=counts), metrics
 
@@ -258,7 +258,7 @@ class EdgeClient:
         return instructions.seed + 1000 * instructions.server_round + (self.node.partition_id or 0)
 
     @staticmethod
-    def _head(arrays: Mapping[str, np.ndarray], instructions: Instructions) -> Head:
+    def _head(arrays: Mapping[str, np.ndarray], instructions: Instructions) -> Trainable:
         head = head_for(instructions)
-        load_head_arrays(head, arrays)
+        head.load(arrays)
         return head

@@ -10,11 +10,10 @@ without limit.
 
 from __future__ import annotations
 
+import importlib.util
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
-
-import torch
 
 from client.backbone_cache import BackboneCache, BuiltEngines, VerifiedFiles
 from client.edge_client import EdgeClient
@@ -71,7 +70,9 @@ class ProcessState:
             ),
         )
         configure_logging()
-        if client.config.num_threads > 0:
+        if client.config.num_threads > 0 and runs_torch(client):
+            import torch
+
             torch.set_num_threads(client.config.num_threads)
         return client
 
@@ -84,6 +85,13 @@ class ProcessState:
         self.clients.clear()
         self.engines.clear()
         self.verified.clear()
+
+
+def runs_torch(client: EdgeClient) -> bool:
+    """Whether this node's work runs in torch (a later cut's tail, the torch engine) and torch is
+    installed: a head-only process on an ONNX engine never imports it."""
+    needed = client.config.cut > 0 or client.engine.name == "torch"
+    return needed and importlib.util.find_spec("torch") is not None
 
 
 _PROCESS_STATE: ProcessState | None = None

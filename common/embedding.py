@@ -56,6 +56,16 @@ class EmbeddingCache:
                 found[key] = np.frombuffer(blob, dtype=np.float16).reshape(tuple(map(int, shape.split("x"))))
         return found
 
+    def present(self, keys: Iterable[str]) -> set[str]:
+        """Which of ``keys`` the cache holds, without reading their features."""
+        found: set[str] = set()
+        keys = list(dict.fromkeys(keys))
+        for start in range(0, len(keys), 500):
+            chunk = keys[start : start + 500]
+            query = f"SELECT key FROM features WHERE key IN ({','.join('?' * len(chunk))})"
+            found.update(key for (key,) in self._db.execute(query, chunk))
+        return found
+
     def put_many(self, items: Iterable[tuple[str, np.ndarray]]) -> None:
         rows = []
         for key, value in items:
@@ -98,9 +108,10 @@ class Embedded:
     positions: np.ndarray  # (n,) each row's index in the input files (skipped files have none)
 
     def rows(self, start: int, stop: int) -> tuple[np.ndarray, np.ndarray]:
-        """Features and labels of the rows that came from input files ``start`` to ``stop - 1``."""
-        keep = (self.positions >= start) & (self.positions < stop)
-        return self.features[keep], self.labels[keep]
+        """Features and labels of the rows that came from input files ``start`` to ``stop - 1``:
+        views of this object's arrays, not copies (rows are in file order)."""
+        first, last = np.searchsorted(self.positions, (start, stop))
+        return self.features[first:last], self.labels[first:last]
 
 
 def view_key(image_key: str, view: str) -> str:
@@ -123,14 +134,15 @@ def embed_files(
     Files that cannot be read or decoded are skipped and counted by reason, with the files the
     folder scan already set aside (``files.skipped``), in one warning for the whole call; the
     rest go on. ``load_engine`` is called only if some view is not in the cache. Each image is
-    decoded once for all its views; memory stays bounded by one backbone batch (``batch_size``
-    inputs, at least one image's views) plus the features.
+    decoded once for all its views. Memory stays bounded by one backbone batch (``batch_size``
+    inputs, at least one image's views) plus the result: each batch goes to the cache as it is
+    computed, and the result is read back into one preallocated array.
     """
     started = time.perf_counter()
     stats = EmbedStats(skipped_files=list(files.skipped))
     keys = _content_keys(files, stats)  # "" marks an unreadable file
-    cached = cache.get_many(view_key(k, v) for k in keys if k for v in views)
-    missing = {i: [v for v in views if view_key(k, v) not in cached] for i, k in enumerate(keys) if k}
+    held = cache.present(view_key(k, v) for k in keys if k for v in views)
+    missing = {i: [v for v in views if view_key(k, v) not in held] for i, k in enumerate(keys) if k}
     to_compute = [i for i, views_missing in missing.items() if views_missing]
     stats.cached = len(missing) - len(to_compute)
 
@@ -144,7 +156,7 @@ def embed_files(
             engine = engine or load_engine()
             outputs = np.asarray(engine(np.stack(inputs)), dtype=np.float16)
             cache.put_many(zip(batch_keys, outputs, strict=True))
-            cached.update(zip(batch_keys, outputs, strict=True))
+            held.update(batch_keys)
         if progress is not None:
             progress(start + len(batch), len(to_compute))
     if stats.num_skipped:
@@ -156,7 +168,7 @@ def embed_files(
             dict(stats.skipped),
             first_bad[0] if first_bad else stats.skipped_files[0][0],
         )
-    embedded = _assemble(files, keys, cached, views, stats)
+    embedded = _assemble(files, keys, cache, held, views, stats)
     stats.seconds = time.perf_counter() - started
     return embedded
 
@@ -202,16 +214,30 @@ def _decode_views(
 
 
 def _assemble(
-    files: LabelledFiles, keys: list[str], cached: dict[str, np.ndarray], views: tuple[str, ...], stats: EmbedStats
+    files: LabelledFiles,
+    keys: list[str],
+    cache: EmbeddingCache,
+    held: set[str],
+    views: tuple[str, ...],
+    stats: EmbedStats,
+    chunk: int = 256,
 ) -> Embedded:
-    """The features of every file whose views are all known, in file order."""
-    kept = [i for i, k in enumerate(keys) if k and all(view_key(k, v) in cached for v in views)]
-    features = (
-        np.stack([np.stack([cached[view_key(keys[i], v)] for v in views]) for i in kept])
-        if kept
-        else np.zeros((0, len(views), 0), dtype=np.float16)
-    )
+    """The features of every file whose views are all known, in file order, read from the cache
+    a chunk at a time into one array (never a second copy of the whole)."""
+    kept = [i for i, k in enumerate(keys) if k and all(view_key(k, v) in held for v in views)]
     labels = np.asarray([files.labels[i] for i in kept], dtype=np.int64)
+    features: np.ndarray | None = None
+    for start in range(0, len(kept), chunk):
+        rows = kept[start : start + chunk]
+        found = cache.get_many(view_key(keys[i], v) for i in rows for v in views)
+        for offset, i in enumerate(rows, start):
+            for column, view in enumerate(views):
+                value = found[view_key(keys[i], view)]
+                if features is None:
+                    features = np.empty((len(kept), len(views), *value.shape), dtype=np.float16)
+                features[offset, column] = value
+    if features is None:
+        features = np.zeros((0, len(views), 0), dtype=np.float16)
     return Embedded(features, labels, stats, np.asarray(kept, dtype=np.int64))
 
 

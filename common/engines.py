@@ -105,7 +105,7 @@ class EngineKind:
 class TorchKind(EngineKind):
     """The weights themselves; a board builds the architecture from timm/torchvision."""
 
-    name, needs, install = "torch", "torch", "pip install torch torchvision timm"
+    name, needs, install = "torch", "torch", "pip install 'edgesplit[edge,torch]'"
 
     def file_name(self, fp: str, cut: int) -> str:
         return f"{fp}.pt"  # whatever the cut: the board builds the prefix from the weights

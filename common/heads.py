@@ -1,19 +1,39 @@
-"""The trainable part: a small head on cached embeddings, and how it trains and scores."""
+"""The trainable part in torch: a small head on cached embeddings (after the backbone's tail at a
+later cut), and how it trains and scores. A head-only run uses the same head on NumPy
+(common/numpy_head.py), which draws the same random numbers: see ``make_head`` and ``train_head``."""
 
 from __future__ import annotations
 
 import contextlib
+import copy
 import time
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 
-from common.metrics import ClassificationReport, classification_report
+from common.metrics import ClassificationReport
+from common.numpy_head import DROPOUT, HEAD_KINDS, Draws, TrainResult, initial_arrays, report_of
+from common.numpy_head import ncm_head_arrays as ncm_head_arrays  # re-exported: its home was here
 
-HEAD_KINDS = ("linear", "mlp")
+
+class MaskedDropout(nn.Module):
+    """Dropout whose masks come from ``masks`` (a NumPy ``Draws``, set by ``train_head``), so the
+    torch and the NumPy head drop the same units; without a source, ordinary dropout."""
+
+    def __init__(self, p: float = DROPOUT) -> None:
+        super().__init__()
+        self.p = p
+        self.masks: Callable[[tuple[int, ...]], np.ndarray] | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training:
+            return x
+        if self.masks is None:
+            return nn.functional.dropout(x, self.p, training=True)
+        return x * torch.from_numpy(self.masks(tuple(x.shape)))
 
 
 class PowerNorm(nn.Module):
@@ -55,22 +75,20 @@ def make_head(
     kind: str, in_dim: int, num_classes: int, hidden: int = 256, seed: int = 0, tail: nn.Module | None = None
 ) -> Head:
     """A linear layer or a one-hidden-layer MLP on normalised features (after the backbone's
-    ``tail``, if the cut is later), seeded so every party that builds it gets the same weights."""
-    generator = torch.Generator().manual_seed(seed)
+    ``tail``, if the cut is later), seeded so every party that builds it gets the same weights
+    (the NumPy head's: common/numpy_head.py draws them)."""
     if kind == "linear":
         classifier: nn.Module = nn.Linear(in_dim, num_classes)
     elif kind == "mlp":
         classifier = nn.Sequential(
-            nn.Linear(in_dim, hidden), nn.ReLU(), nn.Dropout(0.2), nn.Linear(hidden, num_classes)
+            nn.Linear(in_dim, hidden), nn.ReLU(), MaskedDropout(DROPOUT), nn.Linear(hidden, num_classes)
         )
     else:
         raise ValueError(f"Unknown head {kind!r}; use one of {HEAD_KINDS}.")
-    with torch.no_grad():  # re-draw PyTorch's default init from our own generator
-        for module in classifier.modules():
-            if isinstance(module, nn.Linear):
-                bound = 1 / module.in_features**0.5
-                module.weight.uniform_(-bound, bound, generator=generator)
-                module.bias.uniform_(-bound, bound, generator=generator)
+    params = dict(classifier.named_parameters())
+    with torch.no_grad():
+        for name, value in initial_arrays(kind, in_dim, num_classes, hidden, seed).items():
+            params[name.removeprefix("classifier.")].copy_(torch.from_numpy(value))
     return Head(classifier, tail)
 
 
@@ -93,14 +111,6 @@ def load_head_arrays(head: nn.Module, arrays: Mapping[str, np.ndarray]) -> None:
             if value.shape != param.shape:
                 raise ValueError(f"Head array {name!r} has shape {tuple(value.shape)}, expected {tuple(param.shape)}.")
             param.copy_(value)
-
-
-@dataclass(frozen=True)
-class TrainResult:
-    loss: float  # mean cross-entropy over the examples of the last epoch
-    accuracy: float  # on the local training examples, during the last epoch
-    num_examples: int
-    seconds: float
 
 
 @contextlib.contextmanager
@@ -134,54 +144,62 @@ def train_head(
 
     ``features`` is (n, views, ...): each epoch sees every example once, in a view drawn at
     random, so the views augment without making epochs longer. ``train`` picks the parameters
-    that train by name (default: all); the others stay as they came.
+    that train by name (default: all); the others stay as they came. Batch order, views and
+    dropout masks come from ``Draws(seed)``, as in the NumPy head (common/numpy_head.py).
     """
     with torch.random.fork_rng(), _threads(1 if getattr(head, "tail", None) is None else torch.get_num_threads()):
-        torch.manual_seed(seed)  # dropout draws from the global RNG: seed it (fork_rng restores it after)
+        torch.manual_seed(seed)  # anything else random in a tail draws from the global RNG (restored after)
         started = time.perf_counter()
-        x = torch.from_numpy(np.ascontiguousarray(features))
-        y = torch.from_numpy(np.asarray(labels, dtype=np.int64))
-        generator = torch.Generator().manual_seed(seed)
+        y = np.asarray(labels, dtype=np.int64)
+        draws = Draws(seed)
+        dropouts = [module for module in head.modules() if isinstance(module, MaskedDropout)]
+        for module in dropouts:
+            module.masks = draws.keep_mask
         params = [p for name, p in head.named_parameters() if train is None or train(name)]
         anchor = [p.detach().clone() for p in params]
         optimizer = torch.optim.SGD(params, lr=learning_rate, momentum=0.9, weight_decay=weight_decay)
         loss_fn = nn.CrossEntropyLoss(reduction="sum")
         head.train()
         total_loss, correct = 0.0, 0
-        for _ in range(epochs):
-            total_loss, correct = 0.0, 0
-            order = torch.randperm(len(y), generator=generator)
-            views = torch.randint(0, x.shape[1], (len(y),), generator=generator)
-            for start in range(0, len(y), batch_size):
-                index = order[start : start + batch_size]
-                logits = head(x[index, views[index]].float())
-                loss = loss_fn(logits, y[index])
-                objective = loss / len(index)
-                if proximal_mu > 0:
-                    drift = sum(((p - a) ** 2).sum() for p, a in zip(params, anchor, strict=True))
-                    objective = objective + proximal_mu / 2 * drift
-                optimizer.zero_grad(set_to_none=True)
-                objective.backward()
-                optimizer.step()
-                total_loss += float(loss.detach())
-                correct += int((logits.argmax(1) == y[index]).sum())
+        try:
+            for _ in range(epochs):
+                total_loss, correct = 0.0, 0
+                order, views = draws.epoch(len(y), features.shape[1])
+                for start in range(0, len(y), batch_size):
+                    index = order[start : start + batch_size]
+                    target = torch.from_numpy(y[index])
+                    logits = head(torch.from_numpy(features[index, views[index]].astype(np.float32)))
+                    loss = loss_fn(logits, target)
+                    objective = loss / len(index)
+                    if proximal_mu > 0:
+                        drift = sum(((p - a) ** 2).sum() for p, a in zip(params, anchor, strict=True))
+                        objective = objective + proximal_mu / 2 * drift
+                    optimizer.zero_grad(set_to_none=True)
+                    objective.backward()
+                    optimizer.step()
+                    total_loss += float(loss.detach())
+                    correct += int((logits.argmax(1) == target).sum())
+        finally:
+            for module in dropouts:
+                module.masks = None
         head.eval()
         n = max(len(y), 1)
         return TrainResult(total_loss / n, correct / n, len(y), time.perf_counter() - started)
 
 
 @torch.inference_mode()
-def predict_proba(head: nn.Module, features: np.ndarray, average_views: bool, batch_size: int = 256) -> torch.Tensor:
+def predict_proba(head: nn.Module, features: np.ndarray, average_views: bool, batch_size: int = 256) -> np.ndarray:
     """Class probabilities of (n, views, ...) features: of the identity view (the first), or
     averaged over every view (test-time augmentation)."""
     head.eval()
     chosen = features if average_views else features[:, :1]
     rows = []
-    for start in range(0, len(chosen), batch_size):
-        batch = torch.from_numpy(np.ascontiguousarray(chosen[start : start + batch_size])).float()
+    step = max(1, batch_size // max(chosen.shape[1], 1))  # batch_size rows, whatever the number of views
+    for start in range(0, len(chosen), step):
+        batch = torch.from_numpy(np.ascontiguousarray(chosen[start : start + step])).float()
         logits = head(batch.flatten(0, 1)).unflatten(0, batch.shape[:2])
-        rows.append(logits.softmax(-1).mean(1))
-    return torch.cat(rows) if rows else torch.zeros(0)
+        rows.append(logits.softmax(-1).mean(1).numpy())
+    return np.concatenate(rows) if rows else np.zeros((0, 0), dtype=np.float32)
 
 
 def evaluate_head(
@@ -189,13 +207,9 @@ def evaluate_head(
 ) -> ClassificationReport:
     """Metrics of the head on (n, views, ...) embeddings; the loss is the mean cross-entropy of
     the (view-averaged) probabilities."""
-    y = np.asarray(labels, dtype=np.int64)
-    if len(y) == 0:
-        return classification_report(np.zeros(0), np.zeros(0), num_classes, loss=float("nan"))
-    probabilities = predict_proba(head, features, average_views)
-    picked = probabilities[torch.arange(len(y)), torch.from_numpy(y)]
-    loss = float(-torch.log(picked.clamp_min(1e-12)).mean())
-    return classification_report(y, probabilities.argmax(1).numpy(), num_classes, loss=loss)
+    if len(labels) == 0:
+        return report_of(np.zeros((0, num_classes)), np.zeros(0), num_classes)
+    return report_of(predict_proba(head, features, average_views), labels, num_classes)
 
 
 @torch.inference_mode()
@@ -209,28 +223,48 @@ def class_sums(
     classifier = head.classifier
     assert isinstance(classifier, nn.Linear), "FedNCM sets a linear classifier"  # the config rule
     sums = torch.zeros(num_classes, classifier.in_features)
-    for start in range(0, len(labels), 256):
-        batch = torch.from_numpy(np.ascontiguousarray(features[start : start + 256])).float()
+    step = max(1, 256 // max(features.shape[1], 1))  # 256 rows, whatever the number of views
+    for start in range(0, len(labels), step):
+        batch = torch.from_numpy(np.ascontiguousarray(features[start : start + step])).float()
         pooled = head.pooled(batch.flatten(0, 1)).unflatten(0, batch.shape[:2]).mean(1)
-        sums.index_add_(0, torch.from_numpy(np.asarray(labels[start : start + 256], dtype=np.int64)), pooled)
+        sums.index_add_(0, torch.from_numpy(np.asarray(labels[start : start + step], dtype=np.int64)), pooled)
     counts = np.bincount(np.asarray(labels, dtype=np.int64), minlength=num_classes).astype(np.float32)
     too_few = counts < min_examples
     sums[torch.from_numpy(too_few)], counts[too_few] = 0.0, 0.0
     return sums.numpy().astype(np.float32), counts
 
 
-def ncm_head_arrays(
-    arrays: Mapping[str, np.ndarray], sums: np.ndarray, counts: np.ndarray
-) -> tuple[dict[str, np.ndarray], list[int]]:
-    """FedNCM (Legate et al., NeurIPS 2023): the linear classifier of ``arrays`` set from the
-    federation's class means of the features it sees, as a nearest-class-mean rule by cosine:
-    each class's weight row is its mean's direction and its bias 0. Classes no client could
-    share keep their random rows. Returns (the new arrays, the classes that were set)."""
-    updated = {name: np.array(value, dtype=np.float32, copy=True) for name, value in arrays.items()}
-    weight, bias = updated["classifier.weight"], updated["classifier.bias"]
-    known = [c for c in range(len(counts)) if counts[c] > 0]
-    for c in known:
-        mean = sums[c] / counts[c]
-        weight[c] = mean / max(float(np.linalg.norm(mean)), 1e-12)
-        bias[c] = 0.0
-    return updated, known
+class TorchHead:
+    """A torch ``Head`` (a later cut: the backbone's tail, then the classifier) behind the
+    NumPy head's interface (common/trainable.py), so the client and the server call either alike."""
+
+    def __init__(self, head: Head) -> None:
+        self.module = head
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        return head_arrays(self.module)
+
+    def shapes(self) -> dict[str, tuple[int, ...]]:
+        return {name: tuple(p.shape) for name, p in self.module.named_parameters()}
+
+    def load(self, arrays: Mapping[str, np.ndarray]) -> None:
+        load_head_arrays(self.module, arrays)
+
+    def copy(self) -> TorchHead:
+        return TorchHead(copy.deepcopy(self.module))
+
+    def train(self, features: np.ndarray, labels: np.ndarray, *args: Any, **kwargs: Any) -> TrainResult:
+        return train_head(self.module, features, labels, *args, **kwargs)
+
+    def predict_proba(self, features: np.ndarray, average_views: bool) -> np.ndarray:
+        return predict_proba(self.module, features, average_views)
+
+    def evaluate(
+        self, features: np.ndarray, labels: np.ndarray, num_classes: int, average_views: bool = False
+    ) -> ClassificationReport:
+        return evaluate_head(self.module, features, labels, num_classes, average_views)
+
+    def class_sums(
+        self, features: np.ndarray, labels: np.ndarray, num_classes: int, min_examples: int = 1
+    ) -> tuple[np.ndarray, np.ndarray]:
+        return class_sums(self.module, features, labels, num_classes, min_examples)

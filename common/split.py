@@ -16,12 +16,14 @@ from __future__ import annotations
 
 import copy
 import functools
-import hashlib
 
 import torch
 from torch import nn
 
-from common.backbones import BackboneError, get_spec
+from common.backbones import get_spec
+from common.cut import check_cut
+from common.cut import embedding_space as embedding_space  # re-exported: its home was here
+from common.cut import max_cut as max_cut  # re-exported: its home was here
 from common.heads import Head, make_head
 
 
@@ -46,21 +48,6 @@ class FrozenStatsNorm(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x * self.scale.view(1, -1, 1, 1) + self.shift.view(1, -1, 1, 1)
         return self.act(self.drop(x))
-
-
-@functools.cache
-def max_cut(backbone: str) -> int:
-    """The most stages a run of this backbone may train (all but the first)."""
-    stages = get_spec(backbone).stages
-    return 0 if stages is None else len(stages(get_spec(backbone).build_architecture())) - 1
-
-
-def check_cut(backbone: str, cut: int) -> None:
-    if not 0 <= cut <= max_cut(backbone):
-        raise BackboneError(
-            f"cut={cut} is not possible for backbone {backbone!r}: it has {max_cut(backbone)} stages that can "
-            "train (run-config 'cut' counts them from the end; 0 trains the head only)."
-        )
 
 
 def split_backbone(backbone: str, model: nn.Module, cut: int) -> tuple[nn.Module, nn.Module | None]:
@@ -88,12 +75,6 @@ def fold_batch_norms(module: nn.Module) -> nn.Module:
         else:
             fold_batch_norms(child)
     return module
-
-
-def embedding_space(variant_fingerprint: str, cut: int) -> str:
-    """The id of the features one backbone variant gives at one cut: names the embedding cache.
-    (Views are keyed per image inside it, so changing the view set keeps what was computed.)"""
-    return variant_fingerprint if cut == 0 else hashlib.sha256(f"{variant_fingerprint}|cut={cut}".encode()).hexdigest()
 
 
 @functools.cache

@@ -15,7 +15,7 @@ from flwr.serverapp import Grid
 
 from common import protocol
 from common.flower_glue import to_array_record
-from common.heads import ncm_head_arrays
+from common.numpy_head import ncm_head_arrays
 from common.protocol import Phase, QueryAction
 from server.screening import class_stats_of
 from server.strategy import EdgeSplitStrategy

@@ -24,15 +24,17 @@ from common.backbones import (
     preprocess_for,
 )
 from common.config import RunConfig
+from common.cut import embedding_space
 from common.data import LabelledFiles, elpv_split, scan_image_folder
 from common.embedding import Embedded, EmbeddingCache, embed_files, progress_logger
 from common.engines import EngineKind, resolve_engine
 from common.export import calibration_images
-from common.heads import Head, evaluate_head, head_arrays, load_head_arrays
+from common.heads import Head, load_head_arrays
 from common.metrics import ClassificationReport
 from common.preprocess import PreprocessSpec
 from common.protocol import ClassStats, Instructions, Phase
-from common.split import build_head, embedding_space
+from common.split import build_head
+from common.trainable import Trainable, make_trainable
 from server.checkpoint import Checkpoint
 from server.ledger import EmbeddingLedger, RoundRecord, human_bytes
 from server.runlog import RunLog, new_run_id
@@ -166,7 +168,7 @@ class ServerRun:
         any) and a seeded classifier."""
         if self._initial_head is None:
             config = self.config
-            head = build_head(
+            head = make_trainable(
                 self.spec.name,
                 config.cut,
                 config.head,
@@ -175,14 +177,22 @@ class ServerRun:
                 config.seed,
                 model=build_backbone(self.spec.name, self.backbone_state) if config.cut else None,
             )
-            self._initial_head = head_arrays(head)
+            self._initial_head = head.arrays()
         return dict(self._initial_head)
 
     def head_shapes(self) -> dict[str, tuple[int, ...]]:
         return {name: array.shape for name, array in self.initial_head().items()}
 
+    def trainable(self, arrays: dict[str, np.ndarray]) -> Trainable:
+        """The trainable part holding ``arrays``: at cut 0 the NumPy head the clients train, so
+        the server scores the very function they compute."""
+        config = self.config
+        head = make_trainable(self.spec.name, config.cut, config.head, len(self.classes), config.mlp_hidden)
+        head.load(arrays)
+        return head
+
     def head(self, arrays: dict[str, np.ndarray]) -> Head:
-        """The trainable part holding ``arrays``."""
+        """The trainable part holding ``arrays`` as a torch module (what the export builds on)."""
         config = self.config
         head = build_head(self.spec.name, config.cut, config.head, len(self.classes), config.mlp_hidden)
         load_head_arrays(head, arrays)
@@ -191,8 +201,8 @@ class ServerRun:
     # --- central evaluation ----------------------------------------------------------------------
 
     def evaluate(self, arrays: dict[str, np.ndarray]) -> ClassificationReport:
-        head = self.head(arrays)
-        return evaluate_head(head, self.test.features, self.test.labels, len(self.classes), self.config.average_views)
+        head = self.trainable(arrays)
+        return head.evaluate(self.test.features, self.test.labels, len(self.classes), self.config.average_views)
 
     def record_initialisation(self, **facts: Any) -> None:
         """What FedNCM's one-shot initialisation took and found (summary.json's ``head_init``)."""

@@ -291,3 +291,12 @@ def test_fingerprint_changes_with_preprocessing_name_and_dtype():
     # Assert
     assert base not in variants
     assert len(set(variants)) == len(variants)
+
+
+@pytest.mark.parametrize("name", available_backbones())
+def test_stage_counts_in_the_registry_match_the_architecture(name: str) -> None:
+    """``num_stages`` is data so that a board without torch can check a cut; it must be the
+    number of stages ``stages`` cuts the built architecture into."""
+    spec = get_spec(name)
+    assert spec.stages is not None
+    assert spec.num_stages == len(spec.stages(spec.build_architecture()))

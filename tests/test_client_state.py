@@ -54,10 +54,13 @@ def test_every_message_sets_up_threads_and_logging_on_a_hit_too(monkeypatch: pyt
     monkeypatch.setattr(torch, "set_num_threads", lambda n: calls.append(f"threads {n}"))
     monkeypatch.setattr("client.state.configure_logging", lambda: calls.append("logging"))
     state = ProcessState()
-    state.client(RUN, _node(0))
-    state.client(RUN, _node(0))
+    torch_run = {**RUN, "engine": "torch"}  # torch runs the backbone: its threads are set
+    state.client(torch_run, _node(0))
+    state.client(torch_run, _node(0))
     assert calls == ["logging", "threads 1"] * 2
-    state.client({**RUN, "num-threads": 0}, _node(0))  # 0: keep the library's default
+    state.client({**torch_run, "num-threads": 0}, _node(0))  # 0: keep the library's default
+    assert calls[-1] == "logging"
+    state.client({**RUN, "engine": "onnx"}, _node(0))  # head only on ONNX Runtime: torch is not touched
     assert calls[-1] == "logging"
 
 

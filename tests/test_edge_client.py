@@ -34,6 +34,9 @@ SERVER_ONLY = [
     "onnxscript",
 ]
 
+# What the `torch` extra installs: a head-only board has none of it (at cut 1 the tail trains in torch).
+TORCH = ["torch", "torchvision", "timm"]
+
 BOARD_SCRIPT = """
 import json, sys
 BLOCKED = set(json.loads(sys.argv[1]))
@@ -64,7 +67,8 @@ print(json.dumps({"metrics": metrics, "loaded": sorted(loaded & BLOCKED)}))
 def test_the_client_trains_with_the_edge_install_alone(tmp_path: Path, cut: int) -> None:
     """The default engine end to end on a board: it receives the int8 ONNX backbone (up to the
     cut) the server made, embeds with ONNX Runtime and trains the head (and at cut 1 the last
-    stage, built from timm's architecture), with no server package importable."""
+    stage, built from timm's architecture), with no server package importable, and at cut 0
+    without torch installed at all."""
     write_image_folder(tmp_path / "board", {"ok": 6, "crack": 6}, seed=0)
     write_image_folder(tmp_path / "server", {"ok": 4, "crack": 4}, seed=1)
     preprocess = preprocess_for("efficientnet_lite0", 64, 1.0)
@@ -100,7 +104,7 @@ def test_the_client_trains_with_the_edge_install_alone(tmp_path: Path, cut: int)
         ).to_record(),
     }
     result = subprocess.run(
-        [sys.executable, "-c", BOARD_SCRIPT, json.dumps(SERVER_ONLY), json.dumps(setup)],
+        [sys.executable, "-c", BOARD_SCRIPT, json.dumps(SERVER_ONLY + (TORCH if cut == 0 else [])), json.dumps(setup)],
         cwd=REPO_ROOT,
         capture_output=True,
         text=True,

@@ -124,6 +124,8 @@ def test_rows_select_by_input_position_despite_skipped_files(image_dir):
     assert first_y.tolist() == [files.labels[i] for i in good if i < half]
     assert rest_y.tolist() == [files.labels[i] for i in good if i >= half]
     np.testing.assert_array_equal(np.concatenate([first_x, rest_x]), result.features)
+    # the shares are views of the one features array: a client holds its embeddings once
+    assert first_x.base is result.features and rest_x.base is result.features
 
 
 def test_second_call_reads_everything_from_the_cache(image_dir):

@@ -14,10 +14,10 @@ from common.heads import (
     head_arrays,
     load_head_arrays,
     make_head,
-    ncm_head_arrays,
     train_head,
 )
 from common.metrics import classification_report
+from common.numpy_head import ncm_head_arrays
 
 # --- metrics --------------------------------------------------------------------------------------
 
@@ -228,9 +228,9 @@ def test_train_head_is_seeded_for_the_linear_head():
 
 
 def test_train_head_is_seeded_for_the_mlp_head():
-    """The mlp head has dropout. Its masks come from torch's global RNG, not from ``seed``, so two
-    identical calls differ unless the global RNG happens to be in the same state (the client
-    passes a per-round, per-node seed expecting reproducible local training)."""
+    """The mlp head has dropout. Its masks come from ``seed`` (common/numpy_head.py's ``Draws``),
+    not from torch's global RNG, so the global RNG's history changes nothing (the client passes a
+    per-round, per-node seed expecting reproducible local training)."""
     # Prepare
     x, y = _blobs(30, seed=0)
     heads = [make_head("mlp", 8, 2, hidden=4, seed=0) for _ in range(2)]
