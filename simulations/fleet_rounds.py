@@ -67,10 +67,28 @@ def _run(deployment: LocalDeployment, config: dict[str, Any], timeout: float) ->
     return time.perf_counter() - started
 
 
+def warm_run(
+    label: str, app_dir: Path, workdir: Path, fleet: list[Board], config: dict[str, Any], rounds: int, timeout: float
+) -> tuple[Path, float]:
+    """Start the fleet, fill its caches with a one-round run, then run ``rounds`` rounds warm:
+    (that run's folder, its wall time in seconds)."""
+    config = {"runs-dir": str(workdir / "runs"), "cache-dir": str(workdir / "server-cache"), **config}
+    with LocalDeployment(workdir / label, fleet, app_dir=app_dir) as deployment:
+        print(f"{label}: {len(fleet)} boards online; filling their caches", flush=True)
+        _run(deployment, {**config, "num-server-rounds": 1, "run-name": f"{label}-fill"}, timeout)
+        print(f"{label}: measuring a warm run of {rounds} rounds", flush=True)
+        wall = _run(deployment, {**config, "num-server-rounds": rounds, "run-name": f"{label}-warm"}, timeout)
+    return workdir / "runs" / f"{label}-warm", wall
+
+
+def events_of(run_dir: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in (run_dir / "events.jsonl").read_text().splitlines()]
+
+
 def measure(
     label: str, app_dir: Path, workdir: Path, boards: int, rounds: int, overrides: dict[str, Any], timeout: float
 ) -> FleetResult:
-    """Fill the caches with a one-round run, then measure a ``rounds``-round run."""
+    """A warm run of ``boards`` boards, each a share of ELPV."""
     fleet = [
         Board(
             f"board-{index}",
@@ -78,19 +96,8 @@ def measure(
         )
         for index in range(boards)
     ]
-    base = {
-        "runs-dir": str(workdir / "runs"),
-        "cache-dir": str(workdir / "server-cache"),
-        "min-clients": boards,
-        **overrides,
-    }
-    with LocalDeployment(workdir / label, fleet, app_dir=app_dir) as deployment:
-        print(f"{label}: {boards} boards online; filling their caches", flush=True)
-        _run(deployment, {**base, "num-server-rounds": 1, "run-name": f"{label}-fill"}, timeout)
-        print(f"{label}: measuring a warm run of {rounds} rounds", flush=True)
-        wall = _run(deployment, {**base, "num-server-rounds": rounds, "run-name": f"{label}-warm"}, timeout)
-    run_dir = workdir / "runs" / f"{label}-warm"
-    events = [json.loads(line) for line in (run_dir / "events.jsonl").read_text().splitlines()]
+    run_dir, wall = warm_run(label, app_dir, workdir, fleet, {"min-clients": boards, **overrides}, rounds, timeout)
+    events = events_of(run_dir)
     round_ends = [e for e in events if e["event"] == "round-end"]
     rss = [
         e["metrics"]["peak-rss-mb"] for e in events if e["event"] == "client-reply" and "peak-rss-mb" in e["metrics"]
