@@ -22,6 +22,7 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import os
+import platform
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -62,6 +63,14 @@ class FingerprintMismatch(EngineError):
     """A backbone artifact does not hash to the fingerprint it was announced with."""
 
 
+class GoldenCheckFailed(EngineError):
+    """A device's engine does not compute the server's features of the golden batch closely enough."""
+
+    def __init__(self, message: str, cosine: float) -> None:
+        super().__init__(message)
+        self.cosine = cosine
+
+
 def _write_atomically(path: Path, write: Callable[[Path], object]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     temporary = path.with_suffix(f".tmp{os.getpid()}")
@@ -75,6 +84,8 @@ class EngineKind:
     name: ClassVar[str]
     needs: ClassVar[str]  # the module a device must have installed
     install: ClassVar[str]  # how to install it
+    # The engine a node falls back to when this one fails its golden check (None: none is safer).
+    safer: ClassVar[str | None] = None
 
     def available(self) -> bool:
         return importlib.util.find_spec(self.needs) is not None
@@ -186,6 +197,7 @@ class OnnxKind(EngineKind):
     """An ONNX model of the backbone up to the cut, run by ONNX Runtime in fp32."""
 
     name, needs, install = "onnx", "onnxruntime", "pip install 'edgesplit[edge]'"
+    safer = "torch"  # the reference itself, where a board has it
     server_file: ClassVar[str] = "backbone.onnx"  # in the server's variants folder
     # How the file is made and run, beyond its bytes: a change gives the variant a new fingerprint,
     # so embeddings computed the old way are never reused (they live under the old fingerprint).
@@ -236,6 +248,7 @@ class OnnxInt8Kind(OnnxKind):
     """Static int8, calibrated on the server's held-out images (common/export.py)."""
 
     name = "onnx-int8"
+    safer = "onnx"
     server_file = "backbone-int8.onnx"
     recipe = f"qdq-u8s8-per-channel|{X64_QUANT_PRECISION}=1"
 
@@ -256,6 +269,22 @@ def engine_kind(name: str) -> EngineKind:
         return ENGINE_KINDS[name]
     except KeyError:
         raise EngineError(f"Unknown engine {name!r}; choose one of {list(ENGINE_CHOICES)}.") from None
+
+
+def runtime_tag(kind: EngineKind) -> str:
+    """What decides an engine's numerics on this device besides the variant: the machine, the
+    runtime's version and the CPU's flags. A golden verdict is kept only while this stays the same."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        runtime = f"{kind.needs} {version(kind.needs)}"
+    except PackageNotFoundError:
+        runtime = f"{kind.needs} (version unknown)"
+    cpuinfo = Path("/proc/cpuinfo")
+    flags = ""
+    if cpuinfo.is_file():
+        flags = next((line for line in cpuinfo.read_text().splitlines() if line.startswith(("flags", "Features"))), "")
+    return f"{platform.machine()}|{runtime}|{hashlib.sha256(flags.encode()).hexdigest()[:16]}"
 
 
 def onnxruntime_available() -> bool:

@@ -58,6 +58,7 @@ class ServerRun:
     started: float = field(default_factory=time.perf_counter)
     rounds: list[RoundRecord] = field(default_factory=list)
     embedding: EmbeddingLedger = field(default_factory=EmbeddingLedger)
+    nodes: dict[int, dict[str, Any]] = field(default_factory=dict)  # node -> engine and golden check
     final_report: ClassificationReport | None = None
     checkpoint: Checkpoint | None = None  # what a resumed run continues from
     initialisation: dict[str, Any] = field(default_factory=dict)  # how the head was initialised (FedNCM)
