@@ -9,6 +9,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
+from typing import Any
 
 import numpy as np
 import pytest
@@ -21,7 +22,7 @@ from common import protocol
 from common.config import RunConfig
 from common.engines import ENGINE_KINDS, EngineKind
 from common.flower_glue import from_array_record, to_array_record, to_config_record
-from common.protocol import Instructions, Phase
+from common.protocol import GoldenBatch, Instructions, Phase
 from server.checkpoint import Checkpoint
 from server.ledger import EmbeddingLedger, RoundRecord
 from server.runlog import RunLog
@@ -45,6 +46,9 @@ class StubVariants:
     def artifact(self, kind: EngineKind) -> object:
         return {"w": torch.ones(4)} if kind is TORCH else f"ONNX model for {kind.name}".encode()
 
+    def golden(self) -> GoldenBatch:
+        return GoldenBatch(images=np.zeros((2, 3, 4, 4), np.float16), features=np.ones((2, 8), np.float32))
+
 
 @dataclass
 class StubRun:
@@ -59,6 +63,7 @@ class StubRun:
     checkpoint: Checkpoint | None = None
     rounds: list[RoundRecord] = field(default_factory=list)
     embedding: EmbeddingLedger = field(default_factory=EmbeddingLedger)
+    nodes: dict[int, dict[str, Any]] = field(default_factory=dict)
 
     def head_shapes(self) -> dict[str, tuple[int, ...]]:
         return SHAPES
