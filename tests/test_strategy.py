@@ -107,6 +107,7 @@ class StubGrid:
         self.nodes, self.holders, self.questions = nodes, holders, []
         self.engines = engines or {}
         self.held: dict[int, str] = {}  # node -> a variant it holds, overriding ``holders``
+        self.fallbacks: dict[int, str] = {}  # node -> why it runs a safer engine (client/golden.py)
 
     def get_node_ids(self) -> list[int]:
         return self.nodes
@@ -119,7 +120,10 @@ class StubGrid:
             TaskIdentity.node_id = node
             engine = self.engines.get(node, "torch")
             held = StubVariants().variant_fingerprint(engine) if node in self.holders else ""
-            answer = protocol.BackboneStatus(engine=engine, held_fingerprint=self.held.get(node, held))
+            fallback = self.fallbacks.get(node, "")
+            answer = protocol.BackboneStatus(
+                engine=engine, held_fingerprint=self.held.get(node, held), fallback=fallback
+            )
             replies.append(Message(RecordDict({protocol.STATUS: to_config_record(answer)}), reply_to=question))
         return replies
 
@@ -285,3 +289,38 @@ def test_a_node_repeating_its_embedding_counts_is_counted_once(strategy: EdgeSpl
         strategy.aggregate_train(server_round, replies)
     ledger = strategy.run.embedding
     assert (ledger.computed, ledger.cached) == (30, 2)
+
+
+def test_a_node_failing_its_golden_check_is_refused_then_gets_the_safer_variant(strategy: EdgeSplitStrategy) -> None:
+    """Server side of the golden check (client/golden.py): the golden batch goes with the variant;
+    a reply whose engine failed it is refused with the reason and the node is asked again, and its
+    answer (the safer engine and why) gets it that engine's variant."""
+    grid = StubGrid([1, 2], holders=set(), engines={1: "onnx-int8", 2: "onnx-int8"})
+    sent = {m.metadata.dst_node_id: m for m in strategy.configure_train(1, to_array_record(_head(0)), _config(), grid)}  # type: ignore[arg-type]
+    for message in sent.values():
+        golden = from_array_record(message.content.array_records[protocol.GOLDEN])
+        np.testing.assert_array_equal(golden["features"], StubVariants().golden().features)
+    why = "client 1: the onnx-int8 engine computes ... at mean cosine 0.6100; this node falls back to the onnx engine"
+    failed = _reply(sent[1], _head(0.5))
+    status = protocol.ReplyStatus(FP, "onnx-int8", "x", golden_cosine=0.61, fallback=why)
+    failed.content[protocol.STATUS] = to_config_record(status)
+    passed = _reply(sent[2], _head(0.5))
+    passed.content[protocol.STATUS] = to_config_record(protocol.ReplyStatus(FP, "onnx-int8", "x", golden_cosine=0.995))
+    arrays, _ = strategy.aggregate_train(1, [failed, passed])
+    assert arrays is not None and strategy.tally.record.clients_rejected == 1
+    assert strategy.run.nodes[1] == {"engine": "onnx-int8", "golden_cosine": 0.61, "fallback": why, "refused": True}
+    assert strategy.run.nodes[2]["golden_cosine"] == 0.995 and not strategy.run.nodes[2]["refused"]
+
+    grid.engines[1] = "onnx"  # what node 1 answers now: client/golden.py's fallback
+    grid.fallbacks = {1: "onnx-int8 golden cosine 0.6100 < golden-min-cosine 0.98; runs onnx"}
+    again = {
+        m.metadata.dst_node_id: m for m in strategy.configure_train(2, to_array_record(_head(0)), _config(2), grid)
+    }  # type: ignore[arg-type]
+    told = Instructions.from_record(again[1].content.config_records[protocol.CONFIG])
+    assert told.engine == "onnx" and protocol.BACKBONE in again[1].content.array_records
+    assert protocol.BACKBONE not in again[2].content.array_records
+    events = _events(strategy)
+    refused = [e for e in events if e["event"] == "client-rejected"]
+    assert len(refused) == 1 and "golden check failed" in refused[0]["reason"] and refused[0]["golden_cosine"] == 0.61
+    fallback = [e for e in events if e["event"] == "engine-fallback"]
+    assert [(e["node"], e["engine"]) for e in fallback] == [(1, "onnx")] and "runs onnx" in fallback[0]["reason"]
