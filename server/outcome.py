@@ -42,7 +42,6 @@ def finish(run: ServerRun, final_arrays: dict[str, np.ndarray], stopped: str | N
         },
     )
     model_dir = export(run, final_arrays) if run.config.export_model else None
-    export_check = check_export(run, model_dir, report.accuracy) if model_dir else None
     summary = {
         "final": {
             "accuracy": report.accuracy,
@@ -65,13 +64,11 @@ def finish(run: ServerRun, final_arrays: dict[str, np.ndarray], stopped: str | N
         "wall_seconds": time.perf_counter() - run.started,
         # engine: what the server embedded its held-out images with (each client's is in events.jsonl)
         "backbone": {"name": run.spec.name, "fingerprint": run.fingerprint, "engine": run.engine.name},
-        # each node's engine and its golden check (mean cosine to the server's fp32 features; None:
-        # unchecked), as its latest reply said; "refused": its replies were not averaged in
-        "nodes": {str(node): entry for node, entry in sorted(run.nodes.items())},
         "golden_min_cosine": run.config.golden_min_cosine,
+        "nodes": {str(node): entry for node, entry in sorted(run.nodes.items())},  # engines, golden checks
         "head_path": str(head_path),
         "model_dir": str(model_dir) if model_dir else None,
-        "export_check": export_check,
+        "export_check": check_export(run, model_dir, report.accuracy) if model_dir else None,
         "run_dir": str(run.run_log.run_dir),
         "completed_rounds": run.rounds[-1].round if run.rounds else 0,
         "stopped": stopped,
