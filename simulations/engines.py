@@ -196,10 +196,11 @@ def main(argv: list[str] | None = None) -> int:
     import onnxruntime
     import torch
 
-    from common.backbones import build_backbone, fingerprint, load_backbone_weights, preprocess_for
+    from common.backbones import build_backbone, fingerprint, get_spec, load_backbone_weights, preprocess_for
     from common.data import elpv_split
     from common.export import calibration_images, quantize_int8
     from common.heads import PowerNorm
+    from common.logs import quiet_root_logger
     from common.preprocess import decode_image
     from server.variants import BackboneVariants
     from simulations.benchmark import markdown_table, update_section
@@ -237,10 +238,12 @@ def main(argv: list[str] | None = None) -> int:
         )
         models = {"onnx": str(variants.path("onnx")), "s8": str(variants.path("onnx-int8"))}
         making_seconds = time.perf_counter() - started
+        float_convs = get_spec(name).int8_float_convs  # as the engine's: stem and first block in float
         for weights in ("s7", "u8"):  # the other int8 candidates, calibrated on the same images
             models[weights] = str(work / f"int8-{weights}.onnx")
             calibration = calibration_images(test, preprocess)
-            quantize_int8(variants.path("onnx"), Path(models[weights]), calibration, 3, weights=weights)
+            with quiet_root_logger():  # the quantizer logs every rescaled channel
+                quantize_int8(variants.path("onnx"), Path(models[weights]), calibration, float_convs, weights=weights)
         sizes = {engine: Path(path).stat().st_size / 1e6 for engine, path in models.items()}
         launcher = emulator() if args.emulate else []
         for index, (row, (engine, channels_last, weights, exact)) in enumerate(ENGINE_ROWS.items()):
