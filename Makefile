@@ -16,8 +16,9 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install --quiet torch==2.14.1 torchvision==0.29.1
 	# dev pulls server, which pulls edge and torch: everything (a board installs only ".[edge]").
 	$(PY) -m pip install --quiet -e ".[dev]"
-	# The dashboard test drives Debian's chromium (Playwright's own browser download is not used).
-	command -v chromium >/dev/null || { $(SUDO) apt-get update -qq && $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; }
+	# The dashboard test drives Debian's chromium (Playwright's own browser download is not used);
+	# the int8 test runs ONNX Runtime under qemu-user as an AVX2 CPU without VNNI (tests/test_engines.py).
+	command -v chromium >/dev/null && command -v qemu-x86_64 >/dev/null || { $(SUDO) apt-get update -qq && $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium qemu-user; }
 	touch $@
 
 run: setup

@@ -6,6 +6,7 @@ is the outermost mod, so it checks what finally leaves, faults included.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
@@ -15,6 +16,7 @@ from client.edge_client import EdgeClient
 from client.faults import fault_injector
 from client.privacy import privacy_guard
 from client.state import process_state
+from common.engines import GoldenCheckFailed
 from common.flower_glue import from_array_record, to_array_record, to_config_record
 from common.protocol import (
     ARRAYS,
@@ -22,9 +24,12 @@ from common.protocol import (
     BACKBONE_RECEIVED,
     CLASS_STATS,
     CONFIG,
+    GOLDEN,
     METRICS,
+    NUM_EXAMPLES,
     STATUS,
     BackboneQuery,
+    GoldenBatch,
     Instructions,
     QueryAction,
     query_action,
@@ -42,8 +47,10 @@ def _client(context: Context) -> EdgeClient:
 def _receive(client: EdgeClient, msg: Message) -> Instructions:
     """Typed instructions; keeps the backbone first if the server sent it."""
     instructions = Instructions.from_record(msg.content.config_records[CONFIG])
-    if BACKBONE in msg.content.array_records:
-        client.receive_backbone(from_array_record(msg.content.array_records[BACKBONE]), instructions)
+    records = msg.content.array_records
+    if BACKBONE in records:
+        golden = GoldenBatch.from_arrays(from_array_record(records[GOLDEN])) if GOLDEN in records else None
+        client.receive_backbone(from_array_record(records[BACKBONE]), instructions, golden)
     return instructions
 
 
@@ -66,6 +73,14 @@ def _reply(
     return Message(content=content, reply_to=msg)
 
 
+def _refusal(msg: Message, client: EdgeClient, instructions: Instructions, failed: GoldenCheckFailed) -> Message:
+    """The engine failed its golden check: no update, and the status says so and what follows (the
+    server refuses the reply and asks for the node's engine again)."""
+    status = dataclasses.replace(client.reply_status(instructions), golden_cosine=failed.cosine, fallback=str(failed))
+    metrics: dict[str, Any] = {NUM_EXAMPLES: 0, BACKBONE_RECEIVED: int(BACKBONE in msg.content.array_records)}
+    return Message(content=RecordDict({METRICS: MetricRecord(metrics), STATUS: to_config_record(status)}), reply_to=msg)
+
+
 @app.query()
 def query(msg: Message, context: Context) -> Message:
     """Answer which engine this device runs and which variant of the run's backbone it holds
@@ -74,7 +89,10 @@ def query(msg: Message, context: Context) -> Message:
     client = _client(context)
     if query_action(question) == QueryAction.CLASS_SUMS:
         instructions = _receive(client, msg)
-        stats, metrics = client.class_sums(_arrays(msg), instructions)
+        try:
+            stats, metrics = client.class_sums(_arrays(msg), instructions)
+        except GoldenCheckFailed as failed:
+            return _refusal(msg, client, instructions, failed)
         return _reply(msg, client, instructions, metrics, (CLASS_STATS, to_array_record(stats.to_arrays())))
     asked = BackboneQuery.from_record(question)
     answer = client.backbone_status(asked.fingerprint, asked.cut)
@@ -86,7 +104,10 @@ def train(msg: Message, context: Context) -> Message:
     """Embed (once), train the head locally, send back the head and numbers only."""
     client = _client(context)
     instructions = _receive(client, msg)
-    arrays, metrics = client.train(_arrays(msg), instructions)
+    try:
+        arrays, metrics = client.train(_arrays(msg), instructions)
+    except GoldenCheckFailed as failed:
+        return _refusal(msg, client, instructions, failed)
     return _reply(msg, client, instructions, metrics, (ARRAYS, to_array_record(arrays)))
 
 
@@ -95,5 +116,8 @@ def evaluate(msg: Message, context: Context) -> Message:
     """Score the global head on the local test share."""
     client = _client(context)
     instructions = _receive(client, msg)
-    metrics = client.evaluate(_arrays(msg), instructions)
+    try:
+        metrics = client.evaluate(_arrays(msg), instructions)
+    except GoldenCheckFailed as failed:
+        return _refusal(msg, client, instructions, failed)
     return _reply(msg, client, instructions, metrics)

@@ -4,10 +4,17 @@ Each engine kind (``common/engines.py``) says which file a variant lives in, how
 checked and kept, and how a kept one is checked again and loaded; this module only decides when.
 A copy that fails its check is not held (the kind deletes or overwrites it), so the server sends
 it again.
+
+Beside the variants: the server's golden batch per backbone and cut (``GoldenBatch``), and per
+variant file the verdict of running it on that batch (``<file>.golden.json``: the mean cosine to
+the server's features), measured once per variant, batch and runtime, so that a process started
+per message (a deployed SuperNode) does not measure it again.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 from collections.abc import Mapping
 from pathlib import Path
@@ -15,8 +22,8 @@ from pathlib import Path
 import numpy as np
 
 from client.lru import LruCache
-from common.engines import Engine, EngineKind, FingerprintMismatch
-from common.protocol import Instructions
+from common.engines import Engine, EngineKind, FingerprintMismatch, _write_atomically, runtime_tag
+from common.protocol import GoldenBatch, Instructions, ProtocolError
 
 log = logging.getLogger(__name__)
 
@@ -83,3 +90,58 @@ class BackboneCache:
         """The variant fingerprint of this device's copy, checked once per process."""
         path = self.path(kind, fp, cut)
         return self._verified.get_or_make(path, lambda: kind.check(path, fp))
+
+    # --- the golden batch and each variant's verdict on it -----------------------------------------
+
+    def golden_path(self, fp: str, cut: int = 0) -> Path:
+        return self.directory / (f"{fp}.golden.npz" if cut == 0 else f"{fp}.cut{cut}.golden.npz")
+
+    def keep_golden(self, batch: GoldenBatch, fp: str, cut: int = 0) -> None:
+        """Keep the server's golden batch for backbone ``fp`` at ``cut`` (replacing an older one)."""
+
+        def save(target: Path) -> None:
+            with target.open("wb") as handle:
+                np.savez(handle, images=batch.images, features=batch.features)
+
+        path = self.golden_path(fp, cut)
+        with self._verified.lock:
+            self._verified.pop(path)
+            _write_atomically(path, save)
+
+    def golden(self, fp: str, cut: int = 0) -> GoldenBatch | None:
+        """The golden batch held for backbone ``fp`` at ``cut``; None if none (or unreadable: removed)."""
+        path = self.golden_path(fp, cut)
+        if not path.is_file():
+            return None
+        try:
+            with np.load(path) as stored:
+                return GoldenBatch.from_arrays({name: stored[name] for name in stored.files})
+        except (OSError, ValueError, ProtocolError) as error:
+            log.warning("Golden batch %s is unreadable (%s); it will be sent again.", path, error)
+            path.unlink(missing_ok=True)
+            return None
+
+    def golden_cosine(
+        self, kind: EngineKind, fp: str, variant: str, num_threads: int = 0, cut: int = 0
+    ) -> float | None:
+        """The variant's mean cosine to the server's features on the golden batch, measured once per
+        variant, batch and runtime and kept beside the variant file; None without a golden batch."""
+        golden = self.golden_path(fp, cut)
+        if not golden.is_file():
+            return None
+        digest = self._verified.get_or_make(golden, lambda: hashlib.sha256(golden.read_bytes()).hexdigest())
+        key = {"variant": variant, "golden": digest, "runtime": runtime_tag(kind)}
+        verdict = self.path(kind, fp, cut).with_name(self.path(kind, fp, cut).name + ".golden.json")
+        try:
+            saved = json.loads(verdict.read_text())
+            if saved["key"] == key:
+                return float(saved["cosine"])
+        except (OSError, ValueError, TypeError, KeyError):
+            pass  # none yet, or for another variant, batch or runtime: measure
+        batch = self.golden(fp, cut)
+        if batch is None:
+            return None
+        engine = self.engine(kind, fp, variant, num_threads, cut)
+        cosine = batch.cosine(engine(batch.images.astype(np.float32)))
+        _write_atomically(verdict, lambda target: target.write_text(json.dumps({"key": key, "cosine": cosine})))
+        return cosine

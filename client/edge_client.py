@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from client.backbone_cache import BackboneCache, BuiltEngines, VerifiedFiles
+from client.golden import GoldenGate
 from client.local_data import LocalData, load_local_data
 from client.lru import LruCache
 from client.telemetry import device_metrics
@@ -26,7 +27,7 @@ from common.cut import embedding_space
 from common.data import LabelledFiles
 from common.embedding import EmbeddingCache, EmbedStats, embed_files, progress_logger
 from common.engines import EngineKind, FingerprintMismatch, engine_kind, resolve_engine
-from common.protocol import BackboneStatus, ClassStats, Instructions, ReplyStatus
+from common.protocol import BackboneStatus, ClassStats, GoldenBatch, Instructions, ReplyStatus
 from common.trainable import Trainable
 
 log = logging.getLogger(__name__)
@@ -73,6 +74,7 @@ class EdgeClient:
     engines: BuiltEngines = field(default_factory=lambda: LruCache(4))
     _data: LocalData | None = None
     _embedded: LruCache[EmbeddingKey, EmbeddedData] = field(default_factory=lambda: LruCache(EMBEDDINGS_KEPT))
+    _golden_cosines: dict[str, float] = field(default_factory=dict)  # variant -> its passed golden check
 
     @property
     def name(self) -> str:
@@ -107,16 +109,24 @@ class EdgeClient:
         resolves here, on the device, from what is installed)."""
         return resolve_engine(self.node.engine or self.config.engine)
 
-    def backbone_status(self, fp: str, cut: int = 0) -> BackboneStatus:
-        """The engine and the variant held for it (verified, "" if none): the server's query."""
-        kind = self.engine
-        return BackboneStatus(engine=kind.name, held_fingerprint=self.backbones.held(kind, fp, cut) or "")
+    @property
+    def golden_gate(self) -> GoldenGate:
+        return GoldenGate(self.backbones, self.config.golden_min_cosine, self.config.num_threads, self.name)
 
-    def receive_backbone(self, arrays: Mapping[str, np.ndarray], instructions: Instructions) -> None:
-        """Keep the variant the server sent (the backbone record's arrays) for the announced engine."""
+    def backbone_status(self, fp: str, cut: int = 0) -> BackboneStatus:
+        """The engine (after any golden-check fallback) and the variant held for it: the server's query."""
+        return self.golden_gate.status(self.engine, fp, cut)
+
+    def receive_backbone(
+        self, arrays: Mapping[str, np.ndarray], instructions: Instructions, golden: GoldenBatch | None = None
+    ) -> None:
+        """Keep the variant the server sent (the backbone record's arrays) for the announced engine,
+        and the golden batch it came with."""
         kind = engine_kind(instructions.engine)
         kind.require()  # e.g. the torch engine on a board without torch: say which extra to install
         self.backbones.keep(kind, arrays, instructions)
+        if golden is not None:
+            self.backbones.keep_golden(golden, instructions.fingerprint, instructions.cut)
 
     def reply_status(self, instructions: Instructions) -> ReplyStatus:
         """What this device says about itself with every train, evaluate and class-sums reply."""
@@ -125,11 +135,14 @@ class EdgeClient:
             engine=instructions.engine,
             engine_fingerprint=instructions.engine_fingerprint,
             data_notes="; ".join(self.data.notes),
+            golden_cosine=self._golden_cosines.get(instructions.engine_fingerprint, -1.0),
         )
 
     def embedded(self, instructions: Instructions) -> EmbeddedData:
         """Embeddings at the cut of every view of the local train and test files, computed at
         most once per image and view."""
+        if instructions.engine_fingerprint not in self._golden_cosines:  # before any embedding is used
+            self._golden_cosines[instructions.engine_fingerprint] = self.golden_gate.check(instructions)
         space = embedding_space(instructions.engine_fingerprint, instructions.cut)
         key = (space, instructions.views, self.data.train.labels)
         return self._embedded.get_or_make(key, lambda: self._embed(instructions, space))

@@ -4,7 +4,11 @@ No torch import anywhere on this path (NumPy, Pillow and ONNX Runtime only), so 
 with the smallest install. A labelled folder (one sub-folder per class, named as in the model's
 class list, with "/" written as "_") also gets accuracy and a confusion matrix.
 
-    edgesplit predict runs/<run>/model path/to/images [--int8]
+By default the model runs the backbone numerics its head was trained with (``model.json``'s
+``trained_with``: the int8 model for a run whose features were int8), so that it scores what the
+run reported; ``--fp32`` or ``--int8`` choose a form explicitly.
+
+    edgesplit predict runs/<run>/model path/to/images [--fp32 | --int8]
 """
 
 from __future__ import annotations
@@ -40,10 +44,21 @@ class Prediction:
     problem: str = ""
 
 
-class Classifier:
-    """An exported model: its ONNX session, class names and preprocessing."""
+# The ONNX form of an exported model that runs each backbone engine's numerics (torch: fp32).
+FORM_OF_ENGINE = {"torch": "onnx", "onnx": "onnx", "onnx-int8": "onnx-int8"}
+FORM_NAMES = {"onnx": "fp32", "onnx-int8": "int8"}
 
-    def __init__(self, model_dir: str | Path, int8: bool = False, num_threads: int = 0) -> None:
+
+class Classifier:
+    """An exported model: its ONNX session, class names and preprocessing.
+
+    ``form``: "onnx" (fp32) or "onnx-int8"; by default the one the head was trained with
+    (``model.json``'s ``trained_with``; fp32 for a model exported without it). ``int8=True`` is
+    ``form="onnx-int8"``."""
+
+    def __init__(
+        self, model_dir: str | Path, int8: bool = False, num_threads: int = 0, form: str | None = None
+    ) -> None:
         directory = Path(model_dir).expanduser()
         if (directory / "model" / MODEL_INFO).is_file():  # a run folder was given
             directory = directory / "model"
@@ -54,7 +69,11 @@ class Classifier:
                 "(runs/<run-id>/model) or at the run folder itself."
             )
         self.info: dict[str, Any] = json.loads(info_path.read_text())
-        form = "onnx-int8" if int8 else "onnx"
+        trained = FORM_OF_ENGINE.get(str(self.info.get("trained_with", {}).get("engine", "")), "onnx")
+        form = "onnx-int8" if int8 else form or trained
+        if form not in FORM_NAMES:
+            raise PredictError(f"Unknown model form {form!r}; choose one of {sorted(FORM_NAMES)}.")
+        self.form, self.as_trained = form, form == trained
         model_path = directory / self.info["files"].get(form, "")
         if not model_path.is_file():
             raise PredictError(f"The model folder lacks the {form} model ({model_path.name}); export the run again.")
@@ -129,7 +148,8 @@ def format_confusion(matrix: list[list[int]], classes: Sequence[str]) -> str:
 
 
 def run(args: argparse.Namespace, out: TextIO) -> int:
-    classifier = Classifier(args.model, int8=args.int8, num_threads=args.threads)
+    form = "onnx-int8" if args.int8 else "onnx" if args.fp32 else None
+    classifier = Classifier(args.model, num_threads=args.threads, form=form)
     files, labelled = list_images(args.images, classifier.classes)
     root = Path(args.images).expanduser()
     started = time.perf_counter()
@@ -148,7 +168,7 @@ def run(args: argparse.Namespace, out: TextIO) -> int:
         print(line, file=out)
     seconds = time.perf_counter() - started
     done = len(files) - skipped
-    form = "int8" if args.int8 else "fp32"
+    form = FORM_NAMES[classifier.form] + (", as trained" if classifier.as_trained else ", NOT as the head was trained")
     print(f"\n{done} images classified ({form}, {done / max(seconds, 1e-9):.1f} img/s), {skipped} skipped", file=out)
     if labelled and truth:
         report = classification_report(np.asarray(truth), np.asarray(predicted), len(classifier.classes))
@@ -166,7 +186,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("model", help="the exported model folder (runs/<run-id>/model) or the run folder")
     parser.add_argument("images", help="a folder of images; class sub-folders make it labelled")
-    parser.add_argument("--int8", action="store_true", help="use the int8 model (faster on a CPU)")
+    numerics = parser.add_mutually_exclusive_group()
+    numerics.add_argument("--fp32", action="store_true", help="use the fp32 model (default: as the head was trained)")
+    numerics.add_argument("--int8", action="store_true", help="use the int8 model (default: as the head was trained)")
     parser.add_argument("--batch-size", type=int, default=8, help="images per inference (default 8)")
     parser.add_argument("--threads", type=int, default=0, help="ONNX Runtime threads (0: one per core)")
     args = parser.parse_args(argv)
@@ -175,3 +197,12 @@ def main(argv: list[str] | None = None) -> int:
     except (PredictError, EngineError) as error:
         print(f"edgesplit predict: {error}", file=sys.stderr)
         return 2
+
+
+def accuracy_of(
+    model_dir: str | Path, files: Sequence[tuple[str, int | None]], batch_size: int = 8
+) -> tuple[float, str]:
+    """The exported model's accuracy on labelled files, in the form it was trained with: (accuracy, form)."""
+    classifier = Classifier(model_dir)
+    scored = [p for p in classifier.predict(files, batch_size) if p.predicted is not None and p.label is not None]
+    return (float(np.mean([p.predicted == p.label for p in scored])) if scored else float("nan")), classifier.form

@@ -128,6 +128,12 @@ class RunConfig:
     # 8, not 32: on a 2-core CPU it is as fast and peaks ~400 MiB lower (BENCHMARKS.md, edge memory).
     embed_batch_size: int = _key(8, "images per backbone batch", **_range(1, 4096))
     engine: str = _key("auto", "backbone engine; a node's 'engine' overrides it", **_choice(*ENGINE_CHOICES))
+    golden_min_cosine: float = _key(
+        0.98,
+        "a node's engine must compute the server's features of its golden batch to this mean cosine, "
+        "else it falls back to a safer engine (onnx-int8, onnx, torch) or its replies are refused",
+        **_range(0.0, 1.0),
+    )
     num_threads: int = _key(0, "torch / ONNX Runtime threads per process (0: their default)", **_range(0, 1024))
     # Data
     dataset: str = _key("elpv", "elpv (embedded) or folder (ImageFolder per client)", **_choice(*DATASETS))

@@ -5,7 +5,8 @@ Three kinds run the same backbone:
 
 - ``torch``: PyTorch eager, channels_last (the reference); what travels is the weights;
 - ``onnx``: ONNX Runtime, fp32; what travels is the ONNX file;
-- ``onnx-int8``: ONNX Runtime, static int8 (QDQ, per-channel weights), calibrated on the server.
+- ``onnx-int8``: ONNX Runtime, static int8 (QDQ, per-channel weights), calibrated on the server,
+  run with ONNX Runtime's exact int8 kernels on x86 CPUs without VNNI (``X64_QUANT_PRECISION``).
 
 The server makes every variant from the one backbone it holds (``server/variants.py``), so all
 clients of a run share one feature space. A variant's fingerprint covers the backbone's
@@ -21,6 +22,7 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import os
+import platform
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -40,6 +42,15 @@ ONNX_OUTPUT = "features"
 MODEL_INFO = "model.json"
 LOGITS, PROBABILITIES = "logits", "probabilities"
 
+# ONNX Runtime's fast u8 x s8 int8 kernels on x86 without VNNI (SSE4.1, AVX2, AVX-512 without VNNI)
+# add pairs of products in 16 bits (VPMADDUBSW), which saturates: EfficientNet-Lite0's int8 features
+# fell to cosine 0.87 (lowest 0.61) to PyTorch on an AVX2 CPU. With this session option ONNX
+# Runtime turns, on those CPUs only, every int8 weight tensor that could overflow into uint8 and
+# runs its exact u8 x u8 kernels instead; VNNI (32-bit accumulation) and ARM (dot-product or
+# widening multiplies) run as before, so every CPU class computes the same int8 model without
+# saturation. Measured candidates: BENCHMARKS.md, "Backbone engines".
+X64_QUANT_PRECISION = "session.x64quantprecision"
+
 # An engine maps a float32 batch (n, 3, h, w) to float32 features (n, feature_dim).
 Engine = Callable[[np.ndarray], np.ndarray]
 
@@ -50,6 +61,14 @@ class EngineError(RuntimeError):
 
 class FingerprintMismatch(EngineError):
     """A backbone artifact does not hash to the fingerprint it was announced with."""
+
+
+class GoldenCheckFailed(EngineError):
+    """A device's engine does not compute the server's features of the golden batch closely enough."""
+
+    def __init__(self, message: str, cosine: float) -> None:
+        super().__init__(message)
+        self.cosine = cosine
 
 
 def _write_atomically(path: Path, write: Callable[[Path], object]) -> None:
@@ -65,6 +84,8 @@ class EngineKind:
     name: ClassVar[str]
     needs: ClassVar[str]  # the module a device must have installed
     install: ClassVar[str]  # how to install it
+    # The engine a node falls back to when this one fails its golden check (None: none is safer).
+    safer: ClassVar[str | None] = None
 
     def available(self) -> bool:
         return importlib.util.find_spec(self.needs) is not None
@@ -176,7 +197,11 @@ class OnnxKind(EngineKind):
     """An ONNX model of the backbone up to the cut, run by ONNX Runtime in fp32."""
 
     name, needs, install = "onnx", "onnxruntime", "pip install 'edgesplit[edge]'"
+    safer = "torch"  # the reference itself, where a board has it
     server_file: ClassVar[str] = "backbone.onnx"  # in the server's variants folder
+    # How the file is made and run, beyond its bytes: a change gives the variant a new fingerprint,
+    # so embeddings computed the old way are never reused (they live under the old fingerprint).
+    recipe: ClassVar[str] = ""
 
     def file_name(self, fp: str, cut: int) -> str:
         return f"{fp}.{self.name}.onnx" if cut == 0 else f"{fp}.{self.name}.cut{cut}.onnx"
@@ -184,7 +209,8 @@ class OnnxKind(EngineKind):
     def variant_fingerprint(self, fp: str, artifact: bytes | None) -> str:
         if artifact is None:
             raise EngineError(f"engine {self.name!r} needs the artifact's bytes to fingerprint it.")
-        digest = hashlib.sha256(f"{fp}|{self.name}|".encode())
+        tag = f"{fp}|{self.name}|" + (f"{self.recipe}|" if self.recipe else "")
+        digest = hashlib.sha256(tag.encode())
         digest.update(artifact)
         return digest.hexdigest()
 
@@ -222,7 +248,9 @@ class OnnxInt8Kind(OnnxKind):
     """Static int8, calibrated on the server's held-out images (common/export.py)."""
 
     name = "onnx-int8"
+    safer = "onnx"
     server_file = "backbone-int8.onnx"
+    recipe = f"qdq-u8s8-per-channel|{X64_QUANT_PRECISION}=1"
 
     def make(self, fp32: Path, target: Path, calibration: Callable[[], np.ndarray], keep_float_convs: int) -> None:
         from common.export import quantize_int8
@@ -241,6 +269,22 @@ def engine_kind(name: str) -> EngineKind:
         return ENGINE_KINDS[name]
     except KeyError:
         raise EngineError(f"Unknown engine {name!r}; choose one of {list(ENGINE_CHOICES)}.") from None
+
+
+def runtime_tag(kind: EngineKind) -> str:
+    """What decides an engine's numerics on this device besides the variant: the machine, the
+    runtime's version and the CPU's flags. A golden verdict is kept only while this stays the same."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        runtime = f"{kind.needs} {version(kind.needs)}"
+    except PackageNotFoundError:
+        runtime = f"{kind.needs} (version unknown)"
+    cpuinfo = Path("/proc/cpuinfo")
+    flags = ""
+    if cpuinfo.is_file():
+        flags = next((line for line in cpuinfo.read_text().splitlines() if line.startswith(("flags", "Features"))), "")
+    return f"{platform.machine()}|{runtime}|{hashlib.sha256(flags.encode()).hexdigest()[:16]}"
 
 
 def onnxruntime_available() -> bool:
@@ -270,13 +314,15 @@ class OnnxEngine:
     cores, parallelism inside each convolution is what pays.
     """
 
-    def __init__(self, model: bytes | str | Path, num_threads: int = 0) -> None:
+    def __init__(self, model: bytes | str | Path, num_threads: int = 0, exact_int8: bool = True) -> None:
         import onnxruntime as ort
 
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
         options.inter_op_num_threads = 1
+        if exact_int8:  # no int8 saturation (see above); off only to measure what it avoids
+            options.add_session_config_entry(X64_QUANT_PRECISION, "1")
         if num_threads:
             options.intra_op_num_threads = num_threads
         source = str(model) if isinstance(model, Path) else model

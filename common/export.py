@@ -75,12 +75,24 @@ def calibration_images(files: LabelledFiles, preprocess: PreprocessSpec, count: 
     return np.stack(images)
 
 
-def quantize_int8(fp32_path: Path, int8_path: Path, calibration: np.ndarray, keep_float_convs: int) -> None:
+# Weight formats of quantize_int8: what the engine ships ("s8") and the documented alternatives
+# against saturation on x86 without VNNI that BENCHMARKS.md measures against it.
+INT8_WEIGHTS = {"s8": ("QInt8", False), "s7": ("QInt8", True), "u8": ("QUInt8", False)}
+
+
+def quantize_int8(
+    fp32_path: Path, int8_path: Path, calibration: np.ndarray, keep_float_convs: int, weights: str = "s8"
+) -> None:
     """Static int8 (QDQ, per-channel weights, uint8 activations) of an ONNX image model.
 
     The first ``keep_float_convs`` convolutions stay float: the stem and first block see raw
     pixels at full resolution, quantizing them costs most of the error (EfficientNet-Lite0 on
     ELPV: mean cosine to fp32 0.982 with them int8, 0.993 without) and only ~5% of the compute.
+
+    ``weights``: "s8" (full int8, what the engine uses: common/engines.py runs it without
+    saturation everywhere), "s7" (ONNX Runtime's reduce_range: 7-bit weights, no saturation by
+    construction but a bit less precise everywhere) or "u8" (uint8 weights: ONNX Runtime's u8u8
+    kernels, slower on VNNI CPUs).
     """
     import onnx
     from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
@@ -94,6 +106,7 @@ def quantize_int8(fp32_path: Path, int8_path: Path, calibration: np.ndarray, kee
             batch = next(self._batches, None)
             return None if batch is None else {input_name: batch}
 
+    weight_type, reduce_range = INT8_WEIGHTS[weights]
     model = onnx.load(str(fp32_path))
     input_name = model.graph.input[0].name
     convs = [node.name for node in model.graph.node if node.op_type == "Conv"]
@@ -108,7 +121,8 @@ def quantize_int8(fp32_path: Path, int8_path: Path, calibration: np.ndarray, kee
             quant_format=QuantFormat.QDQ,
             per_channel=True,
             activation_type=QuantType.QUInt8,
-            weight_type=QuantType.QInt8,
+            weight_type=getattr(QuantType, weight_type),
+            reduce_range=reduce_range,
             nodes_to_exclude=convs[:keep_float_convs],
         )
         int8_path.with_suffix(f".tmp{os.getpid()}").replace(int8_path)

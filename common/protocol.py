@@ -3,7 +3,9 @@
 Server -> client
     ``train`` / ``evaluate``: ``arrays`` (the trainable part: the head, and the backbone's tail at
     a later cut), ``config`` (``Instructions``), and ``backbone`` (the frozen part as the node's
-    engine runs it) only for a node that does not hold that variant yet.
+    engine runs it) with ``golden`` (``GoldenBatch``: a few of the server's own held-out images and
+    the features the server's fp32 backbone computes for them) only for a node that does not hold
+    that variant yet.
     ``query``: ``config`` holds an ``action``. ``backbone-status`` (``BackboneQuery``) asks which
     engine the node runs and which variant it holds; ``class-sums`` (FedNCM) carries a train
     message's content and asks for ``ClassStats``.
@@ -38,6 +40,7 @@ BACKBONE = "backbone"
 METRICS = "metrics"
 STATUS = "status"
 CLASS_STATS = "class-stats"
+GOLDEN = "golden"
 
 # --- metric keys (client -> server, all numbers) ----------------------------------------------
 NUM_EXAMPLES = "num-examples"
@@ -209,6 +212,8 @@ class BackboneStatus(ConfigMessage):
 
     engine: str
     held_fingerprint: str
+    golden_cosine: float = -1.0  # of the held variant on the golden batch (-1: not checked yet)
+    fallback: str = ""  # why the node runs a safer engine than it was set to ("" if it does not)
 
 
 @dataclass(frozen=True)
@@ -219,6 +224,8 @@ class ReplyStatus(ConfigMessage):
     engine: str
     engine_fingerprint: str
     data_notes: str = ""  # what it skipped or lacks (short, no per-image content)
+    golden_cosine: float = -1.0  # its engine's agreement with the server on the golden batch (-1: unchecked)
+    fallback: str = ""  # set when its engine failed the golden check: what it does about it
 
 
 # --- the one array message ---------------------------------------------------------------------
@@ -246,3 +253,36 @@ class ClassStats:
         if set(arrays) != set(cls.NAMES):
             raise ProtocolError(f"class statistics must be exactly {sorted(cls.NAMES)}, got {sorted(arrays)}")
         return cls(sums=arrays["sums"], counts=arrays["counts"])
+
+
+@dataclass(frozen=True)
+class GoldenBatch:
+    """A few of the server's own held-out images, preprocessed (float16 to travel light), and the
+    features its fp32 backbone computes for them (from the same float16 values): the yardstick a
+    node holds its engine to. Never a client's data."""
+
+    images: np.ndarray  # (n, 3, size, size) float16
+    features: np.ndarray  # (n, ...) float32: the backbone's output at the cut
+
+    NAMES: ClassVar[tuple[str, str]] = ("images", "features")
+
+    def to_arrays(self) -> dict[str, np.ndarray]:
+        return {"images": self.images, "features": self.features}
+
+    @classmethod
+    def from_arrays(cls, arrays: Mapping[str, np.ndarray]) -> GoldenBatch:
+        if set(arrays) != set(cls.NAMES):
+            raise ProtocolError(f"a golden batch must be exactly {sorted(cls.NAMES)}, got {sorted(arrays)}")
+        images, features = np.asarray(arrays["images"]), np.asarray(arrays["features"])
+        if images.ndim != 4 or len(images) == 0 or len(features) != len(images):
+            raise ProtocolError(f"golden batch of shapes {images.shape} and {features.shape} does not pair up")
+        if not (np.isfinite(images).all() and np.isfinite(features).all()):
+            raise ProtocolError("golden batch holds NaN or Inf")
+        return cls(images=images, features=features)
+
+    def cosine(self, computed: np.ndarray) -> float:
+        """Mean cosine over the batch between ``computed`` features and the server's."""
+        ours = np.asarray(computed, dtype=np.float64).reshape(len(self.features), -1)
+        theirs = np.asarray(self.features, dtype=np.float64).reshape(len(self.features), -1)
+        norms = np.linalg.norm(ours, axis=1) * np.linalg.norm(theirs, axis=1)
+        return float(np.mean((ours * theirs).sum(axis=1) / np.maximum(norms, 1e-12)))

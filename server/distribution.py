@@ -1,6 +1,8 @@
 """The backbone, once per node: which engine each node runs, which variant of the backbone it
-holds, and the variant attached to a message only for a node that lacks it. Each message gets
-its own content, so that the megabytes go only where they are needed."""
+holds, and the variant attached to a message only for a node that lacks it, with the golden
+batch the node checks it on (client/golden.py). Each message gets its own content, so that the
+megabytes go only where they are needed. A node that fell back to a safer engine after a failed
+golden check says so when asked, and gets that engine's variant."""
 
 from __future__ import annotations
 
@@ -32,6 +34,8 @@ class BackboneDistributor:
         self.holders: dict[int, str] = {}  # node -> the variant fingerprint it is known to hold
         self.engines: dict[int, EngineKind] = {}  # node -> the engine it runs (from its answer)
         self._records: dict[str, ArrayRecord] = {}  # engine -> the variant as it is sent
+        self._golden: ArrayRecord | None = None
+        self.fallbacks: dict[int, str] = {}  # node -> why it runs a safer engine (its latest answer)
 
     def forget(self, nodes: set[int]) -> None:
         """Nodes that failed: ask again next time (they may have lost their cache)."""
@@ -59,6 +63,7 @@ class BackboneDistributor:
             content = RecordDict({**dict(message.content.items()), protocol.CONFIG: config})
             if self.holders.get(node) != variant:
                 content[protocol.BACKBONE] = self._record(kind)
+                content[protocol.GOLDEN] = self._golden_record()
                 tally.record.backbones_sent += 1
                 self.holders[node] = variant  # optimistic; a failed reply removes it again
                 self.run_log.event("backbone-sent", round=tally.record.round, node=node, engine=kind.name)
@@ -87,8 +92,24 @@ class BackboneDistributor:
             node = reply.metadata.src_node_id
             if answer.engine in ENGINE_KINDS:
                 self.engines[node] = ENGINE_KINDS[answer.engine]
+            if answer.fallback and self.fallbacks.get(node) != answer.fallback:
+                log.warning("node %s runs a safer engine after a failed golden check: %s", node, answer.fallback)
+                self.run_log.event(
+                    "engine-fallback",
+                    round=tally.record.round,
+                    node=node,
+                    engine=answer.engine,
+                    golden_cosine=answer.golden_cosine,
+                    reason=answer.fallback,
+                )
+            self.fallbacks[node] = answer.fallback
             if answer.held_fingerprint:
                 self.holders[node] = answer.held_fingerprint
+
+    def _golden_record(self) -> ArrayRecord:
+        if self._golden is None:
+            self._golden = to_array_record(self.variants.golden().to_arrays())
+        return self._golden
 
     def _record(self, kind: EngineKind) -> ArrayRecord:
         """The backbone as one engine's clients receive it (made once per engine)."""

@@ -64,8 +64,11 @@ def finish(run: ServerRun, final_arrays: dict[str, np.ndarray], stopped: str | N
         "wall_seconds": time.perf_counter() - run.started,
         # engine: what the server embedded its held-out images with (each client's is in events.jsonl)
         "backbone": {"name": run.spec.name, "fingerprint": run.fingerprint, "engine": run.engine.name},
+        "golden_min_cosine": run.config.golden_min_cosine,
+        "nodes": {str(node): entry for node, entry in sorted(run.nodes.items())},  # engines, golden checks
         "head_path": str(head_path),
         "model_dir": str(model_dir) if model_dir else None,
+        "export_check": check_export(run, model_dir, report.accuracy) if model_dir else None,
         "run_dir": str(run.run_log.run_dir),
         "completed_rounds": run.rounds[-1].round if run.rounds else 0,
         "stopped": stopped,
@@ -105,6 +108,8 @@ def export(run: ServerRun, arrays: dict[str, np.ndarray]) -> Path | None:
                     "variants": {e: run.variants.variant_fingerprint(e) for e in ONNX_ENGINES},
                 },
                 "head": {"kind": run.config.head, "mlp_hidden": run.config.mlp_hidden},
+                # the numerics the head was trained and scored with: what `edgesplit predict` runs
+                "trained_with": {"engine": run.engine.name, "variant": run.variants.variant_fingerprint(run.engine)},
             },
         )
     except Exception as error:  # the export is a convenience on top of a finished run
@@ -114,6 +119,41 @@ def export(run: ServerRun, arrays: dict[str, np.ndarray]) -> Path | None:
     run.run_log.event("model-exported", files={form: path.name for form, path in written.items()})
     log.info("Deployable model: %s (classify images with: edgesplit predict %s <folder>)", directory, directory)
     return directory
+
+
+# The exported model must score what the run reported, within this many accuracy points.
+EXPORT_GAP_POINTS = 0.5
+
+
+def check_export(run: ServerRun, model_dir: Path, run_accuracy: float) -> dict[str, Any] | None:
+    """Score the exported model, as `edgesplit predict` runs it by default, on the server's
+    held-out images, and compare with the run's final accuracy; warn loudly past 0.5 points."""
+    from client.predict import accuracy_of
+    from server.run import server_test_files
+
+    try:
+        files = server_test_files(run.config)
+        accuracy, form = accuracy_of(model_dir, list(zip(files.paths, files.labels, strict=True)))
+    except Exception as error:  # like the export: a check on top of a finished run
+        log.error("Scoring the exported model failed (%s: %s).", type(error).__name__, error)
+        return None
+    gap = 100 * (accuracy - run_accuracy)
+    check = {"form": form, "accuracy": accuracy, "run_accuracy": run_accuracy, "gap_points": round(gap, 4)}
+    check["ok"] = bool(abs(gap) <= EXPORT_GAP_POINTS)
+    run.run_log.event("export-checked", **check)
+    if not check["ok"]:
+        log.warning(
+            "!!! The exported model (%s) scores %.4f on the server's held-out images, %.2f points from the "
+            "run's %.4f (more than %.1f): the deployed model does not compute what the run measured. !!!",
+            form,
+            accuracy,
+            gap,
+            run_accuracy,
+            EXPORT_GAP_POINTS,
+        )
+    else:
+        log.info("Exported model (%s) on the held-out images: %.4f (run: %.4f)", form, accuracy, run_accuracy)
+    return check
 
 
 def summary_table(summary: dict[str, Any]) -> str:

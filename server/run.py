@@ -60,6 +60,7 @@ class ServerRun:
     started: float = field(default_factory=time.perf_counter)
     rounds: list[RoundRecord] = field(default_factory=list)
     embedding: EmbeddingLedger = field(default_factory=EmbeddingLedger)
+    nodes: dict[int, dict[str, Any]] = field(default_factory=dict)  # node -> engine and golden check
     final_report: ClassificationReport | None = None
     checkpoint: Checkpoint | None = None  # what a resumed run continues from
     initialisation: dict[str, Any] = field(default_factory=dict)  # how the head was initialised (FedNCM)
@@ -100,6 +101,7 @@ class ServerRun:
         # The server embeds with the run's engine, as a client on this platform would, so its
         # evaluation sees the features the clients train on.
         engine = resolve_engine(config.engine)
+        golden_cosine = check_server_engine(config, variants, engine)
         test = embed_held_out(config, variants, engine, preprocess, test_files)
         run = cls(config, spec, state, preprocess, fp, classes, run_log, test, variants, engine, started=started)
         run.embedding = EmbeddingLedger(test.stats.computed, test.stats.cached, test.stats.num_skipped)
@@ -111,6 +113,7 @@ class ServerRun:
             backbone=spec.name,
             fingerprint=fp,
             engine=engine.name,
+            golden_cosine=golden_cosine,
             test_examples=len(test.labels),
             test_class_counts=np.bincount(test.labels, minlength=len(classes)).tolist(),
             embeddings_computed=test.stats.computed,
@@ -257,6 +260,23 @@ def _open_run_folder(
         return checkpoint, RunLog(run_dir, resume=True)
     run_dir = Path(config.runs_dir).expanduser().resolve() / new_run_id(flower_run_id, config.run_name)
     return None, RunLog(run_dir)
+
+
+def check_server_engine(config: RunConfig, variants: BackboneVariants, engine: EngineKind) -> float:
+    """The server's own engine on the golden batch it sends the nodes: its held-out embedding must
+    be in the feature space it holds the nodes to (warned loudly if not)."""
+    golden = variants.golden()
+    cosine = golden.cosine(variants.engine(engine, config.num_threads)(golden.images.astype(np.float32)))
+    if cosine < config.golden_min_cosine:
+        log.warning(
+            "!!! The server's %s engine computes its own golden features at mean cosine %.4f, below "
+            "golden-min-cosine=%g: its held-out evaluation is not in the nodes' feature space; choose "
+            "engine='onnx' for the run. !!!",
+            engine.name,
+            cosine,
+            config.golden_min_cosine,
+        )
+    return cosine
 
 
 def embed_held_out(

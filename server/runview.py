@@ -28,6 +28,7 @@ class ClientRow:
     node: int
     board: str = ""  # the name its SuperNode was registered under, where it has one
     engine: str = ""
+    golden_cosine: float | None = None  # its engine's golden check (None: not reported)
     samples: int = 0
     rounds_joined: int = 0
     last_seen: float = 0.0
@@ -110,6 +111,9 @@ class RunView:
         row.last_seen = max(row.last_seen, time)
         row.last_round = max(row.last_round, server_round)
         row.board = str(event.get("board", row.board))
+        cosine = event.get("golden_cosine")
+        if isinstance(cosine, int | float) and cosine >= 0:
+            row.golden_cosine = float(cosine)
         if kind == "client-reply":
             metrics = event.get("metrics", {})
             row.bytes_up += int(event.get("bytes", 0))

@@ -74,10 +74,13 @@ class ReplyScreen:
         head_shapes: dict[str, tuple[int, ...]],
         class_stats_shapes: dict[str, tuple[int, ...]],
         embedding: EmbeddingLedger,
+        nodes: dict[int, dict[str, Any]] | None = None,
     ) -> None:
         self.run_log, self.config, self.fingerprint = run_log, config, fingerprint
         self.head_shapes, self.class_stats_shapes, self.embedding = head_shapes, class_stats_shapes, embedding
         self.first_examples: dict[int, int] = {}  # node -> num-examples of its first accepted update
+        # node -> its engine and golden check, as its latest reply said (summary.json's "nodes")
+        self.nodes: dict[int, dict[str, Any]] = {} if nodes is None else nodes
 
     def screen(
         self,
@@ -108,11 +111,15 @@ class ReplyScreen:
                 tally.record.max_bytes_up_per_client = max(tally.record.max_bytes_up_per_client, size)
             status, reason = self._status(reply)
             if status is not None:
-                reason = self._reject_reason(reply, phase, node, status)
+                reason = self._golden_reason(status) or self._reject_reason(reply, phase, node, status)
+                self._note_engine(node, status, refused=reason is not None)
+                if reason is not None and status.fallback:
+                    result.lost.add(node)  # ask for its engine again: it may have fallen back
             if reason is None and status is not None:
                 candidates.append(_Candidate(reply, node, size, status))
             else:
-                self._reject(node, phase, str(reason), tally)
+                cosine = status.golden_cosine if status is not None and status.golden_cosine >= 0 else None
+                self._reject(node, phase, str(reason), tally, golden_cosine=cosine)
         norms = self._update_norms(candidates, start_head) if phase is Phase.TRAIN else {}
         flagged = update_bounds(norms, self.config.max_update_norm, self.config.max_update_ratio)
         for node, reason in flagged.items():
@@ -152,10 +159,13 @@ class ReplyScreen:
         self.run_log.event("client-failed", round=tally.record.round, phase=phase.value, node=node, reason=reason)
         log.warning("node %s failed in %s: %s", node, phase.value, reason)
 
-    def _reject(self, node: int, phase: Phase, reason: str, tally: RoundTally) -> None:
+    def _reject(self, node: int, phase: Phase, reason: str, tally: RoundTally, **extra: Any) -> None:
         if phase is Phase.TRAIN:
             tally.record.clients_rejected += 1
-        self.run_log.event("client-rejected", round=tally.record.round, phase=phase.value, node=node, reason=reason)
+        extra = {key: value for key, value in extra.items() if value is not None}
+        self.run_log.event(
+            "client-rejected", round=tally.record.round, phase=phase.value, node=node, reason=reason, **extra
+        )
         log.warning("node %s: %s reply rejected: %s", node, phase.value, reason)
 
     def _averaged(self, phase: Phase) -> tuple[str, ...]:
@@ -190,6 +200,7 @@ class ReplyScreen:
             bytes=c.size,
             bytes_down=bytes_down,
             engine=c.status.engine,
+            golden_cosine=c.status.golden_cosine,
             metrics=metrics,
             **({"update_norm": round(norm, 6)} if norm is not None else {}),
             **({"notes": c.status.data_notes} if c.status.data_notes else {}),
@@ -203,6 +214,25 @@ class ReplyScreen:
                 int(number(metrics.get(protocol.EMBEDDINGS_CACHED))),
                 int(number(metrics.get(protocol.IMAGES_SKIPPED))),
             )
+
+    def _note_engine(self, node: int, status: ReplyStatus, refused: bool) -> None:
+        self.nodes[node] = {
+            "engine": status.engine,
+            "golden_cosine": None if status.golden_cosine < 0 else round(status.golden_cosine, 6),
+            "fallback": status.fallback,
+            "refused": refused,
+        }
+
+    def _golden_reason(self, status: ReplyStatus) -> str | None:
+        """Why a node's features cannot be averaged in: its engine failed the golden check (it says
+        so itself, or its cosine is below this run's minimum)."""
+        minimum = self.config.golden_min_cosine
+        if status.fallback or 0 <= status.golden_cosine < minimum:
+            return (
+                f"golden check failed: engine {status.engine} at mean cosine {status.golden_cosine:.4f} to the "
+                f"server's features (golden-min-cosine {minimum:g}); {status.fallback or 'refused'}"
+            )
+        return None
 
     def _reject_reason(self, reply: Message, phase: Phase, node: int, status: ReplyStatus) -> str | None:
         content = reply.content

@@ -44,7 +44,13 @@ class EdgeSplitStrategy(Strategy):
         self.tally = RoundTally()
         self.distributor = BackboneDistributor(run.run_log, run.variants, run.engine, config.round_timeout)
         self.screen = ReplyScreen(
-            run.run_log, config, run.fingerprint, run.head_shapes(), run.class_stats_shapes(), run.embedding
+            run.run_log,
+            config,
+            run.fingerprint,
+            run.head_shapes(),
+            run.class_stats_shapes(),
+            run.embedding,
+            run.nodes,
         )
         self._sent: dict[Phase, list[tuple[Message, int]]] = {}  # what each phase sent this round
         self._start_head: dict[str, np.ndarray] | None = None  # the head this round's updates start from

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import fcntl
 import logging
+import os
 import threading
 from collections.abc import Callable
 from pathlib import Path
@@ -25,9 +26,12 @@ from common.engines import ONNX_ENGINES, ONNX_INPUT, ONNX_OUTPUT, Engine, Engine
 from common.export import export_onnx
 from common.logs import quiet_root_logger
 from common.preprocess import PreprocessSpec
+from common.protocol import GoldenBatch
 from common.split import split_backbone
 
 log = logging.getLogger(__name__)
+
+GOLDEN_IMAGES = 4  # held-out images a node checks its engine on: ~1.2 MB at 224 px in float16
 
 
 class BackboneVariants:
@@ -53,6 +57,7 @@ class BackboneVariants:
         self._lock = threading.Lock()
         self._bytes: dict[str, bytes] = {}
         self._fingerprints: dict[str, str] = {}  # asked for every message of every round: hash once
+        self._golden: GoldenBatch | None = None
 
     def path(self, kind: EngineKind | str) -> Path:
         """The ONNX file of an ONNX engine's variant, made if this server has not made it yet."""
@@ -78,6 +83,26 @@ class BackboneVariants:
             artifact = self.artifact(kind) if isinstance(kind, OnnxKind) else None
             self._fingerprints[kind.name] = kind.variant_fingerprint(self.fingerprint, artifact)
         return self._fingerprints[kind.name]
+
+    def golden(self) -> GoldenBatch:
+        """A few of the server's own held-out images (the calibration images, evenly spread) as
+        float16, and the fp32 torch backbone's features (up to the cut) of exactly those values."""
+        with self._lock:
+            if self._golden is None:
+                path = self.directory / "golden.npz"
+                if not path.is_file():
+                    images = self._calibration()
+                    picks = np.linspace(0, len(images) - 1, min(GOLDEN_IMAGES, len(images))).round().astype(int)
+                    small = images[picks].astype(np.float16)
+                    features = TorchEngine(self._prefix(), channels_last=False)(small.astype(np.float32))
+                    self.directory.mkdir(parents=True, exist_ok=True)
+                    temporary = path.with_suffix(f".tmp{os.getpid()}")
+                    with temporary.open("wb") as handle:
+                        np.savez(handle, images=small, features=features)
+                    temporary.replace(path)
+                with np.load(path) as stored:
+                    self._golden = GoldenBatch.from_arrays({name: stored[name] for name in stored.files})
+            return self._golden
 
     def engine(self, kind: EngineKind | str, num_threads: int = 0) -> Engine:
         """A runnable engine of this backbone (up to the cut) for the server's own embedding."""

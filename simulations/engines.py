@@ -1,6 +1,7 @@
 """Backbone engines on this CPU: speed, memory and feature quality, in one run on the same images.
 
-    python -m simulations.engines            # about 6 minutes on 2 cores
+    python -m simulations.engines            # about 8 minutes on 2 cores
+    python -m simulations.engines --emulate 0   # without the emulated AVX2 column
 
 EfficientNet-Lite0 at 224 px on all 2,624 ELPV images. The server's engine variants are made as
 in a run (int8 calibrated on the server's held-out split). Each engine runs in a fresh process
@@ -13,7 +14,13 @@ is what a board process would need to embed. Per engine:
 - achieved GFLOP/s (the model's FLOPs per image, counted by PyTorch, times images/s) and its
   share of this machine's estimated fp32 peak;
 - feature agreement with PyTorch (cosine) and the ELPV accuracy of a logistic-regression probe
-  on that engine's features (train on the clients' 75%, test on the server's 25%).
+  on that engine's features (train on the clients' 75%, test on the server's 25%);
+- for the int8 candidates against saturation on x86 without VNNI (common/engines.py): the same
+  cosine on a few images with the process run under ``qemu-x86_64 -cpu Haswell`` (AVX2 and FMA,
+  no AVX-512, so ONNX Runtime dispatches its AVX2 kernels), where qemu-user is installed on an
+  x86-64 host. Emulated speed means nothing and is not reported.
+
+The table is labelled with the CPU flags that decide which int8 kernels ONNX Runtime runs.
 
 Writes its section of BENCHMARKS.md.
 """
@@ -25,6 +32,7 @@ import json
 import os
 import platform
 import re
+import shutil
 import sys
 import tempfile
 import time
@@ -37,12 +45,17 @@ from simulations.federation import PROJECT_ROOT, run_child
 
 COMMAND = "python -m simulations.engines"
 TITLE = "Backbone engines: throughput, memory and probe accuracy on this CPU"
-ENGINE_ROWS = {  # row name -> (engine, channels_last)
-    "torch eager (NCHW)": ("torch", False),
-    "torch (channels_last)": ("torch", True),
-    "onnx (ONNX Runtime fp32)": ("onnx", False),
-    "onnx-int8 (ONNX Runtime int8)": ("onnx-int8", False),
+ENGINE_ROWS = {  # row name -> (engine, channels_last, int8 weights, exact int8 kernels)
+    "torch eager (NCHW)": ("torch", False, "", True),
+    "torch (channels_last)": ("torch", True, "", True),
+    "onnx (ONNX Runtime fp32)": ("onnx", False, "", True),
+    "onnx-int8 (the engine: s8 weights, exact kernels)": ("onnx-int8", False, "s8", True),
+    "int8 s8, u8s8 kernels as before": ("onnx-int8", False, "s8", False),
+    "int8 s7 weights (reduce_range)": ("onnx-int8", False, "s7", True),
+    "int8 u8 weights (U8U8)": ("onnx-int8", False, "u8", True),
 }
+INT8_FLAGS = ("avx2", "fma", "avx512f", "avx512bw", "avx512_vnni", "avx_vnni", "amx_int8", "asimddot", "i8mm")
+EMULATED_CPU = "Haswell"  # AVX2 + FMA, no AVX-512, no VNNI: the class whose u8s8 kernels saturate
 BATCH_SIZES = (1, 8, 32)
 REFERENCE_ROW = "torch eager (NCHW)"
 
@@ -66,7 +79,8 @@ def _images_per_second(engine: Any, images: np.ndarray, batch_size: int, min_sec
 
 
 def child(setup: dict[str, Any]) -> dict[str, Any]:
-    """One engine in this fresh process: throughput, peak RSS, then features of every image."""
+    """One engine in this fresh process: throughput and peak RSS (unless emulated), then the
+    features of every image."""
     from common.engines import OnnxEngine
 
     threads = int(setup["threads"])
@@ -80,16 +94,31 @@ def child(setup: dict[str, Any]) -> dict[str, Any]:
         state = torch.load(setup["backbone"], weights_only=True)
         engine: Any = TorchEngine(build_backbone(setup["backbone_name"], state), channels_last=setup["channels_last"])
     else:
-        engine = OnnxEngine(Path(setup["model"]), threads)
-    sample = np.load(setup["sample"])  # anonymous memory: not file-backed pages of the full set
-    speeds = {str(b): _images_per_second(engine, sample, b) for b in BATCH_SIZES}
-    peak = _vm_hwm_mib()
-    result: dict[str, Any] = {"images_per_second": speeds, "peak_rss_mib": peak}
+        engine = OnnxEngine(Path(setup["model"]), threads, exact_int8=setup["exact"])
+    result: dict[str, Any] = {}
+    if setup.get("speed", True):
+        sample = np.load(setup["sample"])  # anonymous memory: not file-backed pages of the full set
+        result["images_per_second"] = {str(b): _images_per_second(engine, sample, b) for b in BATCH_SIZES}
+        result["peak_rss_mib"] = _vm_hwm_mib()
     if setup.get("features"):
         images = np.load(setup["images"], mmap_mode="r")
         features = [engine(np.asarray(images[s : s + 8])) for s in range(0, len(images), 8)]
         np.save(setup["features"], np.concatenate(features))
     return result
+
+
+def int8_flags() -> str:
+    """The CPU flags that decide ONNX Runtime's int8 kernels (x86: VNNI or not; ARM: dot products)."""
+    info = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+    flag_line = re.search(r"^(?:flags|Features)\s*:\s*(.+)$", info, re.MULTILINE)
+    flags = set(flag_line.group(1).split()) if flag_line else set()
+    return " ".join(flag for flag in INT8_FLAGS if flag in flags) or "none of " + " ".join(INT8_FLAGS)
+
+
+def emulator() -> list[str]:
+    """How to run an x86-64 process as an AVX2 CPU without VNNI, or [] where this cannot be done."""
+    qemu = shutil.which("qemu-x86_64")
+    return [qemu, "-cpu", EMULATED_CPU] if qemu and platform.machine() == "x86_64" else []
 
 
 def cpu_description() -> tuple[str, float, str]:
@@ -155,6 +184,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="threads per engine")
     parser.add_argument("--output", type=Path, default=PROJECT_ROOT / "BENCHMARKS.md")
+    parser.add_argument(
+        "--emulate", type=int, default=16, help="images per ONNX row under emulated AVX2 (0: none; needs qemu-user)"
+    )
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
@@ -164,10 +196,11 @@ def main(argv: list[str] | None = None) -> int:
     import onnxruntime
     import torch
 
-    from common.backbones import build_backbone, fingerprint, load_backbone_weights, preprocess_for
+    from common.backbones import build_backbone, fingerprint, get_spec, load_backbone_weights, preprocess_for
     from common.data import elpv_split
-    from common.export import calibration_images
+    from common.export import calibration_images, quantize_int8
     from common.heads import PowerNorm
+    from common.logs import quiet_root_logger
     from common.preprocess import decode_image
     from server.variants import BackboneVariants
     from simulations.benchmark import markdown_table, update_section
@@ -188,7 +221,10 @@ def main(argv: list[str] | None = None) -> int:
         for index, path in enumerate(everything):
             images[index] = preprocess(decode_image(Path(path).read_bytes()))
         images.flush()
-        np.save(work / "sample.npy", np.asarray(images[np.linspace(0, len(everything) - 1, 64).astype(int)]))
+        sample = np.linspace(0, len(everything) - 1, 64).astype(int)
+        np.save(work / "sample.npy", np.asarray(images[sample]))
+        emulated = sample[: args.emulate]
+        np.save(work / "emulated.npy", np.asarray(images[emulated]))
         del images
         torch.save(state, work / "backbone.pt")
         started = time.perf_counter()
@@ -200,29 +236,40 @@ def main(argv: list[str] | None = None) -> int:
             fingerprint(name, state, preprocess),
             calibration=lambda: calibration_images(test, preprocess),
         )
-        models = {engine: str(variants.path(engine)) for engine in ("onnx", "onnx-int8")}
+        models = {"onnx": str(variants.path("onnx")), "s8": str(variants.path("onnx-int8"))}
         making_seconds = time.perf_counter() - started
+        float_convs = get_spec(name).int8_float_convs  # as the engine's: stem and first block in float
+        for weights in ("s7", "u8"):  # the other int8 candidates, calibrated on the same images
+            models[weights] = str(work / f"int8-{weights}.onnx")
+            calibration = calibration_images(test, preprocess)
+            with quiet_root_logger():  # the quantizer logs every rescaled channel
+                quantize_int8(variants.path("onnx"), Path(models[weights]), calibration, float_convs, weights=weights)
         sizes = {engine: Path(path).stat().st_size / 1e6 for engine, path in models.items()}
-        for row, (engine, channels_last) in ENGINE_ROWS.items():
+        launcher = emulator() if args.emulate else []
+        for index, (row, (engine, channels_last, weights, exact)) in enumerate(ENGINE_ROWS.items()):
             print(f"measuring {row} ...", flush=True)
-            features_path = work / f"features-{engine}-{int(channels_last)}.npy"
-            results[row] = run_child(
-                "simulations.engines",
-                {
-                    "engine": engine,
-                    "channels_last": channels_last,
-                    "threads": args.threads,
-                    "backbone": str(work / "backbone.pt"),
-                    "backbone_name": name,
-                    "model": models.get(engine, ""),
-                    "sample": str(work / "sample.npy"),
-                    "images": str(work / "images.npy"),
-                    # eager NCHW computes the same features as channels_last, only slower
-                    "features": str(features_path) if row != REFERENCE_ROW else "",
-                },
-            )
+            features_path = work / f"features-{index}.npy"
+            setup = {
+                "engine": engine,
+                "channels_last": channels_last,
+                "exact": exact,
+                "threads": args.threads,
+                "backbone": str(work / "backbone.pt"),
+                "backbone_name": name,
+                "model": models.get(weights or engine, ""),
+                "sample": str(work / "sample.npy"),
+                "images": str(work / "images.npy"),
+                # eager NCHW computes the same features as channels_last, only slower
+                "features": str(features_path) if row != REFERENCE_ROW else "",
+            }
+            results[row] = run_child("simulations.engines", setup)
             if row != REFERENCE_ROW:
                 results[row]["features"] = np.load(features_path)
+            if launcher and engine != "torch":  # torch under emulation: slow, and not the question
+                print(f"  ... and under qemu -cpu {EMULATED_CPU} on {len(emulated)} images", flush=True)
+                setup.update(speed=False, images=str(work / "emulated.npy"), features=str(features_path))
+                run_child("simulations.engines", setup, launcher=launcher)
+                results[row]["emulated"] = np.load(features_path)
 
     flops = gflop_per_image(build_backbone(name, state), 224)
     cpu, peak_gflops, peak_how = cpu_description()
@@ -245,6 +292,11 @@ def main(argv: list[str] | None = None) -> int:
             probes[row] = probe.accuracy
             cosines = _cosines(features, torch_features)
             quality = [f"{cosines.mean():.4f} / {cosines.min():.4f}", f"{100 * probe.accuracy:.2f}%"]
+        if "emulated" in result:
+            emulated_cosines = _cosines(result["emulated"], torch_features[emulated])
+            quality.append(f"{emulated_cosines.mean():.4f} / {emulated_cosines.min():.4f}")
+        elif launcher:
+            quality.append("")
         rows.append(
             [
                 row,
@@ -266,12 +318,15 @@ def main(argv: list[str] | None = None) -> int:
         "cosine to torch mean / min",
         "ELPV probe acc.",
     ]
+    if launcher:
+        columns.append(f"cosine on AVX2 (emulated, {len(emulated)} images)")
     table = markdown_table(rows, columns)
     print(table)
     plot_path = args.output.parent / "docs" / "engines.png"
     plot_engines(results, probes, plot_path)
     body = (
-        f"Command: `{COMMAND}`. Machine: {cpu}, {os.cpu_count()} cores, {platform.machine()}; "
+        f"Command: `{COMMAND}`. Machine: {cpu}, {os.cpu_count()} cores, {platform.machine()}, "
+        f"int8-relevant CPU flags: **{int8_flags()}**; "
         f"{args.threads} threads per engine; torch {torch.__version__}, onnxruntime {onnxruntime.__version__}.\n"
         f"EfficientNet-Lite0, 224 px, {flops:.2f} GFLOP per image (PyTorch's FLOP counter). "
         f"Estimated fp32 peak: {peak_gflops:.0f} GFLOP/s = {peak_how}; the int8 engine's "
@@ -282,8 +337,18 @@ def main(argv: list[str] | None = None) -> int:
         f"tested on the server's {len(labels) - split} (the runs' split).\n"
         f"Making the variants on the server (ONNX export, int8 calibration on 64 held-out images): "
         f"{making_seconds:.0f} s, once per backbone. Sizes: ONNX fp32 {sizes['onnx']:.1f} MB, "
-        f"int8 {sizes['onnx-int8']:.1f} MB (the torch weights: 13.6 MB).\n\n"
-        f"{table}\n\n"
+        f"int8 {sizes['s8']:.1f} MB (the torch weights: 13.6 MB).\n"
+        "The int8 rows are the candidates against saturation on x86 without VNNI (common/engines.py): the "
+        "engine's s8 weights with ONNX Runtime's `session.x64quantprecision` (exact u8u8 kernels on such CPUs "
+        "only), the same model without it (the engine before issue 15), 7-bit weights (`reduce_range`) and "
+        "uint8 weights (U8U8). "
+        + (
+            f"The last column runs each ONNX row in `{' '.join(['qemu-x86_64', *launcher[1:]])}` "
+            "(AVX2 + FMA, no AVX-512, no VNNI), so ONNX Runtime runs the kernels such a CPU gets.\n\n"
+            if launcher
+            else "\n\n"
+        )
+        + f"{table}\n\n"
         f"![images per second per engine](docs/{plot_path.name})\n"
     )
     update_section(args.output, TITLE, body)

@@ -15,7 +15,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -248,13 +248,16 @@ def descendants(pid: int) -> list[int]:
     return found
 
 
-def run_child(module: str, setup: Mapping[str, Any], timeout: float = 1800) -> dict[str, Any]:
+def run_child(
+    module: str, setup: Mapping[str, Any], timeout: float = 1800, launcher: Sequence[str] = ()
+) -> dict[str, Any]:
     """Run ``python -m <module> --child <setup JSON>`` in a fresh process (a benchmark's clean
-    measurement) and return the JSON object it prints last."""
+    measurement) and return the JSON object it prints last. ``launcher`` runs the interpreter
+    through another program (e.g. an emulator of another CPU)."""
     import json
 
     result = subprocess.run(
-        [sys.executable, "-m", module, "--child", json.dumps(setup)],
+        [*launcher, sys.executable, "-m", module, "--child", json.dumps(setup)],
         cwd=PROJECT_ROOT,
         capture_output=True,
         text=True,

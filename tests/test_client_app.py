@@ -10,7 +10,7 @@ from flwr.supercore.task_identity import TaskIdentity
 
 from client import app as client_app
 from common.backbones import build_backbone, fingerprint, load_backbone_weights, preprocess_for
-from common.engines import ENGINE_KINDS
+from common.engines import ENGINE_KINDS, TorchEngine
 from common.flower_glue import from_array_record, to_array_record
 from common.heads import head_arrays
 from common.protocol import (
@@ -21,6 +21,7 @@ from common.protocol import (
     CLASS_STATS,
     CONFIG,
     EMBEDDING_METRICS,
+    GOLDEN,
     METRICS,
     STATUS,
     BackboneQuery,
@@ -50,7 +51,11 @@ def setup(tmp_path_factory: pytest.TempPathFactory) -> tuple[Context, Instructio
     context = Context(run_id=1, node_id=1, node_config=node, state=RecordDict(), run_config=run)
     sent = instructions(fingerprint=fp, engine_fingerprint=fp, preprocess=preprocess, personal_epochs=1)
     head = head_arrays(build_head(NAME, 0, "linear", 2, model=build_backbone(NAME, state)))
-    return context, sent, head, ENGINE_KINDS["torch"].pack(state)
+    # the server's golden batch: its images in float16 and its fp32 features of exactly those
+    images = np.random.default_rng(0).normal(0, 1, (2, 3, 64, 64)).astype(np.float16)
+    features = TorchEngine(build_backbone(NAME, state), channels_last=False)(images.astype(np.float32))
+    backbone = {BACKBONE: ENGINE_KINDS["torch"].pack(state), GOLDEN: {"images": images, "features": features}}
+    return context, sent, head, backbone
 
 
 def _send(kind: str, config: dict, context: Context, **arrays: dict[str, np.ndarray]) -> Message:
@@ -71,8 +76,9 @@ def test_a_round_through_the_handlers(setup: tuple[Context, Instructions, dict[s
     status = BackboneStatus.from_record(_send(MessageType.QUERY, asked, context).content[STATUS])
     assert status == BackboneStatus(engine="torch", held_fingerprint="")
 
-    first = _send(MessageType.TRAIN, sent.to_record(), context, **{ARRAYS: head, BACKBONE: backbone})
+    first = _send(MessageType.TRAIN, sent.to_record(), context, **{ARRAYS: head, **backbone})
     assert ReplyStatus.from_record(first.content[STATUS]).fingerprint == sent.fingerprint
+    assert ReplyStatus.from_record(first.content[STATUS]).golden_cosine > 0.999  # its engine checked out
     assert set(from_array_record(first.content.array_records[ARRAYS])) == set(head)
     assert first.content[METRICS][BACKBONE_RECEIVED] == 1
 
@@ -88,4 +94,4 @@ def test_a_round_through_the_handlers(setup: tuple[Context, Instructions, dict[s
     assert ClassStats.from_arrays(from_array_record(stats.content.array_records[CLASS_STATS])).sums.shape == (2, 1280)
 
     status = BackboneStatus.from_record(_send(MessageType.QUERY, asked, context).content[STATUS])
-    assert status.held_fingerprint == sent.fingerprint
+    assert status.held_fingerprint == sent.fingerprint and status.golden_cosine > 0.999

@@ -154,3 +154,31 @@ def test_predict_explains_a_wrong_model_folder(tmp_path: Path) -> None:
     result = _predict(str(tmp_path), str(tmp_path))
     assert result.returncode == 2
     assert "holds no model.json" in result.stderr and "runs/<run-id>/model" in result.stderr
+
+
+def test_predict_runs_the_numerics_the_head_was_trained_with(
+    exported: tuple[Path, DeployableModel], tmp_path: Path
+) -> None:
+    """model.json's trained_with picks the default form; --fp32 / --int8 still choose, and say so."""
+    from client.predict import Classifier
+
+    directory, _ = exported
+    assert Classifier(directory).form == "onnx"  # exported without trained_with: fp32, as before
+    trained = tmp_path / "model"
+    trained.mkdir()
+    for source in directory.iterdir():
+        (trained / source.name).symlink_to(source)
+    info = json.loads((directory / "model.json").read_text())
+    (trained / "model.json").unlink()
+    (trained / "model.json").write_text(json.dumps({**info, "trained_with": {"engine": "onnx-int8", "variant": "x"}}))
+    default = Classifier(trained)
+    assert (default.form, default.as_trained) == ("onnx-int8", True)
+    fp32 = Classifier(trained, form="onnx")
+    assert (fp32.form, fp32.as_trained) == ("onnx", False)
+    assert Classifier(trained, int8=True).form == "onnx-int8"
+    folder = tmp_path / "images"
+    from tests.conftest import write_png
+
+    write_png(folder / "a.png", seed=0, size=64)
+    assert "(int8, as trained" in _predict(str(trained), str(folder)).stdout
+    assert "(fp32, NOT as the head was trained" in _predict(str(trained), str(folder), "--fp32").stdout

@@ -5,6 +5,7 @@ the ServerApp and ClientApps in their own processes. Small: 3 clients, a few hun
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -61,6 +62,16 @@ def test_run_writes_the_documented_artifacts(elpv_runs: tuple[dict[str, Any], di
     assert summary["backbone"]["engine"] == "onnx-int8"  # "auto" where ONNX Runtime is installed
     assert len(summary["backbone"]["fingerprint"]) == 64
     assert summary["wall_seconds"] > 0
+    # every node checked its int8 engine on the server's golden batch, and passed
+    assert len(summary["nodes"]) == 3 and summary["golden_min_cosine"] == 0.98
+    for node in summary["nodes"].values():
+        assert node["engine"] == "onnx-int8" and node["golden_cosine"] > 0.98
+        assert not node["refused"] and node["fallback"] == ""
+    # the exported model, run as `edgesplit predict` runs it by default, scores what the run reported
+    info = json.loads((first["run_dir"] / "model" / "model.json").read_text())
+    assert info["trained_with"]["engine"] == "onnx-int8"
+    check = summary["export_check"]
+    assert check["form"] == "onnx-int8" and check["ok"] and abs(check["gap_points"]) <= 0.5
     head = np.load(first["run_dir"] / "head.npz")
     assert {k: list(head[k].shape) for k in head.files} == HEAD_SHAPES
     # progress: one line per round and embedding progress from the clients
@@ -108,8 +119,11 @@ def test_every_reply_holds_only_head_arrays_and_numbers(elpv_runs: tuple[dict[st
             assert isinstance(value, int | float) and not isinstance(value, bool)
         assert set(reply["configs"]) <= {"status"}
         for key, value in reply["configs"].get("status", {}).items():
-            allowed = {"fingerprint", "engine", "engine-fingerprint", "held-fingerprint", "data-notes"}
-            assert key in allowed and isinstance(value, str)
+            allowed = {"fingerprint", "engine", "engine-fingerprint", "held-fingerprint", "data-notes", "fallback"}
+            if key == "golden-cosine":  # the one number of a status: the engine's golden check
+                assert isinstance(value, float)
+            else:
+                assert key in allowed and isinstance(value, str)
         if reply["message_type"] == "train":
             arrays = reply["arrays"]
             assert set(arrays) == {"arrays"}

@@ -121,7 +121,11 @@ def test_later_cut_fedncm_and_personal_heads(tmp_path: Path, server_engines: Pat
     assert info["cut"] == 1 and info["feature_shape"] == [320, 7, 7] and len(info["views"]) == 4
     config = RunConfig.from_flower({**SMALL_RUN, **extra})
     test_files = server_test_files(config)
-    classifier = Classifier(run["run_dir"] / "model", int8=True)
+    classifier = Classifier(run["run_dir"] / "model")  # as `edgesplit predict` runs it by default
+    assert classifier.form == "onnx-int8"  # the numerics the head was trained with (model.json)
     predictions = list(classifier.predict(list(zip(test_files.paths, test_files.labels, strict=True))))
     accuracy = np.mean([p.predicted == p.label for p in predictions])
     assert accuracy == pytest.approx(summary["final"]["accuracy"], abs=2 / len(predictions))
+    # and the server checked the same at the end of the run
+    check = summary["export_check"]
+    assert check["ok"] and check["form"] == "onnx-int8" and check["accuracy"] == pytest.approx(accuracy)

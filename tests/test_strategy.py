@@ -9,6 +9,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
+from typing import Any
 
 import numpy as np
 import pytest
@@ -21,7 +22,7 @@ from common import protocol
 from common.config import RunConfig
 from common.engines import ENGINE_KINDS, EngineKind
 from common.flower_glue import from_array_record, to_array_record, to_config_record
-from common.protocol import Instructions, Phase
+from common.protocol import GoldenBatch, Instructions, Phase
 from server.checkpoint import Checkpoint
 from server.ledger import EmbeddingLedger, RoundRecord
 from server.runlog import RunLog
@@ -45,6 +46,9 @@ class StubVariants:
     def artifact(self, kind: EngineKind) -> object:
         return {"w": torch.ones(4)} if kind is TORCH else f"ONNX model for {kind.name}".encode()
 
+    def golden(self) -> GoldenBatch:
+        return GoldenBatch(images=np.zeros((2, 3, 4, 4), np.float16), features=np.ones((2, 8), np.float32))
+
 
 @dataclass
 class StubRun:
@@ -59,6 +63,7 @@ class StubRun:
     checkpoint: Checkpoint | None = None
     rounds: list[RoundRecord] = field(default_factory=list)
     embedding: EmbeddingLedger = field(default_factory=EmbeddingLedger)
+    nodes: dict[int, dict[str, Any]] = field(default_factory=dict)
 
     def head_shapes(self) -> dict[str, tuple[int, ...]]:
         return SHAPES
@@ -102,6 +107,7 @@ class StubGrid:
         self.nodes, self.holders, self.questions = nodes, holders, []
         self.engines = engines or {}
         self.held: dict[int, str] = {}  # node -> a variant it holds, overriding ``holders``
+        self.fallbacks: dict[int, str] = {}  # node -> why it runs a safer engine (client/golden.py)
 
     def get_node_ids(self) -> list[int]:
         return self.nodes
@@ -114,7 +120,10 @@ class StubGrid:
             TaskIdentity.node_id = node
             engine = self.engines.get(node, "torch")
             held = StubVariants().variant_fingerprint(engine) if node in self.holders else ""
-            answer = protocol.BackboneStatus(engine=engine, held_fingerprint=self.held.get(node, held))
+            fallback = self.fallbacks.get(node, "")
+            answer = protocol.BackboneStatus(
+                engine=engine, held_fingerprint=self.held.get(node, held), fallback=fallback
+            )
             replies.append(Message(RecordDict({protocol.STATUS: to_config_record(answer)}), reply_to=question))
         return replies
 
@@ -317,3 +326,38 @@ def test_a_mixed_fleet_aggregates_and_odd_metrics_are_normalised_or_rejected(str
     assert "embeddings-computed" in str(reasons[3]) and "train-loss" in str(reasons[4])
     logged = {e["node"]: e["metrics"] for e in events if e["event"] == "client-reply"}
     assert logged[1][protocol.CPU_TEMP_C] == 61.5 and logged[2]["debug-counter"] == 3  # type: ignore[index]
+
+
+def test_a_node_failing_its_golden_check_is_refused_then_gets_the_safer_variant(strategy: EdgeSplitStrategy) -> None:
+    """Server side of the golden check (client/golden.py): the golden batch goes with the variant;
+    a reply whose engine failed it is refused with the reason and the node is asked again, and its
+    answer (the safer engine and why) gets it that engine's variant."""
+    grid = StubGrid([1, 2], holders=set(), engines={1: "onnx-int8", 2: "onnx-int8"})
+    sent = {m.metadata.dst_node_id: m for m in strategy.configure_train(1, to_array_record(_head(0)), _config(), grid)}  # type: ignore[arg-type]
+    for message in sent.values():
+        golden = from_array_record(message.content.array_records[protocol.GOLDEN])
+        np.testing.assert_array_equal(golden["features"], StubVariants().golden().features)
+    why = "client 1: the onnx-int8 engine computes ... at mean cosine 0.6100; this node falls back to the onnx engine"
+    failed = _reply(sent[1], _head(0.5))
+    status = protocol.ReplyStatus(FP, "onnx-int8", "x", golden_cosine=0.61, fallback=why)
+    failed.content[protocol.STATUS] = to_config_record(status)
+    passed = _reply(sent[2], _head(0.5))
+    passed.content[protocol.STATUS] = to_config_record(protocol.ReplyStatus(FP, "onnx-int8", "x", golden_cosine=0.995))
+    arrays, _ = strategy.aggregate_train(1, [failed, passed])
+    assert arrays is not None and strategy.tally.record.clients_rejected == 1
+    assert strategy.run.nodes[1] == {"engine": "onnx-int8", "golden_cosine": 0.61, "fallback": why, "refused": True}
+    assert strategy.run.nodes[2]["golden_cosine"] == 0.995 and not strategy.run.nodes[2]["refused"]
+
+    grid.engines[1] = "onnx"  # what node 1 answers now: client/golden.py's fallback
+    grid.fallbacks = {1: "onnx-int8 golden cosine 0.6100 < golden-min-cosine 0.98; runs onnx"}
+    again = {
+        m.metadata.dst_node_id: m for m in strategy.configure_train(2, to_array_record(_head(0)), _config(2), grid)
+    }  # type: ignore[arg-type]
+    told = Instructions.from_record(again[1].content.config_records[protocol.CONFIG])
+    assert told.engine == "onnx" and protocol.BACKBONE in again[1].content.array_records
+    assert protocol.BACKBONE not in again[2].content.array_records
+    events = _events(strategy)
+    refused = [e for e in events if e["event"] == "client-rejected"]
+    assert len(refused) == 1 and "golden check failed" in refused[0]["reason"] and refused[0]["golden_cosine"] == 0.61
+    fallback = [e for e in events if e["event"] == "engine-fallback"]
+    assert [(e["node"], e["engine"]) for e in fallback] == [(1, "onnx")] and "runs onnx" in fallback[0]["reason"]

@@ -85,6 +85,7 @@ const CLIENT_COLUMNS = [
   ["node", "node", (c) => c.node],
   ["board", "board", (c) => c.board || "–"],
   ["engine", "engine", (c) => c.engine],
+  ["golden_cosine", "golden cos", (c) => (c.golden_cosine == null ? "–" : fmt(c.golden_cosine, 4))],
   ["samples", "samples", (c) => c.samples],
   ["rounds_joined", "rounds joined", (c) => c.rounds_joined],
   ["last_seen", "last seen", (c) => (c.last_seen ? new Date(c.last_seen * 1000).toLocaleTimeString() : "–")],
