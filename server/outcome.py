@@ -3,6 +3,9 @@ summary.json, the report and the terminal table. Plain Python, no Flower imports
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
+import json
 import logging
 import time
 from dataclasses import asdict
@@ -18,6 +21,7 @@ from common.split import split_backbone
 from server.ledger import human_bytes
 from server.report import write_report
 from server.run import ServerRun
+from server.runlog import write_json_atomic
 
 log = logging.getLogger(__name__)
 
@@ -128,12 +132,11 @@ EXPORT_GAP_POINTS = 0.5
 def check_export(run: ServerRun, model_dir: Path, run_accuracy: float) -> dict[str, Any] | None:
     """Score the exported model, as `edgesplit predict` runs it by default, on the server's
     held-out images, and compare with the run's final accuracy; warn loudly past 0.5 points."""
-    from client.predict import accuracy_of
     from server.run import server_test_files
 
     try:
         files = server_test_files(run.config)
-        accuracy, form = accuracy_of(model_dir, list(zip(files.paths, files.labels, strict=True)))
+        accuracy, form = _scored(model_dir, list(zip(files.paths, files.labels, strict=True)), run)
     except Exception as error:  # like the export: a check on top of a finished run
         log.error("Scoring the exported model failed (%s: %s).", type(error).__name__, error)
         return None
@@ -154,6 +157,30 @@ def check_export(run: ServerRun, model_dir: Path, run_accuracy: float) -> dict[s
     else:
         log.info("Exported model (%s) on the held-out images: %.4f (run: %.4f)", form, accuracy, run_accuracy)
     return check
+
+
+def _scored(model_dir: Path, files: list[tuple[str, int]], run: ServerRun) -> tuple[float, str]:
+    """``accuracy_of`` the exported model, remembered by a hash of the model's files and of the
+    images (path, size, time): scoring 656 images in 8 views takes half a minute, and a warm
+    re-run exports the very same model."""
+    from client.predict import accuracy_of
+    from server.run import server_cache_dir
+
+    digest = hashlib.sha256()
+    for path in sorted(model_dir.glob("model*")):
+        if path.suffix in (".json", ".onnx"):  # what predict reads (not the TorchScript form)
+            digest.update(path.name.encode() + path.read_bytes())
+    for name, label in files:
+        stat = Path(name).stat()
+        digest.update(f"{name}|{label}|{stat.st_size}|{stat.st_mtime_ns}".encode())
+    cached = server_cache_dir(run.config) / "export-checks" / f"{digest.hexdigest()[:32]}.json"
+    with contextlib.suppress(OSError, ValueError, KeyError):
+        document = json.loads(cached.read_text())
+        return float(document["accuracy"]), str(document["form"])
+    accuracy, form = accuracy_of(model_dir, files)
+    cached.parent.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(cached, {"accuracy": accuracy, "form": form})
+    return accuracy, form
 
 
 def summary_table(summary: dict[str, Any]) -> str:

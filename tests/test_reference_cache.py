@@ -38,3 +38,31 @@ def test_the_probe_is_fitted_again_only_when_its_embeddings_change(
     for path in tmp_path.glob("probe-*.json"):  # a damaged cache entry is refitted, not trusted
         path.write_text("{not json")
     assert reference.cached_fit(tmp_path, *_arrays(0), 3, seed=0) == first and len(fits) == 4
+
+
+def test_the_exported_model_is_scored_again_only_when_it_or_the_images_change(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from types import SimpleNamespace
+
+    import client.predict
+    from common.config import RunConfig
+    from server import outcome
+
+    scored: list[str] = []
+    monkeypatch.setattr(client.predict, "accuracy_of", lambda model_dir, files: scored.append("x") or (0.75, "onnx"))
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "model.json").write_text("{}")
+    (model / "model-int8.onnx").write_bytes(b"int8 model")
+    image = tmp_path / "a.png"
+    image.write_bytes(b"png")
+    run = SimpleNamespace(config=RunConfig(cache_dir=str(tmp_path / "cache")))
+
+    assert outcome._scored(model, [(str(image), 0)], run) == (0.75, "onnx")  # type: ignore[arg-type]
+    assert outcome._scored(model, [(str(image), 0)], run) == (0.75, "onnx")  # type: ignore[arg-type]
+    assert len(scored) == 1  # the same model and images: remembered
+    (model / "model-int8.onnx").write_bytes(b"another int8 model")
+    outcome._scored(model, [(str(image), 0)], run)  # type: ignore[arg-type]
+    outcome._scored(model, [(str(image), 1)], run)  # type: ignore[arg-type]  # another label
+    assert len(scored) == 3
