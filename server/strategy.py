@@ -13,6 +13,7 @@ The round loop (retries, checkpoints, central evaluation) is ``server/rounds.py`
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from collections.abc import Iterable
 
@@ -33,6 +34,14 @@ from server.strategies import make_inner_strategy
 from server.validation import number
 
 log = logging.getLogger(__name__)
+
+
+def content_digest(reply: Message) -> bytes:
+    """A hash of a reply's arrays, names and bytes: an order of replies that arrival cannot change."""
+    digest = hashlib.sha256()
+    for name, array in sorted(reply.content.array_records[protocol.ARRAYS].items()):
+        digest.update(name.encode() + array.data)
+    return digest.digest()
 
 
 class EdgeSplitStrategy(Strategy):
@@ -111,7 +120,9 @@ class EdgeSplitStrategy(Strategy):
             )
             self.run.run_log.event("round-skipped", round=server_round, usable=len(accepted), minimum=minimum)
             return None, None
-        return self.inner.aggregate_train(server_round, accepted)
+        # In an order of their content, not of their arrival: float sums depend on the order, and the
+        # same updates must give the same head (a re-run, a resumed run, the export check's cache).
+        return self.inner.aggregate_train(server_round, sorted(accepted, key=content_digest))
 
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
