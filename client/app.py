@@ -7,15 +7,20 @@ is the outermost mod, so it checks what finally leaves, faults included.
 from __future__ import annotations
 
 import dataclasses
+import functools
+import logging
+from collections.abc import Callable
 from typing import Any
 
-from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from client.edge_client import EdgeClient
 from client.faults import fault_injector
 from client.privacy import privacy_guard
 from client.state import process_state
+from common.config import ConfigError
+from common.data import DataError
 from common.engines import GoldenCheckFailed
 from common.flower_glue import from_array_record, to_array_record, to_config_record
 from common.protocol import (
@@ -27,6 +32,7 @@ from common.protocol import (
     GOLDEN,
     METRICS,
     NUM_EXAMPLES,
+    SETUP_ERROR_CODE,
     STATUS,
     BackboneQuery,
     GoldenBatch,
@@ -38,6 +44,25 @@ from common.protocol import (
 state = process_state()
 inject_faults = fault_injector(state)
 app = ClientApp(mods=[privacy_guard, inject_faults])
+log = logging.getLogger(__name__)
+
+Handler = Callable[[Message, Context], Message]
+
+
+def setup_errors_as_replies(handler: Handler) -> Handler:
+    """A node that cannot take part as configured (its data, its node config) answers with an
+    error reply that says why, coded so that the server reports it once and does not retry for
+    it; not with a traceback per message."""
+
+    @functools.wraps(handler)
+    def answer(msg: Message, context: Context) -> Message:
+        try:
+            return handler(msg, context)
+        except (DataError, ConfigError) as error:
+            log.error("cannot take part as configured: %s", error)
+            return Message(Error(code=SETUP_ERROR_CODE, reason=f"{type(error).__name__}: {error}"), reply_to=msg)
+
+    return answer
 
 
 def _client(context: Context) -> EdgeClient:
@@ -82,6 +107,7 @@ def _refusal(msg: Message, client: EdgeClient, instructions: Instructions, faile
 
 
 @app.query()
+@setup_errors_as_replies
 def query(msg: Message, context: Context) -> Message:
     """Answer which engine this device runs and which variant of the run's backbone it holds
     (verified, not just present); or, for FedNCM, send the local class statistics."""
@@ -100,6 +126,7 @@ def query(msg: Message, context: Context) -> Message:
 
 
 @app.train()
+@setup_errors_as_replies
 def train(msg: Message, context: Context) -> Message:
     """Embed (once), train the head locally, send back the head and numbers only."""
     client = _client(context)
@@ -112,6 +139,7 @@ def train(msg: Message, context: Context) -> Message:
 
 
 @app.evaluate()
+@setup_errors_as_replies
 def evaluate(msg: Message, context: Context) -> Message:
     """Score the global head on the local test share."""
     client = _client(context)

@@ -24,7 +24,7 @@ from client.trainable import head_for
 from common import protocol
 from common.config import NodeConfig, RunConfig
 from common.cut import embedding_space
-from common.data import LabelledFiles
+from common.data import DataError, LabelledFiles
 from common.embedding import EmbeddingCache, EmbedStats, embed_files, progress_logger
 from common.engines import EngineKind, FingerprintMismatch, engine_kind, resolve_engine
 from common.protocol import BackboneStatus, ClassStats, GoldenBatch, Instructions, ReplyStatus
@@ -186,7 +186,10 @@ class EdgeClient:
         head = self._head(arrays, instructions)  # first: a cut this device cannot train fails before embedding
         data = self.embedded(instructions)
         if len(data.train_y) == 0:
-            raise ValueError(f"{self.name} has no usable training images (all skipped).")
+            raise DataError(
+                f"{self.name} has no usable training images (all skipped): see its data notes, and fix or "
+                "replace the images in its data folder."
+            )
         result = head.train(
             data.train_x,
             data.train_y,

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from common.config import NodeConfig, RunConfig
-from common.data import LabelledFiles, elpv_split, partition, scan_image_folder
+from common.data import DataError, LabelledFiles, elpv_split, partition, scan_image_folder
 
 
 @dataclass(frozen=True)
@@ -41,7 +41,7 @@ def load_local_data(config: RunConfig, node: NodeConfig) -> LocalData:
         files = scan_image_folder(folder, config.classes())
     else:
         if node.partition_id is None or node.num_partitions is None:
-            raise ValueError(
+            raise DataError(
                 "dataset='elpv' splits ELPV over simulated clients and needs node-config "
                 "'partition-id' and 'num-partitions'. On a real device set node-config 'data-dir'."
             )
@@ -61,7 +61,7 @@ def load_local_data(config: RunConfig, node: NodeConfig) -> LocalData:
 
 def _simulated_folder(config: RunConfig, node: NodeConfig) -> Path:
     if not config.data_dir or node.partition_id is None:
-        raise ValueError(
+        raise DataError(
             "dataset='folder' needs node-config 'data-dir' on each device, or run-config 'data-dir' "
             "holding client-<partition-id>/ folders in simulation."
         )

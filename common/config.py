@@ -178,6 +178,7 @@ class RunConfig:
         if self.dataset == "folder":
             if not self.class_list():
                 raise ConfigError("dataset='folder' needs 'class-names', e.g. class-names='ok,crack,finger'.")
+            self._check_class_names()
             if not self.server_test_dir:
                 raise ConfigError(
                     "dataset='folder' needs 'server-test-dir': an ImageFolder the server holds for central evaluation."
@@ -202,6 +203,20 @@ class RunConfig:
                 f"'classes-per-client' ({self.classes_per_client}) exceeds the number of classes "
                 f"({len(self.classes())})."
             )
+
+    def _check_class_names(self) -> None:
+        """Class names are folder names on every board: plain, distinct, and at least two."""
+        names = self.class_list()
+        unsafe = [n for n in names if n in (".", "..") or "/" in n or "\\" in n or n.startswith("~")]
+        if unsafe:
+            raise ConfigError(
+                f"'class-names' must be plain folder names (no '/', '\\', '.', '..' or '~'), got {unsafe}."
+            )
+        duplicates = sorted({n for n in names if names.count(n) > 1})
+        if duplicates:
+            raise ConfigError(f"'class-names' lists {duplicates} more than once; each class needs one name.")
+        if len(names) < 2:
+            raise ConfigError(f"'class-names' needs at least two classes to classify, got {list(names)}.")
 
     def classes(self) -> tuple[str, ...]:
         """The run's class list, in label-index order."""

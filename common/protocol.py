@@ -70,6 +70,12 @@ TELEMETRY_METRICS = (PEAK_RSS_MB, CPU_TEMP_C, PROCESS_SECONDS)
 COUNT_METRICS = (NUM_EXAMPLES, EMBEDDINGS_COMPUTED, EMBEDDINGS_CACHED, IMAGES_SKIPPED, CLASSES_MISSING)
 COUNT_LIMIT = 1e9
 
+# The code of an error reply from a node that cannot take part as configured: its data (a missing
+# folder, a split that cannot be made) or its node config. The reason says how to fix it; a retry
+# cannot, so the server reports it once and does not retry a round for it. (Flower's own codes are
+# below 100.)
+SETUP_ERROR_CODE = 100
+
 # The ONNX engines' backbone record holds the model file's bytes under this name.
 ONNX_MODEL = "model.onnx"
 # The key of the query action in a query's config record.

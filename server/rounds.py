@@ -7,10 +7,14 @@ from __future__ import annotations
 import logging
 import random
 from dataclasses import asdict
+from pathlib import Path
 
 import numpy as np
 from flwr.serverapp import Grid
 
+from client.local_data import check_simulated_split
+from common.config import RunConfig
+from common.data import DataError
 from common.flower_glue import from_array_record, to_array_record, to_config_record
 from common.protocol import Phase
 from server.checkpoint import Checkpoint, random_state_from_json, random_state_to_json
@@ -34,6 +38,7 @@ class RoundLoop:
         """Rounds after the checkpointed one (if any) up to ``num-server-rounds``; returns the
         final head. Raises RunStopped when too few nodes connect or a round fails too often."""
         config = self.run.config
+        check_start(config, len(self.strategy.connected(grid)))
         if self.run.checkpoint is not None:
             restore_strategy_state(self.strategy.inner, self.run.checkpoint.strategy_state)
             if self.run.checkpoint.random_state is not None:
@@ -102,3 +107,23 @@ class RoundLoop:
             totals=run.embedding.totals(),
         ).save(run.run_log.run_dir)
         run.run_log.event("checkpoint", round=server_round)
+
+
+def check_start(config: RunConfig, num_nodes: int) -> None:
+    """What the server can know before round 1 about how the nodes will find their data, checked
+    once (RunStopped) rather than found by every node in every round: whether ELPV splits over
+    the connected nodes as configured, and that a simulated folder dataset has each node's folder."""
+    try:
+        if config.dataset == "elpv":
+            check_simulated_split(config, num_nodes)
+        elif config.data_dir:
+            root = Path(config.data_dir).expanduser()
+            missing = [f"client-{i}" for i in range(num_nodes) if not (root / f"client-{i}").is_dir()]
+            if missing:
+                raise DataError(
+                    f"run-config 'data-dir' {str(root)!r} has no folder for {len(missing)} of the {num_nodes} "
+                    f"simulated clients ({', '.join(missing[:5])}{', ...' if len(missing) > 5 else ''}): make "
+                    "one ImageFolder client-<partition-id>/ per client, or run fewer clients (num-supernodes)."
+                )
+    except DataError as error:
+        raise RunStopped(f"The nodes cannot find their data as configured: {error}") from None

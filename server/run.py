@@ -25,7 +25,7 @@ from common.backbones import (
 )
 from common.config import RunConfig
 from common.cut import embedding_space
-from common.data import LabelledFiles, elpv_split, scan_image_folder
+from common.data import DataError, LabelledFiles, elpv_split, scan_image_folder
 from common.embedding import Embedded, EmbeddingCache, embed_files, progress_logger
 from common.engines import EngineKind, resolve_engine
 from common.export import calibration_images
@@ -331,6 +331,14 @@ def backbone_variants(
 def server_test_files(config: RunConfig) -> LabelledFiles:
     """The server's own labelled held-out images."""
     if config.dataset == "folder":
-        return scan_image_folder(config.server_test_dir, config.classes())
+        files = scan_image_folder(config.server_test_dir, config.classes())
+        counts = np.bincount(np.asarray(files.labels, dtype=int), minlength=len(config.classes()))
+        absent = [name for name, count in zip(config.classes(), counts, strict=True) if count == 0]
+        if absent:
+            raise DataError(
+                f"The server's held-out folder {config.server_test_dir!r} has no usable images of {absent}: the run "
+                "could not score them. Add a few labelled images of every class in 'class-names' to it."
+            )
+        return files
     _, test = elpv_split(config.elpv_task, config.subset, config.test_fraction, config.seed)
     return test

@@ -79,6 +79,9 @@ class ReplyScreen:
         self.run_log, self.config, self.fingerprint = run_log, config, fingerprint
         self.head_shapes, self.class_stats_shapes, self.embedding = head_shapes, class_stats_shapes, embedding
         self.first_examples: dict[int, int] = {}  # node -> num-examples of its first accepted update
+        # node -> why it cannot take part as configured (its data, its node config), as its latest
+        # reply said; reported once, forgotten when the node answers again
+        self.setup_errors: dict[int, str] = {}
         # node -> its engine and golden check, as its latest reply said (summary.json's "nodes")
         self.nodes: dict[int, dict[str, Any]] = {} if nodes is None else nodes
 
@@ -102,9 +105,13 @@ class ReplyScreen:
             self._fail(node, phase, timeout, tally, result)
         candidates = []
         for reply, node in zip(replies, origins, strict=True):
+            if reply.has_error() and reply.error.code == protocol.SETUP_ERROR_CODE:
+                self._setup_error(node, phase, str(reply.error.reason), tally, result)
+                continue
             if reply.has_error():
                 self._fail(node, phase, str(reply.error.reason), tally, result)
                 continue
+            self.setup_errors.pop(node, None)
             size = wire_bytes(reply)
             tally.record.bytes_up += size
             if phase is Phase.TRAIN:
@@ -152,12 +159,28 @@ class ReplyScreen:
         except ProtocolError as error:
             return None, f"malformed status: {error}"
 
-    def _fail(self, node: int, phase: Phase, reason: str, tally: RoundTally, result: Screened) -> None:
+    def _fail(
+        self, node: int, phase: Phase, reason: str, tally: RoundTally, result: Screened, setup_error: bool = False
+    ) -> None:
         result.lost.add(node)
         if phase is Phase.TRAIN:
             tally.record.clients_failed += 1
-        self.run_log.event("client-failed", round=tally.record.round, phase=phase.value, node=node, reason=reason)
+        extra = {"setup_error": True} if setup_error else {}
+        self.run_log.event(
+            "client-failed", round=tally.record.round, phase=phase.value, node=node, reason=reason, **extra
+        )
         log.warning("node %s failed in %s: %s", node, phase.value, reason)
+
+    def _setup_error(self, node: int, phase: Phase, reason: str, tally: RoundTally, result: Screened) -> None:
+        """A node that cannot take part as configured: counted as failed each time, reported (event
+        and log) only when its reason is new, since asking again gives the same answer."""
+        if self.setup_errors.get(node) == reason:
+            result.lost.add(node)
+            if phase is Phase.TRAIN:
+                tally.record.clients_failed += 1
+            return
+        self.setup_errors[node] = reason
+        self._fail(node, phase, reason, tally, result, setup_error=True)
 
     def _reject(self, node: int, phase: Phase, reason: str, tally: RoundTally, **extra: Any) -> None:
         if phase is Phase.TRAIN:

@@ -27,7 +27,7 @@ from common.flower_glue import from_array_record
 from common.protocol import Phase
 from server.distribution import BackboneDistributor
 from server.ledger import RoundTally
-from server.nodes import FixedNodesGrid, board_names, wait_for_nodes
+from server.nodes import FixedNodesGrid, RunStopped, board_names, wait_for_nodes
 from server.run import ServerRun
 from server.screening import ReplyScreen, Screened
 from server.strategies import make_inner_strategy
@@ -63,6 +63,7 @@ class EdgeSplitStrategy(Strategy):
         )
         self._sent: dict[Phase, list[tuple[Message, int]]] = {}  # what each phase sent this round
         self._start_head: dict[str, np.ndarray] | None = None  # the head this round's updates start from
+        self._connected: list[int] = []  # the nodes connected when a phase was last configured
 
     @classmethod
     def for_run(cls, run: ServerRun) -> EdgeSplitStrategy:
@@ -78,7 +79,29 @@ class EdgeSplitStrategy(Strategy):
         config = self.run.config
         nodes = wait_for_nodes(grid, config.min_clients, config.node_wait_timeout, config.min_clients)
         self.run.run_log.board_names.update(board_names(grid))
+        self._connected = nodes
         return nodes
+
+    def check_setup_errors(self) -> None:
+        """Stop the run if fewer than min-clients of the connected nodes can take part as configured:
+        their data or node config fails the same way on every retry."""
+        errors = {node: reason for node, reason in self.screen.setup_errors.items() if node in self._connected}
+        able, minimum = len(self._connected) - len(errors), self.run.config.min_clients
+        if not errors or able >= minimum:
+            return
+        by_reason: dict[str, list[int]] = {}
+        for node, reason in sorted(errors.items()):
+            by_reason.setdefault(reason, []).append(node)
+        reasons = "\n".join(
+            f"- {len(nodes)} node(s) ({', '.join(self.run.run_log.board_names.get(n, str(n)) for n in nodes[:5])}"
+            f"{', ...' if len(nodes) > 5 else ''}): {reason}"
+            for reason, nodes in by_reason.items()
+        )
+        raise RunStopped(
+            f"{len(errors)} of {len(self._connected)} connected node(s) cannot take part as configured, leaving "
+            f"{able}, fewer than min-clients={minimum}; a retry would fail the same way. Fix this and start "
+            f"the run again:\n{reasons}"
+        )
 
     def prepare(self, phase: Phase, messages: Iterable[Message], grid: Grid) -> list[Message]:
         """The messages with each node's engine, variant and (where it lacks it) backbone."""
@@ -110,6 +133,7 @@ class EdgeSplitStrategy(Strategy):
         self.tally.record.clients_ok = len(accepted)
         minimum = self.run.config.min_clients
         if len(accepted) < minimum:
+            self.check_setup_errors()
             # Too few answered in time (failed, rejected or past the deadline): an average over
             # fewer than the operator's minimum is not trusted; the global head stays as it was.
             log.warning(

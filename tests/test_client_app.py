@@ -23,6 +23,7 @@ from common.protocol import (
     EMBEDDING_METRICS,
     GOLDEN,
     METRICS,
+    SETUP_ERROR_CODE,
     STATUS,
     BackboneQuery,
     BackboneStatus,
@@ -95,3 +96,26 @@ def test_a_round_through_the_handlers(setup: tuple[Context, Instructions, dict[s
 
     status = BackboneStatus.from_record(_send(MessageType.QUERY, asked, context).content[STATUS])
     assert status.held_fingerprint == sent.fingerprint and status.golden_cosine > 0.999
+
+
+def test_a_node_without_its_data_folder_answers_with_one_coded_reason_not_a_traceback(
+    setup: tuple[Context, Instructions, dict[str, np.ndarray], dict], tmp_path
+) -> None:
+    context, sent, head, _ = setup
+    client_app.state.clear()
+    missing = Context(
+        run_id=1,
+        node_id=1,
+        node_config={"data-dir": str(tmp_path / "nowhere"), "cache-dir": str(tmp_path / "cache")},
+        state=RecordDict(),
+        run_config=context.run_config,
+    )
+    msg = Message(
+        content=RecordDict({CONFIG: ConfigRecord(sent.to_record()), ARRAYS: to_array_record(head)}),
+        dst_node_id=1,
+        message_type=MessageType.TRAIN,
+    )
+    reply = client_app.privacy_guard(msg, missing, lambda m, c: client_app.inject_faults(m, c, client_app.train))
+
+    assert reply.has_error() and reply.error.code == SETUP_ERROR_CODE
+    assert "nowhere" in reply.error.reason and "does not exist" in reply.error.reason

@@ -171,6 +171,22 @@ def test_folder_dataset_with_both_parses_and_orders_classes():
     assert parsed.classes() == ("ok", "crack", "finger")
 
 
+@pytest.mark.parametrize(
+    ("names", "complaint"),
+    [
+        ("ok,../x", "plain folder names"),
+        ("ok,/etc", "plain folder names"),
+        ("ok,crack,ok", "more than once"),
+        ("ok", "at least two"),
+    ],
+)
+def test_class_names_must_be_distinct_plain_folder_names(names: str, complaint: str):
+    with pytest.raises(ConfigError) as caught:
+        RunConfig.from_flower({"dataset": "folder", "class-names": names, "server-test-dir": "/data/test"})
+
+    assert complaint in str(caught.value)
+
+
 def test_pathological_with_more_classes_per_client_than_classes_is_an_error():
     # binary ELPV has 2 classes
     with pytest.raises(ConfigError) as caught:

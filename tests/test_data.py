@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from client.local_data import local_split
+from common.config import RunConfig
 from common.data import (
     DataError,
     LabelledFiles,
@@ -16,7 +17,7 @@ from common.data import (
     stratified_split,
     stratified_subset,
 )
-from tests.conftest import write_png
+from tests.conftest import write_image_folder, write_png
 
 # --- ELPV -----------------------------------------------------------------------------------------
 
@@ -306,3 +307,34 @@ def test_an_impossible_simulated_split_stops_the_main_job_once_before_flower_sta
     code = main_job.main(["--clients", "30", "--run-config", "subset=60 dirichlet-alpha=0.05", "--no-reference"])
     error = capsys.readouterr().err
     assert code == 2 and error.count("Cannot split") == 1 and "Use fewer clients" in error
+
+
+def test_the_server_finds_an_impossible_split_or_missing_client_folders_before_round_1(tmp_path):
+    from server.nodes import RunStopped
+    from server.rounds import check_start
+
+    elpv = RunConfig.from_flower({"subset": 60, "dirichlet-alpha": 0.05})
+    check_start(elpv, 3)  # three clients can share 60 images
+    with pytest.raises(RunStopped) as stopped:
+        check_start(elpv, 30)
+    assert str(stopped.value).count("Cannot split") == 1 and "Use fewer clients" in str(stopped.value)
+
+    for partition_id in (0, 1):
+        (tmp_path / f"client-{partition_id}").mkdir()
+    folders = RunConfig.from_flower(
+        {"dataset": "folder", "class-names": "ok,crack", "server-test-dir": "/srv/test", "data-dir": str(tmp_path)}
+    )
+    check_start(folders, 2)
+    with pytest.raises(RunStopped) as stopped:
+        check_start(folders, 4)
+    assert "no folder for 2 of the 4 simulated clients (client-2, client-3)" in str(stopped.value)
+
+
+def test_the_servers_held_out_folder_must_hold_every_class(tmp_path):
+    from server.run import server_test_files
+
+    held_out = write_image_folder(tmp_path / "server-test", {"ok": 2, "crack": 0}, seed=0)
+    config = RunConfig.from_flower({"dataset": "folder", "class-names": "ok,crack", "server-test-dir": str(held_out)})
+    with pytest.raises(DataError) as caught:
+        server_test_files(config)
+    assert "no usable images of ['crack']" in str(caught.value)

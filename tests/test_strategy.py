@@ -25,6 +25,7 @@ from common.flower_glue import from_array_record, to_array_record, to_config_rec
 from common.protocol import GoldenBatch, Instructions, Phase
 from server.checkpoint import Checkpoint
 from server.ledger import EmbeddingLedger, RoundRecord
+from server.nodes import RunStopped
 from server.runlog import RunLog
 from server.strategy import EdgeSplitStrategy
 from tests.protocol_samples import instructions as sample_instructions
@@ -261,6 +262,39 @@ def test_an_error_the_superlink_sends_for_a_dead_node_counts_against_that_node(s
     failed = [e for e in _events(strategy) if e["event"] == "client-failed"]
     assert [(e["node"], e["reason"]) for e in failed] == [(8, "Node Unavailable")]
     assert strategy.tally.record.clients_failed == 1
+
+
+def test_a_node_that_cannot_take_part_is_reported_once_and_stops_the_run_only_when_too_few_can(
+    tmp_path: Path,
+) -> None:
+    strategy = _edge_strategy(StubRun(RunLog(tmp_path / "run"), config=RunConfig(min_clients=2)))
+    grid = StubGrid([1, 2, 3], holders={1, 2, 3})
+    no_folder = "DataError: Data folder '/boards/3/data' does not exist."
+    for server_round in (1, 2):  # node 3 says the same twice: reported once, the rounds go on
+        sent = {
+            m.metadata.dst_node_id: m
+            for m in strategy.configure_train(server_round, to_array_record(_head(0)), _config(server_round), grid)  # type: ignore[arg-type]
+        }
+        TaskIdentity.node_id = 3
+        cannot = Message(Error(code=protocol.SETUP_ERROR_CODE, reason=no_folder), reply_to=sent[3])
+        arrays, _ = strategy.aggregate_train(
+            server_round, [_reply(sent[1], _head(0.5)), _reply(sent[2], _head(0.5)), cannot]
+        )
+        assert arrays is not None and strategy.tally.record.clients_failed == 1
+
+    sent = {m.metadata.dst_node_id: m for m in strategy.configure_train(3, to_array_record(_head(0)), _config(3), grid)}  # type: ignore[arg-type]
+    TaskIdentity.node_id = 2
+    other = Message(
+        Error(code=protocol.SETUP_ERROR_CODE, reason="DataError: no usable training images"), reply_to=sent[2]
+    )
+    TaskIdentity.node_id = 3
+    again = Message(Error(code=protocol.SETUP_ERROR_CODE, reason=no_folder), reply_to=sent[3])
+    with pytest.raises(RunStopped) as stopped:  # 1 of 3 can take part, min-clients=2: no retry can help
+        strategy.aggregate_train(3, [_reply(sent[1], _head(0.5)), other, again])
+    assert "leaving 1, fewer than min-clients=2" in str(stopped.value)
+    assert no_folder in str(stopped.value) and "no usable training images" in str(stopped.value)
+    reported = [e for e in _events(strategy) if e["event"] == "client-failed"]
+    assert [(e["round"], e["node"], e["setup_error"]) for e in reported] == [(1, 3, True), (3, 2, True)]
 
 
 def test_the_config_accepts_exactly_the_strategies_in_the_table() -> None:
