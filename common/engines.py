@@ -6,7 +6,7 @@ Three kinds run the same backbone:
 - ``torch``: PyTorch eager, channels_last (the reference); what travels is the weights;
 - ``onnx``: ONNX Runtime, fp32; what travels is the ONNX file;
 - ``onnx-int8``: ONNX Runtime, static int8 (QDQ, per-channel weights), calibrated on the server,
-  run with ONNX Runtime's exact int8 kernels on x86 CPUs without VNNI (``X64_QUANT_PRECISION``).
+  run with ONNX Runtime's exact int8 kernels where its fast ones saturate (``X64_QUANT_PRECISION``).
 
 The server makes every variant from the one backbone it holds (``server/variants.py``), so all
 clients of a run share one feature space. A variant's fingerprint covers the backbone's
@@ -45,11 +45,31 @@ LOGITS, PROBABILITIES = "logits", "probabilities"
 # ONNX Runtime's fast u8 x s8 int8 kernels on x86 without VNNI (SSE4.1, AVX2, AVX-512 without VNNI)
 # add pairs of products in 16 bits (VPMADDUBSW), which saturates: EfficientNet-Lite0's int8 features
 # fell to cosine 0.87 (lowest 0.61) to PyTorch on an AVX2 CPU. With this session option ONNX
-# Runtime turns, on those CPUs only, every int8 weight tensor that could overflow into uint8 and
-# runs its exact u8 x u8 kernels instead; VNNI (32-bit accumulation) and ARM (dot-product or
-# widening multiplies) run as before, so every CPU class computes the same int8 model without
-# saturation. Measured candidates: BENCHMARKS.md, "Backbone engines".
+# Runtime turns every int8 weight tensor that could overflow into uint8 and runs its exact u8 x u8
+# kernels instead. It is set only where the fast kernels saturate (``int8_kernels_saturate``):
+# on an AVX-512 VNNI CPU, whose u8 x s8 kernels accumulate in 32 bits and are exact already, the
+# option computes the same features 2.6x slower (measured), and ARM is exact without it. So every
+# CPU class computes the same int8 model without saturation. Measured: BENCHMARKS.md, "Backbone engines".
 X64_QUANT_PRECISION = "session.x64quantprecision"
+
+
+def int8_kernels_saturate() -> bool:
+    """Whether ONNX Runtime's u8 x s8 kernels saturate on this CPU: x86 without AVX-512 VNNI.
+
+    The CPU's features as NumPy reads them with CPUID when it loads, so an emulated CPU (qemu
+    ``-cpu Haswell``) counts as what it emulates, not as its host. An x86 CPU whose features cannot
+    be read counts as saturating: the exact kernels are only slower, never wrong."""
+    if platform.machine().lower() not in ("x86_64", "amd64", "i386", "i686", "x86"):
+        return False  # ARM and others: ONNX Runtime's int8 kernels widen without saturating
+    try:
+        from numpy._core._multiarray_umath import __cpu_features__ as features
+    except ImportError:  # NumPy < 2
+        try:
+            from numpy.core._multiarray_umath import __cpu_features__ as features
+        except ImportError:
+            return True
+    return not features.get("AVX512VNNI", False)
+
 
 # An engine maps a float32 batch (n, 3, h, w) to float32 features (n, feature_dim).
 Engine = Callable[[np.ndarray], np.ndarray]
@@ -314,14 +334,16 @@ class OnnxEngine:
     cores, parallelism inside each convolution is what pays.
     """
 
-    def __init__(self, model: bytes | str | Path, num_threads: int = 0, exact_int8: bool = True) -> None:
+    def __init__(self, model: bytes | str | Path, num_threads: int = 0, exact_int8: bool | None = None) -> None:
+        """``exact_int8``: ONNX Runtime's exact int8 kernels, by default where the fast ones
+        saturate (``int8_kernels_saturate``); forced on or off only to measure either."""
         import onnxruntime as ort
 
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
         options.inter_op_num_threads = 1
-        if exact_int8:  # no int8 saturation (see above); off only to measure what it avoids
+        if int8_kernels_saturate() if exact_int8 is None else exact_int8:
             options.add_session_config_entry(X64_QUANT_PRECISION, "1")
         if num_threads:
             options.intra_op_num_threads = num_threads

@@ -49,8 +49,8 @@ ENGINE_ROWS = {  # row name -> (engine, channels_last, int8 weights, exact int8 
     "torch eager (NCHW)": ("torch", False, "", True),
     "torch (channels_last)": ("torch", True, "", True),
     "onnx (ONNX Runtime fp32)": ("onnx", False, "", True),
-    "onnx-int8 (the engine: s8 weights, exact kernels)": ("onnx-int8", False, "s8", True),
-    "int8 s8, u8s8 kernels as before": ("onnx-int8", False, "s8", False),
+    "onnx-int8, exact kernels (the engine on x86 without VNNI)": ("onnx-int8", False, "s8", True),
+    "onnx-int8, fast u8s8 kernels (the engine on VNNI, ARM)": ("onnx-int8", False, "s8", False),
     "int8 s7 weights (reduce_range)": ("onnx-int8", False, "s7", True),
     "int8 u8 weights (U8U8)": ("onnx-int8", False, "u8", True),
 }
@@ -198,6 +198,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from common.backbones import build_backbone, fingerprint, get_spec, load_backbone_weights, preprocess_for
     from common.data import elpv_split
+    from common.engines import int8_kernels_saturate
     from common.export import calibration_images, quantize_int8
     from common.heads import PowerNorm
     from common.logs import quiet_root_logger
@@ -339,9 +340,11 @@ def main(argv: list[str] | None = None) -> int:
         f"{making_seconds:.0f} s, once per backbone. Sizes: ONNX fp32 {sizes['onnx']:.1f} MB, "
         f"int8 {sizes['s8']:.1f} MB (the torch weights: 13.6 MB).\n"
         "The int8 rows are the candidates against saturation on x86 without VNNI (common/engines.py): the "
-        "engine's s8 weights with ONNX Runtime's `session.x64quantprecision` (exact u8u8 kernels on such CPUs "
-        "only), the same model without it (the engine before issue 15), 7-bit weights (`reduce_range`) and "
-        "uint8 weights (U8U8). "
+        "engine's s8 weights with ONNX Runtime's `session.x64quantprecision` (its exact u8u8 kernels), the "
+        "same model on the fast u8s8 kernels (exact on VNNI and ARM, saturating on other x86), 7-bit "
+        "weights (`reduce_range`) and uint8 weights (U8U8). The engine sets the option only where the fast "
+        f"kernels saturate: on this CPU it runs the {'exact' if int8_kernels_saturate() else 'fast'}-kernel "
+        "row. "
         + (
             f"The last column runs each ONNX row in `{' '.join(['qemu-x86_64', *launcher[1:]])}` "
             "(AVX2 + FMA, no AVX-512, no VNNI), so ONNX Runtime runs the kernels such a CPU gets.\n\n"

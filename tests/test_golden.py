@@ -151,9 +151,32 @@ def test_golden_min_cosine_is_checked_once_in_the_schema() -> None:
         RunConfig.from_flower({"golden-min-cosine": 1.5})
 
 
-def test_every_onnx_session_asks_for_exact_int8_kernels() -> None:
-    from common.engines import OnnxEngine
+def exact_kernels_asked(engine: object) -> bool:
+    options = engine.session.get_session_options()  # type: ignore[attr-defined]
+    try:
+        return bool(options.get_session_config_entry(X64_QUANT_PRECISION) == "1")
+    except RuntimeError:  # ONNX Runtime's answer for an entry never set
+        return False
 
-    engine = OnnxEngine(GOOD)
-    assert engine.session.get_session_options().get_session_config_entry(X64_QUANT_PRECISION) == "1"
+
+def test_onnx_sessions_ask_for_exact_int8_kernels_exactly_where_the_fast_ones_saturate(monkeypatch) -> None:
+    from common import engines
+    from common.engines import OnnxEngine, int8_kernels_saturate
+
+    assert exact_kernels_asked(OnnxEngine(GOOD)) == int8_kernels_saturate()
+    assert exact_kernels_asked(OnnxEngine(GOOD, exact_int8=True)) and not exact_kernels_asked(
+        OnnxEngine(GOOD, exact_int8=False)
+    )
+    # the rule, per CPU class: x86 saturates unless it has AVX-512 VNNI; ARM never does
+    from numpy._core import _multiarray_umath
+
+    for machine, features, saturates in [
+        ("x86_64", {"AVX2": True, "AVX512F": False, "AVX512VNNI": False}, True),  # AVX2 (Haswell .. Zen 3)
+        ("x86_64", {"AVX2": True, "AVX512F": True, "AVX512VNNI": False}, True),  # Skylake-SP
+        ("AMD64", {"AVX2": True, "AVX512F": True, "AVX512VNNI": True}, False),  # Cascade Lake, Zen 4
+        ("aarch64", {"ASIMDDP": True}, False),  # a Raspberry Pi 5, a Jetson
+    ]:
+        monkeypatch.setattr(engines.platform, "machine", lambda m=machine: m)
+        monkeypatch.setattr(_multiarray_umath, "__cpu_features__", features)
+        assert int8_kernels_saturate() is saturates, (machine, features)
     assert onnx.load_from_string(GOOD).graph.output[0].name == "features"
