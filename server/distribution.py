@@ -41,13 +41,14 @@ class BackboneDistributor:
         """Nodes that failed: ask again next time (they may have lost their cache)."""
         for node in nodes:
             self.holders.pop(node, None)
+            self.engines.pop(node, None)
 
     def prepare(self, messages: list[Message], grid: Grid, tally: RoundTally) -> list[tuple[Message, int]]:
         """Each message with its node's engine and variant in the instructions, and the variant
         itself where the node lacks it; with the bytes each message carries."""
-        unknown = [m.metadata.dst_node_id for m in messages if m.metadata.dst_node_id not in self.holders]
+        unknown = [m.metadata.dst_node_id for m in messages if not self.knows(m.metadata.dst_node_id)]
         if unknown:
-            self._ask_status(unknown, grid, tally)
+            self.ask_status(unknown, grid, tally)
         prepared = []
         for message in messages:
             node = message.metadata.dst_node_id
@@ -73,13 +74,19 @@ class BackboneDistributor:
             prepared.append((outgoing, size))
         return prepared
 
-    def _ask_status(self, nodes: list[int], grid: Grid, tally: RoundTally) -> None:
+    def knows(self, node: int) -> bool:
+        """Whether the node has said which engine it runs (or is known to hold a variant)."""
+        return node in self.engines or node in self.holders
+
+    def ask_status(self, nodes: list[int], grid: Grid, tally: RoundTally) -> int:
+        """Ask ``nodes`` which engine they run and which variant they hold; returns how many answered."""
         question = to_config_record(BackboneQuery(fingerprint=self.variants.fingerprint, cut=self.variants.cut))
         queries = [
             Message(RecordDict({protocol.CONFIG: question}), dst_node_id=node, message_type=MessageType.QUERY)
             for node in nodes
         ]
         tally.record.bytes_down += sum(wire_bytes(q) for q in queries)
+        answered = 0
         for reply in grid.send_and_receive(queries, timeout=self.round_timeout):
             if reply.has_error() or protocol.STATUS not in reply.content.config_records:
                 continue  # it gets the server's engine; if it is dead, its round fails anyway
@@ -90,8 +97,8 @@ class BackboneDistributor:
                 log.warning("node %s: unreadable backbone status (%s)", reply.metadata.src_node_id, error)
                 continue
             node = reply.metadata.src_node_id
-            if answer.engine in ENGINE_KINDS:
-                self.engines[node] = ENGINE_KINDS[answer.engine]
+            answered += 1
+            self.engines[node] = ENGINE_KINDS.get(answer.engine, self.default_engine)
             if answer.fallback and self.fallbacks.get(node) != answer.fallback:
                 log.warning("node %s runs a safer engine after a failed golden check: %s", node, answer.fallback)
                 self.run_log.event(
@@ -105,6 +112,7 @@ class BackboneDistributor:
             self.fallbacks[node] = answer.fallback
             if answer.held_fingerprint:
                 self.holders[node] = answer.held_fingerprint
+        return answered
 
     def _golden_record(self) -> ArrayRecord:
         if self._golden is None:

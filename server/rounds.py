@@ -39,6 +39,7 @@ class RoundLoop:
         final head. Raises RunStopped when too few nodes connect or a round fails too often."""
         config = self.run.config
         check_start(config, len(self.strategy.connected(grid)))
+        self.strategy.meet(grid)
         if self.run.checkpoint is not None:
             restore_strategy_state(self.strategy.inner, self.run.checkpoint.strategy_state)
             if self.run.checkpoint.random_state is not None:

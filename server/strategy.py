@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import time
 from collections.abc import Iterable
 
 import numpy as np
@@ -81,6 +82,18 @@ class EdgeSplitStrategy(Strategy):
         self.run.run_log.board_names.update(board_names(grid))
         self._connected = nodes
         return nodes
+
+    def meet(self, grid: Grid) -> None:
+        """Before round 1: ask every connected node which engine it runs and which backbone variant
+        it holds (one small query each), so that round 1 is a round like the others rather than
+        one that waits for an extra exchange with every board."""
+        started = time.perf_counter()
+        self.tally.begin(0)
+        nodes = [node for node in self.connected(grid) if not self.distributor.knows(node)]
+        answered = self.distributor.ask_status(nodes, grid, self.tally) if nodes else 0
+        self.run.run_log.event(
+            "nodes-met", asked=len(nodes), answered=answered, seconds=round(time.perf_counter() - started, 3)
+        )
 
     def check_setup_errors(self) -> None:
         """Stop the run if fewer than min-clients of the connected nodes can take part as configured:

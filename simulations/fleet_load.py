@@ -107,9 +107,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--timeout", type=float, default=3600, help="seconds per run")
     parser.add_argument("--output", type=Path, default=PROJECT_ROOT / "BENCHMARKS.md")
+    parser.add_argument("--keep", type=Path, help="keep each fleet's folder (runs, logs) under this folder")
     args = parser.parse_args(argv)
     results = []
     for boards in args.boards:
+        if args.keep:
+            results.append(measure(boards, args.rounds, args.keep / f"{boards}-boards", args.timeout))
+            continue
         with tempfile.TemporaryDirectory(prefix=f"edgesplit-load-{boards}-") as tmp:
             results.append(measure(boards, args.rounds, Path(tmp), args.timeout))
     rows = [

@@ -180,6 +180,20 @@ def test_backbone_goes_only_to_nodes_that_lack_it_and_only_once(strategy: EdgeSp
     assert sorted(grid.questions) == [1, 2, 3]  # nobody asked twice
 
 
+def test_nodes_are_met_once_before_round_1_so_round_1_sends_only_its_own_messages(strategy: EdgeSplitStrategy) -> None:
+    grid = StubGrid([1, 2, 3], holders={2}, engines={1: "onnx-int8"})
+    strategy.meet(grid)  # type: ignore[arg-type]
+    assert sorted(grid.questions) == [1, 2, 3]
+    first = list(strategy.configure_train(1, to_array_record(_head(0)), _config(), grid))  # type: ignore[arg-type]
+    assert sorted(grid.questions) == [1, 2, 3]  # nobody asked again in round 1
+    with_backbone = {m.metadata.dst_node_id: m for m in first if protocol.BACKBONE in m.content.array_records}
+    assert set(with_backbone) == {1, 3}
+    told = Instructions.from_record(with_backbone[1].content.config_records[protocol.CONFIG])
+    assert told.engine == "onnx-int8"
+    met = [e for e in _events(strategy) if e["event"] == "nodes-met"]
+    assert [(e["asked"], e["answered"]) for e in met] == [(3, 3)]
+
+
 def test_each_node_gets_the_variant_of_the_engine_it_runs(strategy: EdgeSplitStrategy) -> None:
     grid = StubGrid([1, 2, 3, 4], holders={3}, engines={1: "onnx-int8", 2: "onnx", 3: "onnx-int8"})
     grid.held[4] = "a-variant-this-server-no-longer-makes"
