@@ -41,7 +41,8 @@ INSECURE_WARNING = (
 
 # Flower's SuperExec looks for a new message to run every second by default: that is up to a
 # second per message and board on top of the SuperNode's own 3-second idle pull. A quarter second
-# halves the wait for a few cheap local calls (BENCHMARKS.md, a fleet under load); boards set it too.
+# cuts that wait to a quarter for about 1.4% of a core more per idle board (README: deploy on real
+# devices, where boards set it too).
 TASK_POLL_ENV = {"FLWR_SUPEREXEC_TASK_POLL_INTERVAL": "0.25"}
 
 
