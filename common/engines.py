@@ -61,14 +61,13 @@ def int8_kernels_saturate() -> bool:
     be read counts as saturating: the exact kernels are only slower, never wrong."""
     if platform.machine().lower() not in ("x86_64", "amd64", "i386", "i686", "x86"):
         return False  # ARM and others: ONNX Runtime's int8 kernels widen without saturating
-    try:
-        from numpy._core._multiarray_umath import __cpu_features__ as features
-    except ImportError:  # NumPy < 2
+    for module in ("numpy._core._multiarray_umath", "numpy.core._multiarray_umath"):  # NumPy 2, NumPy 1
         try:
-            from numpy.core._multiarray_umath import __cpu_features__ as features
-        except ImportError:
-            return True
-    return not features.get("AVX512VNNI", False)
+            features: dict[str, bool] = importlib.import_module(module).__cpu_features__
+        except (ImportError, AttributeError):
+            continue
+        return not features.get("AVX512VNNI", False)
+    return True
 
 
 # An engine maps a float32 batch (n, 3, h, w) to float32 features (n, feature_dim).

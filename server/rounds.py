@@ -113,18 +113,22 @@ class RoundLoop:
 def check_start(config: RunConfig, num_nodes: int) -> None:
     """What the server can know before round 1 about how the nodes will find their data, checked
     once (RunStopped) rather than found by every node in every round: whether ELPV splits over
-    the connected nodes as configured, and that a simulated folder dataset has each node's folder."""
+    the connected nodes as configured, and whether enough nodes of a simulated folder dataset have
+    their folder to reach min-clients."""
     try:
         if config.dataset == "elpv":
             check_simulated_split(config, num_nodes)
         elif config.data_dir:
             root = Path(config.data_dir).expanduser()
             missing = [f"client-{i}" for i in range(num_nodes) if not (root / f"client-{i}").is_dir()]
-            if missing:
-                raise DataError(
-                    f"run-config 'data-dir' {str(root)!r} has no folder for {len(missing)} of the {num_nodes} "
-                    f"simulated clients ({', '.join(missing[:5])}{', ...' if len(missing) > 5 else ''}): make "
-                    "one ImageFolder client-<partition-id>/ per client, or run fewer clients (num-supernodes)."
-                )
+            problem = (
+                f"run-config 'data-dir' {str(root)!r} has no folder for {len(missing)} of the {num_nodes} "
+                f"simulated clients ({', '.join(missing[:5])}{', ...' if len(missing) > 5 else ''}): make "
+                "one ImageFolder client-<partition-id>/ per client, or run fewer clients (num-supernodes)"
+            )
+            if num_nodes - len(missing) < config.min_clients:
+                raise DataError(f"{problem}; fewer than min-clients={config.min_clients} are left.")
+            if missing:  # the others can run: those nodes say so themselves, once each
+                log.warning("%s.", problem)
     except DataError as error:
         raise RunStopped(f"The nodes cannot find their data as configured: {error}") from None

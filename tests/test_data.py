@@ -322,12 +322,19 @@ def test_the_server_finds_an_impossible_split_or_missing_client_folders_before_r
     for partition_id in (0, 1):
         (tmp_path / f"client-{partition_id}").mkdir()
     folders = RunConfig.from_flower(
-        {"dataset": "folder", "class-names": "ok,crack", "server-test-dir": "/srv/test", "data-dir": str(tmp_path)}
+        {
+            "dataset": "folder",
+            "class-names": "ok,crack",
+            "server-test-dir": "/srv/test",
+            "data-dir": str(tmp_path),
+            "min-clients": 2,
+        }
     )
-    check_start(folders, 2)
+    check_start(folders, 3)  # client-2 has no folder: it says so itself, the two others can run
     with pytest.raises(RunStopped) as stopped:
-        check_start(folders, 4)
+        check_start(RunConfig.from_flower({**folders.to_flower(), "min-clients": 3}), 4)
     assert "no folder for 2 of the 4 simulated clients (client-2, client-3)" in str(stopped.value)
+    assert "fewer than min-clients=3" in str(stopped.value)
 
 
 def test_the_servers_held_out_folder_must_hold_every_class(tmp_path):
