@@ -33,9 +33,7 @@ def finish(run: ServerRun, final_arrays: dict[str, np.ndarray], stopped: str | N
     head_path = run.run_log.save_head(
         final_arrays,
         {
-            "head": run.config.head,
-            "mlp_hidden": run.config.mlp_hidden,
-            "cut": run.config.cut,
+            **{"head": run.config.head, "mlp_hidden": run.config.mlp_hidden, "cut": run.config.cut},
             "input": "backbone features at the cut; then the tail (cut > 0), average pooling, PowerNorm "
             "(sqrt, L2 * sqrt(dim)) and the classifier",
             "views": list(run.config.view_names()),
