@@ -85,6 +85,7 @@ def test_user_folders_another_strategy_head_and_engine_and_a_client_without_data
     # nodes sampled (the one without data adds nothing); the budget from Flower's accountant
     norms = [e["update_norm"] for e in events if e["event"] == "client-reply" and e["phase"] == "train"]
     assert len(norms) == 4 and max(norms) <= DP_CLIP * (1 + 1e-4)
+    assert max(norms) == pytest.approx(DP_CLIP, rel=1e-3)  # the clipping did bind
     releases = [(e["round"], e["accepted"], e["sampled"]) for e in events if e["event"] == "dp-release"]
     assert releases == [(1, 2, 3), (2, 2, 3)]
     epsilons = [r["dp_epsilon"] for r in summary["rounds"]]
