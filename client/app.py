@@ -15,6 +15,7 @@ from typing import Any
 from flwr.app import ArrayRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
+from client.dp_clipping import dp_clipping_mod
 from client.edge_client import EdgeClient
 from client.faults import fault_injector
 from client.privacy import privacy_guard
@@ -43,7 +44,8 @@ from common.protocol import (
 
 state = process_state()
 inject_faults = fault_injector(state)
-app = ClientApp(mods=[privacy_guard, inject_faults])
+# Clipping runs on the honest reply; an injected fault then stands for a board that does not clip.
+app = ClientApp(mods=[privacy_guard, inject_faults, dp_clipping_mod])
 log = logging.getLogger(__name__)
 
 Handler = Callable[[Message, Context], Message]

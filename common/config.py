@@ -94,6 +94,16 @@ class RunConfig:
         100.0, "reject an update more than this many times the round's median (0: off)", **_range(0.0, 1e12)
     )
     max_weight_norm: float = _key(1e4, "reject a reply with an array whose L2 norm exceeds this", **_range(1e-6, 1e12))
+    # Differential privacy on the head updates (server/dp.py): boards clip, the server adds noise
+    dp_clipping_norm: float = _key(
+        0.0,
+        "client-level DP: each board clips its update to this L2 norm, the server adds Gaussian noise (0: off)",
+        **_range(0.0, 1e6),
+    )
+    dp_noise_multiplier: float = _key(
+        1.0, "DP: the noise std on the summed updates, in units of dp-clipping-norm", **_range(0.0, 1e3)
+    )
+    dp_delta: float = _key(1e-5, "DP: the delta at which epsilon is reported", **_range(1e-12, 0.1))
     # Backbone and head
     backbone: str = _key("efficientnet_lite0", "frozen backbone", **_choice(*available_backbones()))
     backbone_weights: str = _key("", "weights file for a backbone without embedded weights")
@@ -198,6 +208,8 @@ class RunConfig:
                 f"strategy='{self.strategy}' with krum-malicious={self.krum_malicious} needs min-clients >= "
                 f"{2 * self.krum_malicious + 3} (Krum scores each update against n - f - 2 others)."
             )
+        if self.dp:
+            self._check_dp()
         if self.partitioner == "pathological" and self.classes_per_client > len(self.classes()):
             raise ConfigError(
                 f"'classes-per-client' ({self.classes_per_client}) exceeds the number of classes "
@@ -217,6 +229,37 @@ class RunConfig:
             raise ConfigError(f"'class-names' lists {duplicates} more than once; each class needs one name.")
         if len(names) < 2:
             raise ConfigError(f"'class-names' needs at least two classes to classify, got {list(names)}.")
+
+    @property
+    def dp(self) -> bool:
+        """Differential privacy on the head updates is on."""
+        return self.dp_clipping_norm > 0
+
+    def _check_dp(self) -> None:
+        from server.strategies import DP_STRATEGIES
+
+        if self.dp_noise_multiplier <= 0:
+            raise ConfigError(
+                "dp-clipping-norm > 0 needs dp-noise-multiplier > 0: clipping without noise gives no privacy "
+                "(to bound updates without DP, use max-update-norm)."
+            )
+        if self.strategy not in DP_STRATEGIES:
+            raise ConfigError(
+                f"dp-clipping-norm > 0 works with strategy {list(DP_STRATEGIES)}, not '{self.strategy}': the noise "
+                "is calibrated to what one node's clipped update can change in a plain average. A median, a "
+                "trimmed mean or Krum's choice depends on the other updates in other ways, and FedAdam would "
+                "have to be noised before its step."
+            )
+        if self.head_init == "ncm":
+            raise ConfigError(
+                "dp-clipping-norm > 0 cannot start from head-init='ncm': FedNCM's class sums would go to the "
+                "server without noise. Use head-init='random'."
+            )
+        if 0 < self.max_update_norm < self.dp_clipping_norm:
+            raise ConfigError(
+                f"dp-clipping-norm ({self.dp_clipping_norm:g}) must not exceed max-update-norm "
+                f"({self.max_update_norm:g}), or clipped updates would be rejected; lower the one or raise the other."
+            )
 
     def classes(self) -> tuple[str, ...]:
         """The run's class list, in label-index order."""

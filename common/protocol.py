@@ -201,6 +201,7 @@ class Instructions(ConfigMessage):
     personal_epochs: int  # > 0: fine-tune and score a personal head at evaluation
     ncm_min_examples: int
     proximal_mu: float = 0.0  # also the key Flower's FedProx writes
+    dp_clipping_norm: float = 0.0  # > 0: clip the update to this L2 norm before replying (client/dp_clipping.py)
 
 
 @dataclass(frozen=True)

@@ -33,9 +33,7 @@ def finish(run: ServerRun, final_arrays: dict[str, np.ndarray], stopped: str | N
     head_path = run.run_log.save_head(
         final_arrays,
         {
-            "head": run.config.head,
-            "mlp_hidden": run.config.mlp_hidden,
-            "cut": run.config.cut,
+            **{"head": run.config.head, "mlp_hidden": run.config.mlp_hidden, "cut": run.config.cut},
             "input": "backbone features at the cut; then the tail (cut > 0), average pooling, PowerNorm "
             "(sqrt, L2 * sqrt(dim)) and the classifier",
             "views": list(run.config.view_names()),
@@ -74,6 +72,7 @@ def finish(run: ServerRun, final_arrays: dict[str, np.ndarray], stopped: str | N
         "model_dir": str(model_dir) if model_dir else None,
         "export_check": check_export(run, model_dir, report.accuracy) if model_dir else None,
         "run_dir": str(run.run_log.run_dir),
+        "privacy": privacy_summary(run),
         "completed_rounds": run.rounds[-1].round if run.rounds else 0,
         "stopped": stopped,
     }
@@ -86,6 +85,25 @@ def finish(run: ServerRun, final_arrays: dict[str, np.ndarray], stopped: str | N
     for line in summary_table(summary).splitlines():
         log.info("%s", line)
     return summary
+
+
+def privacy_summary(run: ServerRun) -> dict[str, Any] | None:
+    """summary.json's ``privacy``: the DP settings and the budget spent (None without DP)."""
+    config = run.config
+    if not config.dp:
+        return None
+    noised = [r for r in run.rounds if r.dp_noise_multiplier > 0]
+    return {
+        "guarantee": "client-level (one node added or removed), on the released heads only; the server is "
+        "trusted to add the noise (README, Differential privacy)",
+        "clipping_norm": config.dp_clipping_norm,
+        "noise_multiplier": config.dp_noise_multiplier,
+        "delta": config.dp_delta,
+        "epsilon": noised[-1].dp_epsilon if noised else 0.0,
+        "noised_rounds": len(noised),
+        "fraction_train": config.fraction_train,
+        "accountant": "Flower's RDP accountant (dp-accounting), no amplification by sampling claimed",
+    }
 
 
 def export(run: ServerRun, arrays: dict[str, np.ndarray]) -> Path | None:
@@ -209,4 +227,11 @@ def summary_table(summary: dict[str, Any]) -> str:
         f"embeddings computed {emb['computed']}, read from cache {emb['cached']}, skipped {emb['skipped']}",
         f"wall time {summary['wall_seconds']:.1f}s | run folder {summary['run_dir']}",
     ]
+    privacy = summary.get("privacy")
+    if privacy:
+        lines.append(
+            f"differential privacy: epsilon {privacy['epsilon']:.3f} at delta {privacy['delta']:g} after "
+            f"{privacy['noised_rounds']} noised rounds (noise multiplier {privacy['noise_multiplier']:g}, "
+            f"clipping norm {privacy['clipping_norm']:g})"
+        )
     return "\n".join(lines)

@@ -129,6 +129,15 @@ def _html(state: dict[str, Any]) -> str:
             f"{final.get('accuracy', float('nan')):.4f} / {final.get('macro_f1', float('nan')):.4f}",
         ),
     ]
+    privacy = state.get("privacy")
+    if privacy:
+        facts.append(
+            (
+                "privacy (DP)",
+                f"epsilon {privacy['epsilon']:.3f} at delta {privacy['delta']:g} after round {privacy['round']} "
+                f"(noise multiplier {privacy['noise_multiplier']:g}, clipping norm {privacy['clipping_norm']:g})",
+            )
+        )
     columns = CLIENT_COLUMNS
     rows = "".join(
         "<tr>" + "".join(f"<td>{escape(str(client[c]))}</td>" for c in columns) + "</tr>" for client in state["clients"]
@@ -136,7 +145,9 @@ def _html(state: dict[str, Any]) -> str:
     rounds = "".join(
         "<tr>"
         + "".join(f"<td>{escape(_number(r[k]))}</td>" for k in ("round", "accuracy", "macro_f1", "loss", "seconds"))
-        + f"<td>{r['clients_ok']}</td><td>{r['clients_failed']}</td><td>{r['clients_rejected']}</td></tr>"
+        + f"<td>{r['clients_ok']}</td><td>{r['clients_failed']}</td><td>{r['clients_rejected']}</td>"
+        + (f"<td>{escape(_number(r['dp_epsilon']))}</td>" if privacy else "")
+        + "</tr>"
         for r in state["rounds"]
     )
     problems = "".join(
@@ -156,7 +167,7 @@ dt{{font-weight:bold}}pre{{background:#f6f6f6;padding:8px}}</style>
 <img src="{PLOTS["confusion"]}" alt="confusion matrix">
 <h2>Rounds</h2>
 <table><tr><th>round</th><th>accuracy</th><th>macro-F1</th><th>loss</th><th>seconds</th><th>ok</th><th>failed</th>
-<th>rejected</th></tr>{rounds}</table>
+<th>rejected</th>{"<th>epsilon</th>" if privacy else ""}</tr>{rounds}</table>
 <h2>Clients (failures first)</h2>
 <table><tr>{"".join(f"<th>{c}</th>" for c in columns)}</tr>{rows}</table>
 <h2>Failures and rejected updates</h2><ul>{problems or "<li>none</li>"}</ul>

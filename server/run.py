@@ -35,7 +35,7 @@ from common.preprocess import PreprocessSpec
 from common.protocol import ClassStats, Instructions, Phase
 from common.split import build_head
 from common.trainable import Trainable, make_trainable
-from server.checkpoint import Checkpoint
+from server.checkpoint import Checkpoint, CheckpointError
 from server.ledger import EmbeddingLedger, RoundRecord, human_bytes
 from server.runlog import RunLog, new_run_id
 from server.variants import BackboneVariants
@@ -127,6 +127,11 @@ class ServerRun:
         reports its own again after the restart)."""
         self.checkpoint = checkpoint
         self.rounds = [RoundRecord(**record) for record in checkpoint.rounds]
+        if self.config.dp and any(r.dp_noise_multiplier <= 0 for r in self.rounds):
+            raise CheckpointError(
+                "This run asks for differential privacy (dp-clipping-norm > 0), but the checkpointed run released "
+                "heads without noise: no budget covers them. Start a new run without 'resume-from'."
+            )
         self.embedding.base_computed += checkpoint.totals.get("embedding_computed", 0)
         self.embedding.base_cached += checkpoint.totals.get("embedding_cached", 0)
         if self.rounds:
@@ -161,6 +166,7 @@ class ServerRun:
             personal_epochs=config.personal_epochs,
             ncm_min_examples=config.ncm_min_examples,
             proximal_mu=config.proximal_mu if config.strategy == "fedprox" else 0.0,
+            dp_clipping_norm=config.dp_clipping_norm,
         )
 
     def class_stats_shapes(self) -> dict[str, tuple[int, ...]]:
@@ -232,7 +238,7 @@ class ServerRun:
         )
         log.info(
             "round %3d/%d | accuracy %.4f | macro-F1 %.4f | loss %.4f | down %s | up %s | %5.1fs | "
-            "clients ok %d failed %d rejected %d",
+            "clients ok %d failed %d rejected %d%s",
             record.round,
             self.config.num_server_rounds,
             record.accuracy,
@@ -244,6 +250,7 @@ class ServerRun:
             record.clients_ok,
             record.clients_failed,
             record.clients_rejected,
+            f" | epsilon {record.dp_epsilon:.3f} at delta {self.config.dp_delta:g}" if self.config.dp else "",
         )
 
 

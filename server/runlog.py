@@ -32,6 +32,7 @@ ROUND_NUMBERS = (
     "clients_ok",
     "clients_failed",
     "clients_rejected",
+    "dp_epsilon",
 )
 
 

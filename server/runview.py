@@ -181,6 +181,7 @@ class RunView:
                 ],
                 "problems": self.problems[-50:],
                 "final": summary.get("final"),
+                "privacy": _privacy(config.get("run_config", {}), self.rounds),
             }
 
 
@@ -189,6 +190,20 @@ _ROUND_KEYS = ("round", *ROUND_NUMBERS)
 
 def _round_fields(event: dict[str, Any]) -> dict[str, Any]:
     return {key: event.get(key) for key in _ROUND_KEYS}
+
+
+def _privacy(run_config: dict[str, Any], rounds: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """A DP run's budget so far: epsilon after the latest round, at the run's delta (None without DP)."""
+    if not run_config.get("dp-clipping-norm"):
+        return None
+    spent = [r for r in rounds if isinstance(r.get("dp_epsilon"), int | float)]
+    return {
+        "epsilon": spent[-1]["dp_epsilon"] if spent else 0.0,
+        "delta": run_config.get("dp-delta"),
+        "round": spent[-1]["round"] if spent else 0,
+        "noise_multiplier": run_config.get("dp-noise-multiplier"),
+        "clipping_norm": run_config.get("dp-clipping-norm"),
+    }
 
 
 def _read_json(path: Path) -> dict[str, Any]:

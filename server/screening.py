@@ -22,6 +22,7 @@ from common import protocol
 from common.config import RunConfig
 from common.flower_glue import from_array_record, wire_bytes
 from common.protocol import ClassStats, Phase, ProtocolError, ReplyStatus
+from server.dp import WEIGHT_KEY as DP_WEIGHT_KEY
 from server.ledger import EmbeddingLedger, RoundTally
 from server.runlog import RunLog
 from server.validation import (
@@ -128,7 +129,9 @@ class ReplyScreen:
                 cosine = status.golden_cosine if status is not None and status.golden_cosine >= 0 else None
                 self._reject(node, phase, str(reason), tally, golden_cosine=cosine)
         norms = self._update_norms(candidates, start_head) if phase is Phase.TRAIN else {}
-        flagged = update_bounds(norms, self.config.max_update_norm, self.config.max_update_ratio)
+        flagged = update_bounds(
+            norms, self.config.max_update_norm, self.config.max_update_ratio, clipping_norm=self.config.dp_clipping_norm
+        )
         for node, reason in flagged.items():
             self._reject(node, phase, reason, tally)
         byte_counts = {m.metadata.dst_node_id: size for m, size in sent}
@@ -206,6 +209,8 @@ class ReplyScreen:
         for key in self._averaged(phase)[len(AVERAGED[phase]) :]:
             averaged[key] = number(metrics.get(key) if is_number(metrics.get(key)) else metrics.get(PERSONAL[key]))
         averaged[protocol.NUM_EXAMPLES] = int(number(averaged[protocol.NUM_EXAMPLES]))
+        if self.config.dp:  # what the strategy weighs by in a DP run: updates equally, scores by examples
+            averaged[DP_WEIGHT_KEY] = 1 if phase is Phase.TRAIN else averaged[protocol.NUM_EXAMPLES]
         normalised = RecordDict({protocol.METRICS: MetricRecord(averaged)})
         for name in (protocol.ARRAYS, protocol.CLASS_STATS):
             if name in content.array_records:

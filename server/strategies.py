@@ -14,6 +14,8 @@ import numpy as np
 from flwr.app import ArrayRecord, Message, MetricRecord
 from flwr.serverapp.strategy import FedAdam, FedAvg, FedMedian, FedProx, FedTrimmedAvg, Krum, MultiKrum, Strategy
 
+from server.dp import WEIGHT_KEY as DP_WEIGHT_KEY
+
 if TYPE_CHECKING:
     from common.config import RunConfig
 
@@ -51,6 +53,8 @@ STRATEGIES: dict[str, StrategyFactory] = {
 }
 # Strategies that score each update against n - f - 2 others (the config checks min-clients).
 KRUM_FAMILY = frozenset({"krum", "multikrum"})
+# Strategies whose aggregate is a plain average, the one the DP noise is calibrated to (server/dp.py).
+DP_STRATEGIES = ("fedavg", "fedprox")
 
 
 def make_inner_strategy(config: RunConfig) -> Strategy:
@@ -62,6 +66,8 @@ def make_inner_strategy(config: RunConfig) -> Strategy:
         "min_evaluate_nodes": config.min_clients if config.fraction_evaluate > 0 else 0,
         "min_available_nodes": config.min_clients,
     }
+    if config.dp:  # equal weights: one node's update must move the average by its clipped norm at most
+        common["weighted_by_key"] = DP_WEIGHT_KEY
     return STRATEGIES[config.strategy](config, common)
 
 

@@ -23,10 +23,12 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
+from client.dp_clipping import clip_update
 from common import protocol
-from common.flower_glue import from_array_record
+from common.flower_glue import from_array_record, to_array_record
 from common.protocol import Phase
 from server.distribution import BackboneDistributor
+from server.dp import epsilon_spent, noise_std, private_head
 from server.ledger import RoundTally
 from server.nodes import FixedNodesGrid, RunStopped, board_names, wait_for_nodes
 from server.run import ServerRun
@@ -142,6 +144,7 @@ class EdgeSplitStrategy(Strategy):
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        sampled = len(self._sent.get(Phase.TRAIN, []))  # the nodes this attempt asked, before any reply
         accepted = self.screened(Phase.TRAIN, replies).accepted
         self.tally.record.clients_ok = len(accepted)
         minimum = self.run.config.min_clients
@@ -159,7 +162,41 @@ class EdgeSplitStrategy(Strategy):
             return None, None
         # In an order of their content, not of their arrival: float sums depend on the order, and the
         # same updates must give the same head (a re-run, a resumed run, the export check's cache).
-        return self.inner.aggregate_train(server_round, sorted(accepted, key=content_digest))
+        ordered = sorted(accepted, key=content_digest)
+        if not self.run.config.dp:
+            return self.inner.aggregate_train(server_round, ordered)
+        return self._private_release(server_round, ordered, sampled)
+
+    def _private_release(
+        self, server_round: int, accepted: list[Message], sampled: int
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """DP (server/dp.py): every accepted update clipped to the clipping norm here too (the
+        screen refused those over it; this makes the bound exact whatever a board computed), the
+        equal-weight average, then the noise, once; and the budget the rounds so far have spent."""
+        config, start = self.run.config, self._start_head
+        assert start is not None  # configure_train set it
+        for reply in accepted:
+            arrays = from_array_record(reply.content.array_records[protocol.ARRAYS])
+            clipped = clip_update(arrays, start, config.dp_clipping_norm)
+            reply.content.array_records[protocol.ARRAYS] = to_array_record(clipped)
+        aggregated, metrics = self.inner.aggregate_train(server_round, accepted)
+        if aggregated is None:
+            return None, metrics
+        z = config.dp_noise_multiplier
+        head = private_head(start, from_array_record(aggregated), len(accepted), sampled, z, config.dp_clipping_norm)
+        record = self.tally.record
+        record.dp_noise_multiplier = z
+        record.dp_epsilon = epsilon_spent([r.dp_noise_multiplier for r in self.run.rounds] + [z], config.dp_delta)
+        self.run.run_log.event(
+            "dp-release",
+            round=server_round,
+            accepted=len(accepted),
+            sampled=sampled,
+            noise_std=noise_std(z, config.dp_clipping_norm, sampled),
+            epsilon=record.dp_epsilon,
+            delta=config.dp_delta,
+        )
+        return to_array_record(head), metrics
 
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid

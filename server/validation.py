@@ -10,6 +10,8 @@ import numpy as np
 from common import protocol
 
 EXAMPLES_SLACK = 1.1  # a board may gain a few images mid-run, not multiply them
+# A board clips in float32, landing within a few ulps of dp-clipping-norm: this much over is allowed.
+CLIP_TOLERANCE = 1e-4
 
 
 def number(value: object) -> float:
@@ -94,9 +96,15 @@ def update_norm(arrays: Mapping[str, np.ndarray], start: Mapping[str, np.ndarray
     return math.sqrt(sum(float(np.sum((arrays[n].astype(np.float64) - start[n]) ** 2)) for n in start))
 
 
-def update_bounds(norms: Mapping[int, float], max_norm: float, max_ratio: float, minimum: int = 5) -> dict[int, str]:
+def update_bounds(
+    norms: Mapping[int, float], max_norm: float, max_ratio: float, minimum: int = 5, clipping_norm: float = 0.0
+) -> dict[int, str]:
     """Updates (by node) that moved the head more than ``max_norm``, or more than ``max_ratio``
-    times the round's median update did; 0 turns either check off.
+    times the round's median update did; 0 turns either check off. In a DP run (``clipping_norm``
+    > 0) an update over the clipping norm is refused (its board did not clip), and the ratio is
+    not checked: clipping bounds every update already, and a verdict that depends on the other
+    updates' norms would let one node's data decide whether another's update counts, which the
+    noise is not calibrated to (server/dp.py).
 
     A fixed bound alone cannot fit every round: honest updates shrink as the learning rate decays, so
     a 1000x-scaled update late in a run can be smaller than an honest one early on. Relative to
@@ -109,6 +117,14 @@ def update_bounds(norms: Mapping[int, float], max_norm: float, max_ratio: float,
         for node, norm in norms.items()
         if max_norm > 0 and norm > max_norm
     }
+    if clipping_norm > 0:
+        for node, norm in norms.items():
+            if node not in reasons and norm > clipping_norm * (1 + CLIP_TOLERANCE):
+                reasons[node] = (
+                    f"update norm {norm:.6g} is above dp-clipping-norm={clipping_norm:g}: the node did not clip "
+                    "its update (is it the same edgesplit version?)"
+                )
+        return reasons
     if max_ratio <= 0 or len(norms) < minimum:
         return reasons
     median = float(np.median(list(norms.values())))

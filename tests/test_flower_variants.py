@@ -12,10 +12,13 @@ import numpy as np
 import pytest
 
 from common.heads import head_arrays, make_head
+from server.dp import epsilon_spent
 from tests.conftest import write_image_folder
 from tests.flower_runs import HEAD_SHAPES, SMALL_RUN, run_small
 
 pytestmark = pytest.mark.flower
+
+DP_CLIP = 0.05  # small enough to bind: the MLP head's updates here are larger
 
 
 def test_user_folders_another_strategy_head_and_engine_and_a_client_without_data(
@@ -23,9 +26,10 @@ def test_user_folders_another_strategy_head_and_engine_and_a_client_without_data
 ) -> None:
     """ImageFolder data per client; one client's folder is missing, one has an unknown class and
     a corrupt image, one odd files. The federation goes on with the others and the log says why.
-    The run also changes what the default run does not: FedProx, the MLP head and the torch
-    engine. (FedAdam and the robust strategies run through the same wrapper in process, in
-    test_rounds.py; the binary task and the partitioners are unit-tested in test_data.py.)"""
+    The run also changes what the default run does not: FedProx, the MLP head, the torch
+    engine and differential privacy (clipped updates, noise, the budget in summary.json).
+    (FedAdam and the robust strategies run through the same wrapper in process, in test_rounds.py;
+    the binary task and the partitioners are unit-tested in test_data.py.)"""
     data = tmp_path / "data"
     write_image_folder(data / "client-0", {"ok": 6, "crack": 6}, seed=0)
     write_image_folder(data / "client-1", {"ok": 5, "crack": 4, "smudge": 3}, seed=1)
@@ -55,6 +59,9 @@ def test_user_folders_another_strategy_head_and_engine_and_a_client_without_data
             "head": "mlp",
             "mlp-hidden": 16,
             "engine": "torch",
+            # differential privacy: the boards clip, the server adds noise and accounts for it
+            "dp-clipping-norm": DP_CLIP,
+            "dp-noise-multiplier": 0.5,
         },
     )
     summary, events = run["summary"], run["events"]
@@ -74,6 +81,19 @@ def test_user_folders_another_strategy_head_and_engine_and_a_client_without_data
         "classifier.3.weight": [2, 16],
         "classifier.3.bias": [2],
     }
+    # DP: every accepted update within the clipping norm; the noise once per round, over every node
+    # the round was sent to (one that failed adds nothing); the budget from Flower's accountant
+    norms = [e["update_norm"] for e in events if e["event"] == "client-reply" and e["phase"] == "train"]
+    assert len(norms) == sum(r["clients_ok"] for r in summary["rounds"]) and max(norms) <= DP_CLIP * (1 + 1e-4)
+    assert max(norms) == pytest.approx(DP_CLIP, rel=1e-3)  # the clipping did bind
+    releases = [(e["round"], e["accepted"], e["sampled"]) for e in events if e["event"] == "dp-release"]
+    sent = [r["clients_ok"] + r["clients_failed"] + r["clients_rejected"] for r in summary["rounds"]]
+    assert releases == [(r["round"], r["clients_ok"], n) for r, n in zip(summary["rounds"], sent, strict=True)]
+    epsilons = [r["dp_epsilon"] for r in summary["rounds"]]
+    assert epsilons == pytest.approx([epsilon_spent([0.5] * n, 1e-5) for n in (1, 2)]) and epsilons[0] < epsilons[1]
+    privacy = summary["privacy"]
+    assert privacy["epsilon"] == epsilons[-1] and privacy["delta"] == 1e-5 and privacy["noised_rounds"] == 2
+    assert f"epsilon {epsilons[-1]:.3f} at delta 1e-05" in run["output"]  # the round's log line
     # the aggregated head moved away from the seeded initial head the server started from
     initial = head_arrays(make_head("mlp", 1280, 2, 16, seed=42))
     assert any(not np.allclose(head[name], initial[name]) for name in initial)

@@ -158,6 +158,11 @@ function render(state) {
     ["fingerprint", state.backbone.fingerprint ?? "–"],
     ["final model", state.model_dir ?? (state.status === "finished" ? "not exported" : "at the end of the run")],
   ];
+  if (state.privacy) {
+    const p = state.privacy;
+    facts.push(["privacy (DP)", `epsilon ${fmt(p.epsilon)} at delta ${p.delta} after round ${p.round} ` +
+      `(noise multiplier ${p.noise_multiplier}, clipping norm ${p.clipping_norm})`]);
+  }
   for (const [term, value] of facts) { meta.append(el("dt", {}, term)); meta.append(el("dd", {}, value)); }
   if (state.status === "finished") {
     const link = el("a", { href: "/run/report.html" }, "static report");
