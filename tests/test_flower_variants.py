@@ -66,8 +66,10 @@ def test_user_folders_another_strategy_head_and_engine_and_a_client_without_data
     )
     summary, events = run["summary"], run["events"]
     assert [(r["clients_ok"], r["clients_failed"]) for r in summary["rounds"]] == [(2, 1), (2, 1)]
+    # client-2 has no folder: it fails both rounds, and says why once (a coded reason, not a traceback)
     failures = [e for e in events if e["event"] == "client-failed" and e["phase"] == "train"]
-    assert len(failures) == 2 and all("client-2" in e["reason"] for e in failures)
+    assert len(failures) == 1 and failures[0]["setup_error"] is True, failures
+    assert "client-2" in failures[0]["reason"] and "does not exist" in failures[0]["reason"]
     notes = [e.get("notes", "") for e in events if e["event"] == "client-reply"]
     assert any("smudge" in note for note in notes)
     assert summary["embedding"]["skipped"] == 4  # corrupt, empty, not an image, link out: counted once
