@@ -23,7 +23,7 @@ import numpy as np
 
 from client.lru import LruCache
 from common.engines import Engine, EngineKind, FingerprintMismatch, _write_atomically, runtime_tag
-from common.protocol import GoldenBatch, Instructions, ProtocolError
+from common.protocol import GoldenBatch, Instructions, ProtocolError, check_fingerprint
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +51,10 @@ class BackboneCache:
         self._engines = engines
 
     def path(self, kind: EngineKind, fp: str, cut: int = 0) -> Path:
-        return self.directory / kind.file_name(fp, cut)
+        """Where this kind keeps backbone ``fp``; a fingerprint that is not a sha256 in hex is a
+        ProtocolError here too, whatever path it came by: this cache deletes files that fail
+        their check, so no name from a message may reach outside it."""
+        return self.directory / kind.file_name(check_fingerprint(fp), cut)
 
     def held(self, kind: EngineKind, fp: str, cut: int = 0) -> str | None:
         """The variant fingerprint of this kind's verified copy of backbone ``fp``, if any."""
@@ -94,6 +97,7 @@ class BackboneCache:
     # --- the golden batch and each variant's verdict on it -----------------------------------------
 
     def golden_path(self, fp: str, cut: int = 0) -> Path:
+        check_fingerprint(fp)
         return self.directory / (f"{fp}.golden.npz" if cut == 0 else f"{fp}.cut{cut}.golden.npz")
 
     def keep_golden(self, batch: GoldenBatch, fp: str, cut: int = 0) -> None:

@@ -23,6 +23,8 @@ fields (``snake_case`` field, ``kebab-case`` key). Plain Python: the Flower reco
 from __future__ import annotations
 
 import dataclasses
+import math
+import re
 import typing
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
@@ -75,6 +77,56 @@ COUNT_LIMIT = 1e9
 # cannot, so the server reports it once and does not retry a round for it. (Flower's own codes are
 # below 100.)
 SETUP_ERROR_CODE = 100
+
+# The closed list of metric names a reply of each message kind may carry (client/privacy.py
+# refuses any other): a new metric is added here, beside its constant, or it does not leave.
+TRAIN_METRICS = (
+    NUM_EXAMPLES,
+    TRAIN_LOSS,
+    TRAIN_ACCURACY,
+    TRAIN_SECONDS,
+    CLASSES_MISSING,
+    BACKBONE_RECEIVED,
+    *EMBEDDING_METRICS,
+    *TELEMETRY_METRICS,
+)
+EVALUATE_METRICS = (
+    NUM_EXAMPLES,
+    LOSS,
+    ACCURACY,
+    MACRO_F1,
+    PERSONAL_ACCURACY,
+    PERSONAL_MACRO_F1,
+    BACKBONE_RECEIVED,
+    *EMBEDDING_METRICS,
+    *TELEMETRY_METRICS,
+)
+QUERY_METRICS = (NUM_EXAMPLES, BACKBONE_RECEIVED, *EMBEDDING_METRICS, *TELEMETRY_METRICS)  # FedNCM's class sums
+# By Flower message type ("train", "evaluate", "query"; common/ imports no flwr).
+REPLY_METRICS: dict[str, tuple[str, ...]] = {
+    "train": TRAIN_METRICS,
+    "evaluate": EVALUATE_METRICS,
+    "query": QUERY_METRICS,
+}
+# Scores lie in [0, 1]; durations in seconds below a week (a board that says it took longer is
+# broken or lying, and a sum of such numbers must stay finite).
+SCORE_METRICS = (TRAIN_ACCURACY, ACCURACY, MACRO_F1, PERSONAL_ACCURACY, PERSONAL_MACRO_F1)
+SECONDS_METRICS = (TRAIN_SECONDS, EMBED_SECONDS, PROCESS_SECONDS)
+SECONDS_LIMIT = 7 * 86_400.0
+# Every number the server knows the meaning of, with the range it must lie in (both ends included).
+METRIC_RANGES: dict[str, tuple[float, float]] = {
+    **{key: (0.0, COUNT_LIMIT) for key in COUNT_METRICS},
+    **{key: (0.0, 1.0) for key in SCORE_METRICS},
+    **{key: (0.0, SECONDS_LIMIT) for key in SECONDS_METRICS},
+    TRAIN_LOSS: (0.0, 1e6),
+    LOSS: (0.0, 1e6),
+    BACKBONE_RECEIVED: (0.0, 1.0),
+    PEAK_RSS_MB: (0.0, 1e7),
+    CPU_TEMP_C: (-100.0, 200.0),
+}
+# A fingerprint is a sha256 digest in hex (common/backbones.py, common/engines.py): it names
+# files on the boards, so nothing else is accepted.
+FINGERPRINT = re.compile(r"[0-9a-f]{64}")
 
 # The ONNX engines' backbone record holds the model file's bytes under this name.
 ONNX_MODEL = "model.onnx"
@@ -133,7 +185,10 @@ def _decode(kind: Any, value: Any, key: str) -> Any:
     """``value`` as a field of type ``kind``, or ProtocolError."""
     if kind is PreprocessSpec:
         if isinstance(value, str):
-            return PreprocessSpec.from_json(value)
+            try:
+                return PreprocessSpec.from_json(value)
+            except (ValueError, TypeError, KeyError) as error:
+                raise ProtocolError(f"Message key {key!r} is not a preprocessing spec: {error}") from None
     elif typing.get_origin(kind) is tuple:
         if isinstance(value, list | tuple) and all(isinstance(item, str) for item in value):
             return tuple(value)
@@ -174,7 +229,13 @@ class ConfigMessage:
                     continue
                 raise ProtocolError(f"{cls.__name__} lacks key {key!r}; is the other side the same edgesplit version?")
             values[f.name] = _decode(hints[f.name], record[key], key)
-        return cls(**values)
+        message = cls(**values)
+        message.check()
+        return message
+
+    def check(self) -> None:
+        """Raise ProtocolError for a value this side must not act on (a received message is
+        checked once, here; messages made in code are trusted)."""
 
 
 @dataclass(frozen=True)
@@ -203,6 +264,74 @@ class Instructions(ConfigMessage):
     proximal_mu: float = 0.0  # also the key Flower's FedProx writes
     dp_clipping_norm: float = 0.0  # > 0: clip the update to this L2 norm before replying (client/dp_clipping.py)
 
+    def check(self) -> None:
+        """A board acts only on instructions its own run-config schema allows: fingerprints that
+        can only name files inside its cache, a known engine, backbone, head and views, and every
+        hyperparameter within the range the board would accept in its own run config."""
+        from common.config import RunConfig  # imports the engines, which import this module
+        from common.engines import ENGINES
+        from common.views import VIEWS
+
+        check_fingerprint(self.fingerprint, "fingerprint")
+        check_fingerprint(self.engine_fingerprint, "engine-fingerprint")
+        if self.engine not in ENGINES:
+            raise ProtocolError(f"Instruction 'engine' must be one of {list(ENGINES)}, got {self.engine!r}.")
+        unknown = [view for view in self.views if view not in VIEWS]
+        if unknown or not self.views:
+            raise ProtocolError(f"Instruction 'views' names unknown views {unknown}; known: {list(VIEWS)}.")
+        numbers = [self.preprocess.crop_pct, *self.preprocess.mean, *self.preprocess.std]
+        if not all(math.isfinite(x) for x in numbers) or min(abs(x) for x in self.preprocess.std) < 1e-6:
+            raise ProtocolError(f"Instruction 'preprocess' holds an unusable normalisation: {self.preprocess}.")
+        schema = {f.name: f for f in fields(RunConfig)}  # type: ignore[arg-type]
+        _check_range("server-round", self.server_round, 0, schema["num_server_rounds"].metadata["high"])
+        _check_range("num-classes", self.num_classes, 1, 100_000)
+        _check_range("image-size", self.preprocess.image_size, **_limits(schema["image_size"]))
+        for name, value in (("backbone", self.backbone_name), *((key, getattr(self, key)) for key in _SCHEMA_FIELDS)):
+            rules = schema[name].metadata
+            choices = rules.get("choices")
+            if callable(choices):
+                choices = choices()
+            if choices is not None and value not in choices:
+                raise ProtocolError(f"Instruction {_key(name)!r} must be one of {list(choices)}, got {value!r}.")
+            if rules.get("low") is not None or rules.get("high") is not None:
+                _check_range(_key(name), value, **_limits(schema[name]))
+
+
+# Instructions fields that are run-config keys of the same name: checked against the schema.
+_SCHEMA_FIELDS = (
+    "head",
+    "mlp_hidden",
+    "cut",
+    "local_epochs",
+    "learning_rate",
+    "weight_decay",
+    "batch_size",
+    "seed",
+    "personal_epochs",
+    "ncm_min_examples",
+    "proximal_mu",
+)
+
+
+def _limits(field: dataclasses.Field[Any]) -> dict[str, float | None]:
+    return {"low": field.metadata.get("low"), "high": field.metadata.get("high")}
+
+
+def _check_range(key: str, value: float, low: float | None = None, high: float | None = None) -> None:
+    if not math.isfinite(value) or (low is not None and value < low) or (high is not None and value > high):
+        raise ProtocolError(
+            f"Instruction {key!r} must be in [{low}, {high}], got {value!r}; the server is not trusted "
+            "beyond what this board's own run-config schema allows."
+        )
+
+
+def check_fingerprint(value: str, key: str = "fingerprint") -> str:
+    """``value`` if it is a sha256 digest in hex, else ProtocolError: a fingerprint becomes a
+    file name on the board, so a crafted one (``../``, a path) must never reach the disk."""
+    if not FINGERPRINT.fullmatch(value):
+        raise ProtocolError(f"Message key {key!r} must be 64 lowercase hex digits (a sha256), got {value[:80]!r}.")
+    return value
+
 
 @dataclass(frozen=True)
 class BackboneQuery(ConfigMessage):
@@ -211,6 +340,12 @@ class BackboneQuery(ConfigMessage):
     fingerprint: str
     cut: int
     action: str = QueryAction.BACKBONE_STATUS.value
+
+    def check(self) -> None:
+        from common.config import RunConfig
+
+        check_fingerprint(self.fingerprint)
+        _check_range("cut", self.cut, **_limits(next(f for f in fields(RunConfig) if f.name == "cut")))
 
 
 @dataclass(frozen=True)

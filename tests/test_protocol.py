@@ -3,6 +3,8 @@ holds a value of the wrong type is refused by name."""
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 
@@ -13,6 +15,7 @@ from common.protocol import (
     BackboneStatus,
     ClassStats,
     ConfigMessage,
+    Instructions,
     ProtocolError,
     QueryAction,
     ReplyStatus,
@@ -68,7 +71,7 @@ def test_defaults_fill_keys_an_older_sender_leaves_out() -> None:
     record = INSTRUCTIONS.to_record()
     del record["proximal-mu"]
     assert type(INSTRUCTIONS).from_record(record).proximal_mu == 0.0
-    assert BackboneQuery.from_record({"fingerprint": "ab", "cut": 0}).action == QueryAction.BACKBONE_STATUS
+    assert BackboneQuery.from_record({"fingerprint": "ab" * 32, "cut": 0}).action == QueryAction.BACKBONE_STATUS
 
 
 def test_query_actions() -> None:
@@ -89,3 +92,41 @@ def test_class_stats_survive_their_arrays_and_refuse_others() -> None:
         ClassStats.from_arrays({**stats.to_arrays(), "embeddings": np.zeros((10, 4))})
     with pytest.raises(ProtocolError):
         ClassStats.from_arrays({"sums": stats.sums})
+
+
+# --- a board checks what it is told (issue 19) -----------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "says"),
+    [
+        ("fingerprint", "../../home/pi/.ssh/id_ecdsa", "64 lowercase hex"),
+        ("fingerprint", "ab" * 32 + "/../x", "64 lowercase hex"),
+        ("engine-fingerprint", "AB" * 32, "64 lowercase hex"),
+        ("engine", "../onnx", "must be one of"),
+        ("engine", "auto", "must be one of"),  # the server names a concrete engine
+        ("backbone-name", "../../model", "must be one of"),
+        ("head", "shell", "must be one of"),
+        ("views", ["identity", "../x"], "unknown views"),
+        ("ncm-min-examples", 1, "'ncm-min-examples' must be in [2"),  # below the schema's floor
+        ("local-epochs", 10**9, "'local-epochs' must be in"),
+        ("learning-rate", 1e9, "'learning-rate' must be in"),
+        ("learning-rate", float("nan"), "'learning-rate' must be in"),
+        ("batch-size", 0, "'batch-size' must be in"),
+        ("mlp-hidden", 10**8, "'mlp-hidden' must be in"),
+        ("server-round", -1, "'server-round' must be in"),
+        ("num-classes", 0, "'num-classes' must be in"),
+        ("preprocess", '{"image_size": 100000}', "preprocessing spec"),
+    ],
+)
+def test_instructions_the_boards_schema_refuses_are_refused(key: str, value: object, says: str) -> None:
+    with pytest.raises(ProtocolError, match=re.escape(says)):
+        Instructions.from_record({**INSTRUCTIONS.to_record(), key: value})
+
+
+@pytest.mark.parametrize("fingerprint", ["ab", "../" * 20 + "x", "/etc/passwd", "ab" * 32 + "\n", ""])
+def test_a_backbone_query_names_only_a_sha256(fingerprint: str) -> None:
+    with pytest.raises(ProtocolError, match="64 lowercase hex"):
+        BackboneQuery.from_record({"fingerprint": fingerprint, "cut": 0})
+    with pytest.raises(ProtocolError, match="'cut' must be in"):
+        BackboneQuery.from_record({"fingerprint": "ab" * 32, "cut": 10**6})

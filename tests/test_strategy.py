@@ -4,6 +4,7 @@ runtime is exercised in test_flower_runtime.py."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -42,7 +43,7 @@ class StubVariants:
 
     def variant_fingerprint(self, kind: EngineKind | str) -> str:
         name = kind if isinstance(kind, str) else kind.name
-        return FP if name == TORCH.name else f"{name}-of-{FP[:8]}"
+        return FP if name == TORCH.name else hashlib.sha256(f"{name}|{FP}".encode()).hexdigest()
 
     def artifact(self, kind: EngineKind) -> object:
         return {"w": torch.ones(4)} if kind is TORCH else f"ONNX model for {kind.name}".encode()
@@ -94,7 +95,7 @@ class StubRun:
 
 
 def instructions(server_round: int = 1) -> Instructions:
-    return sample_instructions(server_round=server_round, fingerprint=FP, engine_fingerprint=FP, backbone_name="stub")
+    return sample_instructions(server_round=server_round, fingerprint=FP, engine_fingerprint=FP)
 
 
 def _config(server_round: int = 1) -> ConfigRecord:
@@ -147,7 +148,8 @@ def _head(value: float) -> dict[str, np.ndarray]:
     return {"weight": np.full((2, 3), value, np.float32), "bias": np.full(2, value, np.float32)}
 
 
-TRAIN_NUMBERS = {protocol.TRAIN_LOSS: 0.5, protocol.TRAIN_ACCURACY: 0.8}  # what every train reply reports
+# what every train reply reports (the node's own image count bounds its num-examples)
+TRAIN_NUMBERS = {protocol.TRAIN_LOSS: 0.5, protocol.TRAIN_ACCURACY: 0.8, protocol.EMBEDDINGS_CACHED: 1000}
 
 
 def _reply(instruction: Message, arrays: dict[str, np.ndarray], num_examples: object = 10, fp: str = FP) -> Message:
