@@ -1,7 +1,10 @@
 """Flower ClientApp: turns messages into calls on the plain-Python edge client and back.
 
-The process state (client/state.py) is the only thing kept between messages. The privacy guard
-is the outermost mod, so it checks what finally leaves, faults included.
+The process state (client/state.py) is the only thing kept between messages. Every message's
+config is decoded and checked once (common/protocol.py): a value this board must not act on
+raises ProtocolError, which Flower's runner turns into an error reply with the reason, and the
+board goes on serving. The privacy guard checks every reply of the honest code; the injected
+faults of simulated clients act outside it, as a faulty board's own code would.
 """
 
 from __future__ import annotations
@@ -44,8 +47,9 @@ from common.protocol import (
 
 state = process_state()
 inject_faults = fault_injector(state)
-# Clipping runs on the honest reply; an injected fault then stands for a board that does not clip.
-app = ClientApp(mods=[privacy_guard, inject_faults, dp_clipping_mod])
+# Clipping runs on the honest reply and the guard checks what it leaves; an injected fault then
+# stands for a board that neither clips nor guards.
+app = ClientApp(mods=[inject_faults, privacy_guard, dp_clipping_mod])
 log = logging.getLogger(__name__)
 
 Handler = Callable[[Message, Context], Message]

@@ -19,6 +19,7 @@ from client.backbone_cache import BackboneCache, BuiltEngines, VerifiedFiles
 from client.golden import GoldenGate
 from client.local_data import LocalData, load_local_data
 from client.lru import LruCache
+from client.privacy import example_floor
 from client.telemetry import device_metrics
 from client.trainable import head_for
 from common import protocol
@@ -261,11 +262,12 @@ class EdgeClient:
         self, arrays: Mapping[str, np.ndarray], instructions: Instructions
     ) -> tuple[ClassStats, dict[str, float]]:
         """FedNCM's statistics of the local training share: per class, the sum of the features
-        the classifier sees and the count. A class with fewer than ``ncm-min-examples`` images
-        is sent as zeros, so that no sum is close to one image's features."""
+        the classifier sees and the count. A class with fewer images than the floor (the
+        server's ``ncm-min-examples``, never below this board's own ``min-examples``) is sent
+        as zeros, so that no sum is close to one image's features."""
         head = self._head(arrays, instructions)
         data = self.embedded(instructions)
-        minimum = instructions.ncm_min_examples
+        minimum = example_floor(instructions.ncm_min_examples, self.node.min_examples)
         sums, counts = head.class_sums(data.train_x, data.train_y, instructions.num_classes, minimum)
         metrics = {protocol.NUM_EXAMPLES: len(data.train_y), **data.metrics(), **device_metrics()}
         return ClassStats(sums=sums, counts=counts), metrics

@@ -1,7 +1,11 @@
 """The last check before anything leaves a device: only the declared trainable arrays (or FedNCM's
-class statistics, to its query), scalar metrics and short status strings may go out.
-``violations`` is plain Python over a description of the reply, so that it can be tested alone;
-``privacy_guard`` applies it to every reply as the ClientApp's outermost mod.
+class statistics, to its query), in float32 or float64, the metrics the protocol names for the
+message's kind, as single numbers, and short status strings may go out. ``violations`` is plain
+Python over a description of the reply, so that it can be tested alone; ``privacy_guard``
+applies it to every reply as a ClientApp mod. ``example_floor`` is the board's own floor on how
+many images a shared statistic may sum over.
+
+No flwr import at module level: the plain-Python edge client uses ``example_floor``.
 """
 
 from __future__ import annotations
@@ -9,10 +13,7 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Mapping
-from typing import Any
-
-from flwr.app import Context, Message, MessageType
-from flwr.clientapp.typing import ClientAppCallable
+from typing import TYPE_CHECKING, Any
 
 from client.trainable import trainable_shapes
 from common.backbones import get_spec
@@ -21,6 +22,7 @@ from common.protocol import (
     CLASS_STATS,
     CONFIG,
     METRICS,
+    REPLY_METRICS,
     STATUS,
     BackboneStatus,
     ClassStats,
@@ -30,24 +32,49 @@ from common.protocol import (
     query_action,
 )
 
+if TYPE_CHECKING:
+    from flwr.app import Context, Message
+    from flwr.clientapp.typing import ClientAppCallable
+
 AUDIT_LOG_ENV = "EDGESPLIT_AUDIT_LOG"  # if set: one JSON line per outgoing reply, for audits and tests
 MAX_STATUS_CHARS = 1000
 STATUS_KEYS = frozenset(ReplyStatus.keys()) | frozenset(BackboneStatus.keys())
+FLOAT_DTYPES = ("float32", "float64")  # what any array leaving a board may be (no bytes, no images)
+DEFAULT_MIN_EXAMPLES = 5  # a board's floor when its node config sets none
+LEAST_EXAMPLES = 2  # below this a "sum" is one image's features, whatever anyone set
 
-Shapes = Mapping[str, Mapping[str, tuple[int, ...]]]  # record -> array name -> shape
+Shape = tuple[int, ...]
+# record -> array name -> its shape, or (shape, dtype) where the dtype is fixed too
+Shapes = Mapping[str, Mapping[str, Shape | tuple[Shape, str]]]
+
+
+def example_floor(requested: int, node_floor: int | None) -> int:
+    """How many images a class (or any group) needs before the board shares a statistic of it:
+    the server's request can raise the board's own floor (node config ``min-examples``, 5 if
+    unset), never lower it, and nothing goes below 2."""
+    return max(requested, node_floor or DEFAULT_MIN_EXAMPLES, LEAST_EXAMPLES)
+
+
+def _spec(declared: Shape | tuple[Shape, str]) -> tuple[Shape, str | None]:
+    """(shape, dtype or None) of a declared array."""
+    if len(declared) == 2 and isinstance(declared[0], tuple) and isinstance(declared[1], str):
+        return declared[0], declared[1]
+    return tuple(declared), None  # type: ignore[arg-type]
 
 
 class PrivacyViolation(RuntimeError):
     """A reply would carry something other than the declared trainable arrays and numbers."""
 
 
-def violations(reply: Mapping[str, Any], allowed: Shapes) -> list[str]:
+def violations(reply: Mapping[str, Any], allowed: Shapes, metric_names: tuple[str, ...] | None = None) -> list[str]:
     """Everything wrong with an outgoing reply.
 
     ``reply`` describes the message: {"arrays": {record: {name: (shape, dtype)}},
     "metrics": {record: {key: value}}, "configs": {record: {key: value}}}. ``allowed`` are the
-    array records this reply may carry, each with exactly these names and shapes: the trainable
-    arrays after training, FedNCM's class statistics after its query, nothing otherwise.
+    array records this reply may carry, each with exactly these names and shapes (and dtype,
+    where declared; any array must be float32 or float64): the trainable arrays after training,
+    FedNCM's class statistics after its query, nothing otherwise. ``metric_names`` is the closed
+    list of metrics this kind of reply may carry (``protocol.REPLY_METRICS``); None: none.
     """
     problems = []
     for record, arrays in reply.get("arrays", {}).items():
@@ -60,15 +87,24 @@ def violations(reply: Mapping[str, Any], allowed: Shapes) -> list[str]:
             problems.append(
                 f"arrays of {record!r} are not the declared ones: unexpected {unexpected}, missing {missing}"
             )
-        for name, (shape, _dtype) in arrays.items():
-            if name in shapes and tuple(shape) != tuple(shapes[name]):
-                problems.append(f"array {name!r} has shape {tuple(shape)}, the declared one is {tuple(shapes[name])}")
+        for name, (shape, dtype) in arrays.items():
+            if name not in shapes:
+                continue
+            declared, declared_dtype = _spec(shapes[name])
+            if tuple(shape) != declared:
+                problems.append(f"array {name!r} has shape {tuple(shape)}, the declared one is {declared}")
+            if str(dtype) not in FLOAT_DTYPES or (declared_dtype is not None and str(dtype) != declared_dtype):
+                expected = declared_dtype or " or ".join(FLOAT_DTYPES)
+                problems.append(f"array {name!r} has dtype {dtype}, the declared one is {expected}")
+    known = frozenset(metric_names or ())
     for record, metrics in reply.get("metrics", {}).items():
         if record != METRICS:
             problems.append(f"metric record {record!r} is not allowed")
         for key, value in metrics.items():
             if isinstance(value, bool) or not isinstance(value, int | float):
                 problems.append(f"metric {key!r} is not a single number")
+            elif key not in known:
+                problems.append(f"metric {key!r} is not one this reply may carry")
     for record, config in reply.get("configs", {}).items():
         if record != STATUS:
             problems.append(f"config record {record!r} is not allowed")
@@ -83,16 +119,24 @@ def violations(reply: Mapping[str, Any], allowed: Shapes) -> list[str]:
     return problems
 
 
-def allowed_arrays(msg: Message) -> dict[str, dict[str, tuple[int, ...]]]:
-    """The array records, names and shapes a reply to ``msg`` may carry: the trainable arrays
-    after train, the class statistics after FedNCM's query, nothing otherwise."""
-    kind = msg.metadata.message_type.split(".")[0]
-    if kind == MessageType.TRAIN:
-        return {ARRAYS: trainable_shapes(Instructions.from_record(msg.content.config_records[CONFIG]))}
-    if kind == MessageType.QUERY and query_action(msg.content.config_records[CONFIG]) == QueryAction.CLASS_SUMS:
+def message_kind(msg: Message) -> str:
+    """Flower's message type without its action suffix: "train", "evaluate" or "query"."""
+    return msg.metadata.message_type.split(".")[0]
+
+
+def allowed_arrays(msg: Message) -> dict[str, dict[str, tuple[Shape, str]]]:
+    """The array records, names, shapes and dtypes a reply to ``msg`` may carry: the trainable
+    arrays after train, the class statistics after FedNCM's query (float32, as both are made),
+    nothing otherwise."""
+    kind = message_kind(msg)
+    if kind == "train":
+        shapes = trainable_shapes(Instructions.from_record(msg.content.config_records[CONFIG]))
+        return {ARRAYS: {name: (shape, "float32") for name, shape in shapes.items()}}
+    if kind == "query" and query_action(msg.content.config_records[CONFIG]) == QueryAction.CLASS_SUMS:
         instructions = Instructions.from_record(msg.content.config_records[CONFIG])
         feature_dim = get_spec(instructions.backbone_name).feature_dim
-        return {CLASS_STATS: ClassStats.shapes(instructions.num_classes, feature_dim)}
+        stats = ClassStats.shapes(instructions.num_classes, feature_dim)
+        return {CLASS_STATS: {name: (shape, "float32") for name, shape in stats.items()}}
     return {}
 
 
@@ -113,7 +157,7 @@ def privacy_guard(msg: Message, context: Context, call_next: ClientAppCallable) 
         return reply
     description = describe(reply)
     audit(description, msg.metadata.message_type)
-    problems = violations(description, allowed_arrays(msg))
+    problems = violations(description, allowed_arrays(msg), REPLY_METRICS.get(message_kind(msg)))
     if problems:
         raise PrivacyViolation("reply refused by the privacy guard: " + "; ".join(problems))
     return reply

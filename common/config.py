@@ -15,7 +15,7 @@ from typing import Any
 
 from common.backbones import BackboneError, available_backbones
 from common.cut import check_cut
-from common.data import class_names_for
+from common.data import class_names_for, is_plain_name
 from common.engines import ENGINE_CHOICES
 from common.numpy_head import HEAD_KINDS
 from common.views import VIEW_SETS, ViewError, parse_views
@@ -219,10 +219,11 @@ class RunConfig:
     def _check_class_names(self) -> None:
         """Class names are folder names on every board: plain, distinct, and at least two."""
         names = self.class_list()
-        unsafe = [n for n in names if n in (".", "..") or "/" in n or "\\" in n or n.startswith("~")]
+        unsafe = [n for n in names if not is_plain_name(n)]  # a board joins each to its data folder
         if unsafe:
             raise ConfigError(
-                f"'class-names' must be plain folder names (no '/', '\\', '.', '..' or '~'), got {unsafe}."
+                f"'class-names' must be plain folder names (no '/', '\\', ':', '.', '..' or a leading '~'), "
+                f"got {unsafe}."
             )
         duplicates = sorted({n for n in names if names.count(n) > 1})
         if duplicates:
@@ -338,6 +339,8 @@ NODE_CONFIG_KEYS = {
     "data-dir": "this board's ImageFolder of private images",
     "cache-dir": "where this board caches the backbone and embeddings",
     "engine": f"this board's backbone engine, overriding the run's: one of {list(ENGINE_CHOICES)}",
+    "min-examples": "this board's privacy floor: it shares no class statistic over fewer images than this "
+    "(at least 2; the server's ncm-min-examples can raise it, never lower it; default 5)",
 }
 
 
@@ -350,6 +353,7 @@ class NodeConfig:
     data_dir: str | None = None
     cache_dir: str | None = None
     engine: str | None = None
+    min_examples: int | None = None  # None: the default floor (client/privacy.py, example_floor)
 
     @classmethod
     def from_flower(cls, node_config: Mapping[str, Any]) -> NodeConfig:
@@ -368,6 +372,11 @@ class NodeConfig:
                 if not isinstance(node_config[key], str):
                     raise ConfigError(f"Node-config key '{key}' must be a path string.")
                 values[key.replace("-", "_")] = node_config[key]
+        if "min-examples" in node_config:
+            value = node_config["min-examples"]
+            if isinstance(value, bool) or not isinstance(value, int) or not 2 <= value <= 10**6:
+                raise ConfigError(f"Node-config key 'min-examples' must be an int in [2, 1000000], got {value!r}.")
+            values["min_examples"] = value
         if "engine" in node_config:
             if node_config["engine"] not in ENGINE_CHOICES:
                 raise ConfigError(

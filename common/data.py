@@ -80,6 +80,33 @@ def load_elpv(task: str = "4-level") -> LabelledFiles:
     return LabelledFiles(tuple(paths), tuple(labels), ELPV_CLASS_NAMES[task])
 
 
+def is_plain_name(name: str) -> bool:
+    """Whether ``name`` can only name a folder directly inside another: not empty, not ``.`` or
+    ``..``, no separator, drive, NUL or home prefix, no surrounding spaces."""
+    return not (
+        not name
+        or name in (".", "..")
+        or any(mark in name for mark in ("/", "\\", "\0", ":"))
+        or name.startswith("~")
+        or Path(name).is_absolute()
+        or name != name.strip()
+    )
+
+
+def check_class_names(class_names: tuple[str, ...]) -> tuple[str, ...]:
+    """``class_names`` if each is a plain folder name, else DataError. The names come from the
+    run config, which the server sends: a board joins them to its data folder, so ``../x`` or
+    an absolute name would train on (and report the presence of) folders outside it."""
+    unsafe = [name for name in class_names if not is_plain_name(name)]
+    if unsafe:
+        raise DataError(
+            f"Class names must be plain folder names (no '/', '\\', ':', '..', a leading '~' or surrounding "
+            f"spaces, not empty), got {unsafe}: each class is a sub-folder of the data folder. Fix run-config "
+            "'class-names'."
+        )
+    return class_names
+
+
 def class_names_for(dataset: str, elpv_task: str, class_names: tuple[str, ...]) -> tuple[str, ...]:
     """The run's class list: ELPV's own, or the one the run config names for user folders."""
     if dataset == "elpv":
@@ -102,6 +129,7 @@ def scan_image_folder(root: str | Path, class_names: tuple[str, ...]) -> Labelle
     symbolic link that leads out of ``root`` (which could expose files the operator did not mean
     to share with training). Whether an image decodes is found out when it is embedded.
     """
+    check_class_names(class_names)
     root = Path(root).expanduser()
     if not root.is_dir():
         raise DataError(

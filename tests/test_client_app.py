@@ -1,7 +1,11 @@
 """The ClientApp's handlers end to end in process, behind both mods: typed replies, the backbone
-kept and reported, and the same embedding counts in every reply that used one embedding."""
+kept and reported, the same embedding counts in every reply that used one embedding, and crafted
+instructions refused before they touch the disk."""
 
 from __future__ import annotations
+
+import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -29,6 +33,7 @@ from common.protocol import (
     BackboneStatus,
     ClassStats,
     Instructions,
+    ProtocolError,
     QueryAction,
     ReplyStatus,
 )
@@ -65,7 +70,7 @@ def _send(kind: str, config: dict, context: Context, **arrays: dict[str, np.ndar
         content[name] = to_array_record(values)
     msg = Message(content=content, dst_node_id=1, message_type=kind)
     handler = {"train": client_app.train, "evaluate": client_app.evaluate, "query": client_app.query}[kind]
-    reply = client_app.privacy_guard(msg, context, lambda m, c: client_app.inject_faults(m, c, handler))
+    reply = client_app.inject_faults(msg, context, lambda m, c: client_app.privacy_guard(m, c, handler))
     assert not reply.has_error(), reply.error
     return reply
 
@@ -115,7 +120,47 @@ def test_a_node_without_its_data_folder_answers_with_one_coded_reason_not_a_trac
         dst_node_id=1,
         message_type=MessageType.TRAIN,
     )
-    reply = client_app.privacy_guard(msg, missing, lambda m, c: client_app.inject_faults(m, c, client_app.train))
+    reply = client_app.inject_faults(msg, missing, lambda m, c: client_app.privacy_guard(m, c, client_app.train))
 
     assert reply.has_error() and reply.error.code == SETUP_ERROR_CODE
     assert "nowhere" in reply.error.reason and "does not exist" in reply.error.reason
+
+
+def test_crafted_instructions_are_refused_and_the_board_goes_on(
+    setup: tuple[Context, Instructions, dict[str, np.ndarray], dict], tmp_path: Path
+) -> None:
+    """A fingerprint that walks out of the cache, or a class name that walks out of the data
+    folder, is refused with a reason (an error reply: Flower's runner makes one of the exception); the
+    file it aimed at is untouched, and the next honest message is answered."""
+    context, sent, head, backbone = setup
+    victim = tmp_path / "victim.pt"
+    victim.write_bytes(b"the user's own file")
+    escape = os.path.relpath(victim.with_suffix(""), Path(context.node_config["cache-dir"]) / "backbones")
+    crafted = {**sent.to_record(), "fingerprint": escape, "engine-fingerprint": escape}
+    for kind, config, arrays in (
+        (MessageType.TRAIN, crafted, {ARRAYS: head, **backbone}),
+        (
+            MessageType.QUERY,
+            BackboneQuery(fingerprint=sent.fingerprint, cut=0).to_record() | {"fingerprint": escape},
+            {},
+        ),
+    ):
+        content = RecordDict({CONFIG: ConfigRecord(config)})
+        for name, values in arrays.items():
+            content[name] = to_array_record(values)
+        handler = {"train": client_app.train, "query": client_app.query}[kind]
+        with pytest.raises(ProtocolError, match="64 lowercase hex"):
+            handler(Message(content=content, dst_node_id=1, message_type=kind), context)
+    assert victim.read_bytes() == b"the user's own file"
+    assert not list(tmp_path.glob("*.onnx"))
+    asked = BackboneQuery(fingerprint=sent.fingerprint, cut=0).to_record()
+    run_config = {**context.run_config, "class-names": "ok,../../etc"}
+    traversing = Context(
+        run_id=1, node_id=1, node_config=context.node_config, state=RecordDict(), run_config=run_config
+    )
+    refused = client_app.query(
+        Message(RecordDict({CONFIG: ConfigRecord(asked)}), dst_node_id=1, message_type="query"), traversing
+    )
+    assert refused.has_error() and refused.error.code == SETUP_ERROR_CODE
+    assert "plain folder name" in refused.error.reason
+    assert BackboneStatus.from_record(_send(MessageType.QUERY, asked, context).content[STATUS]).engine == "torch"

@@ -305,3 +305,31 @@ def test_krum_needs_enough_clients_for_its_assumption():
 def test_new_reliability_keys_are_range_checked(key, value):
     with pytest.raises(ConfigError, match=f"'{key}' must be in"):
         RunConfig.from_flower({key: value})
+
+
+def test_node_config_min_examples_is_the_boards_own_floor():
+    assert NodeConfig.from_flower({"min-examples": 8}).min_examples == 8
+    assert NodeConfig.from_flower({}).min_examples is None  # the default floor (5) applies
+    for value in (1, 0, True, 2.5, "5"):
+        with pytest.raises(ConfigError, match="'min-examples' must be an int in \\[2"):
+            NodeConfig.from_flower({"min-examples": value})
+
+
+@pytest.mark.parametrize("name", ["../x", "..", "/etc", "a/b", "a\\b", "C:x", "."])
+def test_class_names_must_be_plain_folder_names(name):
+    """The run config comes from the server; a board joins each class name to its data folder."""
+    settings = {"dataset": "folder", "class-names": f"ok,{name}", "server-test-dir": "/data/test"}
+    with pytest.raises(ConfigError, match="plain folder name"):
+        RunConfig.from_flower(settings)
+
+
+def test_a_traversing_class_name_never_reaches_the_disk(tmp_path):
+    from common.data import DataError, scan_image_folder
+
+    (tmp_path / "data" / "ok").mkdir(parents=True)
+    (tmp_path / "outside").mkdir()
+    (tmp_path / "outside" / "secret.png").write_bytes(b"\x89PNG")
+    with pytest.raises(DataError, match="plain folder name"):
+        scan_image_folder(tmp_path / "data", ("ok", "../outside"))
+    with pytest.raises(DataError, match="plain folder name"):
+        scan_image_folder(tmp_path / "data", ("ok", str(tmp_path / "outside")))

@@ -140,7 +140,7 @@ def test_without_a_golden_batch_a_held_variant_is_sent_again_with_one(tmp_path: 
 
 def test_the_cosine_may_leave_the_device_in_the_status() -> None:
     status = {"status": ReplyStatus(FP, "onnx", "x", golden_cosine=0.5, fallback="why").to_record()}
-    assert violations({"configs": status}, {}) == []
+    assert violations({"configs": status}, {}, None) == []
 
 
 def test_golden_min_cosine_is_checked_once_in_the_schema() -> None:
