@@ -94,6 +94,9 @@ class RunConfig:
         100.0, "reject an update more than this many times the round's median (0: off)", **_range(0.0, 1e12)
     )
     max_weight_norm: float = _key(1e4, "reject a reply with an array whose L2 norm exceeds this", **_range(1e-6, 1e12))
+    max_num_examples: int = _key(
+        1_000_000, "reject a reply claiming more examples than this (train and evaluation)", **_range(1, 10**9)
+    )
     # Differential privacy on the head updates (server/dp.py): boards clip, the server adds noise
     dp_clipping_norm: float = _key(
         0.0,

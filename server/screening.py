@@ -27,6 +27,7 @@ from server.ledger import EmbeddingLedger, RoundTally
 from server.runlog import RunLog
 from server.validation import (
     class_stats_reject_reason,
+    examples_bounds,
     is_number,
     metrics_reject_reason,
     number,
@@ -79,7 +80,8 @@ class ReplyScreen:
     ) -> None:
         self.run_log, self.config, self.fingerprint = run_log, config, fingerprint
         self.head_shapes, self.class_stats_shapes, self.embedding = head_shapes, class_stats_shapes, embedding
-        self.first_examples: dict[int, int] = {}  # node -> num-examples of its first accepted update
+        # phase -> node -> num-examples of its first accepted reply in that phase
+        self.first_examples: dict[Phase, dict[int, int]] = {}
         # node -> why it cannot take part as configured (its data, its node config), as its latest
         # reply said; reported once, forgotten when the node answers again
         self.setup_errors: dict[int, str] = {}
@@ -132,6 +134,8 @@ class ReplyScreen:
         flagged = update_bounds(
             norms, self.config.max_update_norm, self.config.max_update_ratio, clipping_norm=self.config.dp_clipping_norm
         )
+        for node, reason in self._examples_bounds(phase, candidates).items():
+            flagged.setdefault(node, reason)
         for node, reason in flagged.items():
             self._reject(node, phase, reason, tally)
         byte_counts = {m.metadata.dst_node_id: size for m, size in sent}
@@ -141,6 +145,18 @@ class ReplyScreen:
                 candidate.reply.content = self._for_strategy(phase, candidate.reply.content)
                 result.accepted.append(candidate.reply)
         return result
+
+    def _examples_bounds(self, phase: Phase, candidates: list[_Candidate]) -> dict[int, str]:
+        """Nodes whose first num-examples in this phase is far above the round's median. Not for a
+        DP run's updates: they are averaged with equal weights, so a claim buys nothing, and a
+        verdict that depends on the other nodes' claims is not what the noise is calibrated to."""
+        if self.config.dp and phase is Phase.TRAIN:
+            return {}
+        claims = {
+            c.node: int(number(c.reply.content.metric_records[protocol.METRICS].get(protocol.NUM_EXAMPLES)))
+            for c in candidates
+        }
+        return examples_bounds(claims, set(claims) - set(self.first_examples.get(phase, {})))
 
     @staticmethod
     def _update_norms(candidates: list[_Candidate], start: dict[str, np.ndarray] | None) -> dict[int, float]:
@@ -233,8 +249,9 @@ class ReplyScreen:
             **({"update_norm": round(norm, 6)} if norm is not None else {}),
             **({"notes": c.status.data_notes} if c.status.data_notes else {}),
         )
-        if phase is Phase.TRAIN:
-            self.first_examples.setdefault(c.node, int(number(metrics.get(protocol.NUM_EXAMPLES))))
+        claimed = int(number(metrics.get(protocol.NUM_EXAMPLES)))
+        if claimed > 0:  # later replies are held to it (a node without a test share claims 0)
+            self.first_examples.setdefault(phase, {}).setdefault(c.node, claimed)
         if phase in (Phase.TRAIN, Phase.CLASS_SUMS):
             self.embedding.note(
                 c.node,
@@ -290,7 +307,8 @@ class ReplyScreen:
             expected_shapes=self.head_shapes if phase is Phase.TRAIN else None,
             expected_fingerprint=self.fingerprint,
             max_norm=self.config.max_weight_norm,
-            examples_before=self.first_examples.get(node),
+            examples_before=self.first_examples.get(phase, {}).get(node),
+            max_examples=self.config.max_num_examples,
         )
 
 

@@ -82,7 +82,12 @@ class ClientsGrid:
                 {
                     protocol.ARRAYS: ArrayRecord({k: Array(np.asarray(v, np.float32)) for k, v in arrays.items()}),
                     protocol.METRICS: MetricRecord(
-                        {protocol.NUM_EXAMPLES: examples, protocol.TRAIN_LOSS: 0.5, protocol.TRAIN_ACCURACY: 0.8}
+                        {
+                            protocol.NUM_EXAMPLES: examples,
+                            protocol.TRAIN_LOSS: 0.5,
+                            protocol.TRAIN_ACCURACY: 0.8,
+                            protocol.EMBEDDINGS_CACHED: 10_000,  # the images it holds
+                        }
                     ),
                     protocol.STATUS: status,
                 }

@@ -10,7 +10,7 @@ import pytest
 
 from common import protocol
 from server.runlog import RunLog, new_run_id, write_json_atomic
-from server.validation import reject_reason
+from server.validation import examples_bounds, metrics_reject_reason, reject_reason
 
 # --- reject_reason --------------------------------------------------------------------------------
 
@@ -22,8 +22,11 @@ def _arrays() -> dict[str, np.ndarray]:
     return {"weight": np.full((3, 4), 0.1, dtype=np.float32), "bias": np.zeros(3, dtype=np.float32)}
 
 
+HELD = {protocol.EMBEDDINGS_COMPUTED: 40, protocol.EMBEDDINGS_CACHED: 10}  # the node's own images
+
+
 def _reason(arrays=None, num_examples=10, fp=FP, shapes=SHAPES):
-    metrics = {} if num_examples is ... else {protocol.NUM_EXAMPLES: num_examples}
+    metrics = dict(HELD) if num_examples is ... else {protocol.NUM_EXAMPLES: num_examples, **HELD}
     return reject_reason(_arrays() if arrays is None else arrays, metrics, fp, shapes, FP)
 
 
@@ -108,7 +111,7 @@ def test_norm_just_below_the_bound_is_accepted():
 
 
 def test_no_arrays_in_a_train_reply_is_rejected():
-    reason = reject_reason(None, {protocol.NUM_EXAMPLES: 5}, FP, SHAPES, FP)
+    reason = reject_reason(None, {protocol.NUM_EXAMPLES: 5, **HELD}, FP, SHAPES, FP)
 
     assert reason is not None and "no head arrays" in reason
 
@@ -148,6 +151,76 @@ def test_evaluation_reply_accepts_zero_examples():
 def test_evaluation_reply_still_checks_fingerprint_and_count():
     assert "fingerprint" in (reject_reason(None, {protocol.NUM_EXAMPLES: 3}, "x", None, FP) or "")
     assert "integer" in (reject_reason(None, {protocol.NUM_EXAMPLES: 2.5}, FP, None, FP) or "")
+
+
+# --- a node's numbers are bounded before they are used or shown (issue 19) -----------------------
+
+
+@pytest.mark.parametrize("shapes", [SHAPES, None], ids=["train", "evaluate"])
+def test_a_claim_of_ten_to_the_fifteen_examples_is_refused(shapes):
+    arrays = _arrays() if shapes else None
+    huge = {protocol.NUM_EXAMPLES: 10**15, protocol.EMBEDDINGS_CACHED: 10**15}
+    assert "num-examples" in (metrics_reject_reason(huge, (protocol.NUM_EXAMPLES,)) or "")
+    # below the count limit, the run's cap and the node's own image count still bound it
+    claim = {protocol.NUM_EXAMPLES: 5_000_000, protocol.EMBEDDINGS_CACHED: 5_000_000}
+    assert "max-num-examples=1000000" in (reject_reason(arrays, claim, FP, shapes, FP) or "")
+    beyond = {protocol.NUM_EXAMPLES: 900, **HELD}
+    assert "more than the 50 images the node says it embedded" in (reject_reason(arrays, beyond, FP, shapes, FP) or "")
+    assert "first reported" in (
+        reject_reason(arrays, {protocol.NUM_EXAMPLES: 30, **HELD}, FP, shapes, FP, examples_before=20) or ""
+    )
+    assert reject_reason(arrays, {protocol.NUM_EXAMPLES: 50, **HELD}, FP, shapes, FP) is None
+
+
+def test_a_first_claim_far_above_the_rounds_median_is_refused():
+    claims = {1: 40, 2: 60, 3: 50, 4: 4_000_000, 5: 0}
+    assert set(examples_bounds(claims, unseen={1, 2, 3, 4, 5})) == {4}
+    assert "median 55" in examples_bounds(claims, unseen={4})[4]
+    assert examples_bounds(claims, unseen={1, 2, 3}) == {}  # a node seen before is held to its first claim
+    assert examples_bounds({1: 40, 4: 4_000_000}, unseen={4}) == {}  # two claims make no median to trust
+
+
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [
+        (protocol.TRAIN_SECONDS, 1e308),
+        (protocol.EMBED_SECONDS, -1.0),
+        (protocol.ACCURACY, 1.5),
+        (protocol.MACRO_F1, -0.1),
+        (protocol.TRAIN_ACCURACY, math.nan),
+        (protocol.CPU_TEMP_C, 1e6),
+        (protocol.PEAK_RSS_MB, math.inf),
+    ],
+)
+def test_a_metric_outside_its_range_rejects_the_reply(key, value):
+    reason = metrics_reject_reason({protocol.NUM_EXAMPLES: 5, key: value}, (protocol.NUM_EXAMPLES,))
+    assert reason is not None and repr(key) in reason
+    assert metrics_reject_reason({protocol.NUM_EXAMPLES: 5, key: 0.5}, (protocol.NUM_EXAMPLES,)) is None
+
+
+# --- the board's backbone cache keeps to its folder (issue 19) -------------------------------------
+
+
+def test_a_crafted_fingerprint_cannot_delete_or_write_outside_the_cache(tmp_path):
+    from client.backbone_cache import BackboneCache
+    from client.lru import LruCache
+    from common.engines import ENGINE_KINDS
+    from common.protocol import ProtocolError
+    from tests.protocol_samples import instructions
+
+    victim = tmp_path / "victim.pt"
+    victim.write_bytes(b"not a backbone: today's cache would delete it as a failed copy")
+    cache = BackboneCache(tmp_path / "cache", LruCache(4), LruCache(1))
+    escape = "../../victim"  # <cache>/backbones/../../victim.pt is the victim
+    with pytest.raises(ProtocolError, match="64 lowercase hex"):
+        cache.held(ENGINE_KINDS["torch"], escape)
+    sent = instructions(fingerprint="../../planted", engine="onnx")
+    with pytest.raises(ProtocolError, match="64 lowercase hex"):
+        cache.keep(ENGINE_KINDS["onnx"], {protocol.ONNX_MODEL: np.zeros(4, np.uint8)}, sent)
+    with pytest.raises(ProtocolError):
+        cache.golden(escape)
+    assert victim.read_bytes().startswith(b"not a backbone")
+    assert sorted(p.name for p in tmp_path.rglob("*") if p.is_file()) == ["victim.pt"]
 
 
 # --- run log --------------------------------------------------------------------------------------
