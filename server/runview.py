@@ -9,6 +9,7 @@ incrementally: each refresh parses only the lines appended since the last one.
 from __future__ import annotations
 
 import json
+import math
 import threading
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -19,6 +20,26 @@ from common.protocol import Phase
 from server.runlog import ROUND_NUMBERS
 
 TIMELINE_ROUNDS = 40  # the timeline shows the latest rounds; the plots show them all
+
+
+def _bounded(value: object, high: float, low: float = 0.0) -> float | None:
+    """A number a node reported, as the dashboard may show it: finite and in [low, high], else
+    None. The server screens replies (server/validation.py), but a run folder may come from
+    anywhere, and one inf makes the state unanswerable as JSON."""
+    if isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value) and low <= value <= high:
+        return float(value)
+    return None
+
+
+def _finite(document: Any) -> Any:
+    """``document`` with every non-finite float as None (JSON has no NaN or Infinity)."""
+    if isinstance(document, float):
+        return document if math.isfinite(document) else None
+    if isinstance(document, dict):
+        return {key: _finite(value) for key, value in document.items()}
+    if isinstance(document, list | tuple):
+        return [_finite(value) for value in document]
+    return document
 
 
 @dataclass
@@ -116,16 +137,21 @@ class RunView:
             row.golden_cosine = float(cosine)
         if kind == "client-reply":
             metrics = event.get("metrics", {})
-            row.bytes_up += int(event.get("bytes", 0))
-            row.bytes_down += int(event.get("bytes_down", 0))
+            row.bytes_up += int(_bounded(event.get("bytes", 0), protocol.COUNT_LIMIT) or 0)
+            row.bytes_down += int(_bounded(event.get("bytes_down", 0), protocol.COUNT_LIMIT) or 0)
             row.engine = event.get("engine", row.engine) or row.engine
-            row.peak_rss_mb = max(row.peak_rss_mb, float(metrics.get(protocol.PEAK_RSS_MB, 0.0)))
-            row.cpu_temp_c = metrics.get(protocol.CPU_TEMP_C, row.cpu_temp_c)
+            peak = _bounded(metrics.get(protocol.PEAK_RSS_MB, 0.0), protocol.METRIC_RANGES[protocol.PEAK_RSS_MB][1])
+            row.peak_rss_mb = max(row.peak_rss_mb, peak or 0.0)
+            low, high = protocol.METRIC_RANGES[protocol.CPU_TEMP_C]
+            if protocol.CPU_TEMP_C in metrics:
+                row.cpu_temp_c = _bounded(metrics[protocol.CPU_TEMP_C], high, low)
             if phase == Phase.TRAIN:
                 # Every reply repeats the embedding it used; it took time in the node's first round only.
-                embed_seconds = float(metrics.get(protocol.EMBED_SECONDS, 0.0)) if node not in self._joined else 0.0
-                row.samples = int(metrics.get(protocol.NUM_EXAMPLES, row.samples))
-                row.train_seconds = float(metrics.get(protocol.TRAIN_SECONDS, 0.0))
+                seconds = protocol.SECONDS_LIMIT
+                embed = _bounded(metrics.get(protocol.EMBED_SECONDS, 0.0), seconds) or 0.0
+                embed_seconds = embed if node not in self._joined else 0.0
+                row.samples = int(_bounded(metrics.get(protocol.NUM_EXAMPLES), protocol.COUNT_LIMIT) or row.samples)
+                row.train_seconds = _bounded(metrics.get(protocol.TRAIN_SECONDS, 0.0), seconds) or 0.0
                 row.embed_seconds = max(row.embed_seconds, embed_seconds)
                 self._joined.setdefault(node, set()).add(server_round)
                 row.rounds_joined = len(self._joined[node])
@@ -155,34 +181,38 @@ class RunView:
         config = _read_json(self.run_dir / "config.json")
         summary = _read_json(self.run_dir / "summary.json")
         with self._lock:
-            latest = self.rounds[-1] if self.rounds else {}
-            clients = sorted(self.clients.values(), key=lambda c: (-(c.failures + c.rejected), c.node))
-            shown_rounds = sorted(self.timeline)[-TIMELINE_ROUNDS:]
-            return {
-                "run_dir": str(self.run_dir),
-                "status": self._status(),
-                "config": config.get("run_config", {}),
-                "classes": config.get("classes", []),
-                "backbone": {
-                    **config.get("backbone", {}),
-                    "engine": self.started.get("engine", ""),
-                },
-                "model_dir": summary.get("model_dir"),
-                "num_rounds": config.get("run_config", {}).get("num-server-rounds"),
-                "rounds": [_round_fields(r) for r in self.rounds],
-                "confusion_matrix": latest.get("confusion_matrix", []),
-                "per_class_recall": latest.get("per_class_recall", []),
-                "matrix_round": latest.get("round"),
-                # node ids are 64-bit: as strings, so that JavaScript does not round them
-                "clients": [{**asdict(c), "node": str(c.node)} for c in clients],
-                "timeline": [
-                    {"round": r, "cells": {str(n): cell for n, cell in sorted(self.timeline[r].items())}}
-                    for r in shown_rounds
-                ],
-                "problems": self.problems[-50:],
-                "final": summary.get("final"),
-                "privacy": _privacy(config.get("run_config", {}), self.rounds),
-            }
+            return _finite(self._state(config, summary))
+
+    def _state(self, config: dict[str, Any], summary: dict[str, Any]) -> dict[str, Any]:
+        """``state()``'s document; the caller holds the lock."""
+        latest = self.rounds[-1] if self.rounds else {}
+        clients = sorted(self.clients.values(), key=lambda c: (-(c.failures + c.rejected), c.node))
+        shown_rounds = sorted(self.timeline)[-TIMELINE_ROUNDS:]
+        return {
+            "run_dir": str(self.run_dir),
+            "status": self._status(),
+            "config": config.get("run_config", {}),
+            "classes": config.get("classes", []),
+            "backbone": {
+                **config.get("backbone", {}),
+                "engine": self.started.get("engine", ""),
+            },
+            "model_dir": summary.get("model_dir"),
+            "num_rounds": config.get("run_config", {}).get("num-server-rounds"),
+            "rounds": [_round_fields(r) for r in self.rounds],
+            "confusion_matrix": latest.get("confusion_matrix", []),
+            "per_class_recall": latest.get("per_class_recall", []),
+            "matrix_round": latest.get("round"),
+            # node ids are 64-bit: as strings, so that JavaScript does not round them
+            "clients": [{**asdict(c), "node": str(c.node)} for c in clients],
+            "timeline": [
+                {"round": r, "cells": {str(n): cell for n, cell in sorted(self.timeline[r].items())}}
+                for r in shown_rounds
+            ],
+            "problems": self.problems[-50:],
+            "final": summary.get("final"),
+            "privacy": _privacy(config.get("run_config", {}), self.rounds),
+        }
 
 
 _ROUND_KEYS = ("round", *ROUND_NUMBERS)

@@ -138,12 +138,58 @@ def test_the_app_only_reads(tmp_path: Path) -> None:
     from starlette.testclient import TestClient
 
     _small_run(tmp_path / "run").close()
-    client = TestClient(make_app(tmp_path / "run"))
+    client = TestClient(make_app(tmp_path / "run"), base_url="http://127.0.0.1:8050")
     assert client.get("/api/state").json()["rounds"][0]["accuracy"] == 0.5
     for method in ("post", "put", "delete"):
         assert getattr(client, method)("/api/state").status_code == 405
         assert getattr(client, method)("/run/config.json").status_code == 405
     assert (tmp_path / "run" / "config.json").is_file()
+
+
+@pytest.mark.parametrize(
+    ("host", "status"),
+    [
+        ("127.0.0.1:8050", 200),
+        ("localhost:8050", 200),
+        ("[::1]:8050", 200),
+        ("LOCALHOST", 200),
+        ("attacker.example:8050", 421),  # DNS rebinding: the attacker's name, resolved to 127.0.0.1
+        ("attacker.example", 421),
+        ("127.0.0.1:9999", 421),  # not the port it was bound to
+        ("127.0.0.1.attacker.example", 421),
+        ("", 421),
+    ],
+)
+def test_the_dashboard_answers_only_to_the_names_it_was_bound_for(tmp_path: Path, host: str, status: int) -> None:
+    from starlette.testclient import TestClient
+
+    _small_run(tmp_path / "run").close()
+    client = TestClient(make_app(tmp_path / "run"))
+    for path in ("/api/state", "/run/config.json", "/"):
+        response = client.get(path, headers={"host": host})
+        assert response.status_code == status, path
+        assert status == 200 or b"num-server-rounds" not in response.content
+    remote = TestClient(make_app(tmp_path / "run", "0.0.0.0", 80, allowed_hosts=("edge-server.lan",)))
+    assert remote.get("/api/state", headers={"host": "edge-server.lan"}).status_code == 200
+    assert remote.get("/api/state", headers={"host": "attacker.example"}).status_code == 421
+
+
+def test_a_node_claiming_1e308_seconds_does_not_break_the_state(tmp_path: Path) -> None:
+    """1e308 + 1e308 is inf, which JSON cannot carry: the state endpoint answered 500."""
+    from starlette.testclient import TestClient
+
+    log = _small_run(tmp_path / "run")
+    huge = _reply(4, 9, 1e308)
+    huge["metrics"] |= {"embed-seconds": 1e308, "peak-rss-mb": 1e308, "cpu-temp-c": 1e308, "num-examples": 1e300}
+    log.event("client-reply", **huge)
+    log.close()
+    response = TestClient(make_app(tmp_path / "run"), base_url="http://127.0.0.1:8050").get("/api/state")
+    assert response.status_code == 200
+    row = next(c for c in response.json()["clients"] if c["node"] == "9")
+    assert row["train_seconds"] == 0.0 and row["embed_seconds"] == 0.0 and row["cpu_temp_c"] is None
+    assert row["peak_rss_mb"] == 0.0 and row["samples"] == 0
+    cell = next(t for t in response.json()["timeline"] if t["round"] == 4)["cells"]["9"]
+    assert cell["seconds"] == 0.0
 
 
 @pytest.mark.parametrize("host", ["0.0.0.0", "192.0.2.1", "::"])
