@@ -11,11 +11,14 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass, field
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from server.ledger import RoundRecord
 
 CHECKPOINT_DIR = "checkpoint"
 CHECKPOINT_FILE = "latest.npz"
@@ -87,19 +90,57 @@ class Checkpoint:
                         strategy_state.setdefault(attribute, {})[name] = stored[key]
         except Exception as error:  # truncated or foreign file
             raise CheckpointError(f"Checkpoint {path} is unreadable ({type(error).__name__}: {error}).") from error
-        if meta.get("format") != FORMAT_VERSION:
-            raise CheckpointError(f"Checkpoint {path} has format {meta.get('format')}, expected {FORMAT_VERSION}.")
-        return cls(
-            round=int(meta["round"]),
-            head=head,
-            fingerprint=str(meta["fingerprint"]),
-            classes=tuple(meta["classes"]),
-            strategy=str(meta["strategy"]),
-            strategy_state=strategy_state,
-            random_state=meta["random_state"],
-            rounds=list(meta["rounds"]),
-            totals=dict(meta["totals"]),
-        )
+        version = meta.get("format") if isinstance(meta, dict) else None
+        if version != FORMAT_VERSION:
+            raise CheckpointError(f"Checkpoint {path} has format {version}, expected {FORMAT_VERSION}.")
+        try:
+            return cls(
+                round=int(meta["round"]),
+                head=head,
+                fingerprint=str(meta["fingerprint"]),
+                classes=tuple(meta["classes"]),
+                strategy=str(meta["strategy"]),
+                strategy_state=strategy_state,
+                random_state=meta["random_state"],
+                rounds=list(meta["rounds"]),
+                totals=dict(meta["totals"]),
+            )
+        except (KeyError, TypeError, ValueError) as error:
+            raise CheckpointError(
+                f"Checkpoint {path} has a malformed description ({type(error).__name__}: {error}); resume from an "
+                "intact checkpoint, or start a new run without 'resume-from'."
+            ) from error
+
+    def check_content(self, run_dir: Path, head_shapes: Mapping[str, tuple[int, ...]], num_rounds: int) -> None:
+        """Refuse a checkpoint whose head does not fit this run's (names, shapes), holds NaN, Inf or
+        a non-float array (head or strategy state), or whose round lies outside the run: a
+        resumed run would otherwise aggregate into a forged or broken head."""
+        path = checkpoint_path(run_dir)
+        fix = "Resume from an intact checkpoint of this run, or start a new run without 'resume-from'."
+        if set(self.head) != set(head_shapes):
+            raise CheckpointError(
+                f"Checkpoint {path} holds head arrays {sorted(self.head)}, this run's head has {sorted(head_shapes)}. "
+                f"Resume with the same 'head', 'cut' and 'mlp-hidden'. {fix}"
+            )
+        for name, shape in head_shapes.items():
+            if tuple(self.head[name].shape) != tuple(shape):
+                raise CheckpointError(
+                    f"Checkpoint {path}: head array {name!r} has shape {tuple(self.head[name].shape)}, this run's "
+                    f"head needs {tuple(shape)}. Resume with the same 'head', 'cut' and 'mlp-hidden'. {fix}"
+                )
+        arrays = {f"head/{n}": a for n, a in self.head.items()}
+        arrays.update({f"strategy/{k}/{n}": a for k, state in self.strategy_state.items() for n, a in state.items()})
+        for name, array in arrays.items():
+            if array.dtype.kind != "f" or not np.all(np.isfinite(array)):
+                raise CheckpointError(f"Checkpoint {path}: {name} is not a finite float array. {fix}")
+        if not 1 <= self.round <= num_rounds:
+            raise CheckpointError(
+                f"Checkpoint {path} is after round {self.round}, outside this run's rounds 1..{num_rounds}. "
+                f"Set num-server-rounds to at least {max(self.round, 1)} to go on from it. {fix}"
+            )
+        known = {f.name for f in fields(RoundRecord)}
+        if len(self.rounds) > self.round or any(not isinstance(r, dict) or set(r) - known for r in self.rounds):
+            raise CheckpointError(f"Checkpoint {path}: its round records do not match its round {self.round}. {fix}")
 
     def check_matches(self, fingerprint: str, classes: tuple[str, ...], strategy: str) -> None:
         """Refuse to continue a run whose backbone, classes or strategy differ from this one's."""

@@ -34,7 +34,7 @@ from common.metrics import ClassificationReport
 from common.preprocess import PreprocessSpec
 from common.protocol import ClassStats, Instructions, Phase
 from common.split import build_head
-from common.trainable import Trainable, make_trainable
+from common.trainable import Trainable, make_trainable, trainable_shapes
 from server.checkpoint import Checkpoint, CheckpointError
 from server.ledger import EmbeddingLedger, RoundRecord, human_bytes
 from server.runlog import RunLog, new_run_id
@@ -263,6 +263,8 @@ def _open_run_folder(
         run_dir = Path(config.resume_from).expanduser().resolve()
         checkpoint = Checkpoint.load(run_dir)
         checkpoint.check_matches(fp, classes, config.strategy)
+        shapes = trainable_shapes(config.backbone, config.cut, config.head, len(classes), config.mlp_hidden)
+        checkpoint.check_content(run_dir, shapes, config.num_server_rounds)
         log.info("Resuming %s after round %d", run_dir, checkpoint.round)
         return checkpoint, RunLog(run_dir, resume=True)
     run_dir = Path(config.runs_dir).expanduser().resolve() / new_run_id(flower_run_id, config.run_name)

@@ -5,6 +5,7 @@ clients (honest or not); the real runtime is exercised in test_faults_runtime.py
 from __future__ import annotations
 
 import json
+import re
 import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -163,6 +164,32 @@ def test_a_checkpoint_of_another_backbone_classes_or_strategy_is_refused(tmp_pat
     with pytest.raises(CheckpointError, match="strategy='fedavg'"):
         checkpoint.check_matches(FP, ("a", "b"), "fedadam")
     checkpoint.check_matches(FP, ("a", "b"), "fedavg")  # the same setup may resume
+
+
+def test_a_forged_checkpoint_is_refused_before_resuming(tmp_path: Path) -> None:
+    """The head a resumed run would aggregate into must have this run's shapes, finite values,
+    and a round inside the run; the error names the file and what to do."""
+    shapes = {"weight": (2, 3), "bias": (2,)}
+
+    def saved(round_: int = 2, **head: np.ndarray) -> Checkpoint:
+        arrays = {"weight": np.zeros((2, 3), np.float32), "bias": np.zeros(2, np.float32), **head}
+        Checkpoint(round_, arrays, FP, ("a", "b"), "fedavg", rounds=[{"round": 1}, {"round": 2}]).save(tmp_path)
+        return Checkpoint.load(tmp_path)
+
+    saved().check_content(tmp_path, shapes, num_rounds=5)  # an honest one resumes
+    cases = [
+        (saved(weight=np.zeros((200, 3), np.float32)), "has shape (200, 3), this run's head needs (2, 3)"),
+        (saved(extra=np.zeros(2, np.float32)), "holds head arrays"),
+        (saved(bias=np.array([0.0, np.nan], np.float32)), "head/bias is not a finite float array"),
+        (saved(bias=np.array([1, 2], np.int64)), "head/bias is not a finite float array"),
+        (saved(round_=10**6), "outside this run's rounds 1..5"),
+        (saved(round_=-1), "outside this run's rounds 1..5"),
+        (saved(round_=1), "round records do not match"),
+    ]
+    for checkpoint, says in cases:
+        with pytest.raises(CheckpointError, match=re.escape(says)) as caught:
+            checkpoint.check_content(tmp_path, shapes, num_rounds=5)
+        assert str(checkpoint_path(tmp_path)) in str(caught.value) and "resume-from" in str(caught.value)
 
 
 def test_a_missing_or_damaged_checkpoint_is_a_clear_error(tmp_path: Path) -> None:
