@@ -3,9 +3,15 @@
 Layout of the folder it writes (existing files are kept, so the command can add boards later):
 
     ca.crt, ca.key            the certificate authority; ca.crt goes to every board, ca.key stays offline
+                              (needed only to issue a server certificate; encrypted with the passphrase in
+                              $EDGESPLIT_CA_PASSPHRASE, where set)
     server.crt, server.key    the SuperLink's TLS certificate for the addresses boards dial
     boards/<name>.key         a board's private key (OpenSSH format, NIST P-384): copy it to that board only
     boards/<name>.pub         its public key, registered with `flwr supernode register`
+
+Each file is written to a temporary name and renamed, a key before its certificate: a crash
+leaves a key without its certificate at worst, which the next run notices and makes again. The
+CA is valid longer than anything it signs.
 
 Flower wants exactly these formats: PEM certificates for TLS, and SuperNode keys as OpenSSH EC keys
 on a NIST curve (``flower-supernode --auth-supernode-private-key``, ``flwr supernode register``).
@@ -28,7 +34,9 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 log = logging.getLogger(__name__)
 
-BOARD_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+BOARD_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")  # matched whole (fullmatch): no trailing newline
+CA_PASSPHRASE_ENV = "EDGESPLIT_CA_PASSPHRASE"
+CA_MIN_DAYS = 3650  # the CA outlives the server certificates it signs: 10 years, or a year past --days
 
 
 @dataclass(frozen=True)
@@ -64,24 +72,27 @@ def make_credentials(folder: Path, server_hosts: list[str], boards: list[str], d
     """Create what is missing in ``folder``: CA, server certificate for ``server_hosts``, board keys.
 
     An existing server certificate that does not cover ``server_hosts`` is an error rather than
-    silently replaced, because boards already trust it.
+    silently replaced, because boards already trust it. A key without its certificate (or public
+    key) is what a crash between the two leaves: both are made again. ``ca.key`` may be absent
+    (kept offline) while nothing needs signing.
     """
     if not server_hosts:
         raise ValueError("Give at least one server address the boards will dial, e.g. --server-host 192.168.1.10")
     for board in boards:
-        if not BOARD_NAME.match(board):
+        if not BOARD_NAME.fullmatch(board):
             raise ValueError(f"Board name {board!r} must be letters, digits, '.', '_' or '-' (at most 64).")
     credentials = Credentials(folder)
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "boards").mkdir(exist_ok=True)
 
-    if credentials.ca_certificate.exists() != credentials.ca_key.exists():
-        raise ValueError(f"{folder} has only one of ca.crt / ca.key; remove the other or restore both.")
+    if credentials.ca_key.exists() and not credentials.ca_certificate.exists():
+        log.warning("%s has no certificate (an interrupted run?): making a new CA", credentials.ca_key)
+        credentials.ca_key.unlink()
     if not credentials.ca_certificate.exists():
-        _write_ca(credentials, days)
-    ca_key = _load_private_key(credentials.ca_key)
+        _write_ca(credentials, max(CA_MIN_DAYS, days + 365))
     ca_cert = x509.load_pem_x509_certificate(credentials.ca_certificate.read_bytes())
 
+    _complete_pair(credentials.server_key, credentials.server_certificate)
     if credentials.server_certificate.exists():
         covered = _subject_alt_names(x509.load_pem_x509_certificate(credentials.server_certificate.read_bytes()))
         missing = sorted(set(server_hosts) - covered)
@@ -91,12 +102,32 @@ def make_credentials(folder: Path, server_hosts: list[str], boards: list[str], d
                 "Delete server.crt and server.key to issue a new one; the boards keep trusting ca.crt."
             )
     else:
-        _write_server_certificate(credentials, ca_cert, ca_key, server_hosts, days)
+        _write_server_certificate(credentials, ca_cert, _ca_key(credentials), server_hosts, days)
 
     for board in boards:
-        if not credentials.board_private_key(board).exists():
+        _complete_pair(credentials.board_private_key(board), credentials.board_public_key(board))
+        if not credentials.board_private_key(board).exists() and not credentials.board_public_key(board).exists():
             _write_board_keys(credentials, board)
     return credentials
+
+
+def _complete_pair(key: Path, public: Path) -> None:
+    """A key whose certificate (or public key) is missing was left by a crash between the two:
+    remove it, so that the pair is made again. (A certificate without its key is the operator's
+    doing: the key was moved to where it is used, and is left alone.)"""
+    if key.exists() and not public.exists():
+        log.warning("%s has no %s (an interrupted run?): making the pair again", key, public.name)
+        key.unlink()
+
+
+def _ca_key(credentials: Credentials) -> ec.EllipticCurvePrivateKey:
+    """The CA's private key, to sign with; absent (kept offline) or locked is an error that says what to do."""
+    if not credentials.ca_key.exists():
+        raise ValueError(
+            f"Issuing a server certificate needs {credentials.ca_key}, which is not here (kept offline?). "
+            "Bring it back for this run, then move it off this machine again."
+        )
+    return _load_private_key(credentials.ca_key, os.environ.get(CA_PASSPHRASE_ENV))
 
 
 def _write_ca(credentials: Credentials, days: int) -> None:
@@ -129,8 +160,8 @@ def _write_ca(credentials: Credentials, days: int) -> None:
         .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
         .sign(key, hashes.SHA384())
     )
-    _write_secret(credentials.ca_key, _pem_private(key))
-    credentials.ca_certificate.write_bytes(certificate.public_bytes(serialization.Encoding.PEM))
+    _write_secret(credentials.ca_key, _pem_private(key, os.environ.get(CA_PASSPHRASE_ENV)))
+    _write_public(credentials.ca_certificate, certificate.public_bytes(serialization.Encoding.PEM))
     log.info("Wrote CA %s (keep %s offline)", credentials.ca_certificate, credentials.ca_key)
 
 
@@ -141,8 +172,13 @@ def _write_server_certificate(
     hosts: list[str],
     days: int,
 ) -> None:
-    key = ec.generate_private_key(ec.SECP384R1())
     now = datetime.datetime.now(datetime.UTC)
+    if now + datetime.timedelta(days=days) > ca_cert.not_valid_after_utc:
+        raise ValueError(
+            f"The CA expires on {ca_cert.not_valid_after_utc:%Y-%m-%d}, before a {days}-day server certificate would: "
+            "use a smaller --days, or make a new CA (and give its ca.crt to every board)."
+        )
+    key = ec.generate_private_key(ec.SECP384R1())
     certificate = (
         x509.CertificateBuilder()
         .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, hosts[0])]))
@@ -161,7 +197,7 @@ def _write_server_certificate(
         .sign(ca_key, hashes.SHA384())
     )
     _write_secret(credentials.server_key, _pem_private(key))
-    credentials.server_certificate.write_bytes(certificate.public_bytes(serialization.Encoding.PEM))
+    _write_public(credentials.server_certificate, certificate.public_bytes(serialization.Encoding.PEM))
     log.info("Wrote server certificate %s for %s", credentials.server_certificate, ", ".join(hosts))
 
 
@@ -172,7 +208,7 @@ def _write_board_keys(credentials: Credentials, board: str) -> None:
     )
     public = key.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
     _write_secret(credentials.board_private_key(board), private)
-    credentials.board_public_key(board).write_bytes(public + f" {board}\n".encode())
+    _write_public(credentials.board_public_key(board), public + f" {board}\n".encode())
     log.info("Wrote key pair for board %s", board)
 
 
@@ -188,24 +224,46 @@ def _subject_alt_names(certificate: x509.Certificate) -> set[str]:
     return {str(ip) for ip in names.get_values_for_type(x509.IPAddress)} | set(names.get_values_for_type(x509.DNSName))
 
 
-def _pem_private(key: ec.EllipticCurvePrivateKey) -> bytes:
-    return key.private_bytes(
-        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+def _pem_private(key: ec.EllipticCurvePrivateKey, passphrase: str | None = None) -> bytes:
+    encryption = (
+        serialization.BestAvailableEncryption(passphrase.encode()) if passphrase else serialization.NoEncryption()
     )
+    return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, encryption)
 
 
-def _load_private_key(path: Path) -> ec.EllipticCurvePrivateKey:
-    key = serialization.load_pem_private_key(path.read_bytes(), password=None)
+def _load_private_key(path: Path, passphrase: str | None = None) -> ec.EllipticCurvePrivateKey:
+    try:
+        key = serialization.load_pem_private_key(
+            path.read_bytes(), password=passphrase.encode() if passphrase else None
+        )
+    except TypeError as error:  # encrypted without a passphrase given, or the other way round
+        raise ValueError(
+            f"{path} is encrypted (or not, unlike what was given): set {CA_PASSPHRASE_ENV} to its passphrase, "
+            f"or unset it for a plain key ({error})."
+        ) from error
     if not isinstance(key, ec.EllipticCurvePrivateKey):
         raise ValueError(f"{path} is not an EC private key; was it made by another tool?")
     return key
 
 
 def _write_secret(path: Path, data: bytes) -> None:
-    """Private keys are created readable by their owner only (0600) from the first byte."""
-    descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    """Private keys are created readable by their owner only (0600) from the first byte, under a
+    temporary name that is renamed when the file is whole."""
+    temporary = path.with_name(f".{path.name}.tmp")
+    temporary.unlink(missing_ok=True)  # a leftover of an interrupted run
+    descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(descriptor, "wb") as file:
         file.write(data)
+        file.flush()
+        os.fsync(file.fileno())
+    temporary.replace(path)
+
+
+def _write_public(path: Path, data: bytes) -> None:
+    """A certificate or public key, whole or not at all."""
+    temporary = path.with_name(f".{path.name}.tmp")
+    temporary.write_bytes(data)
+    temporary.replace(path)
 
 
 def main(argv: list[str] | None = None) -> int:

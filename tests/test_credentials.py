@@ -9,11 +9,12 @@ from pathlib import Path
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.serialization import load_pem_private_key
 from cryptography.x509.verification import PolicyBuilder, Store
 from flwr.cli.supernode.register import try_load_public_key
 
 from common.cli import main as edgesplit
-from server.credentials import make_credentials
+from server.credentials import CA_PASSPHRASE_ENV, make_credentials
 
 
 def test_server_certificate_verifies_against_the_ca_for_each_address(tmp_path: Path) -> None:
@@ -57,8 +58,63 @@ def test_mistakes_get_errors_that_say_what_to_do(tmp_path: Path) -> None:
         make_credentials(tmp_path, ["127.0.0.1"], ["../escape"])
     with pytest.raises(ValueError, match="at least one server address"):
         make_credentials(tmp_path / "other", [], ["pi-1"])
-    (tmp_path / "ca.key").unlink()
-    with pytest.raises(ValueError, match=r"only one of ca\.crt / ca\.key"):
+    with pytest.raises(ValueError, match="Board name"):
+        make_credentials(tmp_path, ["127.0.0.1"], ["pi-1\n"])  # matched whole: no trailing newline
+    offline = tmp_path / "ca.key.offline"
+    (tmp_path / "ca.key").rename(offline)  # kept offline: boards can still be added
+    make_credentials(tmp_path, ["127.0.0.1"], ["pi-9"])
+    (tmp_path / "server.crt").unlink()
+    (tmp_path / "server.key").unlink()
+    with pytest.raises(ValueError, match=r"needs .*ca\.key.*kept offline"):
+        make_credentials(tmp_path, ["127.0.0.1"], [])
+
+
+def test_a_crash_between_a_key_and_its_certificate_is_redone(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from server import credentials as module
+
+    real = module._write_public
+
+    def crash_on_the_server_certificate(path: Path, data: bytes) -> None:
+        if path.name == "server.crt":
+            raise KeyboardInterrupt("power cut")
+        real(path, data)
+
+    monkeypatch.setattr(module, "_write_public", crash_on_the_server_certificate)
+    with pytest.raises(KeyboardInterrupt):
+        make_credentials(tmp_path, ["127.0.0.1"], ["pi-1"])
+    assert (tmp_path / "server.key").exists() and not (tmp_path / "server.crt").exists()
+    assert not list(tmp_path.glob(".*.tmp"))  # nothing half written under its own name
+    monkeypatch.setattr(module, "_write_public", real)
+    credentials = make_credentials(tmp_path, ["127.0.0.1"], ["pi-1"])  # today: FileExistsError
+    server = x509.load_pem_x509_certificate(credentials.server_certificate.read_bytes())
+    key = load_pem_private_key(credentials.server_key.read_bytes(), None)
+    assert server.public_key() == key.public_key()  # the pair belongs together
+    make_credentials(tmp_path / "fresh", ["127.0.0.1"], [])  # a CA key without its certificate: made again
+    (tmp_path / "fresh" / "ca.crt").unlink()
+    (tmp_path / "fresh" / "server.crt").unlink()
+    (tmp_path / "fresh" / "server.key").unlink()
+    again = make_credentials(tmp_path / "fresh", ["127.0.0.1"], [])
+    ca = x509.load_pem_x509_certificate(again.ca_certificate.read_bytes())
+    assert ca.public_key() == load_pem_private_key(again.ca_key.read_bytes(), None).public_key()
+
+
+def test_the_ca_outlives_what_it_signs_and_its_key_can_be_encrypted(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv(CA_PASSPHRASE_ENV, "correct horse")
+    credentials = make_credentials(tmp_path, ["127.0.0.1"], [], days=825)
+    ca = x509.load_pem_x509_certificate(credentials.ca_certificate.read_bytes())
+    server = x509.load_pem_x509_certificate(credentials.server_certificate.read_bytes())
+    assert ca.not_valid_after_utc > server.not_valid_after_utc
+    assert b"ENCRYPTED" in credentials.ca_key.read_bytes()
+    with pytest.raises(TypeError):
+        load_pem_private_key(credentials.ca_key.read_bytes(), None)
+    credentials.server_certificate.unlink()
+    credentials.server_key.unlink()
+    with pytest.raises(ValueError, match="expires on"):
+        make_credentials(tmp_path, ["127.0.0.1"], [], days=40_000)
+    monkeypatch.delenv(CA_PASSPHRASE_ENV)
+    with pytest.raises(ValueError, match=CA_PASSPHRASE_ENV):
         make_credentials(tmp_path, ["127.0.0.1"], [])
 
 
