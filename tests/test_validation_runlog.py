@@ -211,6 +211,7 @@ def test_a_crafted_fingerprint_cannot_delete_or_write_outside_the_cache(tmp_path
     victim = tmp_path / "victim.pt"
     victim.write_bytes(b"not a backbone: today's cache would delete it as a failed copy")
     cache = BackboneCache(tmp_path / "cache", LruCache(4), LruCache(1))
+    cache.directory.mkdir(parents=True)  # a board that has held a backbone before
     escape = "../../victim"  # <cache>/backbones/../../victim.pt is the victim
     with pytest.raises(ProtocolError, match="64 lowercase hex"):
         cache.held(ENGINE_KINDS["torch"], escape)
@@ -220,7 +221,7 @@ def test_a_crafted_fingerprint_cannot_delete_or_write_outside_the_cache(tmp_path
     with pytest.raises(ProtocolError):
         cache.golden(escape)
     assert victim.read_bytes().startswith(b"not a backbone")
-    assert sorted(p.name for p in tmp_path.rglob("*") if p.is_file()) == ["victim.pt"]
+    assert sorted(p.name for p in tmp_path.rglob("*") if p.is_file()) == ["victim.pt"]  # nothing planted
 
 
 # --- run log --------------------------------------------------------------------------------------
