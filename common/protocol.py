@@ -310,6 +310,7 @@ _SCHEMA_FIELDS = (
     "personal_epochs",
     "ncm_min_examples",
     "proximal_mu",
+    "dp_clipping_norm",
 )
 
 
