@@ -430,3 +430,26 @@ def test_the_aggregate_does_not_depend_on_the_order_replies_arrive_in(tmp_path: 
         assert arrays is not None
         results.append({k: v.tobytes() for k, v in from_array_record(arrays).items()})
     assert results[0] == results[1] == results[2]  # bit for bit: float sums follow the content, not arrival
+
+
+def test_a_first_claim_far_above_the_median_is_refused_except_in_a_dp_run(tmp_path: Path) -> None:
+    """num-examples buys weight in FedAvg: a node's first claim may be at most 100x the round's
+    median. A DP run averages updates with equal weights, and its verdicts must not depend on
+    the other nodes' claims, so there the claim is only held to the node's own bounds."""
+    for dp, expected in ((0.0, (3, 1)), (2.0, (4, 0))):
+        config = RunConfig(min_clients=1, dp_clipping_norm=dp)
+        strategy = _edge_strategy(StubRun(RunLog(tmp_path / f"run-{dp}"), config=config))
+        grid = StubGrid([1, 2, 3, 4], holders={1, 2, 3, 4})
+        sent = {
+            m.metadata.dst_node_id: m for m in strategy.configure_train(1, to_array_record(_head(0)), _config(), grid)
+        }  # type: ignore[arg-type]
+        claims = {1: 5, 2: 5, 3: 5, 4: 999}  # below the 1000 images each says it holds
+        strategy.aggregate_train(1, [_reply(sent[n], _head(0.1), num_examples=c) for n, c in claims.items()])
+        record: RoundRecord = strategy.tally.record
+        assert (record.clients_ok, record.clients_rejected) == expected
+    reasons = [e["reason"] for e in _events_of(tmp_path / "run-0.0") if e["event"] == "client-rejected"]
+    assert reasons == ["num-examples 999 is 200x the round's median 5 (at most 100x for a node's first reply)"]
+
+
+def _events_of(run_dir: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in (run_dir / "events.jsonl").read_text().splitlines()]
