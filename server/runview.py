@@ -181,6 +181,7 @@ class RunView:
                 ],
                 "problems": self.problems[-50:],
                 "final": summary.get("final"),
+                "operating_points": summary.get("operating_points", []),
             }
 
 
