@@ -289,3 +289,18 @@ def test_krum_needs_enough_clients_for_its_assumption():
 def test_new_reliability_keys_are_range_checked(key, value):
     with pytest.raises(ConfigError, match=f"'{key}' must be in"):
         RunConfig.from_flower({key: value})
+
+
+@pytest.mark.parametrize(
+    ("config", "message"),
+    [
+        ({"num-server-rounds": 0}, "num-server-rounds=0 keeps the initial head"),
+        ({"operating-classes": "p0,cracked"}, "'operating-classes' names ['cracked']"),
+    ],
+)
+def test_fed3r_and_class_balance_rules(config: dict[str, object], message: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        RunConfig.from_flower(config)
+    assert message in str(caught.value)
+    allowed = RunConfig.from_flower({"head-init": "fed3r", "class-balance": "logit-adjusted", "num-server-rounds": 0})
+    assert allowed.head_init == "fed3r" and allowed.num_server_rounds == 0

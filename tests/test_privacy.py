@@ -1,20 +1,41 @@
-"""The outgoing-reply guard: only the declared arrays (the trainable part, or FedNCM's class
-statistics), single numbers and short status strings."""
+"""The outgoing-reply guard: only the declared arrays (the trainable part, FedNCM's class
+statistics or Fed3R's ridge statistics, each to its query), single numbers and short status
+strings."""
 
 from __future__ import annotations
 
-from client.privacy import STATUS_KEYS, violations
+import numpy as np
+import pytest
+from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
+from flwr.supercore.task_identity import TaskIdentity
+
+from client.privacy import (
+    STATUS_KEYS,
+    PrivacyViolation,
+    example_floor,
+    floor_violations,
+    node_floor,
+    privacy_guard,
+    violations,
+)
+from common.flower_glue import to_array_record
 from common.protocol import (
+    ACTION,
     ARRAYS,
     CLASS_STATS,
+    CONFIG,
     METRICS,
     NUM_EXAMPLES,
+    RIDGE_STATS,
     STATUS,
     TRAIN_LOSS,
     BackboneStatus,
     ClassStats,
+    QueryAction,
     ReplyStatus,
+    RidgeStats,
 )
+from tests.protocol_samples import instructions
 
 HEAD = {ARRAYS: {"weight": (4, 1280), "bias": (4,)}}
 STATUS_RECORD = ReplyStatus(fingerprint="ab" * 32, engine="onnx-int8", engine_fingerprint="cd" * 32).to_record()
@@ -89,3 +110,40 @@ def test_unknown_status_keys_and_long_strings_are_refused() -> None:
     assert violations(_reply(configs=long_note), HEAD) == [
         "status 'data-notes' must be a string of at most 1000 characters"
     ]
+
+
+# --- Fed3R's ridge statistics: only to their query, never below the board's floor -----------------
+
+
+def _ridge_exchange(action: str, counts: list[float], node_config: dict) -> Message:
+    """A query with ``action`` answered by a reply carrying ridge statistics of these counts,
+    through the guard."""
+    TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 1
+    config = {**instructions(ncm_min_examples=2, num_classes=2).to_record(), ACTION: action}
+    msg = Message(content=RecordDict({CONFIG: ConfigRecord(config)}), dst_node_id=1, message_type=MessageType.QUERY)
+    shapes = RidgeStats.shapes(2, 1280)
+    stats = {name: np.zeros(shape, np.float32) for name, shape in shapes.items()}
+    stats["counts"] = np.asarray(counts, np.float32)
+    content = RecordDict({RIDGE_STATS: to_array_record(stats)})
+    context = Context(run_id=1, node_id=1, node_config=node_config, state=RecordDict(), run_config={})
+    return privacy_guard(msg, context, lambda m, c: Message(content=content, reply_to=m))
+
+
+def test_example_floor_is_the_boards_unless_the_server_asks_for_more() -> None:
+    assert example_floor(2, None) == 5  # a board that sets nothing keeps 5
+    assert example_floor(20, None) == 20
+    assert example_floor(2, 12) == 12  # the server cannot lower a board's floor
+    assert example_floor(1, 1) == 2
+    assert node_floor({"min-examples": 8}) == 8 and node_floor({}) is None
+
+
+def test_ridge_statistics_leave_only_in_reply_to_their_query_and_from_enough_images() -> None:
+    assert not _ridge_exchange(QueryAction.RIDGE_SUMS.value, [6, 0], {}).has_error()
+    with pytest.raises(PrivacyViolation, match=r"class\(es\) \[1\] come from fewer than 5 images"):
+        _ridge_exchange(QueryAction.RIDGE_SUMS.value, [6, 3], {})  # the server asked for 2; the board keeps 5
+    with pytest.raises(PrivacyViolation, match="fewer than 10 images"):
+        _ridge_exchange(QueryAction.RIDGE_SUMS.value, [6, 0], {"min-examples": 10})
+    with pytest.raises(PrivacyViolation, match="'ridge-stats' is not allowed"):
+        _ridge_exchange(QueryAction.CLASS_SUMS.value, [6, 6], {})  # FedNCM's query
+    expected = ["statistics of class(es) [2] come from fewer than 5 images"]
+    assert floor_violations(np.array([0.0, 5.0, 4.0]), 5) == expected
