@@ -14,14 +14,19 @@ from __future__ import annotations
 
 import numpy as np
 
-PRIOR_FLOOR = 1e-6  # a class no client holds: a finite log prior (its examples never occur anyway)
-
 
 def class_prior(counts: np.ndarray) -> np.ndarray:
     """The class shares of ``counts`` (uniform if there are none)."""
     counts = np.asarray(counts, dtype=np.float64)
     total = counts.sum()
     return counts / total if total > 0 else np.full(len(counts), 1 / max(len(counts), 1))
+
+
+def log_prior(prior: tuple[float, ...] | np.ndarray) -> np.ndarray:
+    """log(prior) per class, and 0 for a class no client reported: adjusting by its log prior would
+    add an unbounded boost (post hoc) to a class the federation holds no example of."""
+    shares = np.asarray(prior, dtype=np.float64)
+    return np.log(shares, out=np.zeros_like(shares), where=shares > 0)
 
 
 def balance_terms(
@@ -37,7 +42,7 @@ def balance_terms(
         weights[present] = 1 / (present.sum() * shares[present])
         return weights.astype(np.float32), None
     if method == "logit-adjusted":
-        return None, (tau * np.log(np.maximum(shares, PRIOR_FLOOR))).astype(np.float32)
+        return None, (tau * log_prior(shares)).astype(np.float32)
     raise ValueError(f"Unknown class balance {method!r}; use none, weighted or logit-adjusted.")
 
 
@@ -48,4 +53,4 @@ def posthoc_offsets(method: str, prior: tuple[float, ...] | np.ndarray, tau: flo
     if method == "none" or len(prior) == 0:
         return None
     strength = 1.0 if method == "weighted" else tau
-    return (strength * np.log(np.maximum(np.asarray(prior, dtype=np.float64), PRIOR_FLOOR))).astype(np.float32)
+    return (strength * log_prior(prior)).astype(np.float32)

@@ -118,7 +118,7 @@ class RunConfig:
         **_range(2, 10**6),
     )
     fed3r_lambda: float = _key(
-        10.0, "fed3r: ridge penalty on the classifier's weights (the bias is not penalised)", **_range(1e-6, 1e9)
+        30.0, "fed3r: ridge penalty on the classifier's weights (the bias is not penalised)", **_range(1e-6, 1e9)
     )
     class_balance: str = _key(
         "none",

@@ -30,6 +30,10 @@ def test_logit_adjustment_adds_tau_log_prior_and_nothing_without_a_prior() -> No
     assert balance_terms("none", tuple(PRIOR)) == (None, None)
     np.testing.assert_allclose(posthoc_offsets("weighted", PRIOR), np.log(PRIOR), rtol=1e-6)
     np.testing.assert_allclose(class_prior(np.array([7, 2, 1])), PRIOR)
+    # a class no client reported is not adjusted: its log prior would be an unbounded boost
+    np.testing.assert_allclose(
+        posthoc_offsets("logit-adjusted", np.array([0.8, 0.2, 0.0])), [np.log(0.8), np.log(0.2), 0]
+    )
 
 
 @pytest.mark.parametrize("method", ["weighted", "logit-adjusted"])

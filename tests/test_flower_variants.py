@@ -113,7 +113,7 @@ def test_later_cut_fed3r_logit_adjusted_and_personal_heads(tmp_path: Path, serve
         if reply["message_type"] == "train":
             assert {n: list(s) for n, (s, _) in reply["arrays"]["arrays"].items()} == trainable
     stats = [r["arrays"] for r in run["audit"] if r["message_type"] == "query" and r["arrays"]]
-    assert len(stats) == 3
+    assert len(stats) >= 3  # more where a slow machine made the server send the query again
     ridge = {"gram": [1280 * 1281 // 2], "sums": [4, 1280], "counts": [4]}  # the Gram's upper triangle
     assert all({n: list(s) for n, (s, _) in a["ridge-stats"].items()} == ridge for a in stats)
     init = [e for e in events if e["event"] == "head-initialised"]
