@@ -15,12 +15,8 @@ from typing import Any
 
 from server.runview import RunView
 
-PLOTS = {
-    "metrics": "report-metrics.png",
-    "traffic": "report-traffic.png",
-    "confusion": "report-confusion.png",
-    "operating": "report-precision-recall.png",
-}
+PLOTS = {"metrics": "report-metrics.png", "traffic": "report-traffic.png", "confusion": "report-confusion.png"}
+CURVES_PLOT = "report-precision-recall.png"  # where the run reports operating points (ELPV, operating-classes)
 
 
 def write_report(run_dir: Path) -> Path:
@@ -30,7 +26,7 @@ def write_report(run_dir: Path) -> Path:
     _plot_traffic(state, run_dir / PLOTS["traffic"])
     _plot_confusion(state, run_dir / PLOTS["confusion"])
     if state.get("operating_points"):
-        _plot_precision_recall(state, run_dir / PLOTS["operating"])
+        _plot_precision_recall(state, run_dir / CURVES_PLOT)
     path = run_dir / "report.html"
     temporary = path.with_name(".report.html.tmp")
     temporary.write_text(_html(state))
@@ -184,7 +180,7 @@ def _html(state: dict[str, Any]) -> str:
         f"<li>round {p['round']} node {escape(p['node'])} {escape(p['phase'])}: {escape(p['reason'])}</li>"
         for p in state["problems"]
     )
-    curves = f'<img src="{PLOTS["operating"]}" alt="precision-recall curves">' if state.get("operating_points") else ""
+    curves = f'<img src="{CURVES_PLOT}" alt="precision-recall curves">' if state.get("operating_points") else ""
     return f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>edgesplit report</title>
 <style>body{{font:14px/1.4 system-ui,sans-serif;margin:20px;color:#222}}
