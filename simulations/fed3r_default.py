@@ -60,7 +60,7 @@ def row(label: str, summary: dict[str, Any]) -> tuple[str, ...]:
         f"{final['balanced_accuracy']:.4f}",
         " / ".join(f"{r:.2f}" for r in final["per_class_recall"]),
         f"{point['recall']:.3f}",
-        f"{stats_up / 1e6:.2f} MB" if stats_up else "none",
+        (f"{stats_up / 1e6:.2f} MB" if stats_up >= 1e5 else f"{stats_up / 1e3:.1f} KB") if stats_up else "none",
         f"{summary['per_round_up'] / 1e3:.1f} KB" if summary["rounds"] else "none",
     )
 

@@ -103,26 +103,25 @@ def generated_pool(work: Path) -> tuple[Pool, RunConfig]:
     return Pool(train.features, train.labels, test.features, test.labels, len(CLASSES), True), config
 
 
-def shares(labels: np.ndarray, clients: int, config: RunConfig) -> list[np.ndarray]:
-    """Each client's rows of the pool, by the run's flwr-datasets partitioner."""
+def shares(labels: np.ndarray, clients: int, config: RunConfig) -> tuple[list[np.ndarray], int]:
+    """Each client's rows of the pool, by the run's flwr-datasets partitioner, and the seed that
+    made them: a Dirichlet draw that leaves a client nearly empty is drawn again with the next seed
+    (flwr-datasets gives up after 10 attempts at alpha 0.1 here)."""
+    from common.data import DataError
+
     files = LabelledFiles(tuple(str(i) for i in range(len(labels))), tuple(int(y) for y in labels), ())
-    return [
-        np.array(
-            [
-                int(p)
-                for p in partition(
-                    files,
-                    clients,
-                    k,
-                    config.partitioner,
-                    config.seed,
-                    config.dirichlet_alpha,
-                    config.classes_per_client,
-                ).paths
+    for seed in range(config.seed, config.seed + 10):
+        try:
+            parts = [
+                partition(
+                    files, clients, k, config.partitioner, seed, config.dirichlet_alpha, config.classes_per_client
+                )
+                for k in range(clients)
             ]
-        )
-        for k in range(clients)
-    ]
+        except DataError:
+            continue
+        return [np.array([int(p) for p in part.paths]) for part in parts], seed
+    raise RuntimeError(f"no {config.partitioner} split of {len(labels)} examples over {clients} clients in 10 seeds")
 
 
 def evaluate(pool: Pool, kind: str, arrays: dict[str, np.ndarray]) -> ClassificationReport:
@@ -242,7 +241,7 @@ def sweep(pool: Pool, base: RunConfig, rounds: int, clients: int, logistic: floa
     ridge = centralised_ridge(pool, base, start).accuracy
     for split, overrides in SPLITS.items():
         config = RunConfig.from_flower({**base.to_flower(), **overrides})
-        parts = shares(pool.train_y, clients, config)
+        parts, seed = shares(pool.train_y, clients, config)
         exact = ridge_start(pool, config, start, ridge_statistics(pool, parts, "linear", start, 1))
         floored_stats = ridge_statistics(pool, parts, "linear", start, FLOOR)
         fed3r = ridge_start(pool, config, start, floored_stats)
@@ -253,7 +252,7 @@ def sweep(pool: Pool, base: RunConfig, rounds: int, clients: int, logistic: floa
         dropped = len(pool.train_y) - int(floored_stats.counts.sum())
         rows.append(
             (
-                split,
+                split if seed == config.seed else f"{split} (seed {seed})",
                 f"{results['random'][0]:.3f} / {results['random'][-1]:.3f}",
                 f"{results['FedNCM'][0]:.3f} / {results['FedNCM'][-1]:.3f}",
                 f"{evaluate(pool, 'linear', exact).accuracy:.4f}",
@@ -281,7 +280,7 @@ COLUMNS = (
 
 def explore(pool: Pool, base: RunConfig, rounds: int, clients: int, candidates: list[dict[str, Any]]) -> None:
     """ELPV default candidates on the default split: accuracy, macro-F1, balanced accuracy."""
-    parts = shares(pool.train_y, clients, base)
+    parts, _ = shares(pool.train_y, clients, base)
     for overrides in candidates:
         config = dataclasses.replace(base, **overrides)
         start = initial_arrays(config.head, pool.train_x.shape[-1], pool.num_classes, config.mlp_hidden, config.seed)
