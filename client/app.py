@@ -21,7 +21,7 @@ from flwr.clientapp import ClientApp
 from client.dp_clipping import dp_clipping_mod
 from client.edge_client import EdgeClient
 from client.faults import fault_injector
-from client.privacy import privacy_guard
+from client.privacy import example_floor, node_floor, privacy_guard
 from client.state import process_state
 from common.config import ConfigError
 from common.data import DataError
@@ -31,11 +31,13 @@ from common.protocol import (
     ARRAYS,
     BACKBONE,
     BACKBONE_RECEIVED,
+    CLASS_COUNTS,
     CLASS_STATS,
     CONFIG,
     GOLDEN,
     METRICS,
     NUM_EXAMPLES,
+    RIDGE_STATS,
     SETUP_ERROR_CODE,
     STATUS,
     BackboneQuery,
@@ -116,7 +118,7 @@ def _refusal(msg: Message, client: EdgeClient, instructions: Instructions, faile
 @setup_errors_as_replies
 def query(msg: Message, context: Context) -> Message:
     """Answer which engine this device runs and which variant of the run's backbone it holds
-    (verified, not just present); or, for FedNCM, send the local class statistics."""
+    (verified, not just present); or send the local statistics FedNCM or Fed3R asks for."""
     question = msg.content.config_records[CONFIG]
     client = _client(context)
     if query_action(question) == QueryAction.CLASS_SUMS:
@@ -126,6 +128,18 @@ def query(msg: Message, context: Context) -> Message:
         except GoldenCheckFailed as failed:
             return _refusal(msg, client, instructions, failed)
         return _reply(msg, client, instructions, metrics, (CLASS_STATS, to_array_record(stats.to_arrays())))
+    if query_action(question) == QueryAction.CLASS_COUNTS:
+        instructions = _receive(client, msg)
+        counts, metrics = client.class_counts(instructions)
+        return _reply(msg, client, instructions, metrics, (CLASS_COUNTS, to_array_record(counts.to_arrays())))
+    if query_action(question) == QueryAction.RIDGE_SUMS:
+        instructions = _receive(client, msg)
+        floor = example_floor(instructions.ncm_min_examples, node_floor(context.node_config))
+        try:
+            ridge, metrics = client.ridge_sums(_arrays(msg), instructions, floor)
+        except GoldenCheckFailed as failed:
+            return _refusal(msg, client, instructions, failed)
+        return _reply(msg, client, instructions, metrics, (RIDGE_STATS, to_array_record(ridge.to_arrays())))
     asked = BackboneQuery.from_record(question)
     answer = client.backbone_status(asked.fingerprint, asked.cut)
     return Message(content=RecordDict({STATUS: to_config_record(answer)}), reply_to=msg)

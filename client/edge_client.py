@@ -1,5 +1,5 @@
 """One edge device's work, in plain Python (no Flower imports): embed, train, evaluate,
-personalise, and FedNCM's class sums.
+personalise, FedNCM's class sums and Fed3R's ridge sums.
 
 A device keeps the backbone it was sent (client/backbone_cache.py), embeds each of its images
 once (cached on disk by content), trains the head on those embeddings and scores it on its local
@@ -23,12 +23,14 @@ from client.privacy import example_floor
 from client.telemetry import device_metrics
 from client.trainable import head_for
 from common import protocol
+from common.balance import balance_terms
 from common.config import NodeConfig, RunConfig
 from common.cut import embedding_space
 from common.data import DataError, LabelledFiles
 from common.embedding import EmbeddingCache, EmbedStats, embed_files, progress_logger
 from common.engines import EngineKind, FingerprintMismatch, engine_kind, resolve_engine
-from common.protocol import BackboneStatus, ClassStats, GoldenBatch, Instructions, ReplyStatus
+from common.fed3r import ridge_sums
+from common.protocol import BackboneStatus, ClassCounts, ClassStats, GoldenBatch, Instructions, ReplyStatus, RidgeStats
 from common.trainable import Trainable
 
 log = logging.getLogger(__name__)
@@ -191,6 +193,9 @@ class EdgeClient:
                 f"{self.name} has no usable training images (all skipped): see its data notes, and fix or "
                 "replace the images in its data folder."
             )
+        class_weights, logit_offsets = balance_terms(
+            instructions.class_balance, instructions.class_prior, instructions.logit_adjust_tau
+        )
         result = head.train(
             data.train_x,
             data.train_y,
@@ -200,6 +205,8 @@ class EdgeClient:
             weight_decay=instructions.weight_decay,
             proximal_mu=instructions.proximal_mu,
             seed=self._seed(instructions),
+            class_weights=class_weights,
+            logit_offsets=logit_offsets,
         )
         present = set(self.data.train.labels + self.data.test.labels)
         metrics = {
@@ -271,6 +278,25 @@ class EdgeClient:
         sums, counts = head.class_sums(data.train_x, data.train_y, instructions.num_classes, minimum)
         metrics = {protocol.NUM_EXAMPLES: len(data.train_y), **data.metrics(), **device_metrics()}
         return ClassStats(sums=sums, counts=counts), metrics
+
+    def ridge_sums(
+        self, arrays: Mapping[str, np.ndarray], instructions: Instructions, min_examples: int
+    ) -> tuple[RidgeStats, dict[str, float]]:
+        """Fed3R's statistics of the local training share (common/fed3r.py): the Gram matrix and
+        class sums of what the classifier's last layer sees, and the counts. A class with fewer
+        than ``min_examples`` images is left out of all three."""
+        head = self._head(arrays, instructions)
+        data = self.embedded(instructions)
+        stats = ridge_sums(head.last_inputs, data.train_x, data.train_y, instructions.num_classes, min_examples)
+        metrics = {protocol.NUM_EXAMPLES: int(stats.counts.sum()), **data.metrics(), **device_metrics()}
+        return stats, metrics
+
+    def class_counts(self, instructions: Instructions) -> tuple[ClassCounts, dict[str, float]]:
+        """How many training images of each class this device holds (labels only: nothing is
+        embedded), for the class prior of class-balanced training."""
+        counts = np.bincount(np.asarray(self.data.train.labels, dtype=np.int64), minlength=instructions.num_classes)
+        metrics = {protocol.NUM_EXAMPLES: int(counts.sum()), **device_metrics()}
+        return ClassCounts(counts=counts.astype(np.float32)), metrics
 
     def _seed(self, instructions: Instructions) -> int:
         return instructions.seed + 1000 * instructions.server_round + (self.node.partition_id or 0)

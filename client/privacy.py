@@ -1,9 +1,10 @@
 """The last check before anything leaves a device: only the declared trainable arrays (or FedNCM's
-class statistics, to its query), in float32 or float64, the metrics the protocol names for the
-message's kind, as single numbers, and short status strings may go out. ``violations`` is plain
-Python over a description of the reply, so that it can be tested alone; ``privacy_guard``
-applies it to every reply as a ClientApp mod. ``example_floor`` is the board's own floor on how
-many images a shared statistic may sum over.
+class statistics, or Fed3R's ridge statistics or the class counts, each to its own query, the
+statistics from no fewer images per class than the board's floor), in float32 or float64, the
+metrics the protocol names for the message's kind, as single numbers, and short status strings
+may go out. ``violations`` is plain Python over a description of the reply, so that it can be
+tested alone; ``privacy_guard`` applies it to every reply as a ClientApp mod. ``example_floor``
+is the board's own floor on how many images a shared statistic may sum over.
 
 No flwr import at module level: the plain-Python edge client uses ``example_floor``.
 """
@@ -15,20 +16,26 @@ import os
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
+
 from client.trainable import trainable_shapes
 from common.backbones import get_spec
 from common.protocol import (
     ARRAYS,
+    CLASS_COUNTS,
     CLASS_STATS,
     CONFIG,
     METRICS,
     REPLY_METRICS,
+    RIDGE_STATS,
     STATUS,
     BackboneStatus,
+    ClassCounts,
     ClassStats,
     Instructions,
     QueryAction,
     ReplyStatus,
+    RidgeStats,
     query_action,
 )
 
@@ -53,6 +60,18 @@ def example_floor(requested: int, node_floor: int | None) -> int:
     the server's request can raise the board's own floor (node config ``min-examples``, 5 if
     unset), never lower it, and nothing goes below 2."""
     return max(requested, node_floor or DEFAULT_MIN_EXAMPLES, LEAST_EXAMPLES)
+
+
+def node_floor(node_config: Mapping[str, Any]) -> int | None:
+    """The board's own floor (node-config ``min-examples``), if it sets one."""
+    value = node_config.get("min-examples")
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+def floor_violations(counts: Any, floor: int) -> list[str]:
+    """Classes whose statistics a reply would share from fewer than ``floor`` images."""
+    few = [index for index, count in enumerate(np.asarray(counts).ravel()) if 0 < count < floor]
+    return [f"statistics of class(es) {few} come from fewer than {floor} images"] if few else []
 
 
 def _spec(declared: Shape | tuple[Shape, str]) -> tuple[Shape, str | None]:
@@ -124,20 +143,40 @@ def message_kind(msg: Message) -> str:
     return msg.metadata.message_type.split(".")[0]
 
 
-def allowed_arrays(msg: Message) -> dict[str, dict[str, tuple[Shape, str]]]:
-    """The array records, names, shapes and dtypes a reply to ``msg`` may carry: the trainable
-    arrays after train, the class statistics after FedNCM's query (float32, as both are made),
-    nothing otherwise."""
-    kind = message_kind(msg)
-    if kind == "train":
+def _query_action(msg: Message) -> QueryAction | None:
+    return query_action(msg.content.config_records[CONFIG]) if message_kind(msg) == "query" else None
+
+
+def allowed_arrays(msg: Message) -> dict[str, dict[str, tuple[Shape, str]] | dict[str, Shape]]:
+    """The array records, names, shapes (and dtypes, where fixed) a reply to ``msg`` may carry: the
+    trainable arrays after train, the class statistics after FedNCM's query (float32, as both are
+    made), the ridge statistics after Fed3R's, the class counts after their own, nothing otherwise."""
+    if message_kind(msg) == "train":
         shapes = trainable_shapes(Instructions.from_record(msg.content.config_records[CONFIG]))
         return {ARRAYS: {name: (shape, "float32") for name, shape in shapes.items()}}
-    if kind == "query" and query_action(msg.content.config_records[CONFIG]) == QueryAction.CLASS_SUMS:
+    action = _query_action(msg)
+    if action == QueryAction.CLASS_COUNTS:
+        num_classes = Instructions.from_record(msg.content.config_records[CONFIG]).num_classes
+        return {CLASS_COUNTS: ClassCounts.shapes(num_classes)}
+    if action in (QueryAction.CLASS_SUMS, QueryAction.RIDGE_SUMS):
         instructions = Instructions.from_record(msg.content.config_records[CONFIG])
         feature_dim = get_spec(instructions.backbone_name).feature_dim
-        stats = ClassStats.shapes(instructions.num_classes, feature_dim)
-        return {CLASS_STATS: {name: (shape, "float32") for name, shape in stats.items()}}
+        if action == QueryAction.CLASS_SUMS:
+            stats = ClassStats.shapes(instructions.num_classes, feature_dim)
+            return {CLASS_STATS: {name: (shape, "float32") for name, shape in stats.items()}}
+        # what the last layer sees: the features (linear head) or the MLP's hidden units
+        dim = feature_dim if instructions.head == "linear" else instructions.mlp_hidden
+        return {RIDGE_STATS: RidgeStats.shapes(instructions.num_classes, dim)}
     return {}
+
+
+def statistics_violations(msg: Message, reply: Message, node_config: Mapping[str, Any]) -> list[str]:
+    """Fed3R's statistics below the floor: this board's own, which the server cannot lower."""
+    if _query_action(msg) != QueryAction.RIDGE_SUMS or RIDGE_STATS not in reply.content.array_records:
+        return []
+    requested = Instructions.from_record(msg.content.config_records[CONFIG]).ncm_min_examples
+    counts = reply.content.array_records[RIDGE_STATS]["counts"].numpy()
+    return floor_violations(counts, example_floor(requested, node_floor(node_config)))
 
 
 def describe(reply: Message) -> dict[str, Any]:
@@ -158,6 +197,7 @@ def privacy_guard(msg: Message, context: Context, call_next: ClientAppCallable) 
     description = describe(reply)
     audit(description, msg.metadata.message_type)
     problems = violations(description, allowed_arrays(msg), REPLY_METRICS.get(message_kind(msg)))
+    problems += statistics_violations(msg, reply, context.node_config)
     if problems:
         raise PrivacyViolation("reply refused by the privacy guard: " + "; ".join(problems))
     return reply

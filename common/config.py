@@ -24,7 +24,8 @@ PARTITIONERS = ("iid", "dirichlet", "pathological")
 DATASETS = ("elpv", "folder")
 ELPV_TASKS = ("4-level", "binary")
 LR_SCHEDULES = ("cosine", "constant")
-HEAD_INITS = ("random", "ncm")
+HEAD_INITS = ("random", "ncm", "fed3r")
+CLASS_BALANCES = ("none", "weighted", "logit-adjusted")
 
 
 class FaultKind(StrEnum):
@@ -73,7 +74,9 @@ class RunConfig:
     """Every setting of a run; attribute ``snake_case`` is run-config key ``kebab-case``."""
 
     # Federation
-    num_server_rounds: int = _key(30, "rounds of federated training", **_range(1, 10_000))
+    num_server_rounds: int = _key(
+        30, "rounds of federated training (0: the initial head is the result, e.g. Fed3R alone)", **_range(0, 10_000)
+    )
     strategy: str = _key("fedavg", "server aggregation (a name in server/strategies.py)", choices=_strategy_names)
     fraction_train: float = _key(1.0, "share of connected clients sampled per round", **_range(0.0, 1.0))
     fraction_evaluate: float = _key(1.0, "share of clients asked to evaluate locally", **_range(0.0, 1.0))
@@ -116,13 +119,32 @@ class RunConfig:
     mlp_hidden: int = _key(256, "hidden width of the mlp head", **_range(1, 65_536))
     cut: int = _key(0, "backbone stages that train with the head, counted from the end (0: head only)", **_range(0, 64))
     head_init: str = _key(
-        "random", "initial head: random, or ncm (FedNCM: from the clients' class means)", **_choice(*HEAD_INITS)
+        "random",
+        "initial head: random, ncm (FedNCM: from the clients' class means) or fed3r (Fed3R: the "
+        "federation's ridge classifier, solved from the clients' feature sums)",
+        **_choice(*HEAD_INITS),
     )
     ncm_min_examples: int = _key(
         5,
-        "ncm: a client shares a class's feature sum only if it has at least this many images of it",
+        "ncm, fed3r: a client shares a class's statistics only if it has at least this many images of it "
+        "(a board's own node-config min-examples may raise it, never lower it)",
         **_range(2, 10**6),
     )
+    fed3r_lambda: float = _key(
+        30.0, "fed3r: ridge penalty on the classifier's weights (the bias is not penalised)", **_range(1e-6, 1e9)
+    )
+    class_balance: str = _key(
+        "none",
+        "none; weighted (loss weights 1 / class prior); logit-adjusted (train on logits + tau log prior, "
+        "predict on the plain logits). Priors are the federation's class counts (from the one-shot "
+        "statistics, or a counts-only query)",
+        **_choice(*CLASS_BALANCES),
+    )
+    logit_adjust_tau: float = _key(1.0, "logit-adjusted: the prior's weight tau", **_range(0.0, 10.0))
+    operating_precision: float = _key(
+        0.9, "report the recall of a detector at this precision (ELPV: defective or not)", **_range(0.0, 1.0)
+    )
+    operating_classes: str = _key("", "comma-separated classes to report recall at operating-precision for too")
     views: str = _key(
         "auto",
         "views embedded and trained on: none, hflip, flips, dihedral or a comma list (auto: dihedral "
@@ -204,6 +226,11 @@ class RunConfig:
             raise ConfigError(str(error)) from None
         if self.head_init == "ncm" and self.head != "linear":
             raise ConfigError("head-init='ncm' sets a linear classifier from class means; it needs head='linear'.")
+        if self.num_server_rounds == 0 and self.head_init == "random":
+            raise ConfigError("num-server-rounds=0 keeps the initial head: it needs head-init='fed3r' or 'ncm'.")
+        unknown = sorted(set(self.operating_class_list()) - set(self.classes()))
+        if unknown:
+            raise ConfigError(f"'operating-classes' names {unknown}, not among the classes {list(self.classes())}.")
         from server.strategies import KRUM_FAMILY
 
         if self.strategy in KRUM_FAMILY and self.min_clients < 2 * self.krum_malicious + 3:
@@ -281,6 +308,9 @@ class RunConfig:
     def evaluation_views(self) -> tuple[str, ...]:
         """The views predictions are averaged over when scoring (the identity alone if not)."""
         return self.view_names() if self.average_views else ("identity",)
+
+    def operating_class_list(self) -> tuple[str, ...]:
+        return tuple(name.strip() for name in self.operating_classes.split(",") if name.strip())
 
     def class_list(self) -> tuple[str, ...]:
         return tuple(name.strip() for name in self.class_names.split(",") if name.strip())

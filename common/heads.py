@@ -138,6 +138,8 @@ def train_head(
     proximal_mu: float = 0.0,
     seed: int = 0,
     train: Callable[[str], bool] | None = None,
+    class_weights: np.ndarray | None = None,
+    logit_offsets: np.ndarray | None = None,
 ) -> TrainResult:
     """Mini-batch SGD with momentum on cached embeddings; FedProx's proximal term when
     ``proximal_mu > 0``.
@@ -146,6 +148,8 @@ def train_head(
     random, so the views augment without making epochs longer. ``train`` picks the parameters
     that train by name (default: all); the others stay as they came. Batch order, views and
     dropout masks come from ``Draws(seed)``, as in the NumPy head (common/numpy_head.py).
+    Class balance (common/balance.py): each example's loss times ``class_weights[label]``, and
+    ``logit_offsets`` added to the logits in training only.
     """
     with torch.random.fork_rng(), _threads(1 if getattr(head, "tail", None) is None else torch.get_num_threads()):
         torch.manual_seed(seed)  # anything else random in a tail draws from the global RNG (restored after)
@@ -158,7 +162,9 @@ def train_head(
         params = [p for name, p in head.named_parameters() if train is None or train(name)]
         anchor = [p.detach().clone() for p in params]
         optimizer = torch.optim.SGD(params, lr=learning_rate, momentum=0.9, weight_decay=weight_decay)
-        loss_fn = nn.CrossEntropyLoss(reduction="sum")
+        weight = None if class_weights is None else torch.from_numpy(np.asarray(class_weights, dtype=np.float32))
+        offsets = None if logit_offsets is None else torch.from_numpy(np.asarray(logit_offsets, dtype=np.float32))
+        loss_fn = nn.CrossEntropyLoss(weight=weight, reduction="sum")  # sum of w[y] CE: / batch size below
         head.train()
         total_loss, correct = 0.0, 0
         try:
@@ -169,7 +175,7 @@ def train_head(
                     index = order[start : start + batch_size]
                     target = torch.from_numpy(y[index])
                     logits = head(torch.from_numpy(features[index, views[index]].astype(np.float32)))
-                    loss = loss_fn(logits, target)
+                    loss = loss_fn(logits if offsets is None else logits + offsets, target)
                     objective = loss / len(index)
                     if proximal_mu > 0:
                         drift = sum(((p - a) ** 2).sum() for p, a in zip(params, anchor, strict=True))
@@ -234,6 +240,18 @@ def class_sums(
     return sums.numpy().astype(np.float32), counts
 
 
+@torch.inference_mode()
+def last_inputs(head: Head, features: np.ndarray) -> np.ndarray:
+    """What the classifier's last linear layer sees of (rows, ...) features at the cut: the
+    pooled, normalised features (linear), or the first layer's ReLU (mlp; no dropout)."""
+    head.eval()
+    pooled = head.pooled(torch.from_numpy(np.ascontiguousarray(features)).float())
+    classifier = head.classifier
+    if isinstance(classifier, nn.Sequential):
+        pooled = classifier[1](classifier[0](pooled))
+    return pooled.numpy()
+
+
 class TorchHead:
     """A torch ``Head`` (a later cut: the backbone's tail, then the classifier) behind the
     NumPy head's interface (common/trainable.py), so the client and the server call either alike."""
@@ -268,3 +286,6 @@ class TorchHead:
         self, features: np.ndarray, labels: np.ndarray, num_classes: int, min_examples: int = 1
     ) -> tuple[np.ndarray, np.ndarray]:
         return class_sums(self.module, features, labels, num_classes, min_examples)
+
+    def last_inputs(self, features: np.ndarray) -> np.ndarray:
+        return last_inputs(self.module, features)

@@ -13,6 +13,7 @@ class ClassificationReport:
     macro_precision: float
     macro_recall: float
     macro_f1: float
+    balanced_accuracy: float  # mean recall over the classes present: what a rare class's misses cost
     per_class_recall: list[float]
     confusion_matrix: list[list[int]]  # rows: true class, columns: predicted class
     loss: float
@@ -35,7 +36,8 @@ def classification_report(
 
     A class with no true samples (or no predictions) contributes 0 to the macro mean of the
     undefined quantity, as scikit-learn does with ``zero_division=0``; that keeps the macro
-    figures comparable between runs.
+    figures comparable between runs. Balanced accuracy averages recall over the classes that have
+    true samples only (scikit-learn's ``balanced_accuracy_score``).
     """
     matrix = confusion_matrix(y_true, y_pred, num_classes)
     true_positive = np.diag(matrix).astype(np.float64)
@@ -51,8 +53,47 @@ def classification_report(
         macro_precision=float(precision.mean()),
         macro_recall=float(recall.mean()),
         macro_f1=float(f1.mean()),
+        balanced_accuracy=float(recall[actual > 0].mean()) if total else 0.0,
         per_class_recall=[float(r) for r in recall],
         confusion_matrix=matrix.tolist(),
         loss=float(loss),
         num_examples=total,
+    )
+
+
+@dataclass(frozen=True)
+class OperatingPoint:
+    """One detector read off scores: "positive" when the score is at least ``threshold``."""
+
+    target_precision: float
+    threshold: float  # nan: no threshold reaches the target precision
+    precision: float
+    recall: float
+    positives: int  # true positives in the evaluated set
+
+
+def precision_recall_curve(positive: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(precision, recall, threshold) of "positive if score >= threshold", for every distinct
+    score from the highest down (ties enter together). Recall is 0 where there are no positives."""
+    order = np.argsort(-np.asarray(scores, dtype=np.float64), kind="stable")
+    sorted_scores, hits = np.asarray(scores, dtype=np.float64)[order], np.asarray(positive, dtype=bool)[order]
+    last_of_tie = np.r_[np.flatnonzero(np.diff(sorted_scores) != 0), len(sorted_scores) - 1]
+    true_positive = np.cumsum(hits)[last_of_tie].astype(np.float64)
+    flagged = (last_of_tie + 1).astype(np.float64)
+    total = float(hits.sum())
+    recall = true_positive / total if total else np.zeros_like(true_positive)
+    return true_positive / flagged, recall, sorted_scores[last_of_tie]
+
+
+def recall_at_precision(positive: np.ndarray, scores: np.ndarray, target_precision: float) -> OperatingPoint:
+    """The highest recall of a threshold on ``scores`` whose precision is at least
+    ``target_precision`` (the lowest such threshold): the operating point an inspector picks."""
+    precision, recall, thresholds = precision_recall_curve(positive, scores)
+    reaching = np.flatnonzero(precision >= target_precision)
+    positives = int(np.asarray(positive, dtype=bool).sum())
+    if len(reaching) == 0 or positives == 0:
+        return OperatingPoint(target_precision, float("nan"), float("nan"), 0.0, positives)
+    best = reaching[np.argmax(recall[reaching])]
+    return OperatingPoint(
+        target_precision, float(thresholds[best]), float(precision[best]), float(recall[best]), positives
     )

@@ -199,6 +199,14 @@ class NumpyHead:
         """What the classifier sees: the normalised features, float32."""
         return power_norm(np.asarray(features, dtype=np.float32))
 
+    def last_inputs(self, features: np.ndarray) -> np.ndarray:
+        """What the classifier's last linear layer sees of (rows, d) features: the pooled
+        features (linear), or the first layer's ReLU (mlp; no dropout): Fed3R's z."""
+        pooled = self.pooled(features)
+        if self.kind == "linear":
+            return pooled
+        return np.maximum(pooled @ self.params["classifier.0.weight"].T + self.params["classifier.0.bias"], 0)
+
     def logits(self, pooled: np.ndarray, keep: np.ndarray | None = None) -> tuple[np.ndarray, list[np.ndarray]]:
         """Logits, and the activations the backward pass needs; ``keep`` is a dropout mask."""
         p = self.params
@@ -233,12 +241,16 @@ class NumpyHead:
         proximal_mu: float = 0.0,
         seed: int = 0,
         train: Callable[[str], bool] | None = None,
+        class_weights: np.ndarray | None = None,
+        logit_offsets: np.ndarray | None = None,
     ) -> TrainResult:
         """common/heads.py's ``train_head`` on NumPy: mini-batch SGD with momentum 0.9 and
         torch's weight decay (added to the gradient), FedProx's proximal term when
         ``proximal_mu > 0``, the mean cross-entropy of each batch; ``features`` is (n, views, d)
         and each epoch sees every example once in a view drawn at random. ``train`` picks the
-        arrays that train by name (default: all)."""
+        arrays that train by name (default: all). Class balance (common/balance.py): each
+        example's loss times ``class_weights[label]``, and ``logit_offsets`` added to the logits
+        in training only (the reported loss is the objective's)."""
         started = time.perf_counter()
         y = np.asarray(labels, dtype=np.int64)
         names = [name for name in self.params if train is None or train(name)]
@@ -252,12 +264,14 @@ class NumpyHead:
                 for x, target in batches(features, y, draws.epoch(len(y), features.shape[1]), batch_size):
                     keep = draws.keep_mask((len(target), self.hidden)) if self.kind == "mlp" else None
                     logits, saved = self.logits(self.pooled(x), keep)
-                    log_probabilities = log_softmax(logits)
+                    log_probabilities = log_softmax(logits if logit_offsets is None else logits + logit_offsets)
                     rows = np.arange(len(target))
-                    total_loss += float(-log_probabilities[rows, target].sum())
+                    weights = np.ones(len(target), np.float32) if class_weights is None else class_weights[target]
+                    total_loss += float(-(weights * log_probabilities[rows, target]).sum())
                     correct += int((logits.argmax(1) == target).sum())
                     grad_logits = np.exp(log_probabilities)
                     grad_logits[rows, target] -= 1  # d(sum of cross-entropies) / d logits
+                    grad_logits *= weights[:, None]
                     grads = self.gradients(saved, grad_logits / np.float32(len(target)), keep)
                     self._step(names, grads, anchor, velocity, (learning_rate, weight_decay, proximal_mu))
         n = max(len(y), 1)

@@ -8,11 +8,13 @@ Server -> client
     that variant yet.
     ``query``: ``config`` holds an ``action``. ``backbone-status`` (``BackboneQuery``) asks which
     engine the node runs and which variant it holds; ``class-sums`` (FedNCM) carries a train
-    message's content and asks for ``ClassStats``.
+    message's content and asks for ``ClassStats``; ``ridge-sums`` (Fed3R) likewise asks for
+    ``RidgeStats``; ``class-counts`` (class balance without either) for ``ClassCounts``.
 Client -> server
     ``arrays`` (the trainable part, after train only), ``metrics`` (numbers only, with
     ``num-examples``; the keys below) and ``status`` (``ReplyStatus``, or ``BackboneStatus`` to a
-    status query); to the FedNCM query, ``class-stats`` (``ClassStats``). Never images, never
+    status query); to the FedNCM query, ``class-stats`` (``ClassStats``); to Fed3R's,
+    ``ridge-stats`` (``RidgeStats``); to the counts query, ``class-counts``. Never images, never
     embeddings, never anything per sample.
 
 Each message is a frozen dataclass whose ``to_record`` / ``from_record`` are derived from its
@@ -42,6 +44,8 @@ BACKBONE = "backbone"
 METRICS = "metrics"
 STATUS = "status"
 CLASS_STATS = "class-stats"
+RIDGE_STATS = "ridge-stats"
+CLASS_COUNTS = "class-counts"
 GOLDEN = "golden"
 
 # --- metric keys (client -> server, all numbers) ----------------------------------------------
@@ -142,11 +146,15 @@ class Phase(StrEnum):
     TRAIN = "train"
     EVALUATE = "evaluate"
     CLASS_SUMS = "class-sums"  # FedNCM's one-shot query before round 1
+    RIDGE_SUMS = "ridge-sums"  # Fed3R's one-shot query before round 1
+    CLASS_COUNTS = "class-counts"  # class balance's counts-only query (when no statistics give them)
 
 
 class QueryAction(StrEnum):
     BACKBONE_STATUS = "backbone-status"
     CLASS_SUMS = "class-sums"
+    RIDGE_SUMS = "ridge-sums"
+    CLASS_COUNTS = "class-counts"
 
 
 class ProtocolError(ValueError):
@@ -190,7 +198,11 @@ def _decode(kind: Any, value: Any, key: str) -> Any:
             except (ValueError, TypeError, KeyError) as error:
                 raise ProtocolError(f"Message key {key!r} is not a preprocessing spec: {error}") from None
     elif typing.get_origin(kind) is tuple:
-        if isinstance(value, list | tuple) and all(isinstance(item, str) for item in value):
+        item_kind = typing.get_args(kind)[0]
+        if item_kind is float and isinstance(value, list | tuple):
+            if all(isinstance(item, int | float) and not isinstance(item, bool) for item in value):
+                return tuple(float(item) for item in value)
+        elif isinstance(value, list | tuple) and all(isinstance(item, str) for item in value):
             return tuple(value)
     elif kind is bool:
         if isinstance(value, bool):
@@ -260,9 +272,12 @@ class Instructions(ConfigMessage):
     batch_size: int
     seed: int
     personal_epochs: int  # > 0: fine-tune and score a personal head at evaluation
-    ncm_min_examples: int
+    ncm_min_examples: int  # also Fed3R's floor of examples per class
     proximal_mu: float = 0.0  # also the key Flower's FedProx writes
     dp_clipping_norm: float = 0.0  # > 0: clip the update to this L2 norm before replying (client/dp_clipping.py)
+    class_balance: str = "none"  # none, weighted, logit-adjusted (common/balance.py)
+    logit_adjust_tau: float = 1.0
+    class_prior: tuple[float, ...] = ()  # the federation's class shares (from its counts); () if unknown
 
     def check(self) -> None:
         """A board acts only on instructions its own run-config schema allows: fingerprints that
@@ -282,6 +297,9 @@ class Instructions(ConfigMessage):
         numbers = [self.preprocess.crop_pct, *self.preprocess.mean, *self.preprocess.std]
         if not all(math.isfinite(x) for x in numbers) or min(abs(x) for x in self.preprocess.std) < 1e-6:
             raise ProtocolError(f"Instruction 'preprocess' holds an unusable normalisation: {self.preprocess}.")
+        prior = self.class_prior
+        if prior and (len(prior) != self.num_classes or not all(math.isfinite(p) and p >= 0 for p in prior)):
+            raise ProtocolError(f"Instruction 'class-prior' must be {self.num_classes} non-negative shares.")
         schema = {f.name: f for f in fields(RunConfig)}  # type: ignore[arg-type]
         _check_range("server-round", self.server_round, 0, schema["num_server_rounds"].metadata["high"])
         _check_range("num-classes", self.num_classes, 1, 100_000)
@@ -311,6 +329,8 @@ _SCHEMA_FIELDS = (
     "ncm_min_examples",
     "proximal_mu",
     "dp_clipping_norm",
+    "class_balance",
+    "logit_adjust_tau",
 )
 
 
@@ -396,6 +416,67 @@ class ClassStats:
         if set(arrays) != set(cls.NAMES):
             raise ProtocolError(f"class statistics must be exactly {sorted(cls.NAMES)}, got {sorted(arrays)}")
         return cls(sums=arrays["sums"], counts=arrays["counts"])
+
+
+@dataclass(frozen=True)
+class ClassCounts:
+    """The counts-only query's reply: how many training images of each class the node holds."""
+
+    counts: np.ndarray  # (classes,)
+
+    NAMES: ClassVar[tuple[str]] = ("counts",)
+
+    def to_arrays(self) -> dict[str, np.ndarray]:
+        return {"counts": self.counts}
+
+    @classmethod
+    def shapes(cls, num_classes: int) -> dict[str, tuple[int, ...]]:
+        return {"counts": (num_classes,)}
+
+    @classmethod
+    def from_arrays(cls, arrays: Mapping[str, np.ndarray]) -> ClassCounts:
+        if set(arrays) != set(cls.NAMES):
+            raise ProtocolError(f"class counts must be exactly {sorted(cls.NAMES)}, got {sorted(arrays)}")
+        return cls(counts=arrays["counts"])
+
+
+@dataclass(frozen=True)
+class RidgeStats:
+    """Fed3R's reply: sums over the node's training images (each image's views averaged) of the
+    features the classifier's last layer sees, z: the Gram matrix sum z z^T as its upper triangle
+    (row by row, float32: half the bytes of the full matrix), per class the sum of z, and the
+    counts. Classes below the privacy floor are left out of all three."""
+
+    gram: np.ndarray  # (dim * (dim + 1) / 2,)
+    sums: np.ndarray  # (classes, dim)
+    counts: np.ndarray  # (classes,)
+
+    NAMES: ClassVar[tuple[str, str, str]] = ("gram", "sums", "counts")
+
+    def to_arrays(self) -> dict[str, np.ndarray]:
+        return {"gram": self.gram, "sums": self.sums, "counts": self.counts}
+
+    @classmethod
+    def shapes(cls, num_classes: int, dim: int) -> dict[str, tuple[int, ...]]:
+        return {"gram": (dim * (dim + 1) // 2,), "sums": (num_classes, dim), "counts": (num_classes,)}
+
+    @classmethod
+    def from_arrays(cls, arrays: Mapping[str, np.ndarray]) -> RidgeStats:
+        if set(arrays) != set(cls.NAMES):
+            raise ProtocolError(f"ridge statistics must be exactly {sorted(cls.NAMES)}, got {sorted(arrays)}")
+        return cls(gram=arrays["gram"], sums=arrays["sums"], counts=arrays["counts"])
+
+    @staticmethod
+    def pack(gram: np.ndarray) -> np.ndarray:
+        """A symmetric matrix's upper triangle, row by row."""
+        return gram[np.triu_indices(len(gram))]
+
+    def full_gram(self) -> np.ndarray:
+        """The symmetric (dim, dim) Gram matrix, float64."""
+        dim = self.sums.shape[1]
+        gram = np.zeros((dim, dim))
+        gram[np.triu_indices(dim)] = self.gram
+        return gram + np.triu(gram, 1).T
 
 
 @dataclass(frozen=True)

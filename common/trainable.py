@@ -49,6 +49,8 @@ class Trainable(Protocol):
         proximal_mu: float = 0.0,
         seed: int = 0,
         train: Callable[[str], bool] | None = None,
+        class_weights: np.ndarray | None = None,
+        logit_offsets: np.ndarray | None = None,
     ) -> TrainResult: ...
 
     def predict_proba(self, features: np.ndarray, average_views: bool) -> np.ndarray: ...
@@ -60,6 +62,8 @@ class Trainable(Protocol):
     def class_sums(
         self, features: np.ndarray, labels: np.ndarray, num_classes: int, min_examples: int = 1
     ) -> tuple[np.ndarray, np.ndarray]: ...
+
+    def last_inputs(self, features: np.ndarray) -> np.ndarray: ...
 
 
 def require_torch(what: str) -> None:

@@ -39,7 +39,7 @@ class Checkpoint:
     strategy_state: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)
     random_state: Any = None  # random.getstate() as JSON-able lists
     rounds: list[dict[str, Any]] = field(default_factory=list)  # summary.json's rounds so far
-    totals: dict[str, int] = field(default_factory=dict)  # embedding counts and the like
+    totals: dict[str, Any] = field(default_factory=dict)  # embedding counts, the federation's class counts
 
     def save(self, run_dir: Path) -> Path:
         """Write then rename: a crash leaves the previous checkpoint whole."""

@@ -1,36 +1,41 @@
-"""FedNCM: the head's classifier from the federation's class means, before round 1.
+"""One-shot head initialisations before round 1: FedNCM (the classifier from the federation's
+class means) and Fed3R (the federation's ridge classifier, common/fed3r.py).
 
-One query to every connected node for its class statistics under the initial model (embedding
+Each is one query to every connected node for its statistics under the initial model (embedding
 its images on the way, as round 1 would); nodes that fail or send malformed statistics are left
-out; with none usable the head stays random."""
+out (screened like any reply, the reason in the events); with none usable the head stays random.
+Their class counts become the run's class prior (class-balance)."""
 
 from __future__ import annotations
 
 import logging
 import time
+from typing import Any
 
 import numpy as np
 from flwr.app import ConfigRecord, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 
 from common import protocol
+from common.balance import class_prior, posthoc_offsets
+from common.fed3r import add_stats, calibrated_temperature, ridge_head_arrays, ridge_scores, solve_ridge
 from common.flower_glue import to_array_record
-from common.numpy_head import ncm_head_arrays
+from common.numpy_head import layer_names, log_softmax, ncm_head_arrays
 from common.protocol import Phase, QueryAction
-from server.screening import class_stats_of
+from server.screening import class_counts_of, class_stats_of, ridge_stats_of
 from server.strategy import EdgeSplitStrategy
 
 log = logging.getLogger(__name__)
 
 
-def fedncm_head(strategy: EdgeSplitStrategy, grid: Grid, head: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """The initial head with its classifier set from the nodes' class sums (``head`` if none came)."""
+def _ask_all(
+    strategy: EdgeSplitStrategy, grid: Grid, head: dict[str, np.ndarray], phase: Phase, action: QueryAction
+) -> list[Message]:
+    """Send the one-shot query to every connected node; the screened replies (counted in the
+    initialisation's tally: bytes both ways, backbones sent)."""
     run = strategy.run
     strategy.tally.begin(0)
-    started = time.perf_counter()
-    question = ConfigRecord(
-        {**run.instructions(0, Phase.CLASS_SUMS).to_record(), protocol.ACTION: QueryAction.CLASS_SUMS.value}
-    )
+    question = ConfigRecord({**run.instructions(0, phase).to_record(), protocol.ACTION: action.value})
     arrays = to_array_record(head)
     messages = [
         Message(
@@ -40,25 +45,97 @@ def fedncm_head(strategy: EdgeSplitStrategy, grid: Grid, head: dict[str, np.ndar
         )
         for node in strategy.connected(grid)
     ]
-    prepared = strategy.prepare(Phase.CLASS_SUMS, messages, grid)
+    prepared = strategy.prepare(phase, messages, grid)
     replies = grid.send_and_receive(prepared, timeout=run.config.round_timeout)
-    accepted = strategy.screened(Phase.CLASS_SUMS, replies).accepted
-    stats = [class_stats_of(reply) for reply in accepted]
-    counts, known = np.zeros(len(run.classes)), list[int]()
-    if stats:
-        counts = np.sum([s.counts for s in stats], axis=0)
-        head, known = ncm_head_arrays(head, np.sum([s.sums for s in stats], axis=0), counts)
-    else:
-        log.warning("FedNCM: no usable class statistics arrived; the head starts random")
+    return strategy.screened(phase, replies).accepted
+
+
+def _record(strategy: EdgeSplitStrategy, started: float, **facts: Any) -> None:
     record = strategy.tally.record
-    run.record_initialisation(
-        method="ncm",
-        nodes=len(accepted),
-        classes_set=known,
-        class_counts=counts.astype(int).tolist(),
+    strategy.run.record_initialisation(
+        **facts,
         bytes_down=record.bytes_down,
         bytes_up=record.bytes_up,
         backbones_sent=record.backbones_sent,
         seconds=round(time.perf_counter() - started, 3),
     )
+
+
+def fedncm_head(strategy: EdgeSplitStrategy, grid: Grid, head: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """The initial head with its classifier set from the nodes' class sums (``head`` if none came)."""
+    started = time.perf_counter()
+    accepted = _ask_all(strategy, grid, head, Phase.CLASS_SUMS, QueryAction.CLASS_SUMS)
+    stats = [class_stats_of(reply) for reply in accepted]
+    counts, known = np.zeros(len(strategy.run.classes)), list[int]()
+    if stats:
+        counts = np.sum([s.counts for s in stats], axis=0)
+        head, known = ncm_head_arrays(head, np.sum([s.sums for s in stats], axis=0), counts)
+    else:
+        log.warning("FedNCM: no usable class statistics arrived; the head starts random")
+    _record(
+        strategy,
+        started,
+        method="ncm",
+        nodes=len(accepted),
+        classes_set=known,
+        class_counts=counts.astype(int).tolist(),
+    )
     return head
+
+
+def federated_class_counts(strategy: EdgeSplitStrategy, grid: Grid, head: dict[str, np.ndarray]) -> None:
+    """Class balance without FedNCM's or Fed3R's statistics: one counts-only query (labels only,
+    no image embedded) gives the run its class prior."""
+    started = time.perf_counter()
+    accepted = _ask_all(strategy, grid, head, Phase.CLASS_COUNTS, QueryAction.CLASS_COUNTS)
+    counts = np.sum([class_counts_of(reply) for reply in accepted], axis=0) if accepted else None
+    if counts is None:
+        log.warning("class balance: no usable class counts arrived; training is not balanced")
+        counts = np.zeros(len(strategy.run.classes))
+    _record(strategy, started, method="random", nodes=len(accepted), class_counts=counts.astype(int).tolist())
+
+
+def fed3r_head(strategy: EdgeSplitStrategy, grid: Grid, head: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """The initial head with its last layer set to the federation's ridge classifier, its
+    temperature calibrated on the server's held-out split and, with class-balance, its bias
+    adjusted by the federation's class prior (``head`` if no statistics came)."""
+    run, started = strategy.run, time.perf_counter()
+    accepted = _ask_all(strategy, grid, head, Phase.RIDGE_SUMS, QueryAction.RIDGE_SUMS)
+    if not accepted:
+        log.warning("Fed3R: no usable ridge statistics arrived; the head starts random")
+        _record(strategy, started, method="fed3r", nodes=0, classes_set=[], class_counts=[0] * len(run.classes))
+        return head
+    # in an order of their content, not of their arrival: the same replies give the same head
+    replies = sorted(
+        (ridge_stats_of(reply) for reply in accepted), key=lambda r: r.counts.tobytes() + r.gram[:64].tobytes()
+    )
+    stats = add_stats(replies)
+    weight, bias = solve_ridge(stats, run.config.fed3r_lambda)
+    scores = ridge_scores(run.trainable(head).last_inputs, run.test.features, weight, bias)
+    temperature = calibrated_temperature(lambda t: heldout_nll(scores, run.test.labels, t, run.config.average_views))
+    prior = class_prior(stats.counts)
+    offsets = posthoc_offsets(run.config.class_balance, prior, run.config.logit_adjust_tau)
+    head = ridge_head_arrays(head, layer_names(run.config.head)[-1], weight, bias, temperature, offsets)
+    counts = stats.counts.astype(int)
+    _record(
+        strategy,
+        started,
+        method="fed3r",
+        nodes=len(accepted),
+        classes_set=[c for c in range(len(counts)) if counts[c] > 0],
+        class_counts=counts.tolist(),
+        temperature=round(temperature, 4),
+        penalty=run.config.fed3r_lambda,
+        adjusted=offsets is not None,
+    )
+    return head
+
+
+def heldout_nll(scores: np.ndarray, labels: np.ndarray, temperature: float, average_views: bool) -> float:
+    """Mean negative log-likelihood of (n, views, classes) ridge scores as logits x ``temperature``,
+    the probabilities averaged over the views as the server scores them."""
+    chosen = scores if average_views else scores[:, :1]
+    probabilities = np.exp(log_softmax(temperature * chosen.reshape(-1, chosen.shape[-1])))
+    mean = probabilities.reshape(chosen.shape).mean(1)
+    picked = mean[np.arange(len(labels)), np.asarray(labels, dtype=np.int64)]
+    return float(-np.log(np.maximum(picked, 1e-12)).mean())

@@ -14,6 +14,7 @@ class RoundRecord:
     round: int
     accuracy: float = float("nan")
     macro_f1: float = float("nan")
+    balanced_accuracy: float = float("nan")  # mean per-class recall
     loss: float = float("nan")
     bytes_down: int = 0
     bytes_up: int = 0

@@ -17,6 +17,7 @@ import numpy as np
 from common.backbones import build_backbone
 from common.engines import ONNX_ENGINES
 from common.export import export_model
+from common.metrics import precision_recall_curve, recall_at_precision
 from common.split import split_backbone
 from server.ledger import human_bytes
 from server.report import write_report
@@ -50,13 +51,16 @@ def finish(run: ServerRun, final_arrays: dict[str, np.ndarray], stopped: str | N
             "macro_precision": report.macro_precision,
             "macro_recall": report.macro_recall,
             "macro_f1": report.macro_f1,
+            "balanced_accuracy": report.balanced_accuracy,
             "per_class_recall": report.per_class_recall,
             "confusion_matrix": report.confusion_matrix,
             "loss": report.loss,
             "test_examples": report.num_examples,
         },
         "classes": list(run.classes),
+        "operating_points": operating_points(run, final_arrays),
         "head_init": run.initialisation or {"method": run.config.head_init},
+        "class_balance": run.config.class_balance,
         "rounds": [asdict(r) for r in run.rounds],
         "embedding": {
             "computed": run.embedding.computed,
@@ -143,6 +147,47 @@ def export(run: ServerRun, arrays: dict[str, np.ndarray]) -> Path | None:
     return directory
 
 
+def detectors(run: ServerRun, probabilities: np.ndarray) -> list[tuple[str, np.ndarray, np.ndarray]]:
+    """(name, score, is positive) of each yes/no question the run reports an operating point for:
+    ELPV's "defective?" (any class but the first: 1 - its probability) and each class named in
+    ``operating-classes`` (its own probability)."""
+    labels, classes = np.asarray(run.test.labels), run.classes
+    questions = []
+    if run.config.dataset == "elpv":
+        questions.append((f"defective (not {classes[0]})", 1 - probabilities[:, 0], labels != 0))
+    for name in run.config.operating_class_list():
+        index = classes.index(name)
+        questions.append((name, probabilities[:, index], labels == index))
+    return questions
+
+
+def operating_points(run: ServerRun, arrays: dict[str, np.ndarray]) -> list[dict[str, Any]]:
+    """Per question (``detectors``): the recall at ``operating-precision`` on the server's held-out
+    images, the threshold that gives it, and the precision-recall curve (for the report)."""
+    probabilities = run.trainable(arrays).predict_proba(run.test.features, run.config.average_views)
+    points: list[dict[str, Any]] = []
+    for name, scores, positive in detectors(run, probabilities):
+        reached = recall_at_precision(positive, scores, run.config.operating_precision)
+        precision, recall, _ = precision_recall_curve(positive, scores)
+        points.append(
+            {
+                "name": name,
+                **asdict(reached),
+                "curve": {"precision": np.round(precision, 4).tolist(), "recall": np.round(recall, 4).tolist()},
+            }
+        )
+    for point in points:
+        log.info(
+            "operating point '%s': recall %.3f at precision >= %.2f (threshold %.3f, %d positives held out)",
+            point["name"],
+            point["recall"],
+            point["target_precision"],
+            point["threshold"],
+            point["positives"],
+        )
+    return points
+
+
 # The exported model must score what the run reported, within this many accuracy points.
 EXPORT_GAP_POINTS = 0.5
 
@@ -206,12 +251,13 @@ def summary_table(summary: dict[str, Any]) -> str:
     final, rounds = summary["final"], summary["rounds"]
     lines = [
         "",
-        f"{'round':>5} {'accuracy':>9} {'macro-F1':>9} {'loss':>7} {'down':>9} {'up':>9} {'sec':>6}"
-        f" {'ok':>3} {'fail':>4}",
+        f"{'round':>5} {'accuracy':>9} {'macro-F1':>9} {'balanced':>9} {'loss':>7} {'down':>9} {'up':>9}"
+        f" {'sec':>6} {'ok':>3} {'fail':>4}",
     ]
     for r in rounds:
         lines.append(
-            f"{r['round']:>5} {r['accuracy']:>9.4f} {r['macro_f1']:>9.4f} {r['loss']:>7.4f} "
+            f"{r['round']:>5} {r['accuracy']:>9.4f} {r['macro_f1']:>9.4f} {r['balanced_accuracy']:>9.4f} "
+            f"{r['loss']:>7.4f} "
             f"{human_bytes(r['bytes_down']):>9} {human_bytes(r['bytes_up']):>9} {r['seconds']:>6.1f} "
             f"{r['clients_ok']:>3} {r['clients_failed']:>4}"
         )
@@ -220,10 +266,14 @@ def summary_table(summary: dict[str, Any]) -> str:
     lines += [
         "",
         f"final accuracy {final['accuracy']:.4f} | macro-P {final['macro_precision']:.4f} | "
-        f"macro-R {final['macro_recall']:.4f} | macro-F1 {final['macro_f1']:.4f} "
-        f"on {final['test_examples']} held-out images",
+        f"macro-R {final['macro_recall']:.4f} | macro-F1 {final['macro_f1']:.4f} | "
+        f"balanced accuracy {final['balanced_accuracy']:.4f} on {final['test_examples']} held-out images",
         f"per-class recall {dict(zip(summary['classes'], recall, strict=True))}",
         f"confusion matrix (rows true, columns predicted): {final['confusion_matrix']}",
+        *(
+            f"operating point '{p['name']}': recall {p['recall']:.3f} at precision >= {p['target_precision']:.2f}"
+            for p in summary.get("operating_points", [])
+        ),
         f"embeddings computed {emb['computed']}, read from cache {emb['cached']}, skipped {emb['skipped']}",
         f"wall time {summary['wall_seconds']:.1f}s | run folder {summary['run_dir']}",
     ]

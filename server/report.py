@@ -16,6 +16,7 @@ from typing import Any
 from server.runview import RunView
 
 PLOTS = {"metrics": "report-metrics.png", "traffic": "report-traffic.png", "confusion": "report-confusion.png"}
+CURVES_PLOT = "report-precision-recall.png"  # where the run reports operating points (ELPV, operating-classes)
 
 
 def write_report(run_dir: Path) -> Path:
@@ -24,6 +25,8 @@ def write_report(run_dir: Path) -> Path:
     _plot_metrics(state, run_dir / PLOTS["metrics"])
     _plot_traffic(state, run_dir / PLOTS["traffic"])
     _plot_confusion(state, run_dir / PLOTS["confusion"])
+    if state.get("operating_points"):
+        _plot_precision_recall(state, run_dir / CURVES_PLOT)
     path = run_dir / "report.html"
     temporary = path.with_name(".report.html.tmp")
     temporary.write_text(_html(state))
@@ -43,8 +46,8 @@ def _figure(width: float = 9, height: float = 3.4) -> Any:
 def _plot_metrics(state: dict[str, Any], path: Path) -> None:
     plt, figure, axes = _figure()
     rounds = [r["round"] for r in state["rounds"]]
-    for key, label in (("accuracy", "accuracy"), ("macro_f1", "macro-F1")):
-        axes.plot(rounds, [r[key] for r in state["rounds"]], marker="o", ms=3, label=label)
+    for key, label in (("accuracy", "accuracy"), ("macro_f1", "macro-F1"), ("balanced_accuracy", "balanced accuracy")):
+        axes.plot(rounds, [r.get(key) for r in state["rounds"]], marker="o", ms=3, label=label)
     axes.set(xlabel="round", ylabel="held-out score", ylim=(0, 1), title="Global head on the server's held-out split")
     loss_axes = axes.twinx()
     loss_axes.plot(rounds, [r["loss"] for r in state["rounds"]], color="grey", ls="--", label="loss")
@@ -82,6 +85,22 @@ def _plot_confusion(state: dict[str, Any], path: Path) -> None:
         axes.set_xticks(range(len(classes)), classes)
         axes.set_yticks(range(len(classes)), classes)
     axes.set(xlabel="predicted", ylabel="true", title=f"Confusion matrix, round {state['matrix_round']}")
+    _save(plt, figure, path)
+
+
+def _plot_precision_recall(state: dict[str, Any], path: Path) -> None:
+    """The final head's precision-recall curve of each detector, its operating point marked."""
+    plt, figure, axes = _figure(5.6, 4.2)
+    for point in state["operating_points"]:
+        curve = point["curve"]
+        (line,) = axes.plot(curve["recall"], curve["precision"], label=point["name"])
+        if point["recall"] > 0:
+            axes.plot([point["recall"]], [point["precision"]], "o", color=line.get_color())
+    target = state["operating_points"][0]["target_precision"]
+    axes.axhline(target, color="grey", ls=":", lw=1)
+    axes.set(xlabel="recall", ylabel="precision", xlim=(0, 1), ylim=(0, 1.02), title="Final head, held-out images")
+    axes.legend(fontsize=8, loc="lower left")
+    axes.grid(alpha=0.3)
     _save(plt, figure, path)
 
 
@@ -125,8 +144,23 @@ def _html(state: dict[str, Any]) -> str:
         ("fingerprint", state["backbone"].get("fingerprint", "")),
         ("final model", state.get("model_dir") or "not exported"),
         (
-            "final accuracy / macro-F1",
-            f"{final.get('accuracy', float('nan')):.4f} / {final.get('macro_f1', float('nan')):.4f}",
+            "final accuracy / macro-F1 / balanced accuracy",
+            f"{final.get('accuracy', float('nan')):.4f} / {final.get('macro_f1', float('nan')):.4f} / "
+            f"{final.get('balanced_accuracy', float('nan')):.4f}",
+        ),
+        (
+            "final per-class recall",
+            ", ".join(
+                f"{name} {recall:.3f}"
+                for name, recall in zip(state["classes"], final.get("per_class_recall", []), strict=False)
+            ),
+        ),
+        *(
+            (
+                f"recall at precision {p['target_precision']:.2f}",
+                f"{p['name']}: {p['recall']:.3f} (precision {p['precision']:.3f}, threshold {p['threshold']:.3f})",
+            )
+            for p in state.get("operating_points", [])
         ),
     ]
     privacy = state.get("privacy")
@@ -144,7 +178,10 @@ def _html(state: dict[str, Any]) -> str:
     )
     rounds = "".join(
         "<tr>"
-        + "".join(f"<td>{escape(_number(r[k]))}</td>" for k in ("round", "accuracy", "macro_f1", "loss", "seconds"))
+        + "".join(
+            f"<td>{escape(_number(r.get(k)))}</td>"
+            for k in ("round", "accuracy", "macro_f1", "balanced_accuracy", "loss", "seconds")
+        )
         + f"<td>{r['clients_ok']}</td><td>{r['clients_failed']}</td><td>{r['clients_rejected']}</td>"
         + (f"<td>{escape(_number(r['dp_epsilon']))}</td>" if privacy else "")
         + "</tr>"
@@ -154,6 +191,7 @@ def _html(state: dict[str, Any]) -> str:
         f"<li>round {p['round']} node {escape(p['node'])} {escape(p['phase'])}: {escape(p['reason'])}</li>"
         for p in state["problems"]
     )
+    curves = f'<img src="{CURVES_PLOT}" alt="precision-recall curves">' if state.get("operating_points") else ""
     return f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>edgesplit report</title>
 <style>body{{font:14px/1.4 system-ui,sans-serif;margin:20px;color:#222}}
@@ -165,8 +203,10 @@ dt{{font-weight:bold}}pre{{background:#f6f6f6;padding:8px}}</style>
 <img src="{PLOTS["metrics"]}" alt="accuracy, macro-F1 and loss per round">
 <img src="{PLOTS["traffic"]}" alt="bytes per round">
 <img src="{PLOTS["confusion"]}" alt="confusion matrix">
+{curves}
 <h2>Rounds</h2>
-<table><tr><th>round</th><th>accuracy</th><th>macro-F1</th><th>loss</th><th>seconds</th><th>ok</th><th>failed</th>
+<table><tr><th>round</th><th>accuracy</th><th>macro-F1</th><th>balanced accuracy</th>
+<th>loss</th><th>seconds</th><th>ok</th><th>failed</th>
 <th>rejected</th>{"<th>epsilon</th>" if privacy else ""}</tr>{rounds}</table>
 <h2>Clients (failures first)</h2>
 <table><tr>{"".join(f"<th>{c}</th>" for c in columns)}</tr>{rows}</table>

@@ -18,7 +18,7 @@ from common.data import DataError
 from common.flower_glue import from_array_record, to_array_record, to_config_record
 from common.protocol import Phase
 from server.checkpoint import Checkpoint, random_state_from_json, random_state_to_json
-from server.head_init import fedncm_head
+from server.head_init import fed3r_head, federated_class_counts, fedncm_head
 from server.nodes import RunStopped
 from server.strategies import restore_strategy_state, strategy_state
 from server.strategy import EdgeSplitStrategy
@@ -48,10 +48,21 @@ class RoundLoop:
             random.seed(config.seed)  # Flower samples nodes with Python's global RNG
             if config.head_init == "ncm":
                 self.global_head = fedncm_head(self.strategy, grid, self.global_head)
+            elif config.head_init == "fed3r":
+                self.global_head = fed3r_head(self.strategy, grid, self.global_head)
+            elif config.class_balance != "none":
+                federated_class_counts(self.strategy, grid, self.global_head)
             report = self.run.evaluate(self.global_head)
             self.run.run_log.event(
-                "initial-evaluation", accuracy=report.accuracy, macro_f1=report.macro_f1, loss=report.loss
+                "initial-evaluation",
+                accuracy=report.accuracy,
+                macro_f1=report.macro_f1,
+                balanced_accuracy=report.balanced_accuracy,
+                per_class_recall=report.per_class_recall,
+                loss=report.loss,
             )
+            if config.num_server_rounds == 0:  # the initial head is the run's result (e.g. Fed3R alone)
+                self.run.final_report = report
         for server_round in range(self.run.start_round + 1, config.num_server_rounds + 1):
             self.global_head = self._train(server_round, grid)
             if config.fraction_evaluate > 0:
@@ -105,7 +116,7 @@ class RoundLoop:
             strategy_state=strategy_state(self.strategy.inner),
             random_state=random_state_to_json(random.getstate()),
             rounds=[asdict(r) for r in run.rounds],
-            totals=run.embedding.totals(),
+            totals={**run.embedding.totals(), "class_counts": list(run.class_counts)},
         ).save(run.run_log.run_dir)
         run.run_log.event("checkpoint", round=server_round)
 

@@ -23,6 +23,7 @@ from common.backbones import (
     load_backbone_weights,
     preprocess_for,
 )
+from common.balance import class_prior
 from common.config import RunConfig
 from common.cut import embedding_space
 from common.data import DataError, LabelledFiles, elpv_split, scan_image_folder
@@ -32,7 +33,7 @@ from common.export import calibration_images
 from common.heads import Head, load_head_arrays
 from common.metrics import ClassificationReport
 from common.preprocess import PreprocessSpec
-from common.protocol import ClassStats, Instructions, Phase
+from common.protocol import ClassStats, Instructions, Phase, RidgeStats
 from common.split import build_head
 from common.trainable import Trainable, make_trainable, trainable_shapes
 from server.checkpoint import Checkpoint, CheckpointError
@@ -63,7 +64,8 @@ class ServerRun:
     nodes: dict[int, dict[str, Any]] = field(default_factory=dict)  # node -> engine and golden check
     final_report: ClassificationReport | None = None
     checkpoint: Checkpoint | None = None  # what a resumed run continues from
-    initialisation: dict[str, Any] = field(default_factory=dict)  # how the head was initialised (FedNCM)
+    initialisation: dict[str, Any] = field(default_factory=dict)  # how the head was initialised (FedNCM, Fed3R)
+    class_counts: tuple[int, ...] = ()  # the federation's, from the one-shot statistics: the class prior
     _initial_head: dict[str, np.ndarray] | None = None
 
     @property
@@ -132,6 +134,7 @@ class ServerRun:
                 "This run asks for differential privacy (dp-clipping-norm > 0), but the checkpointed run released "
                 "heads without noise: no budget covers them. Start a new run without 'resume-from'."
             )
+        self.class_counts = tuple(int(c) for c in checkpoint.totals.get("class_counts", ()))
         self.embedding.base_computed += checkpoint.totals.get("embedding_computed", 0)
         self.embedding.base_cached += checkpoint.totals.get("embedding_cached", 0)
         if self.rounds:
@@ -167,10 +170,24 @@ class ServerRun:
             ncm_min_examples=config.ncm_min_examples,
             proximal_mu=config.proximal_mu if config.strategy == "fedprox" else 0.0,
             dp_clipping_norm=config.dp_clipping_norm,
+            class_balance=config.class_balance,
+            logit_adjust_tau=config.logit_adjust_tau,
+            class_prior=tuple(float(p) for p in class_prior(np.asarray(self.class_counts)))
+            if self.class_counts
+            else (),
         )
+
+    def class_prior(self) -> tuple[float, ...]:
+        """The federation's class shares, from the one-shot statistics' counts (() before them)."""
+        return tuple(float(p) for p in class_prior(np.asarray(self.class_counts))) if self.class_counts else ()
 
     def class_stats_shapes(self) -> dict[str, tuple[int, ...]]:
         return ClassStats.shapes(len(self.classes), self.spec.feature_dim)
+
+    def ridge_stats_shapes(self) -> dict[str, tuple[int, ...]]:
+        """Fed3R's statistics of what the last layer sees: the features, or the MLP's hidden units."""
+        dim = self.spec.feature_dim if self.config.head == "linear" else self.config.mlp_hidden
+        return RidgeStats.shapes(len(self.classes), dim)
 
     def initial_head(self) -> dict[str, np.ndarray]:
         """The trainable part before round 1: the backbone's pretrained tail after the cut (if
@@ -214,8 +231,11 @@ class ServerRun:
         return head.evaluate(self.test.features, self.test.labels, len(self.classes), self.config.average_views)
 
     def record_initialisation(self, **facts: Any) -> None:
-        """What FedNCM's one-shot initialisation took and found (summary.json's ``head_init``)."""
+        """What the one-shot initialisation (FedNCM, Fed3R) took and found (summary.json's
+        ``head_init``); its class counts are the class prior from then on."""
         self.initialisation = facts
+        if sum(facts.get("class_counts", ())) > 0:
+            self.class_counts = tuple(int(c) for c in facts["class_counts"])
         self.run_log.event("head-initialised", **facts)
         log.info(
             "head initialised by %s from %d node(s): classes %s set, %s down, %s up",
@@ -228,6 +248,7 @@ class ServerRun:
 
     def record_round(self, record: RoundRecord, report: ClassificationReport) -> None:
         record.accuracy, record.macro_f1, record.loss = report.accuracy, report.macro_f1, report.loss
+        record.balanced_accuracy = report.balanced_accuracy
         self.rounds.append(record)
         self.final_report = report
         self.run_log.event(
@@ -237,12 +258,14 @@ class ServerRun:
             confusion_matrix=report.confusion_matrix,
         )
         log.info(
-            "round %3d/%d | accuracy %.4f | macro-F1 %.4f | loss %.4f | down %s | up %s | %5.1fs | "
-            "clients ok %d failed %d rejected %d%s",
+            "round %3d/%d | accuracy %.4f | macro-F1 %.4f | balanced %.4f | recall %s | loss %.4f | down %s | "
+            "up %s | %5.1fs | clients ok %d failed %d rejected %d%s",
             record.round,
             self.config.num_server_rounds,
             record.accuracy,
             record.macro_f1,
+            record.balanced_accuracy,
+            "/".join(f"{r:.2f}" for r in report.per_class_recall),
             record.loss,
             human_bytes(record.bytes_down),
             human_bytes(record.bytes_up),

@@ -24,6 +24,7 @@ log = logging.getLogger(__name__)
 ROUND_NUMBERS = (
     "accuracy",
     "macro_f1",
+    "balanced_accuracy",
     "loss",
     "client_accuracy",
     "bytes_down",

@@ -212,6 +212,7 @@ class RunView:
             "problems": self.problems[-50:],
             "final": summary.get("final"),
             "privacy": _privacy(config.get("run_config", {}), self.rounds),
+            "operating_points": summary.get("operating_points", []),
         }
 
 

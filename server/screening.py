@@ -12,6 +12,7 @@ temperature, one without cannot); the whole reply, telemetry included, is in the
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -21,7 +22,7 @@ from flwr.app import Message, MetricRecord, RecordDict
 from common import protocol
 from common.config import RunConfig
 from common.flower_glue import from_array_record, wire_bytes
-from common.protocol import ClassStats, Phase, ProtocolError, ReplyStatus
+from common.protocol import ClassCounts, ClassStats, Phase, ProtocolError, ReplyStatus, RidgeStats
 from server.dp import WEIGHT_KEY as DP_WEIGHT_KEY
 from server.ledger import EmbeddingLedger, RoundTally
 from server.runlog import RunLog
@@ -32,6 +33,8 @@ from server.validation import (
     metrics_reject_reason,
     number,
     reject_reason,
+    ridge_stats_reject_reason,
+    statistics_reason,
     update_bounds,
     update_norm,
 )
@@ -43,6 +46,8 @@ AVERAGED = {
     Phase.TRAIN: (protocol.NUM_EXAMPLES, protocol.TRAIN_LOSS, protocol.TRAIN_ACCURACY),
     Phase.EVALUATE: (protocol.NUM_EXAMPLES, protocol.LOSS, protocol.ACCURACY, protocol.MACRO_F1),
     Phase.CLASS_SUMS: (protocol.NUM_EXAMPLES,),
+    Phase.RIDGE_SUMS: (protocol.NUM_EXAMPLES,),
+    Phase.CLASS_COUNTS: (protocol.NUM_EXAMPLES,),
 }
 # Where a run fine-tunes personal heads, evaluation averages their scores too; a node that had
 # nothing to fine-tune on (no training share) scores its personal head as the global one.
@@ -77,9 +82,17 @@ class ReplyScreen:
         class_stats_shapes: dict[str, tuple[int, ...]],
         embedding: EmbeddingLedger,
         nodes: dict[int, dict[str, Any]] | None = None,
+        ridge_stats_shapes: dict[str, tuple[int, ...]] | None = None,
     ) -> None:
         self.run_log, self.config, self.fingerprint = run_log, config, fingerprint
         self.head_shapes, self.class_stats_shapes, self.embedding = head_shapes, class_stats_shapes, embedding
+        counts_shapes = {"counts": (len(config.classes()),)}
+        # The one-shot queries' replies: the record each must carry, and its check.
+        self.statistics: dict[Phase, tuple[str, Callable[[dict[str, np.ndarray]], str | None]]] = {
+            Phase.CLASS_SUMS: (protocol.CLASS_STATS, lambda a: class_stats_reject_reason(a, class_stats_shapes)),
+            Phase.RIDGE_SUMS: (protocol.RIDGE_STATS, lambda a: ridge_stats_reject_reason(a, ridge_stats_shapes or {})),
+            Phase.CLASS_COUNTS: (protocol.CLASS_COUNTS, lambda a: statistics_reason(a, counts_shapes, "class counts")),
+        }
         # phase -> node -> num-examples of its first accepted reply in that phase
         self.first_examples: dict[Phase, dict[int, int]] = {}
         # node -> why it cannot take part as configured (its data, its node config), as its latest
@@ -228,7 +241,7 @@ class ReplyScreen:
         if self.config.dp:  # what the strategy weighs by in a DP run: updates equally, scores by examples
             averaged[DP_WEIGHT_KEY] = 1 if phase is Phase.TRAIN else averaged[protocol.NUM_EXAMPLES]
         normalised = RecordDict({protocol.METRICS: MetricRecord(averaged)})
-        for name in (protocol.ARRAYS, protocol.CLASS_STATS):
+        for name in (protocol.ARRAYS, *(record for record, _ in self.statistics.values())):
             if name in content.array_records:
                 normalised[name] = content.array_records[name]
         return normalised
@@ -252,7 +265,7 @@ class ReplyScreen:
         claimed = int(number(metrics.get(protocol.NUM_EXAMPLES)))
         if claimed > 0:  # later replies are held to it (a node without a test share claims 0)
             self.first_examples.setdefault(phase, {}).setdefault(c.node, claimed)
-        if phase in (Phase.TRAIN, Phase.CLASS_SUMS):
+        if phase in (Phase.TRAIN, Phase.CLASS_SUMS, Phase.RIDGE_SUMS):
             self.embedding.note(
                 c.node,
                 int(number(metrics.get(protocol.EMBEDDINGS_COMPUTED))),
@@ -287,11 +300,11 @@ class ReplyScreen:
         if reason is not None:
             return reason
         arrays = None
-        if phase is Phase.CLASS_SUMS:
-            if set(content.array_records) != {protocol.CLASS_STATS}:
-                return f"a FedNCM reply must carry exactly the class statistics, got {sorted(content.array_records)}"
-            stats = from_array_record(content.array_records[protocol.CLASS_STATS])
-            reason = class_stats_reject_reason(stats, self.class_stats_shapes)
+        if phase in self.statistics:
+            record, check = self.statistics[phase]
+            if set(content.array_records) != {record}:
+                return f"a {phase.value} reply must carry exactly {record!r}, got {sorted(content.array_records)}"
+            reason = check(from_array_record(content.array_records[record]))
             if reason is not None:
                 return reason
         elif phase is Phase.TRAIN:
@@ -315,3 +328,13 @@ class ReplyScreen:
 def class_stats_of(reply: Message) -> ClassStats:
     """The class statistics of a screened FedNCM reply."""
     return ClassStats.from_arrays(from_array_record(reply.content.array_records[protocol.CLASS_STATS]))
+
+
+def ridge_stats_of(reply: Message) -> RidgeStats:
+    """The ridge statistics of a screened Fed3R reply."""
+    return RidgeStats.from_arrays(from_array_record(reply.content.array_records[protocol.RIDGE_STATS]))
+
+
+def class_counts_of(reply: Message) -> np.ndarray:
+    """The class counts of a screened counts reply."""
+    return ClassCounts.from_arrays(from_array_record(reply.content.array_records[protocol.CLASS_COUNTS])).counts

@@ -63,6 +63,7 @@ class EdgeSplitStrategy(Strategy):
             run.class_stats_shapes(),
             run.embedding,
             run.nodes,
+            run.ridge_stats_shapes(),
         )
         self._sent: dict[Phase, list[tuple[Message, int]]] = {}  # what each phase sent this round
         self._start_head: dict[str, np.ndarray] | None = None  # the head this round's updates start from

@@ -195,17 +195,55 @@ def class_stats_reject_reason(arrays: Mapping[str, np.ndarray], shapes: Mapping[
     The classifier's input features have norm sqrt(feature_dim) exactly (PowerNorm), so no
     honest class mean is longer than that: a longer one is a forged or broken reply.
     """
+    reason = statistics_reason(arrays, shapes, "class statistics")
+    if reason is not None:
+        return reason
+    sums, counts = arrays["sums"].astype(np.float64), arrays["counts"].astype(np.float64)
+    lengths = np.linalg.norm(sums, axis=1)
+    if np.any(lengths > counts * math.sqrt(sums.shape[1]) * (1 + 1e-3)):
+        return "a class mean is longer than any normalised feature can be"
+    return None
+
+
+def ridge_stats_reject_reason(arrays: Mapping[str, np.ndarray], shapes: Mapping[str, tuple[int, ...]]) -> str | None:
+    """Why a Fed3R reply (``RidgeStats``: a Gram matrix's upper triangle, class sums, counts) must
+    not be added in, or None. What any honest client's sums satisfy: finite, the right shapes,
+    counts non-negative integers, a Gram matrix with a non-negative diagonal whose entries obey
+    Cauchy-Schwarz (|G_ij| <= sqrt(G_ii G_jj)), and class sums no longer than the count times the
+    Gram's trace allows (|s_c|^2 <= n_c trace(G))."""
+    from common.protocol import RidgeStats
+
+    reason = statistics_reason(arrays, shapes, "ridge statistics")
+    if reason is not None:
+        return reason
+    counts = arrays["counts"].astype(np.float64)
+    if counts.sum() == 0:
+        return "ridge statistics of no examples"
+    gram = RidgeStats.from_arrays(arrays).full_gram()
+    diagonal = np.diag(gram)
+    slack = 1e-3 * max(float(diagonal.max()), 1e-12)  # float32 rounding of the sums
+    if np.any(diagonal < -slack):
+        return "the Gram matrix has a negative diagonal entry"
+    bound = np.sqrt(np.outer(np.maximum(diagonal, 0), np.maximum(diagonal, 0)))
+    if np.any(np.abs(gram) > bound * (1 + 1e-3) + slack):
+        return "the Gram matrix is not a sum of outer products (an entry breaks Cauchy-Schwarz)"
+    lengths = np.sum(arrays["sums"].astype(np.float64) ** 2, axis=1)
+    if np.any(lengths > counts * float(np.trace(gram)) * (1 + 1e-3) + slack):
+        return "a class sum is longer than the Gram matrix allows"
+    return None
+
+
+def statistics_reason(arrays: Mapping[str, np.ndarray], shapes: Mapping[str, tuple[int, ...]], what: str) -> str | None:
+    """What every one-shot statistics reply must be, or why it is not: exactly the declared arrays
+    in their shapes, finite, and counts that are non-negative whole numbers, believable in total."""
     if set(arrays) != set(shapes):
-        return f"class statistics must be exactly {sorted(shapes)}, got {sorted(arrays)}"
+        return f"{what} must be exactly {sorted(shapes)}, got {sorted(arrays)}"
     for name, shape in shapes.items():
         if tuple(arrays[name].shape) != tuple(shape):
             return f"array {name!r} has shape {tuple(arrays[name].shape)}, expected {tuple(shape)}"
         if not np.all(np.isfinite(arrays[name])):
             return f"array {name!r} contains NaN or Inf"
-    sums, counts = arrays["sums"].astype(np.float64), arrays["counts"].astype(np.float64)
-    if np.any(counts < 0) or np.any(counts != np.round(counts)):
-        return "class counts must be non-negative integers"
-    lengths = np.linalg.norm(sums, axis=1)
-    if np.any(lengths > counts * math.sqrt(sums.shape[1]) * (1 + 1e-3)):
-        return "a class mean is longer than any normalised feature can be"
+    counts = arrays["counts"].astype(np.float64)
+    if np.any(counts < 0) or np.any(counts != np.round(counts)) or counts.sum() >= protocol.COUNT_LIMIT:
+        return "class counts must be non-negative integers, believable in total"
     return None

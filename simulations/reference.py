@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 import warnings
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -44,25 +45,36 @@ class ProbeResult:
     test_examples: int
 
 
-def centralised_probe(config: RunConfig, num_clients: int) -> ProbeResult:
-    """A probe on the union of the clients' training shares, with the head's input normalisation,
-    on the features of the engine the run used (read from the caches the run filled)."""
+Embedder = Callable[..., Embedded]  # (files, cache folder, views=("identity",)) -> their embeddings
+
+
+def run_embedder(config: RunConfig) -> Embedder:
+    """Embeddings as the run computed them (its engine's variant of its backbone), read from the
+    cache folder each is given (the caches the run filled) and computed only where missing."""
     spec = get_spec(config.backbone)
     preprocess = preprocess_for(config.backbone, config.image_size, config.crop_pct)
     state = load_backbone_weights(config.backbone, config.backbone_weights or None)
     fp = fingerprint(spec.name, state, preprocess)
-    test_files = server_test_files(config)
-    variants = backbone_variants(config, spec.name, state, preprocess, fp, test_files)
+    variants = backbone_variants(config, spec.name, state, preprocess, fp, server_test_files(config))
     engine = resolve_engine(config.engine)
     space = variants.variant_fingerprint(engine)
 
-    def embed(files: LabelledFiles, cache_dir: Path) -> Embedded:
+    def embed(files: LabelledFiles, cache_dir: Path, views: tuple[str, ...] = ("identity",)) -> Embedded:
         cache = EmbeddingCache(cache_dir / "embeddings", space)
         try:
-            return embed_files(files, lambda: variants.engine(engine), preprocess, cache, config.embed_batch_size)
+            load = lambda: variants.engine(engine)  # noqa: E731  # only on a miss
+            return embed_files(files, load, preprocess, cache, config.embed_batch_size, views=views)
         finally:
             cache.close()
 
+    return embed
+
+
+def centralised_probe(config: RunConfig, num_clients: int) -> ProbeResult:
+    """A probe on the union of the clients' training shares, with the head's input normalisation,
+    on the features of the engine the run used (read from the caches the run filled)."""
+    embed = run_embedder(config)
+    test_files = server_test_files(config)
     features, labels = [], []
     for partition_id in range(num_clients):
         client = EdgeClient(config, NodeConfig(partition_id=partition_id, num_partitions=num_clients))

@@ -22,20 +22,25 @@ from common.protocol import (
     ARRAYS,
     BACKBONE,
     BACKBONE_RECEIVED,
+    CLASS_COUNTS,
     CLASS_STATS,
     CONFIG,
     EMBEDDING_METRICS,
     GOLDEN,
     METRICS,
+    NUM_EXAMPLES,
+    RIDGE_STATS,
     SETUP_ERROR_CODE,
     STATUS,
     BackboneQuery,
     BackboneStatus,
+    ClassCounts,
     ClassStats,
     Instructions,
     ProtocolError,
     QueryAction,
     ReplyStatus,
+    RidgeStats,
 )
 from common.split import build_head
 from tests.conftest import write_image_folder
@@ -93,11 +98,21 @@ def test_a_round_through_the_handlers(setup: tuple[Context, Instructions, dict[s
     stats = _send(
         MessageType.QUERY, {**sent.to_record(), ACTION: QueryAction.CLASS_SUMS.value}, context, **{ARRAYS: head}
     )
+    ridge = _send(
+        MessageType.QUERY, {**sent.to_record(), ACTION: QueryAction.RIDGE_SUMS.value}, context, **{ARRAYS: head}
+    )
     assert again.content[METRICS][BACKBONE_RECEIVED] == 0
-    for reply in (again, scored, stats):  # every reply carries the embedding it used, unchanged
+    for reply in (again, scored, stats, ridge):  # every reply carries the embedding it used, unchanged
         for key in EMBEDDING_METRICS:
             assert reply.content[METRICS][key] == first.content[METRICS][key], key
     assert ClassStats.from_arrays(from_array_record(stats.content.array_records[CLASS_STATS])).sums.shape == (2, 1280)
+    # Fed3R's sums: the server asked a floor of 2, the board keeps its own 5, and 3 or 4 training
+    # images per class are fewer: every class is left out
+    sums = RidgeStats.from_arrays(from_array_record(ridge.content.array_records[RIDGE_STATS]))
+    assert sums.gram.shape == (1280 * 1281 // 2,) and not sums.counts.any() and not sums.gram.any()
+    counted = _send(MessageType.QUERY, {**sent.to_record(), ACTION: QueryAction.CLASS_COUNTS.value}, context)
+    counts = ClassCounts.from_arrays(from_array_record(counted.content.array_records[CLASS_COUNTS])).counts
+    assert counts.sum() == counted.content[METRICS][NUM_EXAMPLES] == stats.content[METRICS][NUM_EXAMPLES] > 0
 
     status = BackboneStatus.from_record(_send(MessageType.QUERY, asked, context).content[STATUS])
     assert status.held_fingerprint == sent.fingerprint and status.golden_cosine > 0.999

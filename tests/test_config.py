@@ -333,3 +333,18 @@ def test_a_traversing_class_name_never_reaches_the_disk(tmp_path):
         scan_image_folder(tmp_path / "data", ("ok", "../outside"))
     with pytest.raises(DataError, match="plain folder name"):
         scan_image_folder(tmp_path / "data", ("ok", str(tmp_path / "outside")))
+
+
+@pytest.mark.parametrize(
+    ("config", "message"),
+    [
+        ({"num-server-rounds": 0}, "num-server-rounds=0 keeps the initial head"),
+        ({"operating-classes": "p0,cracked"}, "'operating-classes' names ['cracked']"),
+    ],
+)
+def test_fed3r_and_class_balance_rules(config: dict[str, object], message: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        RunConfig.from_flower(config)
+    assert message in str(caught.value)
+    allowed = RunConfig.from_flower({"head-init": "fed3r", "class-balance": "logit-adjusted", "num-server-rounds": 0})
+    assert allowed.head_init == "fed3r" and allowed.num_server_rounds == 0

@@ -21,8 +21,8 @@ import pytest
 from PIL import Image
 
 from server.dashboard import DashboardError, check_host, make_app
-from server.report import PLOTS, write_report
-from server.runlog import RunLog
+from server.report import CURVES_PLOT, PLOTS, write_report
+from server.runlog import RunLog, write_json_atomic
 from server.runview import RunView
 from simulations.federation import flwr_run, free_port, stop_process, wait_for_port
 from tests.conftest import REPO_ROOT, with_server_engines
@@ -132,6 +132,19 @@ def test_the_static_report_shows_every_round(tmp_path: Path) -> None:
         assert f'src="{name}"' in page
     assert page.count("<tr><td>") == 3 + 2  # three rounds, two clients
     assert ">0.8000<" in page  # round 3's accuracy in the rounds table
+    assert CURVES_PLOT not in page  # no operating point in this run's summary
+
+
+def test_the_static_report_plots_each_operating_point(tmp_path: Path) -> None:
+    log = _small_run(tmp_path / "run")
+    log.close()
+    curve = {"precision": [1.0, 0.8, 0.5], "recall": [0.2, 0.6, 1.0]}
+    point = {"name": "defective", "target_precision": 0.8, "threshold": 0.4, "precision": 0.8, "recall": 0.6}
+    write_json_atomic(tmp_path / "run" / "summary.json", {"operating_points": [{**point, "curve": curve}]})
+    page = write_report(tmp_path / "run").read_text()
+    with Image.open(tmp_path / "run" / CURVES_PLOT) as image:
+        assert image.format == "PNG"
+    assert f'src="{CURVES_PLOT}"' in page and "defective: 0.600 (precision 0.800, threshold 0.400)" in page
 
 
 def test_the_app_only_reads(tmp_path: Path) -> None:

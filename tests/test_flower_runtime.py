@@ -34,13 +34,25 @@ def test_run_writes_the_documented_artifacts(elpv_runs: tuple[dict[str, Any], di
         assert (first["run_dir"] / name).is_file(), name
     for name in ("model.json", "model.onnx", "model-int8.onnx", "model.ts"):  # the deployable model
         assert (first["run_dir"] / "model" / name).is_file(), name
-    for name in ("report.html", "report-metrics.png", "report-traffic.png", "report-confusion.png"):
+    for name in (
+        "report.html",
+        "report-metrics.png",
+        "report-traffic.png",
+        "report-confusion.png",
+        "report-precision-recall.png",
+    ):
         assert (first["run_dir"] / name).is_file(), name
     assert list((first["run_dir"] / "tensorboard").glob("events.out.tfevents.*"))
     final = summary["final"]
-    for key in ("accuracy", "macro_precision", "macro_recall", "macro_f1", "confusion_matrix"):
+    for key in ("accuracy", "macro_precision", "macro_recall", "macro_f1", "balanced_accuracy", "confusion_matrix"):
         assert key in final
+    assert len(final["per_class_recall"]) == 4
     matrix = np.asarray(final["confusion_matrix"])
+    # ELPV's inspection question: defective or not, its recall at the chosen precision
+    (point,) = summary["operating_points"]
+    assert point["name"] == "defective (not p0)" and point["target_precision"] == 0.9
+    assert 0 <= point["recall"] <= 1 and point["positives"] == int(matrix[1:].sum())
+    assert len(point["curve"]["precision"]) == len(point["curve"]["recall"]) > 1
     assert matrix.shape == (4, 4)
     assert matrix.sum() == final["test_examples"] == 40  # 25% of the 160-image subset
     assert final["accuracy"] == pytest.approx(np.trace(matrix) / matrix.sum())
@@ -49,6 +61,7 @@ def test_run_writes_the_documented_artifacts(elpv_runs: tuple[dict[str, Any], di
         for key in (
             "accuracy",
             "macro_f1",
+            "balanced_accuracy",
             "loss",
             "bytes_down",
             "bytes_up",
@@ -76,6 +89,7 @@ def test_run_writes_the_documented_artifacts(elpv_runs: tuple[dict[str, Any], di
     assert {k: list(head[k].shape) for k in head.files} == HEAD_SHAPES
     # progress: one line per round and embedding progress from the clients
     assert "round   1/2 | accuracy" in first["output"] and "round   2/2 | accuracy" in first["output"]
+    assert "| balanced " in first["output"] and "| recall " in first["output"]
     assert "client 0: embedded" in first["output"]
 
 

@@ -10,7 +10,8 @@ from typing import Any
 import numpy as np
 import pytest
 
-from common.heads import class_sums, evaluate_head, head_arrays, make_head, train_head
+from common.fed3r import ridge_sums
+from common.heads import TorchHead, class_sums, evaluate_head, head_arrays, make_head, train_head
 from common.numpy_head import NumpyHead, head_shapes, initial_arrays
 from common.trainable import MissingExtra, make_trainable, require_torch, trainable_shapes
 
@@ -39,6 +40,9 @@ CASES: dict[str, dict[str, Any]] = {
     "fedprox": {"proximal_mu": 0.5},
     "personal": {"train": _personal, "learning_rate": 0.005},
     "last-layer-only": {"train": lambda name: name.startswith(("classifier.3", "classifier.bias"))},
+    # class balance (common/balance.py): loss weights, and logits adjusted by tau log prior
+    "weighted": {"class_weights": np.array([0.5, 1.0, 2.5], dtype=np.float32)},
+    "logit-adjusted": {"logit_offsets": np.log(np.array([0.6, 0.3, 0.1], dtype=np.float32))},
 }
 
 
@@ -89,6 +93,20 @@ def test_same_class_sums_as_torch() -> None:
 
     np.testing.assert_allclose(sums, expected_sums, rtol=1e-5, atol=1e-4)
     np.testing.assert_array_equal(counts, expected_counts)
+
+
+@pytest.mark.parametrize("kind", ["linear", "mlp"])
+def test_same_ridge_sums_as_torch(kind: str) -> None:
+    """Fed3R's statistics of what the last layer sees (the MLP's: its seeded ReLU features)."""
+    x, y = _embeddings()
+    torch_head = TorchHead(make_head(kind, 48, 3, hidden=16, seed=0))
+    numpy_head = NumpyHead.initial(kind, 48, 3, hidden=16, seed=0)
+
+    expected = ridge_sums(torch_head.last_inputs, x, y, 3, min_examples=2)
+    actual = ridge_sums(numpy_head.last_inputs, x, y, 3, min_examples=2)
+
+    for name, value in actual.to_arrays().items():
+        np.testing.assert_allclose(value, expected.to_arrays()[name], rtol=1e-5, atol=1e-3)
 
 
 def test_the_numpy_head_learns_and_its_dropout_is_seeded() -> None:

@@ -1,31 +1,47 @@
-"""The outgoing-reply guard: only the declared arrays (the trainable part, or FedNCM's class
-statistics) in float, the metrics the protocol lists for the reply's kind as single numbers, and
-short status strings; and the board's own privacy floor."""
+"""The outgoing-reply guard: only the declared arrays (the trainable part, FedNCM's class
+statistics or Fed3R's ridge statistics, each to its query) in float, the metrics the protocol lists
+for the reply's kind as single numbers, and short status strings; and the board's own privacy floor."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
+from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
+from flwr.supercore.task_identity import TaskIdentity
 
 from client.edge_client import EdgeClient, EmbeddedData
-from client.privacy import STATUS_KEYS, example_floor, violations
+from client.privacy import (
+    STATUS_KEYS,
+    PrivacyViolation,
+    example_floor,
+    floor_violations,
+    node_floor,
+    privacy_guard,
+    violations,
+)
 from common.config import NodeConfig, RunConfig
 from common.embedding import EmbedStats
+from common.flower_glue import to_array_record
 from common.numpy_head import initial_arrays
 from common.protocol import (
     ACCURACY,
+    ACTION,
     ARRAYS,
     CLASS_STATS,
+    CONFIG,
     METRICS,
     NUM_EXAMPLES,
     PERSONAL_ACCURACY,
     REPLY_METRICS,
+    RIDGE_STATS,
     STATUS,
     TRAIN_LOSS,
     TRAIN_METRICS,
     BackboneStatus,
     ClassStats,
+    QueryAction,
     ReplyStatus,
+    RidgeStats,
 )
 from tests.protocol_samples import instructions
 
@@ -164,3 +180,40 @@ def test_a_server_asking_for_a_floor_of_one_gets_no_single_image_class() -> None
         stats, _ = client.class_sums(head, sent)
         assert stats.counts.tolist() == kept
         assert not stats.sums[1].any()  # the lone image's features stay on the board
+
+
+# --- Fed3R's ridge statistics: only to their query, never below the board's floor -----------------
+
+
+def _ridge_exchange(action: str, counts: list[float], node_config: dict) -> Message:
+    """A query with ``action`` answered by a reply carrying ridge statistics of these counts,
+    through the guard."""
+    TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 1
+    config = {**instructions(ncm_min_examples=2, num_classes=2).to_record(), ACTION: action}
+    msg = Message(content=RecordDict({CONFIG: ConfigRecord(config)}), dst_node_id=1, message_type=MessageType.QUERY)
+    shapes = RidgeStats.shapes(2, 1280)
+    stats = {name: np.zeros(shape, np.float32) for name, shape in shapes.items()}
+    stats["counts"] = np.asarray(counts, np.float32)
+    content = RecordDict({RIDGE_STATS: to_array_record(stats)})
+    context = Context(run_id=1, node_id=1, node_config=node_config, state=RecordDict(), run_config={})
+    return privacy_guard(msg, context, lambda m, c: Message(content=content, reply_to=m))
+
+
+def test_example_floor_is_the_boards_unless_the_server_asks_for_more() -> None:
+    assert example_floor(2, None) == 5  # a board that sets nothing keeps 5
+    assert example_floor(20, None) == 20
+    assert example_floor(2, 12) == 12  # the server cannot lower a board's floor
+    assert example_floor(1, 1) == 2
+    assert node_floor({"min-examples": 8}) == 8 and node_floor({}) is None
+
+
+def test_ridge_statistics_leave_only_in_reply_to_their_query_and_from_enough_images() -> None:
+    assert not _ridge_exchange(QueryAction.RIDGE_SUMS.value, [6, 0], {}).has_error()
+    with pytest.raises(PrivacyViolation, match=r"class\(es\) \[1\] come from fewer than 5 images"):
+        _ridge_exchange(QueryAction.RIDGE_SUMS.value, [6, 3], {})  # the server asked for 2; the board keeps 5
+    with pytest.raises(PrivacyViolation, match="fewer than 10 images"):
+        _ridge_exchange(QueryAction.RIDGE_SUMS.value, [6, 0], {"min-examples": 10})
+    with pytest.raises(PrivacyViolation, match="'ridge-stats' is not allowed"):
+        _ridge_exchange(QueryAction.CLASS_SUMS.value, [6, 6], {})  # FedNCM's query
+    expected = ["statistics of class(es) [2] come from fewer than 5 images"]
+    assert floor_violations(np.array([0.0, 5.0, 4.0]), 5) == expected

@@ -3,6 +3,7 @@ holds a value of the wrong type is refused by name."""
 
 from __future__ import annotations
 
+import dataclasses
 import re
 
 import numpy as np
@@ -28,6 +29,7 @@ MESSAGES: list[ConfigMessage] = [
     BackboneQuery(fingerprint="ab" * 32, cut=1),
     BackboneStatus(engine="onnx-int8", held_fingerprint=""),
     ReplyStatus(fingerprint="ab" * 32, engine="torch", engine_fingerprint="ab" * 32, data_notes="2 images skipped"),
+    dataclasses.replace(INSTRUCTIONS, class_balance="logit-adjusted", class_prior=(0.75, 0.25)),  # a float list
 ]
 
 
@@ -57,6 +59,7 @@ def test_a_missing_key_is_refused_by_name(message: ConfigMessage) -> None:
         (INSTRUCTIONS, "learning-rate", "0.1"),
         (INSTRUCTIONS, "views", "identity,hflip"),  # a list of strings, not a comma list
         (INSTRUCTIONS, "average-views", 1),
+        (INSTRUCTIONS, "class-prior", ["0.5", "0.5"]),  # a list of floats
         (MESSAGES[1], "cut", 1.5),
         (MESSAGES[2], "held-fingerprint", None),
         (MESSAGES[3], "engine", 3),

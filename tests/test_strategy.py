@@ -66,12 +66,16 @@ class StubRun:
     rounds: list[RoundRecord] = field(default_factory=list)
     embedding: EmbeddingLedger = field(default_factory=EmbeddingLedger)
     nodes: dict[int, dict[str, Any]] = field(default_factory=dict)
+    class_counts: tuple[int, ...] = ()
 
     def head_shapes(self) -> dict[str, tuple[int, ...]]:
         return SHAPES
 
     def class_stats_shapes(self) -> dict[str, tuple[int, ...]]:
         return {"sums": (2, 3), "counts": (2,)}
+
+    def ridge_stats_shapes(self) -> dict[str, tuple[int, ...]]:
+        return {"gram": (6,), "sums": (2, 3), "counts": (2,)}
 
     @property
     def start_round(self) -> int:
@@ -86,7 +90,8 @@ class StubRun:
 
     def evaluate(self, arrays: dict[str, np.ndarray]) -> SimpleNamespace:
         """Stands for central accuracy: the mean weight, so a test can tell heads apart."""
-        return SimpleNamespace(accuracy=float(arrays["weight"].mean()), macro_f1=0.0, loss=0.0)
+        accuracy = float(arrays["weight"].mean())
+        return SimpleNamespace(accuracy=accuracy, macro_f1=0.0, balanced_accuracy=0.0, per_class_recall=[], loss=0.0)
 
     def record_round(self, record: RoundRecord, report: SimpleNamespace) -> None:
         record.accuracy = report.accuracy

@@ -163,13 +163,16 @@ function render(state) {
     facts.push(["privacy (DP)", `epsilon ${fmt(p.epsilon)} at delta ${p.delta} after round ${p.round} ` +
       `(noise multiplier ${p.noise_multiplier}, clipping norm ${p.clipping_norm})`]);
   }
+  for (const point of state.operating_points ?? []) {
+    facts.push([`recall at precision ${fmt(point.target_precision, 2)}`, `${point.name}: ${fmt(point.recall, 3)}`]);
+  }
   for (const [term, value] of facts) { meta.append(el("dt", {}, term)); meta.append(el("dd", {}, value)); }
   if (state.status === "finished") {
     const link = el("a", { href: "/run/report.html" }, "static report");
     link.style.color = "#fff";
     meta.append(el("dt", {}, "report")); const dd = el("dd"); dd.append(link); meta.append(dd);
   }
-  for (const key of ["accuracy", "macro_f1", "loss"]) {
+  for (const key of ["accuracy", "macro_f1", "balanced_accuracy", "loss"]) {
     lineChart(document.getElementById(`chart-${key}`), state.rounds, key, state.num_rounds);
   }
   document.getElementById("matrix-round").textContent = state.matrix_round ? `(round ${state.matrix_round})` : "";

@@ -1,0 +1,56 @@
+"""Class balance from the federation's class counts (plain NumPy, used by both heads).
+
+ELPV's middle defect levels are rare, and a head trained on plain cross-entropy rarely predicts
+them. Two remedies, both from the global class prior that the one-shot statistics (FedNCM's or
+Fed3R's counts) give the server, never from its held-out set:
+
+- ``weighted``: each example's loss weighted by 1 / (classes x prior of its class), so every
+  class weighs the same in total (weights average 1 over the data);
+- ``logit-adjusted`` (Menon et al., ICLR 2021): train on logits + tau log(prior), predict on the
+  plain logits, which then estimate the balanced posterior.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def class_prior(counts: np.ndarray) -> np.ndarray:
+    """The class shares of ``counts`` (uniform if there are none)."""
+    counts = np.asarray(counts, dtype=np.float64)
+    total = counts.sum()
+    return counts / total if total > 0 else np.full(len(counts), 1 / max(len(counts), 1))
+
+
+def log_prior(prior: tuple[float, ...] | np.ndarray) -> np.ndarray:
+    """log(prior) per class, and 0 for a class no client reported: adjusting by its log prior would
+    add an unbounded boost (post hoc) to a class the federation holds no example of."""
+    shares = np.asarray(prior, dtype=np.float64)
+    return np.log(shares, out=np.zeros_like(shares), where=shares > 0)
+
+
+def balance_terms(
+    method: str, prior: tuple[float, ...] | np.ndarray, tau: float = 1.0
+) -> tuple[np.ndarray | None, np.ndarray | None]:
+    """(per-class loss weights, per-class logit offsets) for training: None where not used."""
+    if method == "none" or len(prior) == 0:
+        return None, None
+    shares = np.asarray(prior, dtype=np.float64)
+    if method == "weighted":
+        present = shares > 0
+        weights = np.zeros_like(shares)
+        weights[present] = 1 / (present.sum() * shares[present])
+        return weights.astype(np.float32), None
+    if method == "logit-adjusted":
+        return None, (tau * log_prior(shares)).astype(np.float32)
+    raise ValueError(f"Unknown class balance {method!r}; use none, weighted or logit-adjusted.")
+
+
+def posthoc_offsets(method: str, prior: tuple[float, ...] | np.ndarray, tau: float = 1.0) -> np.ndarray | None:
+    """What a classifier fitted without balance subtracts from its logits to predict as a balanced
+    one would (post-hoc logit adjustment): tau log(prior), tau = 1 for ``weighted`` (the balanced
+    error's Bayes rule divides the posterior by the prior)."""
+    if method == "none" or len(prior) == 0:
+        return None
+    strength = 1.0 if method == "weighted" else tau
+    return (strength * log_prior(prior)).astype(np.float32)
