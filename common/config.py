@@ -213,7 +213,7 @@ class RunConfig:
         if self.dataset == "folder":
             if not self.class_list():
                 raise ConfigError("dataset='folder' needs 'class-names', e.g. class-names='ok,crack,finger'.")
-            self._check_class_names()
+            _check_class_names(self)
             if not self.server_test_dir:
                 raise ConfigError(
                     "dataset='folder' needs 'server-test-dir': an ImageFolder the server holds for central evaluation."
@@ -239,58 +239,17 @@ class RunConfig:
                 f"{2 * self.krum_malicious + 3} (Krum scores each update against n - f - 2 others)."
             )
         if self.dp:
-            self._check_dp()
+            _check_dp(self)
         if self.partitioner == "pathological" and self.classes_per_client > len(self.classes()):
             raise ConfigError(
                 f"'classes-per-client' ({self.classes_per_client}) exceeds the number of classes "
                 f"({len(self.classes())})."
             )
 
-    def _check_class_names(self) -> None:
-        """Class names are folder names on every board: plain, distinct, and at least two."""
-        names = self.class_list()
-        unsafe = [n for n in names if not is_plain_name(n)]  # a board joins each to its data folder
-        if unsafe:
-            raise ConfigError(
-                f"'class-names' must be plain folder names (no '/', '\\', ':', '.', '..' or a leading '~'), "
-                f"got {unsafe}."
-            )
-        duplicates = sorted({n for n in names if names.count(n) > 1})
-        if duplicates:
-            raise ConfigError(f"'class-names' lists {duplicates} more than once; each class needs one name.")
-        if len(names) < 2:
-            raise ConfigError(f"'class-names' needs at least two classes to classify, got {list(names)}.")
-
     @property
     def dp(self) -> bool:
         """Differential privacy on the head updates is on."""
         return self.dp_clipping_norm > 0
-
-    def _check_dp(self) -> None:
-        from server.strategies import DP_STRATEGIES
-
-        if self.dp_noise_multiplier <= 0:
-            raise ConfigError(
-                "dp-clipping-norm > 0 needs dp-noise-multiplier > 0: clipping without noise gives no privacy "
-                "(to bound updates without DP, use max-update-norm)."
-            )
-        if self.strategy not in DP_STRATEGIES:
-            raise ConfigError(
-                f"dp-clipping-norm > 0 works with strategy {list(DP_STRATEGIES)}, not '{self.strategy}': the noise "
-                "is calibrated to what one node's clipped update can change in a plain average. A median, a "
-                "trimmed mean or Krum's choice depends on the other updates in other ways, and FedAdam would "
-                "have to be noised before its step."
-            )
-        if self.head_init == "ncm":
-            raise ConfigError(
-                "dp-clipping-norm > 0 cannot start from head-init='ncm': FedNCM's class sums would go to the "
-                "server without noise. Use head-init='random'."
-            )
-        if 0 < self.max_update_norm < self.dp_clipping_norm:
-            raise ConfigError(
-                f"dp-clipping-norm ({self.dp_clipping_norm:g}) must not exceed max-update-norm "
-                f"({self.max_update_norm:g}), or clipped updates would be rejected; lower the one or raise the other."
-            )
 
     def classes(self) -> tuple[str, ...]:
         """The run's class list, in label-index order."""
@@ -340,6 +299,49 @@ class RunConfig:
 
         progress = (server_round - 1) / self.num_server_rounds
         return self.learning_rate * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def _check_class_names(config: RunConfig) -> None:
+    """Class names are folder names on every board: plain, distinct, and at least two."""
+    names = config.class_list()
+    unsafe = [n for n in names if not is_plain_name(n)]  # a board joins each to its data folder
+    if unsafe:
+        raise ConfigError(
+            f"'class-names' must be plain folder names (no '/', '\\', ':', '.', '..' or a leading '~'), got {unsafe}."
+        )
+    duplicates = sorted({n for n in names if names.count(n) > 1})
+    if duplicates:
+        raise ConfigError(f"'class-names' lists {duplicates} more than once; each class needs one name.")
+    if len(names) < 2:
+        raise ConfigError(f"'class-names' needs at least two classes to classify, got {list(names)}.")
+
+
+def _check_dp(config: RunConfig) -> None:
+    """The rules of a DP run (dp-clipping-norm > 0)."""
+    from server.strategies import DP_STRATEGIES
+
+    if config.dp_noise_multiplier <= 0:
+        raise ConfigError(
+            "dp-clipping-norm > 0 needs dp-noise-multiplier > 0: clipping without noise gives no privacy "
+            "(to bound updates without DP, use max-update-norm)."
+        )
+    if config.strategy not in DP_STRATEGIES:
+        raise ConfigError(
+            f"dp-clipping-norm > 0 works with strategy {list(DP_STRATEGIES)}, not '{config.strategy}': the noise "
+            "is calibrated to what one node's clipped update can change in a plain average. A median, a "
+            "trimmed mean or Krum's choice depends on the other updates in other ways, and FedAdam would "
+            "have to be noised before its step."
+        )
+    if config.head_init == "ncm":
+        raise ConfigError(
+            "dp-clipping-norm > 0 cannot start from head-init='ncm': FedNCM's class sums would go to the "
+            "server without noise. Use head-init='random'."
+        )
+    if 0 < config.max_update_norm < config.dp_clipping_norm:
+        raise ConfigError(
+            f"dp-clipping-norm ({config.dp_clipping_norm:g}) must not exceed max-update-norm "
+            f"({config.max_update_norm:g}), or clipped updates would be rejected; lower the one or raise the other."
+        )
 
 
 def _check(key: str, field: dataclasses.Field[Any], value: Any) -> Any:

@@ -156,15 +156,11 @@ def train_head(
         started = time.perf_counter()
         y = np.asarray(labels, dtype=np.int64)
         draws = Draws(seed)
-        dropouts = [module for module in head.modules() if isinstance(module, MaskedDropout)]
-        for module in dropouts:
-            module.masks = draws.keep_mask
+        dropouts = _draw_dropout_masks(head, draws)
         params = [p for name, p in head.named_parameters() if train is None or train(name)]
         anchor = [p.detach().clone() for p in params]
         optimizer = torch.optim.SGD(params, lr=learning_rate, momentum=0.9, weight_decay=weight_decay)
-        weight = None if class_weights is None else torch.from_numpy(np.asarray(class_weights, dtype=np.float32))
-        offsets = None if logit_offsets is None else torch.from_numpy(np.asarray(logit_offsets, dtype=np.float32))
-        loss_fn = nn.CrossEntropyLoss(weight=weight, reduction="sum")  # sum of w[y] CE: / batch size below
+        loss_fn, offsets = _balanced_loss(class_weights, logit_offsets)
         head.train()
         total_loss, correct = 0.0, 0
         try:
@@ -191,6 +187,24 @@ def train_head(
         head.eval()
         n = max(len(y), 1)
         return TrainResult(total_loss / n, correct / n, len(y), time.perf_counter() - started)
+
+
+def _draw_dropout_masks(head: nn.Module, draws: Draws) -> list[MaskedDropout]:
+    """The head's dropout layers, set to draw their masks from ``draws`` (as the NumPy head does)."""
+    dropouts = [module for module in head.modules() if isinstance(module, MaskedDropout)]
+    for module in dropouts:
+        module.masks = draws.keep_mask
+    return dropouts
+
+
+def _balanced_loss(
+    class_weights: np.ndarray | None, logit_offsets: np.ndarray | None
+) -> tuple[nn.CrossEntropyLoss, torch.Tensor | None]:
+    """The summed cross-entropy, each example's times ``class_weights[label]`` (divided by the batch
+    size by the caller), and the logit offsets added in training only (common/balance.py)."""
+    weight = None if class_weights is None else torch.from_numpy(np.asarray(class_weights, dtype=np.float32))
+    offsets = None if logit_offsets is None else torch.from_numpy(np.asarray(logit_offsets, dtype=np.float32))
+    return nn.CrossEntropyLoss(weight=weight, reduction="sum"), offsets
 
 
 @torch.inference_mode()

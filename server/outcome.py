@@ -31,19 +31,7 @@ def finish(run: ServerRun, final_arrays: dict[str, np.ndarray], stopped: str | N
     """Final evaluation, head, deployable model, summary and report. ``stopped`` is why the
     run ended before its last round (the summary says so; the checkpoint allows resuming)."""
     report = run.evaluate(final_arrays)
-    head_path = run.run_log.save_head(
-        final_arrays,
-        {
-            **{"head": run.config.head, "mlp_hidden": run.config.mlp_hidden, "cut": run.config.cut},
-            "input": "backbone features at the cut; then the tail (cut > 0), average pooling, PowerNorm "
-            "(sqrt, L2 * sqrt(dim)) and the classifier",
-            "views": list(run.config.view_names()),
-            "average_views": run.config.average_views,
-            "classes": list(run.classes),
-            "backbone": {"name": run.spec.name, "fingerprint": run.fingerprint},
-            "preprocess": asdict(run.preprocess),
-        },
-    )
+    head_path = save_head(run, final_arrays)
     model_dir = export(run, final_arrays) if run.config.export_model else None
     summary = {
         "final": {
@@ -89,6 +77,23 @@ def finish(run: ServerRun, final_arrays: dict[str, np.ndarray], stopped: str | N
     for line in summary_table(summary).splitlines():
         log.info("%s", line)
     return summary
+
+
+def save_head(run: ServerRun, final_arrays: dict[str, np.ndarray]) -> Path:
+    """head.npz with what it takes to use it: its input, views, classes and backbone."""
+    return run.run_log.save_head(
+        final_arrays,
+        {
+            **{"head": run.config.head, "mlp_hidden": run.config.mlp_hidden, "cut": run.config.cut},
+            "input": "backbone features at the cut; then the tail (cut > 0), average pooling, PowerNorm "
+            "(sqrt, L2 * sqrt(dim)) and the classifier",
+            "views": list(run.config.view_names()),
+            "average_views": run.config.average_views,
+            "classes": list(run.classes),
+            "backbone": {"name": run.spec.name, "fingerprint": run.fingerprint},
+            "preprocess": asdict(run.preprocess),
+        },
+    )
 
 
 def privacy_summary(run: ServerRun) -> dict[str, Any] | None:

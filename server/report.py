@@ -134,8 +134,8 @@ CLIENT_COLUMNS = (
 )
 
 
-def _html(state: dict[str, Any]) -> str:
-    escape = html.escape
+def _facts(state: dict[str, Any]) -> list[tuple[str, Any]]:
+    """The run's facts at the top of the report: what ran, and how well the final head scores."""
     final = state.get("final") or {}
     facts = [
         ("run folder", state["run_dir"]),
@@ -172,6 +172,13 @@ def _html(state: dict[str, Any]) -> str:
                 f"(noise multiplier {privacy['noise_multiplier']:g}, clipping norm {privacy['clipping_norm']:g})",
             )
         )
+    return facts
+
+
+def _html(state: dict[str, Any]) -> str:
+    escape = html.escape
+    facts = _facts(state)
+    privacy = state.get("privacy")
     columns = CLIENT_COLUMNS
     rows = "".join(
         "<tr>" + "".join(f"<td>{escape(str(client[c]))}</td>" for c in columns) + "</tr>" for client in state["clients"]

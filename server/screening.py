@@ -132,7 +132,7 @@ class ReplyScreen:
             tally.record.bytes_up += size
             if phase is Phase.TRAIN:
                 tally.record.max_bytes_up_per_client = max(tally.record.max_bytes_up_per_client, size)
-            status, reason = self._status(reply)
+            status, reason = reply_status(reply)
             if status is not None:
                 reason = self._golden_reason(status) or self._reject_reason(reply, phase, node, status)
                 self._note_engine(node, status, refused=reason is not None)
@@ -143,7 +143,7 @@ class ReplyScreen:
             else:
                 cosine = status.golden_cosine if status is not None and status.golden_cosine >= 0 else None
                 self._reject(node, phase, str(reason), tally, golden_cosine=cosine)
-        norms = self._update_norms(candidates, start_head) if phase is Phase.TRAIN else {}
+        norms = update_norms(candidates, start_head) if phase is Phase.TRAIN else {}
         flagged = update_bounds(
             norms, self.config.max_update_norm, self.config.max_update_ratio, clipping_norm=self.config.dp_clipping_norm
         )
@@ -170,26 +170,6 @@ class ReplyScreen:
             for c in candidates
         }
         return examples_bounds(claims, set(claims) - set(self.first_examples.get(phase, {})))
-
-    @staticmethod
-    def _update_norms(candidates: list[_Candidate], start: dict[str, np.ndarray] | None) -> dict[int, float]:
-        """How far each update moved the head: what the update bounds are chosen from."""
-        if start is None:
-            return {}
-        return {
-            c.node: update_norm(from_array_record(c.reply.content.array_records[protocol.ARRAYS]), start)
-            for c in candidates
-        }
-
-    @staticmethod
-    def _status(reply: Message) -> tuple[ReplyStatus | None, str | None]:
-        record = reply.content.config_records.get(protocol.STATUS)
-        if record is None:
-            return None, "reply carries no status"
-        try:
-            return ReplyStatus.from_record(record), None
-        except ProtocolError as error:
-            return None, f"malformed status: {error}"
 
     def _fail(
         self, node: int, phase: Phase, reason: str, tally: RoundTally, result: Screened, setup_error: bool = False
@@ -323,6 +303,27 @@ class ReplyScreen:
             examples_before=self.first_examples.get(phase, {}).get(node),
             max_examples=self.config.max_num_examples,
         )
+
+
+def update_norms(candidates: list[_Candidate], start: dict[str, np.ndarray] | None) -> dict[int, float]:
+    """How far each update moved the head: what the update bounds are chosen from."""
+    if start is None:
+        return {}
+    return {
+        c.node: update_norm(from_array_record(c.reply.content.array_records[protocol.ARRAYS]), start)
+        for c in candidates
+    }
+
+
+def reply_status(reply: Message) -> tuple[ReplyStatus | None, str | None]:
+    """A reply's typed status, or why it has none."""
+    record = reply.content.config_records.get(protocol.STATUS)
+    if record is None:
+        return None, "reply carries no status"
+    try:
+        return ReplyStatus.from_record(record), None
+    except ProtocolError as error:
+        return None, f"malformed status: {error}"
 
 
 def class_stats_of(reply: Message) -> ClassStats:
