@@ -118,7 +118,7 @@ def test_later_cut_fed3r_logit_adjusted_and_personal_heads(tmp_path: Path, serve
         "class-balance": "logit-adjusted",
         "ncm-min-examples": 2,
         "personal-epochs": 3,
-        "views": "flips",
+        "views": "hflip",
     }
     run = run_small(tmp_path, "cut", tmp_path / "cache", server_engines, extra=extra)
     summary, events = run["summary"], run["events"]
@@ -153,7 +153,7 @@ def test_later_cut_fed3r_logit_adjusted_and_personal_heads(tmp_path: Path, serve
         assert 0 <= record["client_personal_accuracy"] <= 1
     # the deployable model computes what the server evaluated
     info = json.loads((run["run_dir"] / "model" / "model.json").read_text())
-    assert info["cut"] == 1 and info["feature_shape"] == [320, 7, 7] and len(info["views"]) == 4
+    assert info["cut"] == 1 and info["feature_shape"] == [320, 7, 7] and len(info["views"]) == 2
     config = RunConfig.from_flower({**SMALL_RUN, **extra})
     test_files = server_test_files(config)
     classifier = Classifier(run["run_dir"] / "model")  # as `edgesplit predict` runs it by default
