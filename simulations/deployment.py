@@ -39,13 +39,6 @@ INSECURE_WARNING = (
 )
 
 
-# Flower's SuperExec looks for a new message to run every second by default: that is up to a
-# second per message and board on top of the SuperNode's own 3-second idle pull. A quarter second
-# cuts that wait to a quarter for about 1.4% of a core more per idle board (README: deploy on real
-# devices, where boards set it too).
-TASK_POLL_ENV = {"FLWR_SUPEREXEC_TASK_POLL_INTERVAL": "0.25"}
-
-
 @dataclass(frozen=True)
 class Board:
     """One simulated board: its name (key file name), Flower node config and extra environment."""
@@ -87,7 +80,7 @@ class LocalDeployment:
 
     @property
     def env(self) -> dict[str, str]:
-        return flower_env(self.flwr_home, {**TASK_POLL_ENV, **(self.extra_env or {})})
+        return flower_env(self.flwr_home, self.extra_env)
 
     # --- lifecycle ------------------------------------------------------------------------------
 
@@ -232,7 +225,7 @@ class LocalDeployment:
         process = self._spawn(
             name,
             self.supernode_command(name, key),
-            flower_env(home, {**TASK_POLL_ENV, **(self.extra_env or {}), **board.env}),
+            flower_env(home, {**(self.extra_env or {}), **board.env}),
         )
         self._supernodes[name] = process
         return process
