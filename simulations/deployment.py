@@ -20,6 +20,7 @@ from typing import Any, TextIO
 from server.credentials import Credentials, make_credentials
 from simulations.federation import (
     PROJECT_ROOT,
+    app_source,
     flower_env,
     free_port,
     process_tree,
@@ -57,7 +58,8 @@ class LocalDeployment:
     insecure: bool = False
     extra_env: Mapping[str, str] | None = None
     port: int = 0
-    app_dir: Path = PROJECT_ROOT  # the Flower app `flwr run` submits (benchmarks compare another revision's)
+    # the Flower app `flwr run` submits (benchmarks compare another revision's); default: this one's
+    app_dir: Path | None = None
     _superlink: subprocess.Popen[bytes] | None = field(default=None, init=False, repr=False)
     _supernodes: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict, init=False, repr=False)
 
@@ -243,7 +245,7 @@ class LocalDeployment:
 
     def submit(self, run_config: Mapping[str, Any], stream_to: TextIO | None = None) -> subprocess.Popen[str]:
         """``flwr run . <connection> --stream``; the caller reads or waits on the process."""
-        command = ["flwr", "run", str(self.app_dir), CONNECTION, "--stream"]
+        command = ["flwr", "run", str(app_source(self.app_dir or PROJECT_ROOT)), CONNECTION, "--stream"]
         if run_config:
             command += ["--run-config", run_config_arg(run_config)]
         return subprocess.Popen(

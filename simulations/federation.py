@@ -7,12 +7,16 @@ point a private FLWR_HOME at it, submit with ``flwr run``, and stop it afterward
 
 from __future__ import annotations
 
+import atexit
 import contextlib
+import functools
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -21,6 +25,32 @@ from typing import Any
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 CONNECTION = "edgesplit-local"
+
+
+@functools.cache
+def app_source(root: Path = PROJECT_ROOT) -> Path:
+    """A copy of the app's own files (``root`` less what .gitignore leaves out, and .git), made
+    once per process, for ``flwr run`` to build its FAB from. Flower collects every file under
+    the app folder before filtering: with a virtual environment inside the project (``make
+    setup``) that is some 60,000 files and 6-9 s of every ``flwr run``. The FAB is the same: what
+    is left out here its own .gitignore filter leaves out too."""
+    from flwr.cli.utils import build_pathspec, load_gitignore_patterns
+
+    ignored = build_pathspec(tuple(load_gitignore_patterns(root / ".gitignore")))
+    staged = Path(tempfile.mkdtemp(prefix="edgesplit-app-"))
+    atexit.register(shutil.rmtree, staged, ignore_errors=True)
+    for directory, subdirectories, files in os.walk(root):
+        relative = Path(directory).relative_to(root)
+        subdirectories[:] = [
+            d for d in subdirectories if d != ".git" and not ignored.match_file(f"{(relative / d).as_posix()}/")
+        ]
+        for name in files:
+            source = Path(directory) / name
+            if source.is_symlink() or ignored.match_file((relative / name).as_posix()):
+                continue
+            (staged / relative).mkdir(parents=True, exist_ok=True)
+            shutil.copy2(source, staged / relative / name)
+    return staged
 
 
 def free_port() -> int:
@@ -189,7 +219,7 @@ def flwr_run(
         settings = " ".join(
             f"{key}={value}" for key, value in {"num-supernodes": num_supernodes, **(federation or {})}.items()
         )
-        command = ["flwr", "run", str(PROJECT_ROOT), CONNECTION, "--stream", "--federation-config", settings]
+        command = ["flwr", "run", str(app_source()), CONNECTION, "--stream", "--federation-config", settings]
         if run_config:
             command += ["--run-config", run_config_arg(run_config)]
         process = subprocess.Popen(
