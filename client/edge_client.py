@@ -23,7 +23,7 @@ from client.privacy import example_floor
 from client.telemetry import device_metrics
 from client.trainable import head_for
 from common import protocol
-from common.balance import balance_terms
+from common.balance import training_offsets
 from common.config import NodeConfig, RunConfig
 from common.cut import embedding_space
 from common.data import DataError, LabelledFiles
@@ -193,8 +193,12 @@ class EdgeClient:
                 f"{self.name} has no usable training images (all skipped): see its data notes, and fix or "
                 "replace the images in its data folder."
             )
-        class_weights, logit_offsets = balance_terms(
-            instructions.class_balance, instructions.class_prior, instructions.logit_adjust_tau
+        local_counts = np.bincount(data.train_y, minlength=instructions.num_classes)
+        class_weights, logit_offsets = training_offsets(
+            instructions.class_balance,
+            instructions.class_prior,
+            instructions.logit_adjust_tau,
+            local_counts if instructions.local_prior_correction else None,
         )
         result = head.train(
             data.train_x,

@@ -8,6 +8,12 @@ Fed3R's counts) give the server, never from its held-out set:
   class weighs the same in total (weights average 1 over the data);
 - ``logit-adjusted`` (Menon et al., ICLR 2021): train on logits + tau log(prior), predict on the
   plain logits, which then estimate the balanced posterior.
+
+And one remedy for label skew across clients (``local-prior-correction``): a client trains on
+logits + log(its own class shares) - log(the federation's). The head still estimates the posterior
+under the federation's prior, but a client's own prior no longer pulls its update toward its own
+classes, and a class it lacks drops out of its softmax (as in FedRS). With one class per client
+plain FedAvg drifts; with this correction every client fits the same class-conditional scores.
 """
 
 from __future__ import annotations
@@ -44,6 +50,32 @@ def balance_terms(
     if method == "logit-adjusted":
         return None, (tau * log_prior(shares)).astype(np.float32)
     raise ValueError(f"Unknown class balance {method!r}; use none, weighted or logit-adjusted.")
+
+
+# The offset of a class a client holds no example of: out of its softmax (exp underflows to 0 in
+# float32), so its local training neither pushes that class down nor moves its weights.
+ABSENT_CLASS_OFFSET = -1e4
+
+
+def local_prior_offsets(local_counts: np.ndarray, prior: tuple[float, ...] | np.ndarray) -> np.ndarray:
+    """log(local share) - log(federation share) per class: what a client adds to its logits so that
+    it trains the federation's head on its own label distribution (``local-prior-correction``)."""
+    counts = np.asarray(local_counts, dtype=np.float64)
+    local = class_prior(counts)
+    offsets = np.log(local, out=np.full_like(local, ABSENT_CLASS_OFFSET), where=counts > 0) - log_prior(prior)
+    return offsets.astype(np.float32)
+
+
+def training_offsets(
+    method: str, prior: tuple[float, ...] | np.ndarray, tau: float, local_counts: np.ndarray | None
+) -> tuple[np.ndarray | None, np.ndarray | None]:
+    """``balance_terms``, with the local-prior correction added to the offsets when the client's
+    class counts are given (and the federation's prior known)."""
+    weights, offsets = balance_terms(method, prior, tau)
+    if local_counts is None or len(prior) == 0:
+        return weights, offsets
+    correction = local_prior_offsets(local_counts, prior)
+    return weights, correction if offsets is None else offsets + correction
 
 
 def posthoc_offsets(method: str, prior: tuple[float, ...] | np.ndarray, tau: float = 1.0) -> np.ndarray | None:

@@ -141,6 +141,12 @@ class RunConfig:
         **_choice(*CLASS_BALANCES),
     )
     logit_adjust_tau: float = _key(1.0, "logit-adjusted: the prior's weight tau", **_range(0.0, 10.0))
+    local_prior_correction: bool = _key(
+        False,
+        "each client trains on logits + log(its class shares / the federation's): label skew across clients "
+        "no longer pulls the head toward each client's classes (needs the federation's class counts: one "
+        "counts-only query when head-init is random)",
+    )
     operating_precision: float = _key(
         0.9, "report the recall of a detector at this precision (ELPV: defective or not)", **_range(0.0, 1.0)
     )

@@ -278,6 +278,7 @@ class Instructions(ConfigMessage):
     class_balance: str = "none"  # none, weighted, logit-adjusted (common/balance.py)
     logit_adjust_tau: float = 1.0
     class_prior: tuple[float, ...] = ()  # the federation's class shares (from its counts); () if unknown
+    local_prior_correction: bool = False  # train on logits + log(local prior / class_prior)
 
     def check(self) -> None:
         """A board acts only on instructions its own run-config schema allows: fingerprints that
@@ -331,6 +332,7 @@ _SCHEMA_FIELDS = (
     "dp_clipping_norm",
     "class_balance",
     "logit_adjust_tau",
+    "local_prior_correction",
 )
 
 

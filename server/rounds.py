@@ -50,7 +50,7 @@ class RoundLoop:
                 self.global_head = fedncm_head(self.strategy, grid, self.global_head)
             elif config.head_init == "fed3r":
                 self.global_head = fed3r_head(self.strategy, grid, self.global_head)
-            elif config.class_balance != "none":
+            elif config.class_balance != "none" or config.local_prior_correction:
                 federated_class_counts(self.strategy, grid, self.global_head)
             report = self.run.evaluate(self.global_head)
             self.run.run_log.event(

@@ -172,6 +172,7 @@ class ServerRun:
             dp_clipping_norm=config.dp_clipping_norm,
             class_balance=config.class_balance,
             logit_adjust_tau=config.logit_adjust_tau,
+            local_prior_correction=config.local_prior_correction,
             class_prior=tuple(float(p) for p in class_prior(np.asarray(self.class_counts)))
             if self.class_counts
             else (),

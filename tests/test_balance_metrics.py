@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from common.balance import balance_terms, class_prior, posthoc_offsets
+from common.balance import ABSENT_CLASS_OFFSET, balance_terms, class_prior, posthoc_offsets, training_offsets
 from common.heads import make_head, train_head
 from common.metrics import classification_report, precision_recall_curve, recall_at_precision
 from common.numpy_head import NumpyHead
@@ -34,6 +34,54 @@ def test_logit_adjustment_adds_tau_log_prior_and_nothing_without_a_prior() -> No
     np.testing.assert_allclose(
         posthoc_offsets("logit-adjusted", np.array([0.8, 0.2, 0.0])), [np.log(0.8), np.log(0.2), 0]
     )
+
+
+def test_the_local_prior_correction_is_log_local_over_global_and_drops_absent_classes() -> None:
+    local = np.array([0, 6, 2])  # this client lacks class 0
+    weights, offsets = training_offsets("none", tuple(PRIOR), 1.0, local)
+    assert weights is None and offsets is not None
+    np.testing.assert_allclose(offsets[1:], np.log([0.75, 0.25]) - np.log(PRIOR[1:]), rtol=1e-6)
+    assert offsets[0] == ABSENT_CLASS_OFFSET - np.float32(np.log(0.7))
+    # logit adjustment at tau 1 plus the correction: the client trains on logits + log(its own prior)
+    _, both = training_offsets("logit-adjusted", tuple(PRIOR), 1.0, local)
+    np.testing.assert_allclose(both[1:], np.log([0.75, 0.25]), rtol=1e-5)
+    # weights are kept; without counts or without the federation's prior nothing is added
+    assert training_offsets("weighted", tuple(PRIOR), 1.0, local)[0] is not None
+    assert training_offsets("none", tuple(PRIOR), 1.0, None) == (None, None)
+    assert training_offsets("none", (), 1.0, local) == (None, None)
+
+
+def test_the_local_prior_correction_keeps_label_skew_from_pulling_the_head() -> None:
+    """Four Gaussian classes (a linear softmax head is the right model), eight clients with
+    Dirichlet(0.1) label skew. From the pooled optimum, plain local training pulls each client's
+    bias toward its own classes; with the correction each client fits the same class-conditional
+    scores, so the optimum barely moves."""
+    rng = np.random.default_rng(0)
+    centres = rng.normal(0, 1.0, (4, 16))
+    prior = np.array([0.55, 0.25, 0.12, 0.08])
+    clients = []
+    for _ in range(8):
+        shares = rng.dirichlet([0.1] * 4) * prior
+        labels = rng.choice(4, 100, p=shares / shares.sum())
+        clients.append(((centres[labels] + rng.normal(0, 1.2, (100, 16)))[:, None, :], labels))
+    pooled_y = np.concatenate([y for _, y in clients])
+    pooled = NumpyHead.initial("linear", 16, 4, seed=0)
+    pooled_x = np.concatenate([x for x, _ in clients])
+    pooled.train(pooled_x, pooled_y, epochs=60, learning_rate=0.05, batch_size=16, seed=0)
+    optimum, federation_prior = pooled.arrays(), tuple(class_prior(np.bincount(pooled_y, minlength=4)))
+
+    def bias_drift(correct: bool) -> float:
+        moved = []
+        for x, y in clients:
+            local = NumpyHead("linear", optimum)
+            counts = np.bincount(y, minlength=4) if correct else None
+            _, offsets = training_offsets("none", federation_prior, 1.0, counts)
+            local.train(x, y, epochs=5, learning_rate=0.05, batch_size=16, seed=1, logit_offsets=offsets)
+            moved.append(np.linalg.norm(local.arrays()["classifier.bias"] - optimum["classifier.bias"]))
+        return float(np.mean(moved))
+
+    plain, corrected = bias_drift(False), bias_drift(True)
+    assert corrected < 0.3 * plain, (plain, corrected)
 
 
 @pytest.mark.parametrize("method", ["weighted", "logit-adjusted"])

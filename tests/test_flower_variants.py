@@ -62,10 +62,14 @@ def test_user_folders_another_strategy_head_and_engine_and_a_client_without_data
             # differential privacy: the boards clip, the server adds noise and accounts for it
             "dp-clipping-norm": DP_CLIP,
             "dp-noise-multiplier": 0.5,
+            # each board corrects for its own label shares: the prior from one counts-only query
+            "local-prior-correction": True,
         },
     )
     summary, events = run["summary"], run["events"]
     assert [(r["clients_ok"], r["clients_failed"]) for r in summary["rounds"]] == [(2, 1), (2, 1)]
+    (counted,) = [e for e in events if e["event"] == "head-initialised"]
+    assert counted["method"] == "random" and counted["nodes"] == 2 and min(counted["class_counts"]) > 0
     # client-2 has no folder: it fails both rounds, and says why once (a coded reason, not a traceback)
     failures = [e for e in events if e["event"] == "client-failed" and e["phase"] == "train"]
     assert len(failures) == 1 and failures[0]["setup_error"] is True, failures
@@ -116,6 +120,7 @@ def test_later_cut_fed3r_logit_adjusted_and_personal_heads(tmp_path: Path, serve
         "cut": 1,
         "head-init": "fed3r",
         "class-balance": "logit-adjusted",
+        "local-prior-correction": True,
         "ncm-min-examples": 2,
         "personal-epochs": 3,
         "views": "hflip",

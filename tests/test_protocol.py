@@ -30,6 +30,7 @@ MESSAGES: list[ConfigMessage] = [
     BackboneStatus(engine="onnx-int8", held_fingerprint=""),
     ReplyStatus(fingerprint="ab" * 32, engine="torch", engine_fingerprint="ab" * 32, data_notes="2 images skipped"),
     dataclasses.replace(INSTRUCTIONS, class_balance="logit-adjusted", class_prior=(0.75, 0.25)),  # a float list
+    dataclasses.replace(INSTRUCTIONS, local_prior_correction=True, class_prior=(0.75, 0.25)),
 ]
 
 
