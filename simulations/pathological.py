@@ -28,20 +28,26 @@ from common.data import LabelledFiles, partition
 CLASSES = tuple(f"pattern-{c}" for c in range(10))
 
 
-def pattern_image(label: int, rng: np.random.Generator, size: int = 64) -> np.ndarray:
+def pattern_image(label: int, rng: np.random.Generator, size: int = 64, contrast: float = 100.0) -> np.ndarray:
     """A class's picture: a grating at the class's own angle and colour, with a random phase,
-    frequency jitter and noise, so that images of a class differ and classes stay apart."""
+    frequency jitter and noise, so that images of a class differ and classes stay apart (the
+    lower ``contrast`` against the noise, the harder they are to tell apart)."""
     angle = np.pi * label / len(CLASSES)
     frequency = 0.25 + 0.03 * rng.standard_normal()
     y, x = np.mgrid[0:size, 0:size]
     wave = np.sin(frequency * (x * np.cos(angle) + y * np.sin(angle)) + rng.uniform(0, 2 * np.pi))
     colour = 0.5 + 0.5 * np.array([np.cos(angle), np.sin(angle), np.cos(2 * angle)])
-    pixels = 127 + 100 * wave[..., None] * colour + rng.normal(0, 20, (size, size, 3))
+    pixels = 127 + contrast * wave[..., None] * colour + rng.normal(0, 20, (size, size, 3))
     return np.clip(pixels, 0, 255).astype(np.uint8)
 
 
 def write_pathological_data(
-    root: Path, clients: int = 10, per_class: int = 40, test_per_class: int = 10, seed: int = 0
+    root: Path,
+    clients: int = 10,
+    per_class: int = 40,
+    test_per_class: int = 10,
+    seed: int = 0,
+    contrast: float = 100.0,
 ) -> Path:
     """``root/client-<k>/<class>/*.png``: each client's share of a pool of generated images, by
     the pathological partitioner (2 classes per client), and ``root/server-test``: the
@@ -54,7 +60,7 @@ def write_pathological_data(
             folder = root / "server-test" / name if index < test_per_class else pool / name
             folder.mkdir(parents=True, exist_ok=True)
             path = folder / f"{index}.png"
-            Image.fromarray(pattern_image(label, rng)).save(path)
+            Image.fromarray(pattern_image(label, rng, contrast=contrast)).save(path)
             if index >= test_per_class:
                 paths.append(str(path))
                 labels.append(label)
