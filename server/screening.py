@@ -302,6 +302,7 @@ class ReplyScreen:
             max_norm=self.config.max_weight_norm,
             examples_before=self.first_examples.get(phase, {}).get(node),
             max_examples=self.config.max_num_examples,
+            embedded=phase is not Phase.CLASS_COUNTS,  # labels only: nothing embedded to bound the count by
         )
 
 

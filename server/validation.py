@@ -52,20 +52,21 @@ def metrics_reject_reason(metrics: Mapping[str, object], required: tuple[str, ..
 
 
 def examples_reject_reason(
-    metrics: Mapping[str, object], max_examples: int, examples_before: int | None = None
+    metrics: Mapping[str, object], max_examples: int, examples_before: int | None = None, embedded: bool = True
 ) -> str | None:
     """Why a reply's ``num-examples`` (checked to be an integer) is not believable, or None: above
     the run's ``max-num-examples``, above what the node first reported in this phase by more
     than ``EXAMPLES_SLACK``, or above the images it says it embedded (its own
-    ``embeddings-computed`` + ``embeddings-cached``, train and test shares together). Every count buys a
-    node weight in the average: a claim of 10^15 once owned FedAvg's."""
+    ``embeddings-computed`` + ``embeddings-cached``, train and test shares together) where the
+    reply's work embedded its images (``embedded``; a counts-only reply embeds nothing). Every
+    count buys a node weight in the average: a claim of 10^15 once owned FedAvg's."""
     claimed = number(metrics.get(protocol.NUM_EXAMPLES))
     if claimed > max_examples:
         return f"num-examples {claimed:.0f} is above max-num-examples={max_examples}"
     if examples_before is not None and claimed > examples_before * EXAMPLES_SLACK:
         return f"num-examples {claimed:.0f} is above the {examples_before} this node first reported"
     held = number(metrics.get(protocol.EMBEDDINGS_COMPUTED)) + number(metrics.get(protocol.EMBEDDINGS_CACHED))
-    if claimed > held:
+    if embedded and claimed > held:
         return f"num-examples {claimed:.0f} is more than the {held:.0f} images the node says it embedded"
     return None
 
@@ -97,6 +98,7 @@ def reject_reason(
     max_norm: float = 1e4,
     examples_before: int | None = None,
     max_examples: int = 1_000_000,
+    embedded: bool = True,
 ) -> str | None:
     """Why this reply must not be aggregated, or None if it may.
 
@@ -121,7 +123,7 @@ def reject_reason(
         return f"num-examples must be an integer, got {num_examples!r}"
     if num_examples < 0 or (expected_shapes is not None and num_examples == 0):
         return f"num-examples must be positive, got {num_examples}"
-    reason = examples_reject_reason(metrics, max_examples, examples_before)
+    reason = examples_reject_reason(metrics, max_examples, examples_before, embedded)
     if reason is not None or expected_shapes is None:
         return reason
     if arrays is None:

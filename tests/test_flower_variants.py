@@ -70,8 +70,9 @@ def test_user_folders_another_strategy_head_and_engine_and_a_client_without_data
     assert [(r["clients_ok"], r["clients_failed"]) for r in summary["rounds"]] == [(2, 1), (2, 1)]
     (counted,) = [e for e in events if e["event"] == "head-initialised"]
     assert counted["method"] == "random" and counted["nodes"] == 2 and min(counted["class_counts"]) > 0
-    # client-2 has no folder: it fails both rounds, and says why once (a coded reason, not a traceback)
-    failures = [e for e in events if e["event"] == "client-failed" and e["phase"] == "train"]
+    # client-2 has no folder: it fails the counts query and both rounds, and says why once (a coded
+    # reason, not a traceback)
+    failures = [e for e in events if e["event"] == "client-failed"]
     assert len(failures) == 1 and failures[0]["setup_error"] is True, failures
     assert "client-2" in failures[0]["reason"] and "does not exist" in failures[0]["reason"]
     notes = [e.get("notes", "") for e in events if e["event"] == "client-reply"]

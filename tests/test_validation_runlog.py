@@ -170,6 +170,9 @@ def test_a_claim_of_ten_to_the_fifteen_examples_is_refused(shapes):
         reject_reason(arrays, {protocol.NUM_EXAMPLES: 30, **HELD}, FP, shapes, FP, examples_before=20) or ""
     )
     assert reject_reason(arrays, {protocol.NUM_EXAMPLES: 50, **HELD}, FP, shapes, FP) is None
+    # a counts-only reply embeds nothing: its count is bounded by the cap and its first claim only
+    assert reject_reason(None, {protocol.NUM_EXAMPLES: 900}, FP, None, FP, embedded=False) is None
+    assert "max-num-examples" in (reject_reason(None, claim, FP, None, FP, embedded=False) or "")
 
 
 def test_a_first_claim_far_above_the_rounds_median_is_refused():
