@@ -70,9 +70,10 @@ def run_embedder(config: RunConfig) -> Embedder:
     return embed
 
 
-def centralised_probe(config: RunConfig, num_clients: int) -> ProbeResult:
+def centralised_probe(config: RunConfig, num_clients: int, c_grid: tuple[float, ...] = C_GRID) -> ProbeResult:
     """A probe on the union of the clients' training shares, with the head's input normalisation,
-    on the features of the engine the run used (read from the caches the run filled)."""
+    on the features of the engine the run used (read from the caches the run filled); its L2
+    strength C chosen from ``c_grid`` by cross-validation."""
     embed = run_embedder(config)
     test_files = server_test_files(config)
     features, labels = [], []
@@ -96,6 +97,7 @@ def centralised_probe(config: RunConfig, num_clients: int) -> ProbeResult:
         test.labels,
         num_classes,
         config.seed,
+        c_grid,
     )
 
 
@@ -107,11 +109,12 @@ def cached_fit(
     test_y: np.ndarray,
     num_classes: int,
     seed: int,
+    c_grid: tuple[float, ...] = C_GRID,
 ) -> ProbeResult:
     """``_fit``'s result, from ``directory`` when these very arrays were fitted before."""
     import sklearn
 
-    digest = hashlib.sha256(repr((num_classes, seed, C_GRID, sklearn.__version__)).encode())
+    digest = hashlib.sha256(repr((num_classes, seed, c_grid, sklearn.__version__)).encode())
     for array in (train_x, train_y, test_x, test_y):
         array = np.ascontiguousarray(array)
         digest.update(repr((array.dtype.str, array.shape)).encode())
@@ -122,16 +125,23 @@ def cached_fit(
             return ProbeResult(**json.loads(path.read_text()))
         except (ValueError, TypeError):  # unreadable or from another version: fit again
             pass
-    result = _fit(train_x, train_y, test_x, test_y, num_classes, seed)
+    result = _fit(train_x, train_y, test_x, test_y, num_classes, seed, c_grid)
     directory.mkdir(parents=True, exist_ok=True)
     write_json_atomic(path, asdict(result))
     return result
 
 
 def _fit(
-    train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray, test_y: np.ndarray, num_classes: int, seed: int
+    train_x: np.ndarray,
+    train_y: np.ndarray,
+    test_x: np.ndarray,
+    test_y: np.ndarray,
+    num_classes: int,
+    seed: int,
+    c_grid: tuple[float, ...] = C_GRID,
 ) -> ProbeResult:
-    """L2 logistic regression, C chosen by 3-fold cross-validation on the training set only."""
+    """L2 logistic regression, C chosen by 3-fold cross-validation on the training set only
+    (none with a single C)."""
     from sklearn.linear_model import LogisticRegression
     from sklearn.model_selection import StratifiedKFold, cross_val_score
 
@@ -139,10 +149,11 @@ def _fit(
     best_c, best_score = 1.0, -1.0
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        for c in C_GRID:
+        for c in c_grid if len(c_grid) > 1 else ():
             score = cross_val_score(LogisticRegression(C=c, max_iter=1000), train_x, train_y, cv=folds).mean()
             if score > best_score:
                 best_c, best_score = c, score
+        best_c = best_c if len(c_grid) > 1 else c_grid[0]
         model = LogisticRegression(C=best_c, max_iter=1000).fit(train_x, train_y)
     report = classification_report(test_y, model.predict(test_x), num_classes)
     return ProbeResult(report.accuracy, report.macro_f1, best_c, len(train_y), len(test_y))
