@@ -1,6 +1,6 @@
 """The ELPV default run and its class-balance and Fed3R variants, through the real Flower runtime.
 
-    python -m simulations.fed3r_default       # 6 runs of 10 clients, a few minutes with a warm cache
+    python -m simulations.fed3r_default       # 11 runs of 10 clients, about 15 minutes with a warm cache
 
 Each row is one `flwr run` of the main job's federation (10 clients, Dirichlet 0.3, 30 rounds, the
 eight views) with the listed run-config changes; the embedding cache is the default one, so a
@@ -18,6 +18,10 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+# Fine-tuning after Fed3R (simulations/fed3r_sweep.py's GENTLE, as run-config keys): one epoch
+# per round at a tenth of the default rate, each client correcting for its own label shares.
+GENTLE = {"local-epochs": 1, "learning-rate": 0.003, "local-prior-correction": True}
+
 VARIANTS: dict[str, dict[str, Any]] = {
     "default before issue 18 (random init, plain loss)": {"head-init": "random", "class-balance": "none"},
     "balanced loss weights": {"head-init": "random", "class-balance": "weighted"},
@@ -30,6 +34,19 @@ VARIANTS: dict[str, dict[str, Any]] = {
     },
     "Fed3R + FT (plain loss)": {"head-init": "fed3r", "class-balance": "none"},
     "Fed3R + FT, logit-adjusted": {"head-init": "fed3r", "class-balance": "logit-adjusted"},
+    "local-prior correction (random init)": {"head-init": "random", "local-prior-correction": True},
+    "Fed3R + gentle FT, local-prior correction": {"head-init": "fed3r", **GENTLE},
+    "Fed3R + gentle FT, local-prior correction, logit-adjusted tau 0.75": {
+        "head-init": "fed3r",
+        **GENTLE,
+        "class-balance": "logit-adjusted",
+        "logit-adjust-tau": 0.75,
+    },
+    "Fed3R + gentle FT, local-prior correction, logit-adjusted": {
+        "head-init": "fed3r",
+        **GENTLE,
+        "class-balance": "logit-adjusted",
+    },
 }
 
 
@@ -101,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
         "Command: `python -m simulations.fed3r_default`. Each row one run through the real Flower runtime\n"
         "(simulation engine) of the ELPV main job: 10 clients, Dirichlet 0.3, 30 rounds, EfficientNet-Lite0\n"
         "onnx-int8, linear head, FedAvg, eight views, held-out scores view-averaged; only the listed keys\n"
-        "differ. x86-64 AMD EPYC with AVX-512 VNNI, 2 cores shared with three other sessions. Class priors\n"
+        "differ. x86-64 AMD EPYC with AVX-512 VNNI, 2 cores, no other session running. Class priors\n"
         "come from the federated counts (the one-shot statistics, or a counts-only query with a random\n"
         "head), never from the held-out split; Fed3R's temperature is calibrated on the server's held-out\n"
         "split (it changes no prediction). Bytes are\n"

@@ -382,12 +382,15 @@ def main(argv: list[str] | None = None) -> int:
     body = (
         textwrap.fill(
             "Command: `python -m simulations.fed3r_sweep`. In process over cached embeddings (x86-64 AMD EPYC with "
-            "AVX-512 VNNI, 2 cores shared with three other sessions): the NumPy head trained as a board trains it, "
+            "AVX-512 VNNI, 2 cores): the NumPy head trained as a board trains it, "
             f"Flower's FedAvg aggregation, {args.clients} clients all in every round, {args.rounds} rounds (the ELPV "
             "default run has 30), each client training on its whole share; server/head_init.py's Fed3R solve "
             "(lambda 30, bias unpenalised) and temperature calibration. Held-out accuracy, view-averaged for ELPV. "
             "'Fed3R (every example)' is the exact federated ridge; the 'floor 5' column is what a board shares by "
-            "default (a class it holds fewer than 5 images of is left out of its sums). Centralised ridge: "
+            "default (a class it holds fewer than 5 images of is left out of its sums). 'Local-prior correction': "
+            "each client trains on logits + log(its class shares / the federation's), the prior from a counts-only "
+            "query (random init) or Fed3R's counts. Fed3R+FT fine-tunes with the run's defaults (5 epochs a round, "
+            "lr 0.01); 'gentle' with one epoch a round at lr 0.003 and the correction. Centralised ridge: "
             "scikit-learn's RidgeClassifier on the pooled features the head sees, same lambda and views; logistic "
             "probe: simulations/reference.py (identity views).",
             110,
