@@ -12,8 +12,10 @@ Fed3R's counts) give the server, never from its held-out set:
 And one remedy for label skew across clients (``local-prior-correction``): a client trains on
 logits + log(its own class shares) - log(the federation's). The head still estimates the posterior
 under the federation's prior, but a client's own prior no longer pulls its update toward its own
-classes, and a class it lacks drops out of its softmax (as in FedRS). With one class per client
-plain FedAvg drifts; with this correction every client fits the same class-conditional scores.
+classes, and a class it lacks drops out of its softmax (as in FedRS). Under label skew plain
+FedAvg drifts toward each client's classes; with the correction every client fits the same
+class-conditional scores (a client holding a single class learns nothing from it: one class alone
+says nothing about how it differs from the others).
 """
 
 from __future__ import annotations
