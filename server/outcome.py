@@ -49,6 +49,7 @@ def finish(run: ServerRun, final_arrays: dict[str, np.ndarray], stopped: str | N
         "operating_points": operating_points(run, final_arrays),
         "head_init": run.initialisation or {"method": run.config.head_init},
         "class_balance": run.config.class_balance,
+        "local_prior_correction": run.config.local_prior_correction,
         "rounds": [asdict(r) for r in run.rounds],
         "embedding": {
             "computed": run.embedding.computed,

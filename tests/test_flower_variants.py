@@ -70,6 +70,7 @@ def test_user_folders_another_strategy_head_and_engine_and_a_client_without_data
     assert [(r["clients_ok"], r["clients_failed"]) for r in summary["rounds"]] == [(2, 1), (2, 1)]
     (counted,) = [e for e in events if e["event"] == "head-initialised"]
     assert counted["method"] == "random" and counted["nodes"] == 2 and min(counted["class_counts"]) > 0
+    assert summary["local_prior_correction"] is True
     # client-2 has no folder: it fails the counts query and both rounds, and says why once (a coded
     # reason, not a traceback)
     failures = [e for e in events if e["event"] == "client-failed"]
