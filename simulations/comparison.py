@@ -29,7 +29,7 @@ import torch
 
 from common.config import RunConfig
 from simulations.benchmark import markdown_table, save_figure, update_section
-from simulations.federation import PROJECT_ROOT, flwr_run
+from simulations.federation import PROJECT_ROOT, flwr_run_results
 from simulations.full_model import (
     PeerConfig,
     build_model,
@@ -69,14 +69,7 @@ def edgesplit_run(
     tmp: Path, name: str, what: str, overrides: dict[str, Any], clients: int
 ) -> tuple[Curve, dict[str, Any]]:
     """One edgesplit federation through Flower; its curve from summary.json and events.jsonl."""
-    runs = tmp / "runs"
-    config = {"cache-dir": str(tmp / "cache"), "runs-dir": str(runs), "run-name": name, **overrides}
-    result = flwr_run(config, clients, tmp / f"{name}-flwr-home", timeout=1800)
-    summary_path = runs / name / "summary.json"
-    if result.returncode != 0 or not summary_path.is_file():
-        raise RuntimeError(result.stdout[-3000:])
-    summary = json.loads(summary_path.read_text())
-    events = [json.loads(line) for line in (runs / name / "events.jsonl").read_text().splitlines()]
+    summary, events = flwr_run_results(tmp, name, {"cache-dir": str(tmp / "cache"), **overrides}, clients)
     train = [e for e in events if e["event"] == "client-reply" and e["phase"] == "train"]
     rounds = summary["rounds"]
     seconds = [

@@ -12,7 +12,6 @@ sends (the one-shot statistics, then per round). Writes its table to BENCHMARKS.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import tempfile
 from pathlib import Path
@@ -51,16 +50,9 @@ VARIANTS: dict[str, dict[str, Any]] = {
 
 
 def run_variant(tmp: Path, name: str, overrides: dict[str, Any], clients: int) -> dict[str, Any]:
-    from simulations.federation import flwr_run
+    from simulations.federation import flwr_run_results
 
-    runs = tmp / "runs"
-    config = {"runs-dir": str(runs), "run-name": name, "export-model": False, **overrides}
-    result = flwr_run(config, clients, tmp / f"{name}-home", timeout=1800)
-    path = runs / name / "summary.json"
-    if result.returncode != 0 or not path.is_file():
-        raise RuntimeError(result.stdout[-3000:])
-    summary = json.loads(path.read_text())
-    events = [json.loads(line) for line in (runs / name / "events.jsonl").read_text().splitlines()]
+    summary, events = flwr_run_results(tmp, name, {"export-model": False, **overrides}, clients)
     train = [e for e in events if e["event"] == "client-reply" and e["phase"] == "train"]
     summary["per_round_up"] = sum(e["bytes"] for e in train) / max(len(train), 1)
     return summary

@@ -10,6 +10,7 @@ from __future__ import annotations
 import atexit
 import contextlib
 import functools
+import json
 import os
 import shutil
 import signal
@@ -245,6 +246,20 @@ def flwr_run(
                 break
         returncode = process.wait()
         return subprocess.CompletedProcess(command, returncode, "".join(lines), "")
+
+
+def flwr_run_results(
+    tmp: Path, name: str, run_config: Mapping[str, Any], num_supernodes: int, timeout: float = 1800
+) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """One benchmark run through ``flwr_run`` into ``tmp/runs/<name>``: its summary.json and its
+    events.jsonl, or RuntimeError with the output's tail if it did not finish."""
+    run_dir = tmp / "runs" / name
+    config = {"runs-dir": str(run_dir.parent), "run-name": name, **run_config}
+    result = flwr_run(config, num_supernodes, tmp / f"{name}-flwr-home", timeout=timeout)
+    if result.returncode != 0 or not (run_dir / "summary.json").is_file():
+        raise RuntimeError(result.stdout[-3000:])
+    events = [json.loads(line) for line in (run_dir / "events.jsonl").read_text().splitlines()]
+    return json.loads((run_dir / "summary.json").read_text()), events
 
 
 def _kill_when(condition: Callable[[], bool], superlink: subprocess.Popen[bytes], run: subprocess.Popen[str]) -> None:
