@@ -37,6 +37,16 @@ def test_pyproject_defaults_parse_to_the_dataclass_defaults():
     assert RunConfig().to_flower() == table
 
 
+def test_auto_views_are_the_eight_symmetries_for_elpv_and_the_image_alone_for_folders():
+    import dataclasses
+
+    from common.views import VIEW_SETS
+
+    assert RunConfig().views == "auto" and RunConfig().view_names() == VIEW_SETS["dihedral"]
+    assert len(VIEW_SETS["dihedral"]) == 8 and VIEW_SETS["dihedral"][0] == "identity"
+    assert dataclasses.replace(RunConfig(), dataset="folder").view_names() == ("identity",)
+
+
 def test_empty_flower_config_gives_defaults():
     # Execute
     parsed = RunConfig.from_flower({})
