@@ -24,7 +24,8 @@ PARTITIONERS = ("iid", "dirichlet", "pathological")
 DATASETS = ("elpv", "folder")
 ELPV_TASKS = ("4-level", "binary")
 LR_SCHEDULES = ("cosine", "constant")
-HEAD_INITS = ("random", "ncm", "fed3r")
+HEAD_INITS = ("random", "ncm", "fed3r", "lda")
+FROM_RIDGE_SUMS = ("fed3r", "lda")  # head initialisations solved from Fed3R's one-shot statistics
 CLASS_BALANCES = ("none", "weighted", "logit-adjusted")
 
 
@@ -120,18 +121,22 @@ class RunConfig:
     cut: int = _key(0, "backbone stages that train with the head, counted from the end (0: head only)", **_range(0, 64))
     head_init: str = _key(
         "random",
-        "initial head: random, ncm (FedNCM: from the clients' class means) or fed3r (Fed3R: the "
-        "federation's ridge classifier, solved from the clients' feature sums)",
+        "initial head: random, ncm (FedNCM: from the clients' class means), fed3r (Fed3R: the "
+        "federation's ridge classifier, solved from the clients' feature sums) or lda (the federation's "
+        "shrinkage LDA classifier, from the same sums)",
         **_choice(*HEAD_INITS),
     )
     ncm_min_examples: int = _key(
         5,
-        "ncm, fed3r: a client shares a class's statistics only if it has at least this many images of it "
+        "ncm, fed3r, lda: a client shares a class's statistics only if it has at least this many images of it "
         "(a board's own node-config min-examples may raise it, never lower it)",
         **_range(2, 10**6),
     )
     fed3r_lambda: float = _key(
         30.0, "fed3r: ridge penalty on the classifier's weights (the bias is not penalised)", **_range(1e-6, 1e9)
+    )
+    lda_shrinkage: float = _key(
+        0.1, "lda: weight of the identity in the shrunk within-class covariance", **_range(1e-6, 1.0)
     )
     class_balance: str = _key(
         "none",
@@ -233,7 +238,7 @@ class RunConfig:
         if self.head_init == "ncm" and self.head != "linear":
             raise ConfigError("head-init='ncm' sets a linear classifier from class means; it needs head='linear'.")
         if self.num_server_rounds == 0 and self.head_init == "random":
-            raise ConfigError("num-server-rounds=0 keeps the initial head: it needs head-init='fed3r' or 'ncm'.")
+            raise ConfigError("num-server-rounds=0 keeps the initial head: it needs head-init='fed3r', 'lda' or 'ncm'.")
         unknown = sorted(set(self.operating_class_list()) - set(self.classes()))
         if unknown:
             raise ConfigError(f"'operating-classes' names {unknown}, not among the classes {list(self.classes())}.")
@@ -338,10 +343,10 @@ def _check_dp(config: RunConfig) -> None:
             "trimmed mean or Krum's choice depends on the other updates in other ways, and FedAdam would "
             "have to be noised before its step."
         )
-    if config.head_init == "ncm":
+    if config.head_init != "random":
         raise ConfigError(
-            "dp-clipping-norm > 0 cannot start from head-init='ncm': FedNCM's class sums would go to the "
-            "server without noise. Use head-init='random'."
+            f"dp-clipping-norm > 0 cannot start from head-init='{config.head_init}': its one-shot class sums "
+            "(and Fed3R's Gram matrix) would go to the server without noise. Use head-init='random'."
         )
     if 0 < config.max_update_norm < config.dp_clipping_norm:
         raise ConfigError(

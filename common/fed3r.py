@@ -12,6 +12,11 @@ fitted unpenalised.
 Features are the classifier's own input: PowerNorm'd pooled features for the linear head; for
 ``head='mlp'`` the ReLU of the first, seeded layer, i.e. random features (the paper's Fed3R-RF),
 and the ridge sets the last layer. Each image counts once: its views' outer products are averaged.
+
+The same statistics also give the federation's shrinkage LDA classifier (``solve_lda``): class
+means and the within-class covariance are functions of the Gram matrix, the class sums and the
+counts. Its scores are Gaussian log-posteriors, so it needs no temperature fitted on held-out
+data, and its bias carries the log class prior explicitly.
 """
 
 from __future__ import annotations
@@ -83,6 +88,26 @@ def solve_ridge(stats: RidgeStats, penalty: float) -> tuple[np.ndarray, np.ndarr
     targets = np.vstack([sums.T, counts[None, :]])  # [Z, 1]^T Y
     solution = np.linalg.solve(system, targets)
     return solution[:dim].T, solution[dim]
+
+
+def solve_lda(stats: RidgeStats, shrinkage: float) -> tuple[np.ndarray, np.ndarray]:
+    """(weight, bias) of linear discriminant analysis with a shared covariance shrunk towards
+    a multiple of the identity: ``(1 - shrinkage) S + shrinkage tr(S)/dim I``, S the pooled
+    within-class covariance (divided by the examples, as scikit-learn's ``solver='lsqr'`` does).
+    Scores are ``w_c.z + b_c`` = log N(z; m_c, S) + log prior_c up to a term shared by all
+    classes. A class no client shared statistics of is modelled as the average image with half
+    an example's prior: rarely predicted, yet close enough for fine-tuning to bring it in."""
+    gram, sums, counts = stats.full_gram(), stats.sums.astype(np.float64), stats.counts.astype(np.float64)
+    dim, total = gram.shape[0], max(counts.sum(), 1.0)
+    present = counts > 0
+    means = np.tile(sums.sum(0) / total, (len(counts), 1))
+    means[present] = sums[present] / counts[present, None]
+    within = gram - means[present].T @ sums[present]  # sum over classes of (z - m_c)(z - m_c)^T
+    covariance = within / total
+    covariance = (1 - shrinkage) * covariance + shrinkage * np.trace(covariance) / dim * np.eye(dim)
+    weight = np.linalg.solve(covariance, means.T).T
+    bias = -0.5 * np.einsum("cd,cd->c", weight, means) + np.log(np.maximum(counts, 0.5) / total)
+    return weight, bias
 
 
 def ridge_scores(

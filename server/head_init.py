@@ -1,5 +1,6 @@
 """One-shot head initialisations before round 1: FedNCM (the classifier from the federation's
-class means) and Fed3R (the federation's ridge classifier, common/fed3r.py).
+class means), Fed3R (the federation's ridge classifier, common/fed3r.py) and, from Fed3R's
+same statistics, the federation's shrinkage LDA classifier.
 
 Each is one query to every connected node for its statistics under the initial model (embedding
 its images on the way, as round 1 would); nodes that fail or send malformed statistics are left
@@ -18,7 +19,7 @@ from flwr.serverapp import Grid
 
 from common import protocol
 from common.balance import class_prior, posthoc_offsets
-from common.fed3r import add_stats, calibrated_temperature, ridge_head_arrays, ridge_scores, solve_ridge
+from common.fed3r import add_stats, calibrated_temperature, ridge_head_arrays, ridge_scores, solve_lda, solve_ridge
 from common.flower_glue import to_array_record
 from common.numpy_head import layer_names, log_softmax, ncm_head_arrays
 from common.protocol import Phase, QueryAction
@@ -96,23 +97,31 @@ def federated_class_counts(strategy: EdgeSplitStrategy, grid: Grid, head: dict[s
 
 
 def fed3r_head(strategy: EdgeSplitStrategy, grid: Grid, head: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """The initial head with its last layer set to the federation's ridge classifier, its
-    temperature calibrated on the server's held-out split and, with class-balance, its bias
-    adjusted by the federation's class prior (``head`` if no statistics came)."""
+    """The initial head with its last layer set to the classifier solved from the nodes' Fed3R
+    statistics (``head`` if none came). ``head-init='fed3r'``: the ridge classifier, its
+    temperature calibrated on the server's held-out split; ``'lda'``: the shrinkage LDA classifier,
+    whose scores are log-posteriors already (no held-out data used). With class-balance, the bias
+    is adjusted by the federation's class prior."""
     run, started = strategy.run, time.perf_counter()
+    method = run.config.head_init
     accepted = _ask_all(strategy, grid, head, Phase.RIDGE_SUMS, QueryAction.RIDGE_SUMS)
     if not accepted:
-        log.warning("Fed3R: no usable ridge statistics arrived; the head starts random")
-        _record(strategy, started, method="fed3r", nodes=0, classes_set=[], class_counts=[0] * len(run.classes))
+        log.warning("%s: no usable ridge statistics arrived; the head starts random", method)
+        _record(strategy, started, method=method, nodes=0, classes_set=[], class_counts=[0] * len(run.classes))
         return head
     # in an order of their content, not of their arrival: the same replies give the same head
     replies = sorted(
         (ridge_stats_of(reply) for reply in accepted), key=lambda r: r.counts.tobytes() + r.gram[:64].tobytes()
     )
     stats = add_stats(replies)
-    weight, bias = solve_ridge(stats, run.config.fed3r_lambda)
-    scores = ridge_scores(run.trainable(head).last_inputs, run.test.features, weight, bias)
-    temperature = calibrated_temperature(lambda t: heldout_nll(scores, run.test.labels, t, run.config.average_views))
+    if method == "lda":
+        weight, bias = solve_lda(stats, run.config.lda_shrinkage)
+        temperature, solved = 1.0, {"shrinkage": run.config.lda_shrinkage}
+    else:
+        weight, bias = solve_ridge(stats, run.config.fed3r_lambda)
+        scores = ridge_scores(run.trainable(head).last_inputs, run.test.features, weight, bias)
+        nll = lambda t: heldout_nll(scores, run.test.labels, t, run.config.average_views)  # noqa: E731
+        temperature, solved = calibrated_temperature(nll), {"penalty": run.config.fed3r_lambda}
     prior = class_prior(stats.counts)
     offsets = posthoc_offsets(run.config.class_balance, prior, run.config.logit_adjust_tau)
     head = ridge_head_arrays(head, layer_names(run.config.head)[-1], weight, bias, temperature, offsets)
@@ -120,12 +129,12 @@ def fed3r_head(strategy: EdgeSplitStrategy, grid: Grid, head: dict[str, np.ndarr
     _record(
         strategy,
         started,
-        method="fed3r",
+        method=method,
         nodes=len(accepted),
         classes_set=[c for c in range(len(counts)) if counts[c] > 0],
         class_counts=counts.tolist(),
         temperature=round(temperature, 4),
-        penalty=run.config.fed3r_lambda,
+        **solved,
         adjusted=offsets is not None,
     )
     return head

@@ -13,7 +13,7 @@ import numpy as np
 from flwr.serverapp import Grid
 
 from client.local_data import check_simulated_split
-from common.config import RunConfig
+from common.config import FROM_RIDGE_SUMS, RunConfig
 from common.data import DataError
 from common.flower_glue import from_array_record, to_array_record, to_config_record
 from common.protocol import Phase
@@ -48,7 +48,7 @@ class RoundLoop:
             random.seed(config.seed)  # Flower samples nodes with Python's global RNG
             if config.head_init == "ncm":
                 self.global_head = fedncm_head(self.strategy, grid, self.global_head)
-            elif config.head_init == "fed3r":
+            elif config.head_init in FROM_RIDGE_SUMS:
                 self.global_head = fed3r_head(self.strategy, grid, self.global_head)
             elif config.class_balance != "none" or config.local_prior_correction:
                 federated_class_counts(self.strategy, grid, self.global_head)

@@ -356,5 +356,9 @@ def test_fed3r_and_class_balance_rules(config: dict[str, object], message: str) 
     with pytest.raises(ConfigError) as caught:
         RunConfig.from_flower(config)
     assert message in str(caught.value)
-    allowed = RunConfig.from_flower({"head-init": "fed3r", "class-balance": "logit-adjusted", "num-server-rounds": 0})
-    assert allowed.head_init == "fed3r" and allowed.num_server_rounds == 0
+    for init in ("fed3r", "lda"):
+        allowed = RunConfig.from_flower({"head-init": init, "class-balance": "logit-adjusted", "num-server-rounds": 0})
+        assert allowed.head_init == init and allowed.num_server_rounds == 0
+    for shrinkage in (0.0, 1.5):
+        with pytest.raises(ConfigError, match="lda-shrinkage"):
+            RunConfig.from_flower({"lda-shrinkage": shrinkage})

@@ -162,6 +162,8 @@ def test_a_clipped_update_passes_the_screen_and_an_unclipped_one_does_not() -> N
         ({"strategy": "krum", "min-clients": 5}, "not 'krum'"),
         ({"strategy": "fedadam"}, "not 'fedadam'"),
         ({"head-init": "ncm"}, "class sums"),
+        ({"head-init": "fed3r"}, "Gram matrix"),
+        ({"head-init": "lda"}, "without noise"),
         ({"max-update-norm": 0.5}, "must not exceed max-update-norm"),
     ],
 )

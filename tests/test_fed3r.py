@@ -7,7 +7,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from common.fed3r import add_stats, ridge_head_arrays, ridge_sums, solve_ridge
+from common.fed3r import add_stats, ridge_head_arrays, ridge_sums, solve_lda, solve_ridge
 from common.numpy_head import NumpyHead
 from common.protocol import RidgeStats
 from server.validation import ridge_stats_reject_reason
@@ -66,6 +66,48 @@ def test_federated_ridge_equals_the_centralised_one_in_any_client_order(kind: st
         np.testing.assert_allclose(bias, expected_bias, atol=ATOL)
     dim = DIM if kind == "linear" else 20
     assert stats[0].gram.dtype == np.float32 and stats[0].gram.shape == (dim * (dim + 1) // 2,)
+
+
+@pytest.mark.parametrize("split", ["iid-4", "one-class-each", "skewed-sizes"])
+@pytest.mark.parametrize("shrinkage", [0.05, 0.5])
+def test_federated_lda_equals_scikit_learns_on_the_pooled_data(split: str, shrinkage: float) -> None:
+    """One view (scikit-learn's LDA weighs every row alike): the same weights, intercepts and so
+    the same predictions, from the clients' sums in either order."""
+    from sklearn.discriminant_analysis import LinearDiscriminantAnalysis
+
+    # Prepare
+    x, y = _data()
+    x = x[:, :1]
+    head = NumpyHead.initial("linear", DIM, CLASSES, seed=4)
+    z = head.last_inputs(x[:, 0].astype(np.float32)).astype(np.float64)
+    expected = LinearDiscriminantAnalysis(solver="lsqr", shrinkage=shrinkage).fit(z, y)
+    stats = [ridge_sums(head.last_inputs, x[share], y[share], CLASSES) for share in _partitions(y)[split]]
+
+    # Execute
+    solutions = [solve_lda(add_stats(ordered), shrinkage) for ordered in (stats, stats[::-1])]
+
+    # Assert
+    for weight, bias in solutions:
+        np.testing.assert_allclose(weight, expected.coef_, rtol=1e-4, atol=ATOL)
+        np.testing.assert_allclose(bias, expected.intercept_, rtol=1e-4, atol=ATOL)
+
+
+def test_lda_scores_a_class_without_statistics_as_the_average_image_with_a_tiny_prior() -> None:
+    # Prepare: nobody shared class 2
+    x, y = _data()
+    keep = y != 2
+    head = NumpyHead.initial("linear", DIM, CLASSES, seed=0)
+    stats = ridge_sums(head.last_inputs, x[keep], y[keep], CLASSES)
+
+    # Execute
+    weight, bias = solve_lda(stats, 0.1)
+
+    # Assert: finite, and never the most likely class for an image of a shared class
+    assert np.isfinite(weight).all() and np.isfinite(bias).all()
+    z = head.last_inputs(x[keep][:, 0].astype(np.float32))
+    scores = z @ weight.T + bias
+    assert (scores.argmax(1) != 2).mean() > 0.9
+    assert (scores.argmax(1) == y[keep]).mean() > 0.8
 
 
 def test_classes_below_the_floor_are_left_out_of_every_sum() -> None:

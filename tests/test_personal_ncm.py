@@ -59,19 +59,25 @@ class InProcessGrid:
 
 @pytest.fixture(scope="module")
 def federations(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
-    """The same pathological federation twice, head initialised at random and by FedNCM."""
+    """The same pathological federation twice, head initialised at random and by FedNCM; and
+    the federation's LDA head from Fed3R's statistics alone (no round)."""
     TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 0  # as the ServerApp's runtime sets
     tmp = tmp_path_factory.mktemp("pathological")
     root = write_pathological_data(tmp / "data", clients=CLIENTS, per_class=30, test_per_class=8)
     results: dict[str, Any] = {}
-    for init in ("random", "ncm"):
+    for init in ("random", "ncm", "lda"):
         settings = run_config(
             root,
             tmp / "cache",
             tmp / "runs",
             init,
             # half of each client's images are its local test share: enough to compare two heads on
-            **{"head-init": init, "num-server-rounds": ROUNDS, "engine": "torch", "client-test-fraction": 0.5},
+            **{
+                "head-init": init,
+                "num-server-rounds": 0 if init == "lda" else ROUNDS,
+                "engine": "torch",
+                "client-test-fraction": 0.5,
+            },
         )
         config = RunConfig.from_flower(settings)
         run = ServerRun.prepare(config)
@@ -100,6 +106,14 @@ def test_fedncm_reaches_the_probe_plateau_in_fewer_rounds(federations: dict[str,
     init = [e for e in federations["ncm"]["events"] if e["event"] == "head-initialised"]
     assert len(init) == 1 and init[0]["nodes"] == CLIENTS and init[0]["classes_set"] == list(range(len(CLASSES)))
     assert not [e for e in federations["random"]["events"] if e["event"] == "head-initialised"]
+
+
+def test_the_federated_lda_head_starts_at_the_probe_plateau_without_held_out_data(federations: dict[str, Any]) -> None:
+    lda = federations["lda"]
+    assert lda["initial"] >= federations["probe"] - 0.02
+    (init,) = [e for e in lda["events"] if e["event"] == "head-initialised"]
+    assert init["method"] == "lda" and init["nodes"] == CLIENTS and init["classes_set"] == list(range(len(CLASSES)))
+    assert init["temperature"] == 1.0 and init["shrinkage"] == 0.1  # no temperature fitted on the server's split
 
 
 def test_personal_heads_beat_the_global_head_on_local_data(federations: dict[str, Any]) -> None:
