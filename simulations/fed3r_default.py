@@ -1,6 +1,6 @@
 """The ELPV default run and its class-balance and Fed3R variants, through the real Flower runtime.
 
-    python -m simulations.fed3r_default       # 11 runs of 10 clients, about 15 minutes with a warm cache
+    python -m simulations.fed3r_default       # 15 runs of 10 clients, about 15 minutes with a warm cache
 
 Each row is one `flwr run` of the main job's federation (10 clients, Dirichlet 0.3, 30 rounds, the
 eight views) with the listed run-config changes; the embedding cache is the default one, so a
@@ -46,6 +46,20 @@ VARIANTS: dict[str, dict[str, Any]] = {
         **GENTLE,
         "class-balance": "logit-adjusted",
     },
+    "LDA alone (0 rounds)": {"head-init": "lda", "class-balance": "none", "num-server-rounds": 0},
+    "LDA alone, logit-adjusted tau 0.5 (0 rounds)": {
+        "head-init": "lda",
+        "class-balance": "logit-adjusted",
+        "logit-adjust-tau": 0.5,
+        "num-server-rounds": 0,
+    },
+    "LDA alone, logit-adjusted tau 0.75 (0 rounds)": {
+        "head-init": "lda",
+        "class-balance": "logit-adjusted",
+        "logit-adjust-tau": 0.75,
+        "num-server-rounds": 0,
+    },
+    "LDA + gentle FT, local-prior correction": {"head-init": "lda", **GENTLE},
 }
 
 
@@ -113,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
         "differ. x86-64 AMD EPYC with AVX-512 VNNI, 2 cores, no other session running. Class priors\n"
         "come from the federated counts (the one-shot statistics, or a counts-only query with a random\n"
         "head), never from the held-out split; Fed3R's temperature is calibrated on the server's held-out\n"
-        "split (it changes no prediction). Bytes are\n"
+        "split (it changes no prediction); the LDA head (head-init='lda', lda-shrinkage 0.1) has none. Bytes are\n"
         "wire bytes of the replies (Flower's message size).\n\n" + table + "\n",
     )
     return 0
