@@ -64,7 +64,7 @@ class ServerRun:
     nodes: dict[int, dict[str, Any]] = field(default_factory=dict)  # node -> engine and golden check
     final_report: ClassificationReport | None = None
     checkpoint: Checkpoint | None = None  # what a resumed run continues from
-    initialisation: dict[str, Any] = field(default_factory=dict)  # how the head was initialised (FedNCM, Fed3R)
+    initialisation: dict[str, Any] = field(default_factory=dict)  # how the head was initialised (FedNCM, Fed3R, LDA)
     class_counts: tuple[int, ...] = ()  # the federation's, from the one-shot statistics: the class prior
     _initial_head: dict[str, np.ndarray] | None = None
 
@@ -232,7 +232,7 @@ class ServerRun:
         return head.evaluate(self.test.features, self.test.labels, len(self.classes), self.config.average_views)
 
     def record_initialisation(self, **facts: Any) -> None:
-        """What the one-shot initialisation (FedNCM, Fed3R) took and found (summary.json's
+        """What the one-shot initialisation (FedNCM, Fed3R, LDA) took and found (summary.json's
         ``head_init``); its class counts are the class prior from then on."""
         self.initialisation = facts
         if sum(facts.get("class_counts", ())) > 0:

@@ -19,6 +19,7 @@ import sys
 import time
 import warnings
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -32,15 +33,14 @@ def pooled_features(paths: tuple[str, ...], image_size: int, batch: int = 32) ->
     from common.backbones import build_backbone, load_backbone_weights, preprocess_for
     from common.preprocess import decode_image
 
-    model: object = build_backbone("efficientnet_lite0", load_backbone_weights("efficientnet_lite0"))
+    model: Any = build_backbone("efficientnet_lite0", load_backbone_weights("efficientnet_lite0"))
     preprocess = preprocess_for("efficientnet_lite0", image_size, 1.0)
     out: dict[str, list[np.ndarray]] = {name: [] for name in POOLINGS}
-    m: object = model
     with torch.no_grad():
         for start in range(0, len(paths), batch):
             images = [preprocess(decode_image(Path(p).read_bytes())) for p in paths[start : start + batch]]
-            stage = m.blocks(m.bn1(m.conv_stem(torch.from_numpy(np.stack(images)))))  # type: ignore[attr-defined]
-            last = m.bn2(m.conv_head(stage))  # type: ignore[attr-defined]
+            stage = model.blocks(model.bn1(model.conv_stem(torch.from_numpy(np.stack(images)))))
+            last = model.bn2(model.conv_head(stage))  # the 1280-channel map edgesplit pools
             mean, peak = last.mean((2, 3)), last.amax((2, 3))
             gem = last.clamp(min=1e-6).pow(3).mean((2, 3)).pow(1 / 3)
             for name, value in zip(
