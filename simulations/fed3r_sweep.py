@@ -384,9 +384,10 @@ def main(argv: list[str] | None = None) -> int:
                 {
                     "head_init": "lda",
                     "lda_shrinkage": shrinkage,
-                    "class_balance": "logit-adjusted",
+                    "class_balance": balance,
                     "logit_adjust_tau": 0.75,
                 }
+                for balance in ("none", "logit-adjusted")
                 for shrinkage in (0.05, 0.1, 0.2, 0.3, 0.5)
             ),
         ]
