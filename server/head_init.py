@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -19,10 +20,11 @@ from flwr.serverapp import Grid
 
 from common import protocol
 from common.balance import class_prior, posthoc_offsets
+from common.config import RunConfig
 from common.fed3r import add_stats, calibrated_temperature, ridge_head_arrays, ridge_scores, solve_lda, solve_ridge
 from common.flower_glue import to_array_record
 from common.numpy_head import layer_names, log_softmax, ncm_head_arrays
-from common.protocol import Phase, QueryAction
+from common.protocol import Phase, QueryAction, RidgeStats
 from server.screening import class_counts_of, class_stats_of, ridge_stats_of
 from server.strategy import EdgeSplitStrategy
 
@@ -114,17 +116,9 @@ def fed3r_head(strategy: EdgeSplitStrategy, grid: Grid, head: dict[str, np.ndarr
         (ridge_stats_of(reply) for reply in accepted), key=lambda r: r.counts.tobytes() + r.gram[:64].tobytes()
     )
     stats = add_stats(replies)
-    if method == "lda":
-        weight, bias = solve_lda(stats, run.config.lda_shrinkage)
-        temperature, solved = 1.0, {"shrinkage": run.config.lda_shrinkage}
-    else:
-        weight, bias = solve_ridge(stats, run.config.fed3r_lambda)
-        scores = ridge_scores(run.trainable(head).last_inputs, run.test.features, weight, bias)
-        nll = lambda t: heldout_nll(scores, run.test.labels, t, run.config.average_views)  # noqa: E731
-        temperature, solved = calibrated_temperature(nll), {"penalty": run.config.fed3r_lambda}
-    prior = class_prior(stats.counts)
-    offsets = posthoc_offsets(run.config.class_balance, prior, run.config.logit_adjust_tau)
-    head = ridge_head_arrays(head, layer_names(run.config.head)[-1], weight, bias, temperature, offsets)
+    head, solved = closed_form_head(
+        run.config, method, head, stats, run.trainable(head).last_inputs, run.test.features, run.test.labels
+    )
     counts = stats.counts.astype(int)
     _record(
         strategy,
@@ -133,11 +127,35 @@ def fed3r_head(strategy: EdgeSplitStrategy, grid: Grid, head: dict[str, np.ndarr
         nodes=len(accepted),
         classes_set=[c for c in range(len(counts)) if counts[c] > 0],
         class_counts=counts.tolist(),
-        temperature=round(temperature, 4),
         **solved,
-        adjusted=offsets is not None,
     )
     return head
+
+
+def closed_form_head(
+    config: RunConfig,
+    method: str,
+    head: dict[str, np.ndarray],
+    stats: RidgeStats,
+    last_inputs: Callable[[np.ndarray], np.ndarray],
+    held_out_features: np.ndarray,
+    held_out_labels: np.ndarray,
+) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+    """``head`` with its last layer solved from the federation's summed Fed3R statistics by
+    ``method`` ('fed3r': ridge, its temperature calibrated on the held-out features the last
+    layer's inputs ``last_inputs`` map; 'lda': shrinkage LDA, no temperature), its bias adjusted
+    by the statistics' class prior under the config's class balance; and what was solved with."""
+    if method == "lda":
+        weight, bias = solve_lda(stats, config.lda_shrinkage)
+        temperature, solved = 1.0, {"shrinkage": config.lda_shrinkage}
+    else:
+        weight, bias = solve_ridge(stats, config.fed3r_lambda)
+        scores = ridge_scores(last_inputs, held_out_features, weight, bias)
+        nll = lambda t: heldout_nll(scores, held_out_labels, t, config.average_views)  # noqa: E731
+        temperature, solved = calibrated_temperature(nll), {"penalty": config.fed3r_lambda}
+    offsets = posthoc_offsets(config.class_balance, class_prior(stats.counts), config.logit_adjust_tau)
+    arrays = ridge_head_arrays(head, layer_names(config.head)[-1], weight, bias, temperature, offsets)
+    return arrays, {"temperature": round(temperature, 4), **solved, "adjusted": offsets is not None}
 
 
 def heldout_nll(scores: np.ndarray, labels: np.ndarray, temperature: float, average_views: bool) -> float:

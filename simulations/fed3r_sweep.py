@@ -32,7 +32,7 @@ from flwr.app import MetricRecord, RecordDict
 from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
 
 from common.balance import class_prior, posthoc_offsets, training_offsets
-from common.config import RunConfig
+from common.config import FROM_RIDGE_SUMS, RunConfig
 from common.data import LabelledFiles, partition
 from common.fed3r import (
     add_stats,
@@ -40,8 +40,6 @@ from common.fed3r import (
     ridge_head_arrays,
     ridge_scores,
     ridge_sums,
-    solve_lda,
-    solve_ridge,
 )
 from common.flower_glue import from_array_record, to_array_record
 from common.metrics import ClassificationReport
@@ -196,12 +194,15 @@ def ridge_statistics(
     )
 
 
-def ridge_start(
-    pool: Pool, config: RunConfig, start: dict[str, np.ndarray], stats: RidgeStats
+def closed_form_start(
+    pool: Pool, config: RunConfig, method: str, start: dict[str, np.ndarray], stats: RidgeStats
 ) -> dict[str, np.ndarray]:
-    """server/head_init.py's Fed3R head from summed statistics: solve, calibrate, adjust."""
-    weight, bias = solve_ridge(stats, config.fed3r_lambda)
-    return calibrated_head(pool, config, start, weight, bias, stats.counts)
+    """The server's head from summed statistics (server/head_init.py ``closed_form_head``):
+    'fed3r' solves the ridge and calibrates it on the held-out split, 'lda' needs no temperature."""
+    from server.head_init import closed_form_head
+
+    last_inputs = NumpyHead(config.head, start).last_inputs
+    return closed_form_head(config, method, start, stats, last_inputs, pool.test_x, pool.test_y)[0]
 
 
 def calibrated_head(
@@ -220,14 +221,6 @@ def calibrated_head(
     temperature = calibrated_temperature(lambda t: heldout_nll(scores, pool.test_y, t, pool.average_views))
     offsets = posthoc_offsets(config.class_balance, class_prior(counts), config.logit_adjust_tau)
     return ridge_head_arrays(start, layer_names(config.head)[-1], weight, bias, temperature, offsets)
-
-
-def lda_start(pool: Pool, config: RunConfig, start: dict[str, np.ndarray], stats: RidgeStats) -> dict[str, np.ndarray]:
-    """server/head_init.py's LDA head from the same statistics: no temperature, the bias adjusted
-    by the prior if the config balances classes."""
-    weight, bias = solve_lda(stats, config.lda_shrinkage)
-    offsets = posthoc_offsets(config.class_balance, class_prior(stats.counts), config.logit_adjust_tau)
-    return ridge_head_arrays(start, layer_names(config.head)[-1], weight, bias, 1.0, offsets)
 
 
 def ncm_start(pool: Pool, parts: list[np.ndarray], start: dict[str, np.ndarray], floor: int) -> tuple[dict, np.ndarray]:
@@ -275,10 +268,10 @@ def sweep(pool: Pool, base: RunConfig, rounds: int, clients: int, logistic: floa
         # the learning-rate schedule spans the rounds run here
         config = RunConfig.from_flower({**base.to_flower(), **overrides, "num-server-rounds": rounds})
         parts, seed = shares(pool.train_y, clients, config)
-        exact = ridge_start(pool, config, start, ridge_statistics(pool, parts, "linear", start, 1))
+        exact = closed_form_start(pool, config, "fed3r", start, ridge_statistics(pool, parts, "linear", start, 1))
         floored_stats = ridge_statistics(pool, parts, "linear", start, FLOOR)
-        fed3r = ridge_start(pool, config, start, floored_stats)
-        lda = lda_start(pool, config, start, floored_stats)
+        fed3r = closed_form_start(pool, config, "fed3r", start, floored_stats)
+        lda = closed_form_start(pool, config, "lda", start, floored_stats)
         ncm, _ = ncm_start(pool, parts, start, FLOOR)
         counts = np.bincount(pool.train_y[np.concatenate(parts)], minlength=pool.num_classes)  # a counts-only query
         corrected = dataclasses.replace(config, local_prior_correction=True)
@@ -335,10 +328,10 @@ def explore(pool: Pool, base: RunConfig, rounds: int, clients: int, candidates: 
         config = dataclasses.replace(base, **overrides)
         start = initial_arrays(config.head, pool.train_x.shape[-1], pool.num_classes, config.mlp_hidden, config.seed)
         prior = None
-        if config.head_init in ("fed3r", "lda"):
+        if config.head_init in FROM_RIDGE_SUMS:
             stats = ridge_statistics(pool, parts, config.head, start, FLOOR)
             prior = class_prior(stats.counts)
-            start = (ridge_start if config.head_init == "fed3r" else lda_start)(pool, config, start, stats)
+            start = closed_form_start(pool, config, config.head_init, start, stats)
         elif config.class_balance != "none" or config.local_prior_correction:
             prior = class_prior(np.bincount(pool.train_y[np.concatenate(parts)], minlength=pool.num_classes))
         reports = [evaluate(pool, config.head, start), *federate(pool, parts, config, start, rounds, prior)]
