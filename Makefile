@@ -22,12 +22,12 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 run: setup
-	$(PY) -m simulations.main_job --run-config "$(RUN_CONFIG)"
+	$(PY) -m deploy.simulate --run-config "$(RUN_CONFIG)"
 
 lint: setup
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
-	$(VENV)/bin/mypy common client server simulations
+	$(VENV)/bin/mypy common client server deploy simulations
 
 test: lint
 	# Two workers, one test file each at a time (module fixtures stay in one process), longest files first (tests/conftest.py).

@@ -1,6 +1,6 @@
 """Differential privacy, the board's half: a train reply's update (its head minus the head it was
-sent) is clipped to ``dp-clipping-norm`` before it leaves, with Flower's own clipping. The server
-adds the noise (server/dp.py).
+sent) is clipped to ``dp-clipping-norm`` before it leaves, with the arithmetic of Flower's fixed
+clipping (common/clipping.py). The server adds the noise (server/dp.py).
 
 A ClientApp mod, as Flower's ``fixedclipping_mod`` is, but reading the norm from the typed
 instructions and clipping the one record of trainable arrays: Flower 1.41's mod refuses a
@@ -10,29 +10,12 @@ golden batch, beside the head.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-
-import numpy as np
 from flwr.app import Context, Message, MessageType
 from flwr.clientapp.typing import ClientAppCallable
-from flwr.supercore.differential_privacy import compute_clip_model_update, get_norm
 
+from common.clipping import clip_update
 from common.flower_glue import from_array_record, to_array_record
 from common.protocol import ARRAYS, CONFIG, Instructions
-
-
-def clip_update(
-    arrays: Mapping[str, np.ndarray], start: Mapping[str, np.ndarray], clipping_norm: float
-) -> dict[str, np.ndarray]:
-    """``arrays`` moved back towards ``start`` so that the update's L2 norm (over all arrays) is at
-    most ``clipping_norm``; an update within it is returned as it is."""
-    names = list(start)
-    update = [np.subtract(arrays[name], start[name]) for name in names]
-    if get_norm(update) <= clipping_norm:  # also an update of 0, which Flower's clipping divides by
-        return dict(arrays)
-    clipped = [np.asarray(arrays[name]).copy() for name in names]
-    compute_clip_model_update(clipped, [np.asarray(start[name]) for name in names], clipping_norm)
-    return {name: value.astype(np.asarray(arrays[name]).dtype) for name, value in zip(names, clipped, strict=True)}
 
 
 def dp_clipping_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:

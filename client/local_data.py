@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -66,23 +65,3 @@ def _simulated_folder(config: RunConfig, node: NodeConfig) -> Path:
             "holding client-<partition-id>/ folders in simulation."
         )
     return Path(config.data_dir).expanduser() / f"client-{node.partition_id}"
-
-
-def check_simulated_split(config: RunConfig, num_clients: int) -> None:
-    """Raise the DataError now, once, if ELPV cannot be split over ``num_clients`` simulated
-    clients as configured: otherwise every client raises it, in every round and retry."""
-    if config.dataset != "elpv":
-        return
-    client_share, _ = elpv_split(config.elpv_task, config.subset, config.test_fraction, config.seed)
-    with warnings.catch_warnings():  # flwr-datasets warns on every Dirichlet re-draw: the error says it once
-        warnings.simplefilter("ignore", UserWarning)
-        for partition_id in range(num_clients):
-            partition(
-                client_share,
-                num_clients,
-                partition_id,
-                config.partitioner,
-                config.seed,
-                config.dirichlet_alpha,
-                config.classes_per_client,
-            )

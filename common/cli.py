@@ -7,9 +7,9 @@ import importlib
 import sys
 
 COMMANDS = {
-    "simulate": ("simulations.main_job", "run a simulated federation on this machine (the main job)"),
+    "simulate": ("deploy.simulate", "run a simulated federation on this machine (the main job)"),
     "credentials": ("server.credentials", "make the CA, the SuperLink certificate and board key pairs"),
-    "deploy-local": ("simulations.deployment", "start SuperLink + N SuperNodes here, TLS and auth on"),
+    "deploy-local": ("deploy.local_fleet", "start SuperLink + N SuperNodes here, TLS and auth on"),
     "dashboard": ("server.dashboard", "a live, read-only web view of a run folder (127.0.0.1 by default)"),
     "report": ("server.report", "write a run folder's static report.html (PNG plots) again"),
     "predict": ("client.predict", "classify a folder of images with an exported model (ONNX Runtime, no torch)"),

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from enum import StrEnum
@@ -15,9 +16,8 @@ from typing import Any
 
 from common.backbones import BackboneError, available_backbones
 from common.cut import check_cut
-from common.data import class_names_for, is_plain_name
-from common.engines import ENGINE_CHOICES
-from common.numpy_head import HEAD_KINDS
+from common.data import class_names_for, elpv_split, is_plain_name, partition
+from common.kinds import DP_STRATEGIES, ENGINE_CHOICES, KRUM_FAMILY, HeadKind, StrategyName
 from common.views import VIEW_SETS, ViewError, parse_views
 
 PARTITIONERS = ("iid", "dirichlet", "pathological")
@@ -52,14 +52,7 @@ class ConfigError(ValueError):
 
 
 def _choice(*allowed: str) -> dict[str, Any]:
-    return {"choices": allowed}
-
-
-def _strategy_names() -> tuple[str, ...]:
-    """The aggregation rules the server knows: the keys of its strategy table."""
-    from server.strategies import STRATEGIES  # the table imports Flower's strategies: only when checked
-
-    return tuple(STRATEGIES)
+    return {"choices": tuple(str(choice) for choice in allowed)}
 
 
 def _range(low: float | None = None, high: float | None = None) -> dict[str, Any]:
@@ -78,7 +71,7 @@ class RunConfig:
     num_server_rounds: int = _key(
         30, "rounds of federated training (0: the initial head is the result, e.g. Fed3R alone)", **_range(0, 10_000)
     )
-    strategy: str = _key("fedavg", "server aggregation (a name in server/strategies.py)", choices=_strategy_names)
+    strategy: str = _key("fedavg", "server aggregation (a name in server/aggregation.py)", **_choice(*StrategyName))
     fraction_train: float = _key(1.0, "share of connected clients sampled per round", **_range(0.0, 1.0))
     fraction_evaluate: float = _key(1.0, "share of clients asked to evaluate locally", **_range(0.0, 1.0))
     min_clients: int = _key(2, "clients needed before a round starts", **_range(1, 100_000))
@@ -116,7 +109,7 @@ class RunConfig:
     backbone_weights: str = _key("", "weights file for a backbone without embedded weights")
     image_size: int = _key(224, "backbone input size in pixels", **_range(32, 1024))
     crop_pct: float = _key(1.0, "centre-crop share (1.0 keeps the whole image)", **_range(0.1, 1.0))
-    head: str = _key("linear", "trainable head", **_choice(*HEAD_KINDS))
+    head: str = _key("linear", "trainable head", **_choice(*HeadKind))
     mlp_hidden: int = _key(256, "hidden width of the mlp head", **_range(1, 65_536))
     cut: int = _key(0, "backbone stages that train with the head, counted from the end (0: head only)", **_range(0, 64))
     head_init: str = _key(
@@ -242,8 +235,6 @@ class RunConfig:
         unknown = sorted(set(self.operating_class_list()) - set(self.classes()))
         if unknown:
             raise ConfigError(f"'operating-classes' names {unknown}, not among the classes {list(self.classes())}.")
-        from server.strategies import KRUM_FAMILY
-
         if self.strategy in KRUM_FAMILY and self.min_clients < 2 * self.krum_malicious + 3:
             raise ConfigError(
                 f"strategy='{self.strategy}' with krum-malicious={self.krum_malicious} needs min-clients >= "
@@ -312,6 +303,26 @@ class RunConfig:
         return self.learning_rate * 0.5 * (1 + math.cos(math.pi * progress))
 
 
+def check_simulated_split(config: RunConfig, num_clients: int) -> None:
+    """Raise the DataError now, once, if ELPV cannot be split over ``num_clients`` simulated
+    clients as configured: otherwise every client raises it, in every round and retry."""
+    if config.dataset != "elpv":
+        return
+    client_share, _ = elpv_split(config.elpv_task, config.subset, config.test_fraction, config.seed)
+    with warnings.catch_warnings():  # flwr-datasets warns on every Dirichlet re-draw: the error says it once
+        warnings.simplefilter("ignore", UserWarning)
+        for partition_id in range(num_clients):
+            partition(
+                client_share,
+                num_clients,
+                partition_id,
+                config.partitioner,
+                config.seed,
+                config.dirichlet_alpha,
+                config.classes_per_client,
+            )
+
+
 def _check_class_names(config: RunConfig) -> None:
     """Class names are folder names on every board: plain, distinct, and at least two."""
     names = config.class_list()
@@ -329,8 +340,6 @@ def _check_class_names(config: RunConfig) -> None:
 
 def _check_dp(config: RunConfig) -> None:
     """The rules of a DP run (dp-clipping-norm > 0)."""
-    from server.strategies import DP_STRATEGIES
-
     if config.dp_noise_multiplier <= 0:
         raise ConfigError(
             "dp-clipping-norm > 0 needs dp-noise-multiplier > 0: clipping without noise gives no privacy "
@@ -338,10 +347,10 @@ def _check_dp(config: RunConfig) -> None:
         )
     if config.strategy not in DP_STRATEGIES:
         raise ConfigError(
-            f"dp-clipping-norm > 0 works with strategy {list(DP_STRATEGIES)}, not '{config.strategy}': the noise "
-            "is calibrated to what one node's clipped update can change in a plain average. A median, a "
-            "trimmed mean or Krum's choice depends on the other updates in other ways, and FedAdam would "
-            "have to be noised before its step."
+            f"dp-clipping-norm > 0 works with strategy {[str(name) for name in DP_STRATEGIES]}, not "
+            f"'{config.strategy}': the noise is calibrated to what one node's clipped update can change in a "
+            "plain average. A median, a trimmed mean or Krum's choice depends on the other updates in other "
+            "ways, and FedAdam would have to be noised before its step."
         )
     if config.head_init != "random":
         raise ConfigError(

@@ -29,18 +29,13 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 
+from common.kinds import ENGINE_CHOICES
 from common.protocol import ONNX_MODEL
 
 if TYPE_CHECKING:
     from torch import nn
 
     from common.protocol import Instructions
-
-ONNX_INPUT = "images"
-ONNX_OUTPUT = "features"
-# An exported model (common/export.py, read by client/predict.py): its description and outputs.
-MODEL_INFO = "model.json"
-LOGITS, PROBABILITIES = "logits", "probabilities"
 
 # ONNX Runtime's fast u8 x s8 int8 kernels on x86 without VNNI (SSE4.1, AVX2, AVX-512 without VNNI)
 # add pairs of products in 16 bits (VPMADDUBSW), which saturates: EfficientNet-Lite0's int8 features
@@ -279,7 +274,6 @@ class OnnxInt8Kind(OnnxKind):
 
 ENGINE_KINDS: dict[str, EngineKind] = {kind.name: kind for kind in (TorchKind(), OnnxKind(), OnnxInt8Kind())}
 ENGINES = tuple(ENGINE_KINDS)
-ENGINE_CHOICES = ("auto", *ENGINES)
 ONNX_ENGINES = tuple(name for name, kind in ENGINE_KINDS.items() if isinstance(kind, OnnxKind))
 
 

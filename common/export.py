@@ -27,8 +27,8 @@ import torch
 from torch import nn
 
 from common.data import LabelledFiles
-from common.engines import LOGITS, MODEL_INFO, ONNX_INPUT, ONNX_OUTPUT, PROBABILITIES
 from common.preprocess import DECODE_ERRORS, PreprocessSpec, decode_image
+from common.protocol import LOGITS, MODEL_INFO, ONNX_INPUT, ONNX_OUTPUT, PROBABILITIES
 
 log = logging.getLogger(__name__)
 

@@ -23,9 +23,10 @@ from typing import Any
 
 import numpy as np
 
+from common.kinds import HeadKind
 from common.metrics import ClassificationReport, classification_report
 
-HEAD_KINDS = ("linear", "mlp")
+HEAD_KINDS = tuple(str(kind) for kind in HeadKind)
 DROPOUT = 0.2  # the MLP's dropout between its two layers
 MOMENTUM = 0.9  # SGD momentum of local training
 EPS = 1e-12  # as torch.nn.functional.normalize

@@ -35,6 +35,7 @@ from typing import Any, ClassVar, Self
 
 import numpy as np
 
+from common.kinds import EngineName
 from common.preprocess import PreprocessSpec
 
 # --- record names inside a message's RecordDict ------------------------------------------------
@@ -134,6 +135,13 @@ FINGERPRINT = re.compile(r"[0-9a-f]{64}")
 
 # The ONNX engines' backbone record holds the model file's bytes under this name.
 ONNX_MODEL = "model.onnx"
+# The names inside every ONNX model the server makes: the backbone variants' input and output,
+# and the exported model's outputs and its description file (common/export.py).
+ONNX_INPUT = "images"
+ONNX_OUTPUT = "features"
+LOGITS = "logits"
+PROBABILITIES = "probabilities"
+MODEL_INFO = "model.json"
 # The key of the query action in a query's config record.
 ACTION = "action"
 # Flower's strategies put the round into every config record under this key.
@@ -285,13 +293,14 @@ class Instructions(ConfigMessage):
         can only name files inside its cache, a known engine, backbone, head and views, and every
         hyperparameter within the range the board would accept in its own run config."""
         from common.config import RunConfig  # imports the engines, which import this module
-        from common.engines import ENGINES
         from common.views import VIEWS
 
         check_fingerprint(self.fingerprint, "fingerprint")
         check_fingerprint(self.engine_fingerprint, "engine-fingerprint")
-        if self.engine not in ENGINES:
-            raise ProtocolError(f"Instruction 'engine' must be one of {list(ENGINES)}, got {self.engine!r}.")
+        if self.engine not in set(EngineName):
+            raise ProtocolError(
+                f"Instruction 'engine' must be one of {[str(name) for name in EngineName]}, got {self.engine!r}."
+            )
         unknown = [view for view in self.views if view not in VIEWS]
         if unknown or not self.views:
             raise ProtocolError(f"Instruction 'views' names unknown views {unknown}; known: {list(VIEWS)}.")

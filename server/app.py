@@ -10,11 +10,11 @@ from flwr.serverapp import Grid, ServerApp
 
 from common.config import RunConfig
 from common.logs import configure_logging
+from server.edgesplit_strategy import EdgeSplitStrategy
 from server.nodes import PromptGrid, RunStopped
 from server.outcome import finish
-from server.rounds import RoundLoop
-from server.run import ServerRun
-from server.strategy import EdgeSplitStrategy
+from server.round_loop import RoundLoop
+from server.server_run import ServerRun
 
 app = ServerApp()
 log = logging.getLogger(__name__)

@@ -2,7 +2,7 @@
 
 Starlette and uvicorn (already installed with Flower) serve three things: the page and its
 script (``server/static/``, no third-party JavaScript, nothing loaded from the internet), the
-run's state as JSON (``/api/state``, from ``server/runview.py``; the browser polls it every two
+run's state as JSON (``/api/state``, from ``server/run_folder_view.py``; the browser polls it every two
 seconds with ``If-None-Match``, so an unchanged run costs a 304), and files inside the run folder
 (``/run/...``: the report, its plots), with any path that leaves the folder refused.
 
@@ -28,7 +28,7 @@ from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from server.runview import RunView
+from server.run_folder_view import RunView
 
 STATIC = Path(__file__).parent / "static"
 NO_STORE = {"Cache-Control": "no-cache"}

@@ -17,7 +17,7 @@ from common.engines import ENGINE_KINDS, EngineKind
 from common.flower_glue import to_array_record, to_config_record, wire_bytes
 from common.protocol import BackboneQuery, BackboneStatus, Instructions, ProtocolError
 from server.ledger import RoundTally
-from server.runlog import RunLog
+from server.run_folder import RunLog
 from server.variants import BackboneVariants
 
 log = logging.getLogger(__name__)

@@ -43,7 +43,7 @@ from flwr.supercore.privacy_accounting.rdp_accountant import RdpAccountant
 log = logging.getLogger(__name__)
 
 # What the accountant assumes about who is in a round: nothing. Flower samples the round's nodes
-# with Python's generator seeded by the run's seed (server/rounds.py), so who was sampled is no
+# with Python's generator seeded by the run's seed (server/round_loop.py), so who was sampled is no
 # secret and privacy amplification by sampling is not claimed: epsilon does not depend on
 # fraction-train.
 SAMPLING = SamplingMethod.NO_AMPLIFICATION

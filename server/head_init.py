@@ -25,8 +25,8 @@ from common.fed3r import add_stats, calibrated_temperature, ridge_head_arrays, r
 from common.flower_glue import to_array_record
 from common.numpy_head import layer_names, log_softmax, ncm_head_arrays
 from common.protocol import Phase, QueryAction, RidgeStats
+from server.edgesplit_strategy import EdgeSplitStrategy
 from server.screening import class_counts_of, class_stats_of, ridge_stats_of
-from server.strategy import EdgeSplitStrategy
 
 log = logging.getLogger(__name__)
 

@@ -21,8 +21,8 @@ from common.metrics import precision_recall_curve, recall_at_precision
 from common.split import split_backbone
 from server.ledger import human_bytes
 from server.report import write_report
-from server.run import ServerRun
-from server.runlog import write_json_atomic
+from server.run_folder import write_json_atomic
+from server.server_run import ServerRun
 
 log = logging.getLogger(__name__)
 
@@ -201,7 +201,7 @@ EXPORT_GAP_POINTS = 0.5
 def check_export(run: ServerRun, model_dir: Path, run_accuracy: float) -> dict[str, Any] | None:
     """Score the exported model, as `edgesplit predict` runs it by default, on the server's
     held-out images, and compare with the run's final accuracy; warn loudly past 0.5 points."""
-    from server.run import server_test_files
+    from server.server_run import server_test_files
 
     try:
         files = server_test_files(run.config)
@@ -232,8 +232,8 @@ def _scored(model_dir: Path, files: list[tuple[str, int]], run: ServerRun) -> tu
     """``accuracy_of`` the exported model, remembered by a hash of the model's files and of the
     images (path, size, time): scoring 656 images in 8 views takes half a minute, and a warm
     re-run exports the very same model."""
-    from client.predict import accuracy_of
-    from server.run import server_cache_dir
+    from common.exported_model import accuracy_of
+    from server.server_run import server_cache_dir
 
     digest = hashlib.sha256()
     for path in sorted(model_dir.glob("model*")):

@@ -1,6 +1,6 @@
 """The static report of a run: ``report.html`` and PNG plots in the run folder, readable with no
 server at all. Written at the end of every run, from the same view of the run folder as the
-dashboard (``server/runview.py``); ``edgesplit report RUN_DIR`` writes it again, e.g. for a
+dashboard (``server/run_folder_view.py``); ``edgesplit report RUN_DIR`` writes it again, e.g. for a
 run folder copied from another machine.
 """
 
@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from server.runview import RunView
+from server.run_folder_view import RunView
 
 PLOTS = {"metrics": "report-metrics.png", "traffic": "report-traffic.png", "confusion": "report-confusion.png"}
 CURVES_PLOT = "report-precision-recall.png"  # where the run reports operating points (ELPV, operating-classes)

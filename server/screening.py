@@ -25,7 +25,7 @@ from common.flower_glue import from_array_record, wire_bytes
 from common.protocol import ClassCounts, ClassStats, Phase, ProtocolError, ReplyStatus, RidgeStats
 from server.dp import WEIGHT_KEY as DP_WEIGHT_KEY
 from server.ledger import EmbeddingLedger, RoundTally
-from server.runlog import RunLog
+from server.run_folder import RunLog
 from server.validation import (
     class_stats_reject_reason,
     examples_bounds,

@@ -22,11 +22,11 @@ import numpy as np
 import torch
 
 from common.backbones import build_backbone, get_spec
-from common.engines import ONNX_ENGINES, ONNX_INPUT, ONNX_OUTPUT, Engine, EngineKind, OnnxKind, TorchEngine, engine_kind
+from common.engines import ONNX_ENGINES, Engine, EngineKind, OnnxKind, TorchEngine, engine_kind
 from common.export import export_onnx
 from common.logs import quiet_root_logger
 from common.preprocess import PreprocessSpec
-from common.protocol import GoldenBatch
+from common.protocol import ONNX_INPUT, ONNX_OUTPUT, GoldenBatch
 from common.split import split_backbone
 
 log = logging.getLogger(__name__)

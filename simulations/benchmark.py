@@ -24,8 +24,8 @@ from common.backbones import build_backbone, get_spec, load_backbone_weights
 from common.config import RunConfig
 from common.data import load_elpv
 from common.preprocess import decode_image
-from simulations.federation import PROJECT_ROOT, flwr_run
-from simulations.reference import centralised_probe
+from deploy.local_simulation import PROJECT_ROOT, flwr_run
+from deploy.reference_probe import centralised_probe
 
 COMMAND = "python -m simulations.benchmark"
 

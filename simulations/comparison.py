@@ -28,8 +28,9 @@ import numpy as np
 import torch
 
 from common.config import RunConfig
+from deploy.local_simulation import PROJECT_ROOT, flwr_run_results
+from deploy.reference_probe import centralised_probe
 from simulations.benchmark import markdown_table, save_figure, update_section
-from simulations.federation import PROJECT_ROOT, flwr_run_results
 from simulations.full_model import (
     PeerConfig,
     build_model,
@@ -38,7 +39,6 @@ from simulations.full_model import (
     load_federated_data,
     run_full_model_fedavg,
 )
-from simulations.reference import centralised_probe
 
 COMMAND = "python -m simulations.comparison"
 

@@ -282,8 +282,8 @@ PLANS: dict[str, Callable[[Sweep], list[Callable[[], dict[str, Any]]]]] = {
 
 
 def write_table(results: list[dict[str, Any]]) -> None:
+    from deploy.local_simulation import PROJECT_ROOT
     from simulations.benchmark import markdown_table, update_section
-    from simulations.federation import PROJECT_ROOT
 
     rows = []
     for r in results:

@@ -20,9 +20,9 @@ import time
 from pathlib import Path
 from typing import Any
 
+from deploy.local_simulation import PROJECT_ROOT, flwr_run
 from server.dp import epsilon_spent, fleet_epsilon, noise_std
 from simulations.benchmark import markdown_table, update_section
-from simulations.federation import PROJECT_ROOT, flwr_run
 from simulations.fleet_rounds import cpu_class
 
 COMMAND = "python -m simulations.dp_budget"

@@ -36,7 +36,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from simulations.federation import PROJECT_ROOT, run_child
+from deploy.local_simulation import PROJECT_ROOT, run_child
 
 COMMAND = "python -m simulations.edge_memory"
 TITLE = "Edge client memory and message start-up: peak RSS of one client process"
@@ -164,7 +164,7 @@ def board_setup(tmp: Path, cut: int, partitions: int) -> dict[str, Any]:
 
     from client.local_data import load_local_data
     from common.config import NodeConfig, RunConfig
-    from server.run import ServerRun
+    from server.server_run import ServerRun
 
     run_config = {
         "partitioner": "iid",

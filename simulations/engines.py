@@ -41,7 +41,7 @@ from typing import Any
 
 import numpy as np
 
-from simulations.federation import PROJECT_ROOT, run_child
+from deploy.local_simulation import PROJECT_ROOT, run_child
 
 COMMAND = "python -m simulations.engines"
 TITLE = "Backbone engines: throughput, memory and probe accuracy on this CPU"
@@ -203,9 +203,9 @@ def main(argv: list[str] | None = None) -> int:
     from common.heads import PowerNorm
     from common.logs import quiet_root_logger
     from common.preprocess import decode_image
+    from deploy.reference_probe import _fit
     from server.variants import BackboneVariants
     from simulations.benchmark import markdown_table, update_section
-    from simulations.reference import _fit
 
     name = "efficientnet_lite0"
     state = load_backbone_weights(name)

@@ -78,9 +78,9 @@ def scores(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray, test_y:
 def main(argv: list[str] | None = None) -> int:
     from client.edge_client import EdgeClient
     from common.config import NodeConfig, RunConfig
-    from server.run import server_test_files
+    from deploy.local_simulation import PROJECT_ROOT
+    from server.server_run import server_test_files
     from simulations.benchmark import markdown_table, update_section
-    from simulations.federation import PROJECT_ROOT
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--clients", type=int, default=10)

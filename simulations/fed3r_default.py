@@ -64,7 +64,7 @@ VARIANTS: dict[str, dict[str, Any]] = {
 
 
 def run_variant(tmp: Path, name: str, overrides: dict[str, Any], clients: int) -> dict[str, Any]:
-    from simulations.federation import flwr_run_results
+    from deploy.local_simulation import flwr_run_results
 
     summary, events = flwr_run_results(tmp, name, {"export-model": False, **overrides}, clients)
     train = [e for e in events if e["event"] == "client-reply" and e["phase"] == "train"]
@@ -101,8 +101,8 @@ COLUMNS = (
 
 
 def main(argv: list[str] | None = None) -> int:
+    from deploy.local_simulation import PROJECT_ROOT
     from simulations.benchmark import markdown_table, update_section
-    from simulations.federation import PROJECT_ROOT
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--clients", type=int, default=10)

@@ -76,8 +76,8 @@ def elpv_pool(config: RunConfig, clients: int = 10) -> Pool:
     filled (``make run``): the 10 default clients' train and test shares are the whole pool."""
     from client.edge_client import EdgeClient
     from common.config import NodeConfig
-    from server.run import server_cache_dir, server_test_files
-    from simulations.reference import run_embedder
+    from deploy.reference_probe import run_embedder
+    from server.server_run import server_cache_dir, server_test_files
 
     embed = run_embedder(config)
     xs, ys = [], []
@@ -101,9 +101,9 @@ def generated_pool(work: Path, contrast: float) -> tuple[Pool, RunConfig]:
     ``GENERATED_HELD_OUT`` images per class, 64 px, its gratings at ``contrast`` against the noise),
     embedded by the default engine into a cache under ``work``."""
     from common.data import scan_image_folder
-    from server.run import server_test_files
+    from deploy.reference_probe import run_embedder
+    from server.server_run import server_test_files
     from simulations.pathological import CLASSES, run_config, write_pathological_data
-    from simulations.reference import run_embedder
 
     root = write_pathological_data(
         work / "data", per_class=GENERATED_PER_CLASS, test_per_class=GENERATED_HELD_OUT, contrast=contrast
@@ -246,9 +246,9 @@ def centralised_ridge(pool: Pool, config: RunConfig, start: dict[str, np.ndarray
 
 
 def centralised_logistic(pool: Pool, seed: int, directory: Path) -> float:
-    """The project's centralised probe (simulations/reference.py): identity views, PowerNorm."""
+    """The project's centralised probe (deploy/reference_probe.py): identity views, PowerNorm."""
     from common.numpy_head import power_norm
-    from simulations.reference import cached_fit
+    from deploy.reference_probe import cached_fit
 
     train = power_norm(pool.train_x[:, 0].astype(np.float32))
     test = power_norm(pool.test_x[:, 0].astype(np.float32))
@@ -346,8 +346,8 @@ def explore(pool: Pool, base: RunConfig, rounds: int, clients: int, candidates: 
 
 
 def main(argv: list[str] | None = None) -> int:
+    from deploy.local_simulation import PROJECT_ROOT
     from simulations.benchmark import markdown_table, update_section
-    from simulations.federation import PROJECT_ROOT
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rounds", type=int, default=10)
@@ -386,7 +386,7 @@ def main(argv: list[str] | None = None) -> int:
         ]
         explore(elpv, elpv_config, args.explore_rounds, args.clients, candidates)
         return 0
-    from server.run import server_cache_dir
+    from server.server_run import server_cache_dir
 
     sections = []
     elpv_rows = sweep(
@@ -423,7 +423,7 @@ def main(argv: list[str] | None = None) -> int:
             "cosine spans the rounds run. LDA: the shrinkage LDA classifier (lda-shrinkage 0.1) that "
             "head-init='lda' solves from the same statistics as Fed3R (floor 5), no temperature. Centralised ridge: "
             "scikit-learn's RidgeClassifier on the pooled features the head sees, same lambda and views; logistic "
-            "probe: simulations/reference.py (identity views).",
+            "probe: deploy/reference_probe.py (identity views).",
             110,
         )
         + "\n\n"

@@ -25,9 +25,9 @@ import numpy as np
 from PIL import Image
 
 from common import protocol
+from deploy.local_fleet import Board
+from deploy.local_simulation import PROJECT_ROOT
 from simulations.benchmark import markdown_table, update_section
-from simulations.deployment import Board
-from simulations.federation import PROJECT_ROOT
 from simulations.fleet_rounds import cpu_class, events_of, warm_run
 
 COMMAND = "python -m simulations.fleet_load"

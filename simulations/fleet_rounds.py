@@ -1,5 +1,5 @@
 """Round time of a deployed fleet: ``flower-superlink`` (TLS, authenticated SuperNodes) and one
-``flower-supernode`` process per board on this machine (simulations/deployment.py), head only,
+``flower-supernode`` process per board on this machine (deploy/local_fleet.py), head only,
 ELPV split over the boards.
 
 Each board runs a new ClientApp process per message, so what a process costs to start and hold is
@@ -27,9 +27,9 @@ from typing import Any
 
 import numpy as np
 
+from deploy.local_fleet import Board, LocalDeployment
+from deploy.local_simulation import PROJECT_ROOT
 from simulations.benchmark import markdown_table, update_section
-from simulations.deployment import Board, LocalDeployment
-from simulations.federation import PROJECT_ROOT
 
 COMMAND = "python -m simulations.fleet_rounds"
 SECTION = "A deployed fleet: round time and ClientApp memory per message"
@@ -154,7 +154,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--output", type=Path, default=PROJECT_ROOT / "BENCHMARKS.md")
     args = parser.parse_args(argv)
 
-    from simulations.main_job import parse_run_config
+    from deploy.simulate import parse_run_config
 
     overrides = parse_run_config(args.run_config)
     results = []

@@ -112,8 +112,8 @@ def rounds_to_stay(accuracy: list[float], initial: float, target: float) -> int 
 
 
 def main(argv: list[str] | None = None) -> int:
+    from deploy.local_simulation import PROJECT_ROOT, flwr_run
     from simulations.benchmark import markdown_table, save_figure, update_section
-    from simulations.federation import PROJECT_ROOT, flwr_run
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rounds", type=int, default=15)
@@ -199,7 +199,7 @@ def centralised_folder_probe(root: Path, cache: Path) -> float:
     """The linear probe's accuracy on the generated data: every client's training features
     (read from the caches the runs filled), scored on the server's held-out images."""
     from common.config import RunConfig
-    from simulations.reference import centralised_probe
+    from deploy.reference_probe import centralised_probe
 
     config = RunConfig.from_flower(run_config(root, cache, root, "probe"))
     return centralised_probe(config, 10).accuracy

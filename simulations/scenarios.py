@@ -19,9 +19,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from deploy.local_simulation import PROJECT_ROOT, flwr_run
 from server.checkpoint import Checkpoint, CheckpointError
 from simulations.benchmark import markdown_table, save_figure, update_section
-from simulations.federation import PROJECT_ROOT, flwr_run
 
 COMMAND = "python -m simulations.scenarios"
 CLIENTS = 10

@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from client.privacy import AUDIT_LOG_ENV
-from simulations.federation import flwr_run
+from deploy.local_simulation import flwr_run
 from tests.conftest import with_server_engines
 
 HEAD_SHAPES = {"classifier.weight": [4, 1280], "classifier.bias": [4]}

@@ -20,11 +20,11 @@ from typing import Any
 import pytest
 from PIL import Image
 
+from deploy.local_simulation import flwr_run, free_port, stop_process, wait_for_port
 from server.dashboard import DashboardError, check_host, make_app
 from server.report import CURVES_PLOT, PLOTS, write_report
-from server.runlog import RunLog, write_json_atomic
-from server.runview import RunView
-from simulations.federation import flwr_run, free_port, stop_process, wait_for_port
+from server.run_folder import RunLog, write_json_atomic
+from server.run_folder_view import RunView
 from tests.conftest import REPO_ROOT, with_server_engines
 
 CHROMIUM = "/usr/bin/chromium"

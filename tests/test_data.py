@@ -301,7 +301,7 @@ def test_local_split_is_seeded():
 
 
 def test_an_impossible_simulated_split_stops_the_main_job_once_before_flower_starts(capsys, monkeypatch):
-    from simulations import main_job
+    from deploy import simulate as main_job
 
     monkeypatch.setattr(main_job, "flwr_run", lambda *a, **k: pytest.fail("Flower must not start"))
     code = main_job.main(["--clients", "30", "--run-config", "subset=60 dirichlet-alpha=0.05", "--no-reference"])
@@ -311,7 +311,7 @@ def test_an_impossible_simulated_split_stops_the_main_job_once_before_flower_sta
 
 def test_the_server_finds_an_impossible_split_or_missing_client_folders_before_round_1(tmp_path):
     from server.nodes import RunStopped
-    from server.rounds import check_start
+    from server.round_loop import check_start
 
     elpv = RunConfig.from_flower({"subset": 60, "dirichlet-alpha": 0.05})
     check_start(elpv, 3)  # three clients can share 60 images
@@ -338,7 +338,7 @@ def test_the_server_finds_an_impossible_split_or_missing_client_folders_before_r
 
 
 def test_the_servers_held_out_folder_must_hold_every_class(tmp_path):
-    from server.run import server_test_files
+    from server.server_run import server_test_files
 
     held_out = write_image_folder(tmp_path / "server-test", {"ok": 2, "crack": 0}, seed=0)
     config = RunConfig.from_flower({"dataset": "folder", "class-names": "ok,crack", "server-test-dir": str(held_out)})

@@ -26,10 +26,10 @@ import torchvision
 from cryptography import x509
 
 from client.telemetry import THERMAL_ROOT_ENV
+from deploy.local_fleet import Board, LocalDeployment
+from deploy.local_simulation import running
 from server.credentials import make_credentials
-from server.runview import RunView
-from simulations.deployment import Board, LocalDeployment
-from simulations.federation import running
+from server.run_folder_view import RunView
 from tests.conftest import with_server_engines, write_image_folder
 
 pytestmark = pytest.mark.flower

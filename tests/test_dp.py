@@ -14,14 +14,15 @@ from dp_accounting.privacy_accountant import NeighboringRelation
 from flwr.app import ArrayRecord, Context, Message, MessageType, MetricRecord, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 
-from client.dp_clipping import clip_update, dp_clipping_mod
+from client.dp_clipping import dp_clipping_mod
+from common.clipping import clip_update
 from common.config import ConfigError, RunConfig
 from common.flower_glue import from_array_record, to_array_record, to_config_record
 from common.protocol import ARRAYS, BACKBONE, CONFIG
 from server.dp import epsilon_spent, noise_std, private_head
 from server.report import _html as report_html
-from server.runlog import RunLog
-from server.runview import RunView
+from server.run_folder import RunLog
+from server.run_folder_view import RunView
 from server.validation import update_bounds
 from tests.protocol_samples import instructions
 from tests.test_rounds import ClientsGrid, _strategy, honest

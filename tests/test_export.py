@@ -160,7 +160,7 @@ def test_predict_runs_the_numerics_the_head_was_trained_with(
     exported: tuple[Path, DeployableModel], tmp_path: Path
 ) -> None:
     """model.json's trained_with picks the default form; --fp32 / --int8 still choose, and say so."""
-    from client.predict import Classifier
+    from common.exported_model import Classifier
 
     directory, _ = exported
     assert Classifier(directory).form == "onnx"  # exported without trained_with: fp32, as before

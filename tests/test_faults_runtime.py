@@ -11,8 +11,8 @@ from typing import Any
 import pytest
 
 from common import protocol
+from deploy.local_simulation import flwr_run
 from server.checkpoint import Checkpoint, CheckpointError
-from simulations.federation import flwr_run
 from tests.conftest import with_server_engines
 
 pytestmark = pytest.mark.flower

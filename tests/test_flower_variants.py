@@ -114,9 +114,9 @@ def test_later_cut_fed3r_logit_adjusted_and_personal_heads(tmp_path: Path, serve
     logit-adjusted loss; clients score personal heads too; and the exported model (int8 backbone
     up to the cut, then the trained tail and head) reproduces the server's view-averaged accuracy
     on its held-out images."""
-    from client.predict import Classifier
     from common.config import RunConfig
-    from server.run import server_test_files
+    from common.exported_model import Classifier
+    from server.server_run import server_test_files
 
     extra = {
         "cut": 1,

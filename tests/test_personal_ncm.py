@@ -17,11 +17,11 @@ from flwr.supercore.task_identity import TaskIdentity
 
 from client import app as client_app
 from common.config import RunConfig
-from server.rounds import RoundLoop
-from server.run import ServerRun
-from server.strategy import EdgeSplitStrategy
+from deploy.reference_probe import centralised_probe
+from server.edgesplit_strategy import EdgeSplitStrategy
+from server.round_loop import RoundLoop
+from server.server_run import ServerRun
 from simulations.pathological import CLASSES, rounds_to_stay, rounds_to_target, run_config, write_pathological_data
-from simulations.reference import centralised_probe
 
 CLIENTS = 10
 ROUNDS = 4

@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from simulations import reference
+from deploy import reference_probe as reference
 
 
 def _arrays(seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
@@ -45,12 +45,14 @@ def test_the_exported_model_is_scored_again_only_when_it_or_the_images_change(
 ) -> None:
     from types import SimpleNamespace
 
-    import client.predict
+    import common.exported_model
     from common.config import RunConfig
     from server import outcome
 
     scored: list[str] = []
-    monkeypatch.setattr(client.predict, "accuracy_of", lambda model_dir, files: scored.append("x") or (0.75, "onnx"))
+    monkeypatch.setattr(
+        common.exported_model, "accuracy_of", lambda model_dir, files: scored.append("x") or (0.75, "onnx")
+    )
     model = tmp_path / "model"
     model.mkdir()
     (model / "model.json").write_text("{}")

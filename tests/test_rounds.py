@@ -19,13 +19,13 @@ from flwr.supercore.task_identity import TaskIdentity
 from common import protocol
 from common.config import RunConfig
 from common.flower_glue import to_config_record
+from server.aggregation import MultiKrumOfWhatArrived, make_inner_strategy
 from server.checkpoint import Checkpoint, CheckpointError, checkpoint_path
+from server.edgesplit_strategy import EdgeSplitStrategy
 from server.ledger import RoundRecord
 from server.nodes import RunStopped
-from server.rounds import RoundLoop
-from server.runlog import RunLog
-from server.strategies import MultiKrumOfWhatArrived, make_inner_strategy
-from server.strategy import EdgeSplitStrategy
+from server.round_loop import RoundLoop
+from server.run_folder import RunLog
 from tests.test_strategy import FP, StubRun
 
 # A client's answer to a train message: (arrays, num-examples), or None for silence, or an Error.

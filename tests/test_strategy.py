@@ -25,10 +25,10 @@ from common.engines import ENGINE_KINDS, EngineKind
 from common.flower_glue import from_array_record, to_array_record, to_config_record
 from common.protocol import GoldenBatch, Instructions, Phase
 from server.checkpoint import Checkpoint
+from server.edgesplit_strategy import EdgeSplitStrategy
 from server.ledger import EmbeddingLedger, RoundRecord
 from server.nodes import RunStopped
-from server.runlog import RunLog
-from server.strategy import EdgeSplitStrategy
+from server.run_folder import RunLog
 from tests.protocol_samples import instructions as sample_instructions
 
 FP = "f" * 64
@@ -322,9 +322,11 @@ def test_the_config_accepts_exactly_the_strategies_in_the_table() -> None:
     from flwr.serverapp.strategy import Strategy
 
     from common.config import ConfigError
-    from server.strategies import STRATEGIES, make_inner_strategy
+    from common.kinds import StrategyName
+    from server.aggregation import STRATEGIES, make_inner_strategy
 
-    for name in STRATEGIES:
+    assert set(STRATEGIES) == set(StrategyName)
+    for name in StrategyName:
         config = RunConfig.from_flower({"strategy": name, "min-clients": 5})
         assert isinstance(make_inner_strategy(config), Strategy)
     with pytest.raises(ConfigError, match="must be one of"):

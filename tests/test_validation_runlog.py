@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from common import protocol
-from server.runlog import RunLog, new_run_id, write_json_atomic
+from server.run_folder import RunLog, new_run_id, write_json_atomic
 from server.validation import examples_bounds, metrics_reject_reason, reject_reason
 
 # --- reject_reason --------------------------------------------------------------------------------

@@ -8,7 +8,7 @@ job:
 - ``server/screening.py``: every reply, before the inner strategy sees it;
 - ``server/ledger.py``: the round's record and the embedding counts.
 
-The round loop (retries, checkpoints, central evaluation) is ``server/rounds.py``.
+The round loop (retries, checkpoints, central evaluation) is ``server/round_loop.py``.
 """
 
 from __future__ import annotations
@@ -23,17 +23,17 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
-from client.dp_clipping import clip_update
 from common import protocol
+from common.clipping import clip_update
 from common.flower_glue import from_array_record, to_array_record
 from common.protocol import Phase
+from server.aggregation import make_inner_strategy
 from server.distribution import BackboneDistributor
 from server.dp import epsilon_spent, noise_std, private_head
 from server.ledger import RoundTally
 from server.nodes import FixedNodesGrid, RunStopped, board_names, wait_for_nodes
-from server.run import ServerRun
 from server.screening import ReplyScreen, Screened
-from server.strategies import make_inner_strategy
+from server.server_run import ServerRun
 from server.validation import number
 
 log = logging.getLogger(__name__)
@@ -76,7 +76,7 @@ class EdgeSplitStrategy(Strategy):
     def summary(self) -> None:
         self.inner.summary()
 
-    # --- the steps the round loop (server/rounds.py) and FedNCM's query take --------------------
+    # --- the steps the round loop (server/round_loop.py) and FedNCM's query take --------------------
 
     def connected(self, grid: Grid) -> list[int]:
         """The connected nodes, once at least min-clients are (waiting at most node-wait-timeout)."""

@@ -1,8 +1,8 @@
 """The aggregation rules: one table from a run-config ``strategy`` name to a Flower strategy.
 
-Flower's own strategies sample and aggregate; ``server/strategy.py`` wraps whichever one is
-chosen. Adding a Flower strategy is one line in ``STRATEGIES`` (the run config accepts exactly
-the names in it).
+Flower's own strategies sample and aggregate; ``server/edgesplit_strategy.py`` wraps whichever one is
+chosen. Adding a Flower strategy is a name in ``common/kinds.py`` (``StrategyName``, what the run config
+accepts) and its line in ``STRATEGIES`` (a test holds the two to the same names).
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ import numpy as np
 from flwr.app import ArrayRecord, Message, MetricRecord
 from flwr.serverapp.strategy import FedAdam, FedAvg, FedMedian, FedProx, FedTrimmedAvg, Krum, MultiKrum, Strategy
 
+from common.kinds import StrategyName
 from server.dp import WEIGHT_KEY as DP_WEIGHT_KEY
 
 if TYPE_CHECKING:
@@ -37,24 +38,19 @@ class MultiKrumOfWhatArrived(MultiKrum):
 # name -> (config, the arguments every strategy takes) -> the Flower strategy
 StrategyFactory = Callable[["RunConfig", dict[str, Any]], Strategy]
 
-STRATEGIES: dict[str, StrategyFactory] = {
-    "fedavg": lambda config, common: FedAvg(**common),
-    # FedProx: clients add the proximal term (the instructions carry proximal-mu).
-    "fedprox": lambda config, common: FedProx(proximal_mu=config.proximal_mu, **common),
-    # FedAdam: server-side Adam on the averaged update.
-    "fedadam": lambda config, common: FedAdam(eta=config.server_learning_rate, eta_l=config.learning_rate, **common),
-    # Coordinate-wise median: robust to a minority of poisoned updates.
-    "fedmedian": lambda config, common: FedMedian(**common),
-    # Coordinate-wise mean after cutting the trim-beta share from each end.
-    "fedtrimmedavg": lambda config, common: FedTrimmedAvg(beta=config.trim_beta, **common),
-    # Krum: the one update closest to its n - f - 2 nearest neighbours.
-    "krum": lambda config, common: Krum(num_malicious_nodes=config.krum_malicious, **common),
-    "multikrum": lambda config, common: MultiKrumOfWhatArrived(num_malicious_nodes=config.krum_malicious, **common),
+STRATEGIES: dict[StrategyName, StrategyFactory] = {
+    StrategyName.FEDAVG: lambda config, common: FedAvg(**common),
+    StrategyName.FEDPROX: lambda config, common: FedProx(proximal_mu=config.proximal_mu, **common),
+    StrategyName.FEDADAM: lambda config, common: FedAdam(
+        eta=config.server_learning_rate, eta_l=config.learning_rate, **common
+    ),
+    StrategyName.FEDMEDIAN: lambda config, common: FedMedian(**common),
+    StrategyName.FEDTRIMMEDAVG: lambda config, common: FedTrimmedAvg(beta=config.trim_beta, **common),
+    StrategyName.KRUM: lambda config, common: Krum(num_malicious_nodes=config.krum_malicious, **common),
+    StrategyName.MULTIKRUM: lambda config, common: MultiKrumOfWhatArrived(
+        num_malicious_nodes=config.krum_malicious, **common
+    ),
 }
-# Strategies that score each update against n - f - 2 others (the config checks min-clients).
-KRUM_FAMILY = frozenset({"krum", "multikrum"})
-# Strategies whose aggregate is a plain average, the one the DP noise is calibrated to (server/dp.py).
-DP_STRATEGIES = ("fedavg", "fedprox")
 
 
 def make_inner_strategy(config: RunConfig) -> Strategy:
@@ -68,7 +64,7 @@ def make_inner_strategy(config: RunConfig) -> Strategy:
     }
     if config.dp:  # equal weights: one node's update must move the average by its clipped norm at most
         common["weighted_by_key"] = DP_WEIGHT_KEY
-    return STRATEGIES[config.strategy](config, common)
+    return STRATEGIES[StrategyName(config.strategy)](config, common)
 
 
 # Flower 1.41's FedOpt family (FedAdam, FedYogi, FedAdagrad) keeps its moments in the attributes

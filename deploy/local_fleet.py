@@ -17,8 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
-from server.credentials import Credentials, make_credentials
-from simulations.federation import (
+from deploy.local_simulation import (
     PROJECT_ROOT,
     app_source,
     flower_env,
@@ -29,6 +28,7 @@ from simulations.federation import (
     stop_processes,
     wait_for_port,
 )
+from server.credentials import Credentials, make_credentials
 
 log = logging.getLogger(__name__)
 
@@ -288,7 +288,7 @@ def main(argv: list[str] | None = None) -> int:
     import signal
     import sys
 
-    from simulations.main_job import parse_run_config
+    from deploy.simulate import parse_run_config
 
     parser = argparse.ArgumentParser(
         prog="edgesplit deploy-local",

@@ -1,7 +1,7 @@
 """The main job: a simulated federation of edge clients on the embedded default (ELPV, Lite0),
 through the real Flower runtime, followed by the centralised reference probe.
 
-    python -m simulations.main_job [--clients 10] [--run-config "num-server-rounds=20 head='mlp'"]
+    python -m deploy.simulate [--clients 10] [--run-config "num-server-rounds=20 head='mlp'"]
 """
 
 from __future__ import annotations
@@ -13,12 +13,11 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
-from client.local_data import check_simulated_split
-from common.config import RunConfig
+from common.config import RunConfig, check_simulated_split
 from common.data import DataError
-from server.runlog import write_json_atomic
-from simulations.federation import PROJECT_ROOT, flwr_run
-from simulations.reference import centralised_probe
+from deploy.local_simulation import PROJECT_ROOT, flwr_run
+from deploy.reference_probe import centralised_probe
+from server.run_folder import write_json_atomic
 
 
 def parse_run_config(text: str) -> dict[str, object]:

@@ -20,7 +20,7 @@ import numpy as np
 log = logging.getLogger(__name__)
 
 # The numbers of a round-end event: mirrored into TensorBoard (tag "round/<key>"), and plotted by
-# the dashboard (server/runview.py).
+# the dashboard (server/run_folder_view.py).
 ROUND_NUMBERS = (
     "accuracy",
     "macro_f1",

@@ -29,8 +29,8 @@ from common.embedding import Embedded, EmbeddingCache, embed_files
 from common.engines import resolve_engine
 from common.heads import PowerNorm
 from common.metrics import classification_report
-from server.run import backbone_variants, server_cache_dir, server_test_files
-from server.runlog import write_json_atomic
+from server.run_folder import write_json_atomic
+from server.server_run import backbone_variants, server_cache_dir, server_test_files
 
 # The probe's regularisation grid (C of scikit-learn's LogisticRegression), chosen by 3-fold CV.
 C_GRID = (0.003, 0.01, 0.03, 0.1, 0.3)

@@ -17,7 +17,7 @@ from typing import Any
 
 from common import protocol
 from common.protocol import Phase
-from server.runlog import ROUND_NUMBERS
+from server.run_folder import ROUND_NUMBERS
 
 TIMELINE_ROUNDS = 40  # the timeline shows the latest rounds; the plots show them all
 

@@ -1,6 +1,6 @@
 """One federated run from the server's side, in plain Python: the backbone and its variants,
 the held-out test embedding, the instructions nodes get, central evaluation and the records of
-each round. No Flower imports: ``server/strategy.py`` and its collaborators translate between
+each round. No Flower imports: ``server/edgesplit_strategy.py`` and its collaborators translate between
 Flower messages and the calls here; ``server/outcome.py`` writes what a finished run leaves.
 """
 
@@ -38,7 +38,7 @@ from common.split import build_head
 from common.trainable import Trainable, make_trainable, trainable_shapes
 from server.checkpoint import Checkpoint, CheckpointError
 from server.ledger import EmbeddingLedger, RoundRecord, human_bytes
-from server.runlog import RunLog, new_run_id
+from server.run_folder import RunLog, new_run_id
 from server.variants import BackboneVariants
 
 log = logging.getLogger(__name__)
