@@ -11,10 +11,9 @@ golden batch, beside the head.
 from __future__ import annotations
 
 from flwr.app import Context, Message, MessageType
-from flwr.clientapp.typing import ClientAppCallable
 
 from common.clipping import clip_update
-from common.flower_glue import from_array_record, to_array_record
+from common.flower_glue import ClientAppCallable, from_array_record, to_array_record
 from common.protocol import ARRAYS, CONFIG, Instructions
 
 

@@ -14,13 +14,12 @@ from collections.abc import Mapping
 
 import numpy as np
 from flwr.app import Context, Message, MessageType, MetricRecord
-from flwr.clientapp.typing import ClientAppCallable, Mod
 
 from client.local_data import LocalData
 from client.state import ProcessState
 from common import protocol
 from common.config import FaultKind, RunConfig
-from common.flower_glue import from_array_record, to_array_record
+from common.flower_glue import ClientAppCallable, Mod, from_array_record, to_array_record
 from common.protocol import ARRAYS, CONFIG, METRICS, Instructions
 
 log = logging.getLogger(__name__)

@@ -41,7 +41,8 @@ from common.protocol import (
 
 if TYPE_CHECKING:
     from flwr.app import Context, Message
-    from flwr.clientapp.typing import ClientAppCallable
+
+    from common.flower_glue import ClientAppCallable
 
 AUDIT_LOG_ENV = "EDGESPLIT_AUDIT_LOG"  # if set: one JSON line per outgoing reply, for audits and tests
 MAX_STATUS_CHARS = 1000

@@ -1,17 +1,52 @@
-"""The one place where ``common/protocol.py``'s plain messages become Flower records and back,
-used by both apps. Everything else in ``common/`` is Flower-free.
+"""The one module that knows Flower beyond its public API, and where the protocol's plain messages
+become Flower records and back.
 
-It also holds the only use of a Flower internal (``wire_bytes``), isolated and dated.
+Every other file imports only Flower's public modules (``flwr.app``, ``flwr.clientapp``,
+``flwr.serverapp`` with their ``strategy`` and ``mod`` packages, and ``flwr.common``), and
+tests/test_seams.py fails when one does not. What Flower offers no public API for is reached here,
+each use with what it rests on, so that a Flower upgrade is checked in one file:
+
+- the bytes a message costs on the wire (``wire_bytes``);
+- the SuperLink's error codes for a lost reply, and re-addressing a re-sent instruction's reply to
+  the first copy (``LOST_REPLY_CODES``, ``answer_to``);
+- the types a grid declares (``NodeInfo``, ``Run``) and a grid that forwards to Flower's
+  (``ForwardingGrid``), so that ``Grid``'s signatures are followed here alone;
+- the FedOpt strategies' moments, for the checkpoint (``strategy_state``);
+- the ClientApp mod types, Flower's noise formula, its ArrayRecord aggregation, its config-string
+  parser and the FAB build's ignore rules;
+- what tests need to stand in for Flower's runtime (``act_as``, ``mark_pushed``, ...).
+
+Supported: Flower 1.41 and 1.42 (pyproject.toml pins one; README, "Flower versions").
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Iterable, Mapping
+from pathlib import Path
+from typing import Any
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, ConfigRecord, Message
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, RecordDict
+from flwr.clientapp.typing import ClientAppCallable, Mod
+from flwr.common.constant import ErrorCode
+from flwr.proto.node_pb2 import NodeInfo
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import Strategy
+from flwr.supercore.run import Run
 
 from common.protocol import ConfigMessage
+
+__all__ = [
+    "LOST_REPLY_CODES",
+    "ClientAppCallable",
+    "ErrorCode",
+    "ForwardingGrid",
+    "Mod",
+    "NodeInfo",
+    "Run",
+]
+
+# --- records -----------------------------------------------------------------------------------
 
 
 def to_array_record(arrays: Mapping[str, np.ndarray]) -> ArrayRecord:
@@ -33,11 +68,164 @@ def to_config_record(message: ConfigMessage) -> ConfigRecord:
 def wire_bytes(message: Message) -> int:
     """Bytes of the message's serialized objects (Flower sends each distinct object once).
 
-    Flower 1.41 has no public API for a message's size on the wire; this walks its internal
-    ``flwr.supercore.inflatable`` object tree. On a Flower upgrade, check that
-    ``get_all_nested_objects`` still exists and that ``deflate()`` is what is pushed; the byte
-    counts in BENCHMARKS.md rest on it.
+    No public API says what a message costs on the wire; this walks Flower's internal
+    ``flwr.supercore.inflatable`` object tree. On an upgrade, check that ``get_all_nested_objects``
+    still exists and that ``deflate()`` is what is pushed: the byte counts in BENCHMARKS.md rest on it.
     """
     from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
 
     return sum(len(obj.deflate()) for obj in get_all_nested_objects(message).values())
+
+
+# --- the ServerApp's grid ----------------------------------------------------------------------
+
+# Replies the SuperLink reports lost (not a node that failed or died): worth sending again.
+LOST_REPLY_CODES = frozenset({ErrorCode.MESSAGE_UNAVAILABLE, ErrorCode.REPLY_MESSAGE_UNAVAILABLE})
+
+
+def answer_to(reply: Message, message_id: str) -> None:
+    """Make ``reply`` answer the message ``message_id``: a reply to a re-sent copy of an instruction
+    answers the first copy, whose id the server matched the node by. ``Metadata`` has no setter for
+    it; Flower itself sets ids through the same private attribute on push."""
+    reply.metadata.__dict__["_reply_to_message_id"] = message_id
+
+
+SendAndReceive = Callable[[list[Message], "float | None"], list[Message]]
+
+
+class ForwardingGrid(Grid):
+    """A grid that forwards everything to Flower's ``grid``, except what it is given: the node
+    list (``nodes``, a fixed snapshot) and how a phase's messages are sent and their replies
+    collected (``send_and_receive``). Flower's ``Grid`` is abstract and its method signatures
+    change between releases; this class alone follows them."""
+
+    def __init__(
+        self, grid: Grid, send_and_receive: SendAndReceive | None = None, nodes: Iterable[int] | None = None
+    ) -> None:
+        self._grid = grid
+        self._send_and_receive = send_and_receive
+        self._nodes = None if nodes is None else list(nodes)
+
+    def get_node_ids(self) -> Iterable[int]:
+        return list(self._nodes) if self._nodes is not None else self._grid.get_node_ids()
+
+    def get_nodes(self) -> Iterable[NodeInfo]:
+        nodes = self._grid.get_nodes()
+        return nodes if self._nodes is None else [node for node in nodes if node.node_id in self._nodes]
+
+    def set_run(self, run: Run) -> None:  # type: ignore[override]  # Flower declares it with its own Run
+        self._grid.set_run(run)
+
+    @property
+    def run(self) -> Run:
+        return self._grid.run
+
+    def create_message(
+        self, content: RecordDict, message_type: str, dst_node_id: int, group_id: str, ttl: float | None = None
+    ) -> Message:
+        return self._grid.create_message(content, message_type, dst_node_id, group_id, ttl)
+
+    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
+        return self._grid.push_messages(messages)
+
+    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
+        return self._grid.pull_messages(message_ids)
+
+    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
+        if self._send_and_receive is None:
+            return self._grid.send_and_receive(messages, timeout=timeout)
+        return self._send_and_receive(list(messages), timeout)
+
+
+# --- strategies ----------------------------------------------------------------------------------
+
+# Flower's FedOpt family (FedAdam, FedYogi, FedAdagrad) keeps its moments in the attributes ``m_t``
+# and ``v_t`` and offers no API to save them. On an upgrade, check that these names still hold the
+# whole state (``current_arrays`` is reset each round from the arrays the wrapper passes).
+STRATEGY_STATE_ATTRIBUTES = ("m_t", "v_t")
+
+
+def strategy_state(strategy: Strategy) -> dict[str, dict[str, np.ndarray]]:
+    """What a Flower strategy carries from round to round, for the checkpoint."""
+    return {
+        name: dict(value) for name in STRATEGY_STATE_ATTRIBUTES if (value := getattr(strategy, name, None)) is not None
+    }
+
+
+def restore_strategy_state(strategy: Strategy, state: Mapping[str, Mapping[str, np.ndarray]]) -> None:
+    for name, value in state.items():
+        if name in STRATEGY_STATE_ATTRIBUTES:
+            setattr(strategy, name, dict(value))
+
+
+def aggregate_array_records(replies: list[RecordDict], weight_key: str) -> ArrayRecord:
+    """Flower's weighted average of the replies' array records (what FedAvg computes), for the
+    in-process benchmarks that aggregate without a strategy."""
+    from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
+
+    return aggregate_arrayrecords(replies, weight_key)
+
+
+def gaussian_noise_std(noise_multiplier: float, clipping_norm: float, sampled: int) -> float:
+    """Flower's standard deviation of the DP noise on each coordinate of a mean over ``sampled``
+    clipped updates (``compute_stdv``: z C / n)."""
+    from flwr.supercore.differential_privacy import compute_stdv
+
+    return float(compute_stdv(noise_multiplier, clipping_norm, sampled))
+
+
+# --- tooling -------------------------------------------------------------------------------------
+
+
+def parse_config_args(text: str) -> dict[str, Any]:
+    """Flower's parser of the "key=value key2='text'" syntax of ``--run-config``."""
+    from flwr.common.config import parse_config_args as flower_parse
+
+    return dict(flower_parse([text])) if text.strip() else {}
+
+
+def fab_ignore_rules(gitignore: Path) -> Callable[[str], bool]:
+    """Whether a path (relative, '/'-separated, a folder ending in '/') is left out of a FAB, by
+    Flower's own rules for the app's .gitignore."""
+    from flwr.cli.utils import build_pathspec, load_gitignore_patterns
+
+    return build_pathspec(tuple(load_gitignore_patterns(gitignore))).match_file
+
+
+def build_fab(app: Path) -> Any:
+    """The FAB ``flwr build`` makes of the app folder (its bytes and hash), for the tests."""
+    from flwr.cli.build import build_fab_from_disk
+
+    return build_fab_from_disk(app)
+
+
+def accepts_public_key(path: Path) -> bool:
+    """Whether ``flwr supernode register`` would accept this public key file."""
+    from flwr.cli.supernode.register import try_load_public_key
+
+    return bool(try_load_public_key(path))
+
+
+# --- standing in for Flower's runtime, in tests --------------------------------------------------
+
+
+def act_as(node_id: int, run_id: int = 1, task_id: int = 1) -> None:
+    """Make this process Flower's task on node ``node_id`` (0: the ServerApp), as Flower's runtime
+    does before it runs an app: a message made here is sent from that node."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = run_id, task_id, node_id
+
+
+def mark_pushed(message: Message, message_id: str | None = None) -> str:
+    """Give ``message`` the id Flower gives it on push (its object id unless told): what a grid
+    that stands in for the SuperLink does."""
+    message_id = message.object_id if message_id is None else message_id
+    message.metadata.__dict__["_message_id"] = message_id
+    return message_id
+
+
+def set_source_node(message: Message, node_id: int) -> None:
+    """Say that ``message`` comes from node ``node_id``, as the SuperLink does for an error reply
+    it makes on a node's behalf."""
+    message.metadata.__dict__["_src_node_id"] = node_id

@@ -35,19 +35,17 @@ def app_source(root: Path = PROJECT_ROOT) -> Path:
     the app folder before filtering: with a virtual environment inside the project (``make
     setup``) that is some 60,000 files and 6-9 s of every ``flwr run``. The FAB is the same: what
     is left out here its own .gitignore filter leaves out too."""
-    from flwr.cli.utils import build_pathspec, load_gitignore_patterns
+    from common.flower_glue import fab_ignore_rules
 
-    ignored = build_pathspec(tuple(load_gitignore_patterns(root / ".gitignore")))
+    ignored = fab_ignore_rules(root / ".gitignore")
     staged = Path(tempfile.mkdtemp(prefix="edgesplit-app-"))
     atexit.register(shutil.rmtree, staged, ignore_errors=True)
     for directory, subdirectories, files in os.walk(root):
         relative = Path(directory).relative_to(root)
-        subdirectories[:] = [
-            d for d in subdirectories if d != ".git" and not ignored.match_file(f"{(relative / d).as_posix()}/")
-        ]
+        subdirectories[:] = [d for d in subdirectories if d != ".git" and not ignored(f"{(relative / d).as_posix()}/")]
         for name in files:
             source = Path(directory) / name
-            if source.is_symlink() or ignored.match_file((relative / name).as_posix()):
+            if source.is_symlink() or ignored((relative / name).as_posix()):
                 continue
             (staged / relative).mkdir(parents=True, exist_ok=True)
             shutil.copy2(source, staged / relative / name)

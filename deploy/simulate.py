@@ -22,9 +22,9 @@ from server.run_folder import write_json_atomic
 
 def parse_run_config(text: str) -> dict[str, object]:
     """Parse Flower's "key=value key2='text'" syntax with Flower's own parser."""
-    from flwr.common.config import parse_config_args
+    from common.flower_glue import parse_config_args
 
-    return dict(parse_config_args([text])) if text.strip() else {}
+    return parse_config_args(text)
 
 
 def main(argv: list[str] | None = None) -> int:

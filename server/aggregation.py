@@ -10,7 +10,6 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
 from flwr.app import ArrayRecord, Message, MetricRecord
 from flwr.serverapp.strategy import FedAdam, FedAvg, FedMedian, FedProx, FedTrimmedAvg, Krum, MultiKrum, Strategy
 
@@ -65,20 +64,3 @@ def make_inner_strategy(config: RunConfig) -> Strategy:
     if config.dp:  # equal weights: one node's update must move the average by its clipped norm at most
         common["weighted_by_key"] = DP_WEIGHT_KEY
     return STRATEGIES[StrategyName(config.strategy)](config, common)
-
-
-# Flower 1.41's FedOpt family (FedAdam, FedYogi, FedAdagrad) keeps its moments in the attributes
-# ``m_t`` and ``v_t`` and offers no API to save them. On a Flower upgrade, check that these names
-# still hold the whole state (``current_arrays`` is reset each round from the arrays we pass).
-STATE_ATTRIBUTES = ("m_t", "v_t")
-
-
-def strategy_state(strategy: Strategy) -> dict[str, dict[str, np.ndarray]]:
-    """What a strategy carries from round to round, for the checkpoint."""
-    return {name: dict(value) for name in STATE_ATTRIBUTES if (value := getattr(strategy, name, None)) is not None}
-
-
-def restore_strategy_state(strategy: Strategy, state: dict[str, dict[str, np.ndarray]]) -> None:
-    for name, value in state.items():
-        if name in STATE_ATTRIBUTES:
-            setattr(strategy, name, dict(value))

@@ -17,11 +17,10 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 from flwr.app import Message
-from flwr.common.constant import ErrorCode
 from flwr.serverapp import Grid
 
-# Replies the SuperLink reports lost (not a node that failed or died): worth sending again.
-LOST = frozenset({ErrorCode.MESSAGE_UNAVAILABLE, ErrorCode.REPLY_MESSAGE_UNAVAILABLE})
+from common.flower_glue import LOST_REPLY_CODES, answer_to
+
 OVERDUE_FACTOR = 3.0  # a node's deadline: this many times its slowest reply so far ...
 OVERDUE_MIN_SECONDS = 30.0  # ... and never less than this (a ClientApp process starts per message)
 MAX_RESENDS = 2
@@ -85,7 +84,7 @@ class Delivery:
         self, reply: Message, node: int, pending: dict[int, _Pending], node_of: dict[str, int], replies: list[Message]
     ) -> None:
         item = pending[node]
-        if reply.has_error() and reply.error.code in LOST and item.resends < MAX_RESENDS:
+        if reply.has_error() and reply.error.code in LOST_REPLY_CODES and item.resends < MAX_RESENDS:
             self._resend(node, item, node_of, f"reply lost: {reply.error.reason}")
             return
         del pending[node]
@@ -99,7 +98,7 @@ class Delivery:
             )
         # The reply answers the node's instruction, whichever copy it came through: screening
         # matches replies to nodes by the first message's id (as Flower itself sets ids on push).
-        reply.metadata.__dict__["_reply_to_message_id"] = item.ids[0]
+        answer_to(reply, item.ids[0])
         replies.append(reply)
 
     def _resend(self, node: int, item: _Pending, node_of: dict[str, int], reason: str) -> None:

@@ -15,8 +15,8 @@ as they are (Flower 1.41): the mod refuses a message with more than one array re
 node that lacks the backbone gets it, and the golden batch, beside the head; the wrapper draws
 its noise from NumPy's global generator and divides by the number of replies; and with an
 accountant it skips any round in which a single reply is missing or refused. What is used from
-Flower: its clipping (``compute_clip_model_update``), its noise formula (``compute_stdv``) and its
-accountant (``RdpAccountant``, over Google's ``dp-accounting``).
+Flower: the arithmetic of its clipping (common/clipping.py), its noise formula (``compute_stdv``)
+and its accountant (``RdpAccountant``, over Google's ``dp-accounting``).
 
 The noise comes from the operating system's entropy, never from the run's seed: a noise that the
 seed reproduces could be subtracted by anyone who reads ``config.json``. So the sum before the
@@ -31,14 +31,9 @@ from collections import Counter
 from collections.abc import Iterable, Mapping
 
 import numpy as np
-from flwr.supercore.differential_privacy import compute_stdv
-from flwr.supercore.privacy_accounting import (
-    GaussianPrivacyEvent,
-    NeighboringRelation,
-    PrivacyConfig,
-    SamplingMethod,
-)
-from flwr.supercore.privacy_accounting.rdp_accountant import RdpAccountant
+from flwr.serverapp import GaussianPrivacyEvent, NeighboringRelation, PrivacyConfig, RdpAccountant, SamplingMethod
+
+from common.flower_glue import gaussian_noise_std
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +42,7 @@ log = logging.getLogger(__name__)
 # secret and privacy amplification by sampling is not claimed: epsilon does not depend on
 # fraction-train.
 SAMPLING = SamplingMethod.NO_AMPLIFICATION
-ACCOUNTANT = "rdp (flwr.supercore.privacy_accounting.RdpAccountant over dp-accounting), no sampling amplification"
+ACCOUNTANT = "rdp (flwr.serverapp.RdpAccountant over dp-accounting), no sampling amplification"
 # The weight Flower's FedAvg gives each accepted update in a DP run: all equal, so that one
 # node's update moves the sum by at most C whatever number of examples it claims.
 WEIGHT_KEY = "dp-weight"
@@ -91,7 +86,7 @@ def fleet_epsilon(noise_multiplier: float, rounds: int, delta: float, fleet: int
 
 def noise_std(noise_multiplier: float, clipping_norm: float, sampled: int) -> float:
     """The standard deviation of the noise on each coordinate of the round's mean update."""
-    return compute_stdv(noise_multiplier, clipping_norm, sampled)
+    return gaussian_noise_std(noise_multiplier, clipping_norm, sampled)
 
 
 def private_head(

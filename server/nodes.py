@@ -13,17 +13,11 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterable
-from typing import TYPE_CHECKING
 
-from flwr.app import Message, RecordDict
 from flwr.serverapp import Grid
 
+from common.flower_glue import ForwardingGrid
 from server.delivery import Delivery, EventSink
-
-if TYPE_CHECKING:
-    from flwr.proto.node_pb2 import NodeInfo
-    from flwr.supercore.run import Run  # the type Flower 1.41's Grid declares
 
 log = logging.getLogger(__name__)
 
@@ -61,52 +55,24 @@ def wait_for_nodes(grid: Grid, minimum: int, timeout: float, min_clients: int) -
 REPLY_POLL_SECONDS = 0.25
 
 
-class PromptGrid(Grid):
+class PromptGrid(ForwardingGrid):
     """The run's grid: replies pulled every ``poll`` seconds, lost or overdue instructions sent
-    again (server/delivery.py); everything else goes to ``grid``."""
+    again (server/delivery.py); everything else goes to ``grid``. With ``nodes``, the node list is
+    that snapshot (Flower's strategies only sample from it; the round loop sends)."""
 
-    def __init__(self, grid: Grid, poll: float = REPLY_POLL_SECONDS, on_event: EventSink | None = None) -> None:
-        self._grid = grid
+    def __init__(
+        self,
+        grid: Grid,
+        poll: float = REPLY_POLL_SECONDS,
+        on_event: EventSink | None = None,
+        nodes: list[int] | None = None,
+    ) -> None:
         self.delivery = Delivery(grid, poll, on_event)
-
-    def get_node_ids(self) -> Iterable[int]:
-        return self._grid.get_node_ids()
-
-    def get_nodes(self) -> Iterable[NodeInfo]:
-        return self._grid.get_nodes()
-
-    def set_run(self, run: Run) -> None:
-        self._grid.set_run(run)
-
-    @property
-    def run(self) -> Run:
-        return self._grid.run
-
-    def create_message(
-        self, content: RecordDict, message_type: str, dst_node_id: int, group_id: str, ttl: float | None = None
-    ) -> Message:
-        return self._grid.create_message(content, message_type, dst_node_id, group_id, ttl)
-
-    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
-        return self._grid.push_messages(messages)
-
-    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
-        return self._grid.pull_messages(message_ids)
-
-    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
-        """One reply per node, or none from a node that gave none within ``timeout`` seconds."""
-        return self.delivery.send_and_receive(messages, timeout)
+        super().__init__(grid, self.delivery.send_and_receive, nodes)
 
 
 class FixedNodesGrid(PromptGrid):
     """A grid whose node list is a snapshot."""
 
     def __init__(self, grid: Grid, nodes: list[int]) -> None:
-        super().__init__(grid)  # (Flower's strategies only sample from it; the round loop sends)
-        self._nodes = list(nodes)
-
-    def get_node_ids(self) -> Iterable[int]:
-        return list(self._nodes)
-
-    def get_nodes(self) -> Iterable[NodeInfo]:
-        return [node for node in self._grid.get_nodes() if node.node_id in self._nodes]
+        super().__init__(grid, nodes=nodes)

@@ -14,9 +14,14 @@ from flwr.serverapp import Grid
 
 from common.config import FROM_RIDGE_SUMS, RunConfig, check_simulated_split
 from common.data import DataError
-from common.flower_glue import from_array_record, to_array_record, to_config_record
+from common.flower_glue import (
+    from_array_record,
+    restore_strategy_state,
+    strategy_state,
+    to_array_record,
+    to_config_record,
+)
 from common.protocol import Phase
-from server.aggregation import restore_strategy_state, strategy_state
 from server.checkpoint import Checkpoint, random_state_from_json, random_state_to_json
 from server.edgesplit_strategy import EdgeSplitStrategy
 from server.head_init import fed3r_head, federated_class_counts, fedncm_head

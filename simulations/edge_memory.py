@@ -121,8 +121,7 @@ if mode == "before":
 import numpy as np
 import client.app as client_app
 from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
-from flwr.supercore.task_identity import TaskIdentity
-from common.flower_glue import to_array_record
+from common.flower_glue import act_as, to_array_record
 from common.protocol import ARRAYS, CONFIG
 
 def first_line(context):
@@ -130,7 +129,7 @@ def first_line(context):
     raise SystemExit(0)
 
 client_app._client = first_line  # the handler's first line is `client = _client(context)`
-TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 1
+act_as(1)
 head = dict(np.load(setup["head"]))
 content = RecordDict({CONFIG: ConfigRecord(setup["instructions"]), ARRAYS: to_array_record(head)})
 message = Message(content=content, dst_node_id=1, message_type=MessageType.TRAIN)

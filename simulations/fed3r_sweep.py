@@ -29,7 +29,6 @@ from typing import Any
 
 import numpy as np
 from flwr.app import MetricRecord, RecordDict
-from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
 
 from common.balance import class_prior, posthoc_offsets, training_offsets
 from common.config import FROM_RIDGE_SUMS, RunConfig
@@ -41,7 +40,7 @@ from common.fed3r import (
     ridge_scores,
     ridge_sums,
 )
-from common.flower_glue import from_array_record, to_array_record
+from common.flower_glue import aggregate_array_records, from_array_record, to_array_record
 from common.metrics import ClassificationReport
 from common.numpy_head import NumpyHead, initial_arrays, layer_names, ncm_head_arrays
 from common.protocol import RidgeStats
@@ -179,7 +178,7 @@ def federate(
                     {"arrays": to_array_record(local.arrays()), "metrics": MetricRecord({"n": result.num_examples})}
                 )
             )
-        head = from_array_record(aggregate_arrayrecords(replies, "n"))
+        head = from_array_record(aggregate_array_records(replies, "n"))
         head = {name: value.astype(np.float32) for name, value in head.items()}
         reports.append(evaluate(pool, config.head, head))
     return reports

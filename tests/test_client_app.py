@@ -10,12 +10,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
-from flwr.supercore.task_identity import TaskIdentity
 
 from client import app as client_app
 from common.backbones import build_backbone, fingerprint, load_backbone_weights, preprocess_for
 from common.engines import ENGINE_KINDS, TorchEngine
-from common.flower_glue import from_array_record, to_array_record
+from common.flower_glue import act_as, from_array_record, to_array_record
 from common.heads import head_arrays
 from common.protocol import (
     ACTION,
@@ -51,7 +50,7 @@ NAME = "efficientnet_lite0"
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory: pytest.TempPathFactory) -> tuple[Context, Instructions, dict[str, np.ndarray], dict]:
-    TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 1
+    act_as(1)
     tmp = tmp_path_factory.mktemp("client-app")
     data = write_image_folder(tmp / "board", {"ok": 4, "crack": 4}, seed=0)
     preprocess = preprocess_for(NAME, 64, 1.0)

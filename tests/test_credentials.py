@@ -11,9 +11,9 @@ from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import load_pem_private_key
 from cryptography.x509.verification import PolicyBuilder, Store
-from flwr.cli.supernode.register import try_load_public_key
 
 from common.cli import main as edgesplit
+from common.flower_glue import accepts_public_key
 from server.credentials import CA_PASSPHRASE_ENV, make_credentials
 
 
@@ -37,7 +37,7 @@ def test_board_keys_are_what_flower_loads_and_private_files_are_owner_only(tmp_p
     for board in ("pi-1", "jetson-1"):
         private = load_ssh_private_key(credentials.board_private_key(board).read_bytes(), None)
         assert isinstance(private, ec.EllipticCurvePrivateKey) and private.curve.name == "secp384r1"
-        assert try_load_public_key(credentials.board_public_key(board))  # `flwr supernode register` accepts it
+        assert accepts_public_key(credentials.board_public_key(board))  # `flwr supernode register` accepts it
     for secret in (credentials.ca_key, credentials.server_key, credentials.board_private_key("pi-1")):
         assert stat.S_IMODE(secret.stat().st_mode) == 0o600
 

@@ -12,12 +12,11 @@ import pytest
 from dp_accounting import dp_event, rdp
 from dp_accounting.privacy_accountant import NeighboringRelation
 from flwr.app import ArrayRecord, Context, Message, MessageType, MetricRecord, RecordDict
-from flwr.supercore.task_identity import TaskIdentity
 
 from client.dp_clipping import dp_clipping_mod
 from common.clipping import clip_update
 from common.config import ConfigError, RunConfig
-from common.flower_glue import from_array_record, to_array_record, to_config_record
+from common.flower_glue import act_as, from_array_record, to_array_record, to_config_record
 from common.protocol import ARRAYS, BACKBONE, CONFIG
 from server.dp import epsilon_spent, noise_std, private_head
 from server.report import _html as report_html
@@ -36,7 +35,7 @@ def _norm(arrays: dict[str, np.ndarray], start: dict[str, np.ndarray]) -> float:
 
 @pytest.fixture(autouse=True)
 def node_identity() -> None:
-    TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 1
+    act_as(1)
 
 
 # --- clipping on the board -------------------------------------------------------------------------

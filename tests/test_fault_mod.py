@@ -7,11 +7,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 from flwr.app import Context, Message, MessageType, RecordDict
-from flwr.supercore.task_identity import TaskIdentity
 
 from client.faults import SCALE, InjectedFault, fault_injector
 from client.state import ProcessState
-from common.flower_glue import from_array_record, to_array_record, to_config_record
+from common.flower_glue import act_as, from_array_record, to_array_record, to_config_record
 from common.protocol import ARRAYS, CONFIG
 from tests.conftest import write_image_folder
 from tests.protocol_samples import instructions
@@ -23,7 +22,7 @@ TRAINED = {"weight": np.full((2, 3), 0.1, np.float32), "bias": np.full(2, 1.2, n
 @pytest.fixture(autouse=True)
 def node_identity() -> None:
     """Flower stamps messages with the running task's identity (its runtime sets it)."""
-    TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 1
+    act_as(1)
 
 
 def _context(tmp_path: Path, faults: str, partition: int | None = 0) -> Context:

@@ -150,10 +150,9 @@ def test_every_reply_holds_only_head_arrays_and_numbers(elpv_runs: tuple[dict[st
 def test_the_staged_app_builds_the_same_fab_as_the_project() -> None:
     """`flwr run` builds from deploy.local_simulation.app_source()'s copy (Flower walks every file
     under the app folder, a project .venv included): the FAB must be the project's, byte for byte."""
-    from flwr.cli.build import build_fab_from_disk
-
+    from common.flower_glue import build_fab
     from deploy.local_simulation import PROJECT_ROOT, app_source
 
     staged = app_source()
     assert staged != PROJECT_ROOT and (staged / "pyproject.toml").is_file()
-    assert build_fab_from_disk(staged) == build_fab_from_disk(PROJECT_ROOT)
+    assert build_fab(staged) == build_fab(PROJECT_ROOT)

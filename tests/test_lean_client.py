@@ -33,13 +33,12 @@ for name in blocked:  # None in sys.modules: `import` fails and find_spec says "
     sys.modules[name] = None
 import numpy as np
 from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
-from flwr.supercore.task_identity import TaskIdentity
 from client.app import app
 from common.engines import ENGINE_KINDS
-from common.flower_glue import from_array_record, to_array_record
+from common.flower_glue import act_as, from_array_record, to_array_record
 from common.protocol import ARRAYS, BACKBONE, CONFIG, METRICS
 
-TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 1
+act_as(1)
 head = dict(np.load(setup["head"]))
 content = RecordDict({CONFIG: ConfigRecord(setup["instructions"]), ARRAYS: to_array_record(head)})
 if setup["backbone"]:

@@ -9,9 +9,8 @@ from typing import Any
 
 import pytest
 from flwr.app import Error, Message, MetricRecord, RecordDict
-from flwr.common.constant import ErrorCode
-from flwr.supercore.task_identity import TaskIdentity
 
+from common.flower_glue import ErrorCode, act_as, mark_pushed
 from server import delivery
 from server.delivery import Delivery
 from server.nodes import FixedNodesGrid, PromptGrid
@@ -37,7 +36,7 @@ class FleetGrid:
             node = message.metadata.dst_node_id
             copy = sum(1 for _, m, _, _ in self.pushed if m.metadata.dst_node_id == node)
             message_id = f"m{len(self.pushed)}"
-            message.metadata.__dict__["_message_id"] = message_id  # what Flower does on push
+            mark_pushed(message, message_id)  # what Flower does on push
             self.pushed.append((message_id, message, time.monotonic(), copy))
             ids.append(message_id)
         return ids
@@ -50,7 +49,7 @@ class FleetGrid:
             if message_id not in wanted or answer is None or time.monotonic() - pushed_at < answer[0]:
                 continue
             body = answer[1]
-            TaskIdentity.node_id = message.metadata.dst_node_id  # the replying node, as in a ClientApp
+            act_as(message.metadata.dst_node_id)  # the replying node, as in a ClientApp
             content = body if isinstance(body, Error) else RecordDict({"metrics": MetricRecord({"value": body})})
             replies.append(Message(content, reply_to=message))
         return replies
@@ -58,7 +57,7 @@ class FleetGrid:
 
 @pytest.fixture(autouse=True)
 def task_identity() -> None:
-    TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 0
+    act_as(0)
 
 
 def _messages(*nodes: int) -> list[Message]:

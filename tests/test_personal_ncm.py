@@ -13,10 +13,10 @@ from typing import Any
 import numpy as np
 import pytest
 from flwr.app import Context, Message, RecordDict
-from flwr.supercore.task_identity import TaskIdentity
 
 from client import app as client_app
 from common.config import RunConfig
+from common.flower_glue import act_as, mark_pushed
 from deploy.reference_probe import centralised_probe
 from server.edgesplit_strategy import EdgeSplitStrategy
 from server.round_loop import RoundLoop
@@ -49,9 +49,9 @@ class InProcessGrid:
     def send_and_receive(self, messages: Iterable[Message], timeout: float | None = None) -> list[Message]:
         replies = []
         for message in messages:
-            message.metadata.__dict__["_message_id"] = message.object_id  # what Flower does on push
+            mark_pushed(message, message.object_id)  # what Flower does on push
             node = message.metadata.dst_node_id
-            TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, node
+            act_as(node)
             handler = HANDLERS[message.metadata.message_type]
             replies.append(client_app.privacy_guard(message, self.contexts[node], handler))
         return replies
@@ -61,7 +61,7 @@ class InProcessGrid:
 def federations(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     """The same pathological federation twice, head initialised at random and by FedNCM; and
     the federation's LDA head from Fed3R's statistics alone (no round)."""
-    TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 0  # as the ServerApp's runtime sets
+    act_as(0)  # as the ServerApp's runtime sets
     tmp = tmp_path_factory.mktemp("pathological")
     root = write_pathological_data(tmp / "data", clients=CLIENTS, per_class=30, test_per_class=8)
     results: dict[str, Any] = {}

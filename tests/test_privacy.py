@@ -7,7 +7,6 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
-from flwr.supercore.task_identity import TaskIdentity
 
 from client.edge_client import EdgeClient, EmbeddedData
 from client.privacy import (
@@ -21,7 +20,7 @@ from client.privacy import (
 )
 from common.config import NodeConfig, RunConfig
 from common.embedding import EmbedStats
-from common.flower_glue import to_array_record
+from common.flower_glue import act_as, to_array_record
 from common.numpy_head import initial_arrays
 from common.protocol import (
     ACCURACY,
@@ -188,7 +187,7 @@ def test_a_server_asking_for_a_floor_of_one_gets_no_single_image_class() -> None
 def _ridge_exchange(action: str, counts: list[float], node_config: dict) -> Message:
     """A query with ``action`` answered by a reply carrying ridge statistics of these counts,
     through the guard."""
-    TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 1
+    act_as(1)
     config = {**instructions(ncm_min_examples=2, num_classes=2).to_record(), ACTION: action}
     msg = Message(content=RecordDict({CONFIG: ConfigRecord(config)}), dst_node_id=1, message_type=MessageType.QUERY)
     shapes = RidgeStats.shapes(2, 1280)

@@ -14,11 +14,10 @@ import numpy as np
 import pytest
 from flwr.app import Array, ArrayRecord, Error, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp.strategy import FedAvg, FedMedian, Krum
-from flwr.supercore.task_identity import TaskIdentity
 
 from common import protocol
 from common.config import RunConfig
-from common.flower_glue import to_config_record
+from common.flower_glue import act_as, mark_pushed, to_config_record
 from server.aggregation import MultiKrumOfWhatArrived, make_inner_strategy
 from server.checkpoint import Checkpoint, CheckpointError, checkpoint_path
 from server.edgesplit_strategy import EdgeSplitStrategy
@@ -52,9 +51,9 @@ class ClientsGrid:
     def send_and_receive(self, messages: Iterable[Message], timeout: float | None = None) -> list[Message]:
         replies = []
         for message in messages:
-            message.metadata.__dict__["_message_id"] = message.object_id  # what Flower does on push
+            mark_pushed(message, message.object_id)  # what Flower does on push
             node = message.metadata.dst_node_id
-            TaskIdentity.node_id = node
+            act_as(node)
             kind = message.metadata.message_type
             if kind == MessageType.QUERY:
                 status = to_config_record(protocol.BackboneStatus(engine="torch", held_fingerprint=FP))
@@ -99,7 +98,7 @@ class ClientsGrid:
 
 @pytest.fixture(autouse=True)
 def task_identity() -> None:
-    TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 0
+    act_as(0)
 
 
 def _strategy(run_dir: Path, resume: bool = False, **config: object) -> RoundLoop:

@@ -11,6 +11,7 @@ Read from the source with ``ast``, nothing imported: fast, and blind to what hap
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -72,6 +73,23 @@ def flower_internals(root: Path = ROOT) -> list[str]:
     return offending
 
 
+# Reaching into a Flower object's private state: a metadata field written through ``__dict__``,
+# FedOpt's moments by attribute name.
+PRIVATE_STATE = re.compile(r"__dict__\[|\.(m_t|v_t)\b")
+
+
+def flower_private_state(root: Path = ROOT) -> list[str]:
+    offending = []
+    for path in source_files(root, *PACKAGES, "tests"):
+        relative = path.relative_to(root).as_posix()
+        if relative in (GLUE, "tests/test_seams.py"):
+            continue
+        for number, line in enumerate(path.read_text().splitlines(), 1):
+            if PRIVATE_STATE.search(line):
+                offending.append(f"{relative}:{number}: {line.strip()}")
+    return offending
+
+
 def upward_imports(root: Path = ROOT) -> list[str]:
     offending = []
     for path in source_files(root, *PACKAGES):
@@ -117,6 +135,11 @@ def test_only_the_glue_module_imports_flower_internals() -> None:
     assert not offending, f"Flower internals outside {GLUE} (move the use there): " + "; ".join(offending)
 
 
+def test_only_the_glue_module_reaches_into_flower_objects() -> None:
+    offending = flower_private_state()
+    assert not offending, f"Flower's private state outside {GLUE}: " + "; ".join(offending)
+
+
 def test_imports_go_one_way() -> None:
     offending = upward_imports()
     assert not offending, f"imports against the layering {MAY_IMPORT}: " + "; ".join(offending)
@@ -138,6 +161,8 @@ def test_each_check_names_what_breaks_it(tmp_path: Path) -> None:
         "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    import common.config\n"
     )
     (tmp_path / "tests" / "test_x.py").write_text("from flwr.app import Message\n")  # public: fine
+    (tmp_path / "server" / "nodes.py").write_text("def f(m):\n    m.metadata.__dict__['_message_id'] = 'x'\n")
     assert flower_internals(tmp_path) == ["server/grid.py:2 imports flwr.common.constant"]
+    assert flower_private_state(tmp_path) == ["server/nodes.py:2: m.metadata.__dict__['_message_id'] = 'x'"]
     assert upward_imports(tmp_path) == ["common/config.py:1 imports server.grid (common -> server)"]
     assert package_cycles(tmp_path) == ["common.config -> common.engines -> common.config"]

@@ -17,12 +17,18 @@ import pytest
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, MetricRecord, RecordDict
 from flwr.serverapp.strategy import FedAvg
-from flwr.supercore.task_identity import TaskIdentity
 
 from common import protocol
 from common.config import RunConfig
 from common.engines import ENGINE_KINDS, EngineKind
-from common.flower_glue import from_array_record, to_array_record, to_config_record
+from common.flower_glue import (
+    act_as,
+    from_array_record,
+    mark_pushed,
+    set_source_node,
+    to_array_record,
+    to_config_record,
+)
 from common.protocol import GoldenBatch, Instructions, Phase
 from server.checkpoint import Checkpoint
 from server.edgesplit_strategy import EdgeSplitStrategy
@@ -124,7 +130,7 @@ class StubGrid:
         for question in messages:
             node = question.metadata.dst_node_id
             self.questions.append(node)
-            TaskIdentity.node_id = node
+            act_as(node)
             engine = self.engines.get(node, "torch")
             held = StubVariants().variant_fingerprint(engine) if node in self.holders else ""
             fallback = self.fallbacks.get(node, "")
@@ -137,7 +143,7 @@ class StubGrid:
 
 @pytest.fixture(autouse=True)
 def task_identity() -> None:
-    TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 0
+    act_as(0)
 
 
 def _edge_strategy(run: StubRun) -> EdgeSplitStrategy:
@@ -158,7 +164,7 @@ TRAIN_NUMBERS = {protocol.TRAIN_LOSS: 0.5, protocol.TRAIN_ACCURACY: 0.8, protoco
 
 
 def _reply(instruction: Message, arrays: dict[str, np.ndarray], num_examples: object = 10, fp: str = FP) -> Message:
-    TaskIdentity.node_id = instruction.metadata.dst_node_id
+    act_as(instruction.metadata.dst_node_id)
     content = RecordDict(
         {
             protocol.ARRAYS: ArrayRecord({k: Array(v) for k, v in arrays.items()}),
@@ -224,7 +230,7 @@ def test_a_node_that_failed_is_asked_again(strategy: EdgeSplitStrategy) -> None:
     grid = StubGrid([1, 2], holders=set())
     messages = list(strategy.configure_train(1, to_array_record(_head(0)), _config(), grid))  # type: ignore[arg-type]
     sent = {m.metadata.dst_node_id: m for m in messages}
-    TaskIdentity.node_id = 2
+    act_as(2)
     failed = Message(Error(code=1, reason="disk full"), reply_to=sent[2])
     strategy.aggregate_train(1, [_reply(sent[1], _head(0.5)), failed])
     list(strategy.configure_train(2, to_array_record(_head(0)), _config(), grid))  # type: ignore[arg-type]
@@ -251,7 +257,7 @@ def test_only_well_formed_replies_reach_the_aggregate(strategy: EdgeSplitStrateg
     sent = {m.metadata.dst_node_id: m for m in strategy.configure_train(1, to_array_record(_head(0)), _config(), grid)}  # type: ignore[arg-type]
     nan_head = _head(1.0)
     nan_head["bias"][0] = np.nan
-    TaskIdentity.node_id = 6
+    act_as(6)
     replies = [
         _reply(sent[1], _head(0.5)),
         _reply(sent[2], nan_head),
@@ -276,9 +282,9 @@ def test_an_error_the_superlink_sends_for_a_dead_node_counts_against_that_node(s
     grid = StubGrid([7, 8], holders={7, 8})
     sent = {m.metadata.dst_node_id: m for m in strategy.configure_train(1, to_array_record(_head(0)), _config(), grid)}  # type: ignore[arg-type]
     for message in sent.values():  # what Flower's grid does when it pushes a message
-        message.metadata.__dict__["_message_id"] = message.object_id
+        mark_pushed(message, message.object_id)
     unavailable = Message(Error(code=5, reason="Node Unavailable"), reply_to=sent[8])
-    unavailable.metadata.__dict__["_src_node_id"] = 1  # the SuperLink answers for a node without heartbeat
+    set_source_node(unavailable, 1)  # the SuperLink answers for a node without heartbeat
     strategy.aggregate_train(1, [_reply(sent[7], _head(0.5)), unavailable])
     failed = [e for e in _events(strategy) if e["event"] == "client-failed"]
     assert [(e["node"], e["reason"]) for e in failed] == [(8, "Node Unavailable")]
@@ -296,7 +302,7 @@ def test_a_node_that_cannot_take_part_is_reported_once_and_stops_the_run_only_wh
             m.metadata.dst_node_id: m
             for m in strategy.configure_train(server_round, to_array_record(_head(0)), _config(server_round), grid)  # type: ignore[arg-type]
         }
-        TaskIdentity.node_id = 3
+        act_as(3)
         cannot = Message(Error(code=protocol.SETUP_ERROR_CODE, reason=no_folder), reply_to=sent[3])
         arrays, _ = strategy.aggregate_train(
             server_round, [_reply(sent[1], _head(0.5)), _reply(sent[2], _head(0.5)), cannot]
@@ -304,11 +310,11 @@ def test_a_node_that_cannot_take_part_is_reported_once_and_stops_the_run_only_wh
         assert arrays is not None and strategy.tally.record.clients_failed == 1
 
     sent = {m.metadata.dst_node_id: m for m in strategy.configure_train(3, to_array_record(_head(0)), _config(3), grid)}  # type: ignore[arg-type]
-    TaskIdentity.node_id = 2
+    act_as(2)
     other = Message(
         Error(code=protocol.SETUP_ERROR_CODE, reason="DataError: no usable training images"), reply_to=sent[2]
     )
-    TaskIdentity.node_id = 3
+    act_as(3)
     again = Message(Error(code=protocol.SETUP_ERROR_CODE, reason=no_folder), reply_to=sent[3])
     with pytest.raises(RunStopped) as stopped:  # 1 of 3 can take part, min-clients=2: no retry can help
         strategy.aggregate_train(3, [_reply(sent[1], _head(0.5)), other, again])
