@@ -12,9 +12,10 @@ from __future__ import annotations
 
 from flwr.app import Context, Message, MessageType
 
+from client.request import request_of
 from common.clipping import clip_update
 from common.flower_glue import ClientAppCallable, from_array_record, to_array_record
-from common.protocol import ARRAYS, CONFIG, Instructions
+from common.protocol import ARRAYS
 
 
 def dp_clipping_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
@@ -22,9 +23,9 @@ def dp_clipping_mod(msg: Message, context: Context, call_next: ClientAppCallable
     reply = call_next(msg, context)
     if msg.metadata.message_type.split(".")[0] != MessageType.TRAIN or reply.has_error():
         return reply
-    norm = Instructions.from_record(msg.content.config_records[CONFIG]).dp_clipping_norm
+    request = request_of(msg)
+    norm = request.work.dp_clipping_norm
     if norm > 0 and ARRAYS in reply.content.array_records:
-        start = from_array_record(msg.content.array_records[ARRAYS])
         trained = from_array_record(reply.content.array_records[ARRAYS])
-        reply.content.array_records[ARRAYS] = to_array_record(clip_update(trained, start, norm))
+        reply.content.array_records[ARRAYS] = to_array_record(clip_update(trained, request.trainable, norm))
     return reply

@@ -19,9 +19,8 @@ from client.backbone_cache import BackboneCache, BuiltEngines, VerifiedFiles
 from client.golden import GoldenGate
 from client.local_data import LocalData, load_local_data
 from client.lru import LruCache
-from client.privacy import example_floor
+from client.privacy_floor import example_floor
 from client.telemetry import device_metrics
-from client.trainable import head_for
 from common import protocol
 from common.balance import training_offsets
 from common.config import NodeConfig, RunConfig
@@ -31,7 +30,7 @@ from common.embedding import EmbeddingCache, EmbedStats, embed_files, progress_l
 from common.engines import EngineKind, FingerprintMismatch, engine_kind, resolve_engine
 from common.fed3r import ridge_sums
 from common.protocol import BackboneStatus, ClassCounts, ClassStats, GoldenBatch, Instructions, ReplyStatus, RidgeStats
-from common.trainable import Trainable
+from common.trainable import Trainable, trainable_of
 
 log = logging.getLogger(__name__)
 
@@ -307,6 +306,6 @@ class EdgeClient:
 
     @staticmethod
     def _head(arrays: Mapping[str, np.ndarray], instructions: Instructions) -> Trainable:
-        head = head_for(instructions)
+        head = trainable_of(instructions)
         head.load(arrays)
         return head

@@ -16,11 +16,12 @@ import numpy as np
 from flwr.app import Context, Message, MessageType, MetricRecord
 
 from client.local_data import LocalData
+from client.request import request_of
 from client.state import ProcessState
 from common import protocol
 from common.config import FaultKind, RunConfig
 from common.flower_glue import ClientAppCallable, Mod, from_array_record, to_array_record
-from common.protocol import ARRAYS, CONFIG, METRICS, Instructions
+from common.protocol import ARRAYS, METRICS
 
 log = logging.getLogger(__name__)
 
@@ -90,7 +91,8 @@ def fault_injector(state: ProcessState) -> Mod:
         if phase not in (MessageType.TRAIN, MessageType.EVALUATE):
             return call_next(msg, context)
         client = state.client(context.run_config, context.node_config)
-        instructions = Instructions.from_record(msg.content.config_records[CONFIG])
+        request = request_of(msg)
+        instructions = request.work
         fault = fault_of(client.config, client.node.partition_id, instructions.server_round)
         if fault is None or (phase == MessageType.EVALUATE and fault not in (*BEFORE_WORK, *ODD_METRICS)):
             return call_next(msg, context)
@@ -111,9 +113,8 @@ def fault_injector(state: ProcessState) -> Mod:
                 client.use_data(honest)
         reply = call_next(msg, context)
         if not reply.has_error():
-            start = from_array_record(msg.content.array_records[ARRAYS])
             trained = from_array_record(reply.content.array_records[ARRAYS])
-            reply.content[ARRAYS] = to_array_record(poison(fault, trained, start))
+            reply.content[ARRAYS] = to_array_record(poison(fault, trained, request.trainable))
         return reply
 
     return inject_faults

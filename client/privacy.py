@@ -3,10 +3,8 @@ class statistics, or Fed3R's ridge statistics or the class counts, each to its o
 statistics from no fewer images per class than the board's floor), in float32 or float64, the
 metrics the protocol names for the message's kind, as single numbers, and short status strings
 may go out. ``violations`` is plain Python over a description of the reply, so that it can be
-tested alone; ``privacy_guard`` applies it to every reply as a ClientApp mod. ``example_floor``
-is the board's own floor on how many images a shared statistic may sum over.
-
-No flwr import at module level: the plain-Python edge client uses ``example_floor``.
+tested alone; ``privacy_guard`` applies it to every reply as a ClientApp mod, with the board's
+own floor on how many images a shared statistic may sum over (client/privacy_floor.py).
 """
 
 from __future__ import annotations
@@ -16,15 +14,15 @@ import os
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
+from flwr.app import Context, Message
 
-from client.trainable import trainable_shapes
+from client.privacy_floor import example_floor, floor_violations, node_floor
+from client.request import BoardRequest, request_of
 from common.backbones import get_spec
 from common.protocol import (
     ARRAYS,
     CLASS_COUNTS,
     CLASS_STATS,
-    CONFIG,
     METRICS,
     REPLY_METRICS,
     RIDGE_STATS,
@@ -32,47 +30,23 @@ from common.protocol import (
     BackboneStatus,
     ClassCounts,
     ClassStats,
-    Instructions,
     QueryAction,
     ReplyStatus,
     RidgeStats,
-    query_action,
 )
+from common.trainable import trainable_shapes_of
 
 if TYPE_CHECKING:
-    from flwr.app import Context, Message
-
     from common.flower_glue import ClientAppCallable
 
 AUDIT_LOG_ENV = "EDGESPLIT_AUDIT_LOG"  # if set: one JSON line per outgoing reply, for audits and tests
 MAX_STATUS_CHARS = 1000
 STATUS_KEYS = frozenset(ReplyStatus.keys()) | frozenset(BackboneStatus.keys())
 FLOAT_DTYPES = ("float32", "float64")  # what any array leaving a board may be (no bytes, no images)
-DEFAULT_MIN_EXAMPLES = 5  # a board's floor when its node config sets none
-LEAST_EXAMPLES = 2  # below this a "sum" is one image's features, whatever anyone set
 
 Shape = tuple[int, ...]
 # record -> array name -> its shape, or (shape, dtype) where the dtype is fixed too
 Shapes = Mapping[str, Mapping[str, Shape | tuple[Shape, str]]]
-
-
-def example_floor(requested: int, node_floor: int | None) -> int:
-    """How many images a class (or any group) needs before the board shares a statistic of it:
-    the server's request can raise the board's own floor (node config ``min-examples``, 5 if
-    unset), never lower it, and nothing goes below 2."""
-    return max(requested, node_floor or DEFAULT_MIN_EXAMPLES, LEAST_EXAMPLES)
-
-
-def node_floor(node_config: Mapping[str, Any]) -> int | None:
-    """The board's own floor (node-config ``min-examples``), if it sets one."""
-    value = node_config.get("min-examples")
-    return value if isinstance(value, int) and not isinstance(value, bool) else None
-
-
-def floor_violations(counts: Any, floor: int) -> list[str]:
-    """Classes whose statistics a reply would share from fewer than ``floor`` images."""
-    few = [index for index, count in enumerate(np.asarray(counts).ravel()) if 0 < count < floor]
-    return [f"statistics of class(es) {few} come from fewer than {floor} images"] if few else []
 
 
 def _spec(declared: Shape | tuple[Shape, str]) -> tuple[Shape, str | None]:
@@ -139,30 +113,20 @@ def violations(reply: Mapping[str, Any], allowed: Shapes, metric_names: tuple[st
     return problems
 
 
-def message_kind(msg: Message) -> str:
-    """Flower's message type without its action suffix: "train", "evaluate" or "query"."""
-    return msg.metadata.message_type.split(".")[0]
-
-
-def _query_action(msg: Message) -> QueryAction | None:
-    return query_action(msg.content.config_records[CONFIG]) if message_kind(msg) == "query" else None
-
-
-def allowed_arrays(msg: Message) -> dict[str, dict[str, tuple[Shape, str]] | dict[str, Shape]]:
-    """The array records, names, shapes (and dtypes, where fixed) a reply to ``msg`` may carry: the
-    trainable arrays after train, the class statistics after FedNCM's query (float32, as both are
-    made), the ridge statistics after Fed3R's, the class counts after their own, nothing otherwise."""
-    if message_kind(msg) == "train":
-        shapes = trainable_shapes(Instructions.from_record(msg.content.config_records[CONFIG]))
+def allowed_arrays(request: BoardRequest) -> dict[str, dict[str, tuple[Shape, str]] | dict[str, Shape]]:
+    """The array records, names, shapes (and dtypes, where fixed) a reply to ``request`` may carry:
+    the trainable arrays after train, the class statistics after FedNCM's query (float32, as both
+    are made), the ridge statistics after Fed3R's, the class counts after their own, nothing
+    otherwise."""
+    if request.kind == "train":
+        shapes = trainable_shapes_of(request.work)
         return {ARRAYS: {name: (shape, "float32") for name, shape in shapes.items()}}
-    action = _query_action(msg)
-    if action == QueryAction.CLASS_COUNTS:
-        num_classes = Instructions.from_record(msg.content.config_records[CONFIG]).num_classes
-        return {CLASS_COUNTS: ClassCounts.shapes(num_classes)}
-    if action in (QueryAction.CLASS_SUMS, QueryAction.RIDGE_SUMS):
-        instructions = Instructions.from_record(msg.content.config_records[CONFIG])
+    if request.action == QueryAction.CLASS_COUNTS:
+        return {CLASS_COUNTS: ClassCounts.shapes(request.work.num_classes)}
+    if request.action in (QueryAction.CLASS_SUMS, QueryAction.RIDGE_SUMS):
+        instructions = request.work
         feature_dim = get_spec(instructions.backbone_name).feature_dim
-        if action == QueryAction.CLASS_SUMS:
+        if request.action == QueryAction.CLASS_SUMS:
             stats = ClassStats.shapes(instructions.num_classes, feature_dim)
             return {CLASS_STATS: {name: (shape, "float32") for name, shape in stats.items()}}
         # what the last layer sees: the features (linear head) or the MLP's hidden units
@@ -171,13 +135,12 @@ def allowed_arrays(msg: Message) -> dict[str, dict[str, tuple[Shape, str]] | dic
     return {}
 
 
-def statistics_violations(msg: Message, reply: Message, node_config: Mapping[str, Any]) -> list[str]:
+def statistics_violations(request: BoardRequest, reply: Message, node_config: Mapping[str, Any]) -> list[str]:
     """Fed3R's statistics below the floor: this board's own, which the server cannot lower."""
-    if _query_action(msg) != QueryAction.RIDGE_SUMS or RIDGE_STATS not in reply.content.array_records:
+    if request.action != QueryAction.RIDGE_SUMS or RIDGE_STATS not in reply.content.array_records:
         return []
-    requested = Instructions.from_record(msg.content.config_records[CONFIG]).ncm_min_examples
     counts = reply.content.array_records[RIDGE_STATS]["counts"].numpy()
-    return floor_violations(counts, example_floor(requested, node_floor(node_config)))
+    return floor_violations(counts, example_floor(request.work.ncm_min_examples, node_floor(node_config)))
 
 
 def describe(reply: Message) -> dict[str, Any]:
@@ -195,10 +158,11 @@ def privacy_guard(msg: Message, context: Context, call_next: ClientAppCallable) 
     reply = call_next(msg, context)
     if reply.has_error():
         return reply
+    request = request_of(msg)
     description = describe(reply)
     audit(description, msg.metadata.message_type)
-    problems = violations(description, allowed_arrays(msg), REPLY_METRICS.get(message_kind(msg)))
-    problems += statistics_violations(msg, reply, context.node_config)
+    problems = violations(description, allowed_arrays(request), REPLY_METRICS.get(request.kind))
+    problems += statistics_violations(request, reply, context.node_config)
     if problems:
         raise PrivacyViolation("reply refused by the privacy guard: " + "; ".join(problems))
     return reply

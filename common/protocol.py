@@ -31,12 +31,14 @@ import typing
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from enum import StrEnum
-from typing import Any, ClassVar, Self
+from typing import Any, Self
 
 import numpy as np
 
+from common.config import RunConfig
 from common.kinds import EngineName
 from common.preprocess import PreprocessSpec
+from common.views import VIEWS
 
 # --- record names inside a message's RecordDict ------------------------------------------------
 ARRAYS = "arrays"
@@ -288,13 +290,17 @@ class Instructions(ConfigMessage):
     class_prior: tuple[float, ...] = ()  # the federation's class shares (from its counts); () if unknown
     local_prior_correction: bool = False  # train on logits + log(local prior / class_prior)
 
+    @classmethod
+    def from_run_config(cls, config: RunConfig, **values: Any) -> Instructions:
+        """Instructions with every field shared with the run config taken from ``config``, the
+        others (and any override, e.g. the round's learning rate) from ``values``."""
+        shared = {key: getattr(config, key) for key in _shared_with_run_config()}
+        return cls(**{**shared, **values})
+
     def check(self) -> None:
         """A board acts only on instructions its own run-config schema allows: fingerprints that
         can only name files inside its cache, a known engine, backbone, head and views, and every
         hyperparameter within the range the board would accept in its own run config."""
-        from common.config import RunConfig  # imports the engines, which import this module
-        from common.views import VIEWS
-
         check_fingerprint(self.fingerprint, "fingerprint")
         check_fingerprint(self.engine_fingerprint, "engine-fingerprint")
         if self.engine not in set(EngineName):
@@ -314,7 +320,8 @@ class Instructions(ConfigMessage):
         _check_range("server-round", self.server_round, 0, schema["num_server_rounds"].metadata["high"])
         _check_range("num-classes", self.num_classes, 1, 100_000)
         _check_range("image-size", self.preprocess.image_size, **_limits(schema["image_size"]))
-        for name, value in (("backbone", self.backbone_name), *((key, getattr(self, key)) for key in _SCHEMA_FIELDS)):
+        shared = ((key, getattr(self, key)) for key in _shared_with_run_config())
+        for name, value in (("backbone", self.backbone_name), *shared):
             rules = schema[name].metadata
             choices = rules.get("choices")
             if callable(choices):
@@ -325,24 +332,16 @@ class Instructions(ConfigMessage):
                 _check_range(_key(name), value, **_limits(schema[name]))
 
 
-# Instructions fields that are run-config keys of the same name: checked against the schema.
-_SCHEMA_FIELDS = (
-    "head",
-    "mlp_hidden",
-    "cut",
-    "local_epochs",
-    "learning_rate",
-    "weight_decay",
-    "batch_size",
-    "seed",
-    "personal_epochs",
-    "ncm_min_examples",
-    "proximal_mu",
-    "dp_clipping_norm",
-    "class_balance",
-    "logit_adjust_tau",
-    "local_prior_correction",
-)
+# Instructions fields named as a run-config key that mean something else: the engine this node runs
+# (the run's may be "auto") and the views resolved from the run's ``views``.
+_NOT_THE_RUN_CONFIG = frozenset({"engine", "views"})
+
+
+def _shared_with_run_config() -> tuple[str, ...]:
+    """The Instructions fields that are run-config keys of the same meaning: copied from the run
+    config by ``Instructions.from_run_config`` and held to its schema by ``Instructions.check``."""
+    run_keys = {f.name for f in fields(RunConfig)}  # type: ignore[arg-type]
+    return tuple(f.name for f in fields(Instructions) if f.name in run_keys and f.name not in _NOT_THE_RUN_CONFIG)
 
 
 def _limits(field: dataclasses.Field[Any]) -> dict[str, float | None]:
@@ -374,8 +373,6 @@ class BackboneQuery(ConfigMessage):
     action: str = QueryAction.BACKBONE_STATUS.value
 
     def check(self) -> None:
-        from common.config import RunConfig
-
         check_fingerprint(self.fingerprint)
         _check_range("cut", self.cut, **_limits(next(f for f in fields(RunConfig) if f.name == "cut")))
 
@@ -402,57 +399,61 @@ class ReplyStatus(ConfigMessage):
     fallback: str = ""  # set when its engine failed the golden check: what it does about it
 
 
-# --- the one array message ---------------------------------------------------------------------
+# --- array messages ------------------------------------------------------------------------------
+
+
+class ArrayMessage:
+    """A frozen dataclass of arrays that travels as one array record: each field an array of the
+    same name. ``from_arrays`` takes exactly those names (ProtocolError otherwise) and runs
+    ``check``."""
+
+    @classmethod
+    def names(cls) -> tuple[str, ...]:
+        return tuple(f.name for f in fields(cls))  # type: ignore[arg-type]
+
+    def to_arrays(self) -> dict[str, np.ndarray]:
+        return {name: getattr(self, name) for name in self.names()}
+
+    @classmethod
+    def from_arrays(cls, arrays: Mapping[str, np.ndarray]) -> Self:
+        if set(arrays) != set(cls.names()):
+            raise ProtocolError(
+                f"{cls.__name__} must hold exactly the arrays {sorted(cls.names())}, got {sorted(arrays)}"
+            )
+        message = cls(**{name: np.asarray(arrays[name]) for name in cls.names()})
+        message.check()
+        return message
+
+    def check(self) -> None:
+        """Raise ProtocolError for arrays this side must not act on."""
 
 
 @dataclass(frozen=True)
-class ClassStats:
+class ClassStats(ArrayMessage):
     """FedNCM's reply: per class, the sum of the classifier's input features over the node's
     training images (classes below the privacy floor as zeros), and the counts."""
 
     sums: np.ndarray  # (classes, feature_dim)
     counts: np.ndarray  # (classes,)
 
-    NAMES: ClassVar[tuple[str, str]] = ("sums", "counts")
-
-    def to_arrays(self) -> dict[str, np.ndarray]:
-        return {"sums": self.sums, "counts": self.counts}
-
     @classmethod
     def shapes(cls, num_classes: int, feature_dim: int) -> dict[str, tuple[int, ...]]:
         return {"sums": (num_classes, feature_dim), "counts": (num_classes,)}
 
-    @classmethod
-    def from_arrays(cls, arrays: Mapping[str, np.ndarray]) -> ClassStats:
-        if set(arrays) != set(cls.NAMES):
-            raise ProtocolError(f"class statistics must be exactly {sorted(cls.NAMES)}, got {sorted(arrays)}")
-        return cls(sums=arrays["sums"], counts=arrays["counts"])
-
 
 @dataclass(frozen=True)
-class ClassCounts:
+class ClassCounts(ArrayMessage):
     """The counts-only query's reply: how many training images of each class the node holds."""
 
     counts: np.ndarray  # (classes,)
-
-    NAMES: ClassVar[tuple[str]] = ("counts",)
-
-    def to_arrays(self) -> dict[str, np.ndarray]:
-        return {"counts": self.counts}
 
     @classmethod
     def shapes(cls, num_classes: int) -> dict[str, tuple[int, ...]]:
         return {"counts": (num_classes,)}
 
-    @classmethod
-    def from_arrays(cls, arrays: Mapping[str, np.ndarray]) -> ClassCounts:
-        if set(arrays) != set(cls.NAMES):
-            raise ProtocolError(f"class counts must be exactly {sorted(cls.NAMES)}, got {sorted(arrays)}")
-        return cls(counts=arrays["counts"])
-
 
 @dataclass(frozen=True)
-class RidgeStats:
+class RidgeStats(ArrayMessage):
     """Fed3R's reply: sums over the node's training images (each image's views averaged) of the
     features the classifier's last layer sees, z: the Gram matrix sum z z^T as its upper triangle
     (row by row, float32: half the bytes of the full matrix), per class the sum of z, and the
@@ -462,20 +463,9 @@ class RidgeStats:
     sums: np.ndarray  # (classes, dim)
     counts: np.ndarray  # (classes,)
 
-    NAMES: ClassVar[tuple[str, str, str]] = ("gram", "sums", "counts")
-
-    def to_arrays(self) -> dict[str, np.ndarray]:
-        return {"gram": self.gram, "sums": self.sums, "counts": self.counts}
-
     @classmethod
     def shapes(cls, num_classes: int, dim: int) -> dict[str, tuple[int, ...]]:
         return {"gram": (dim * (dim + 1) // 2,), "sums": (num_classes, dim), "counts": (num_classes,)}
-
-    @classmethod
-    def from_arrays(cls, arrays: Mapping[str, np.ndarray]) -> RidgeStats:
-        if set(arrays) != set(cls.NAMES):
-            raise ProtocolError(f"ridge statistics must be exactly {sorted(cls.NAMES)}, got {sorted(arrays)}")
-        return cls(gram=arrays["gram"], sums=arrays["sums"], counts=arrays["counts"])
 
     @staticmethod
     def pack(gram: np.ndarray) -> np.ndarray:
@@ -491,7 +481,7 @@ class RidgeStats:
 
 
 @dataclass(frozen=True)
-class GoldenBatch:
+class GoldenBatch(ArrayMessage):
     """A few of the server's own held-out images, preprocessed (float16 to travel light), and the
     features its fp32 backbone computes for them (from the same float16 values): the yardstick a
     node holds its engine to. Never a client's data."""
@@ -499,21 +489,13 @@ class GoldenBatch:
     images: np.ndarray  # (n, 3, size, size) float16
     features: np.ndarray  # (n, ...) float32: the backbone's output at the cut
 
-    NAMES: ClassVar[tuple[str, str]] = ("images", "features")
-
-    def to_arrays(self) -> dict[str, np.ndarray]:
-        return {"images": self.images, "features": self.features}
-
-    @classmethod
-    def from_arrays(cls, arrays: Mapping[str, np.ndarray]) -> GoldenBatch:
-        if set(arrays) != set(cls.NAMES):
-            raise ProtocolError(f"a golden batch must be exactly {sorted(cls.NAMES)}, got {sorted(arrays)}")
-        images, features = np.asarray(arrays["images"]), np.asarray(arrays["features"])
-        if images.ndim != 4 or len(images) == 0 or len(features) != len(images):
-            raise ProtocolError(f"golden batch of shapes {images.shape} and {features.shape} does not pair up")
-        if not (np.isfinite(images).all() and np.isfinite(features).all()):
+    def check(self) -> None:
+        if self.images.ndim != 4 or len(self.images) == 0 or len(self.features) != len(self.images):
+            raise ProtocolError(
+                f"golden batch of shapes {self.images.shape} and {self.features.shape} does not pair up"
+            )
+        if not (np.isfinite(self.images).all() and np.isfinite(self.features).all()):
             raise ProtocolError("golden batch holds NaN or Inf")
-        return cls(images=images, features=features)
 
     def cosine(self, computed: np.ndarray) -> float:
         """Mean cosine over the batch between ``computed`` features and the server's."""

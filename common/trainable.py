@@ -18,6 +18,8 @@ from common.numpy_head import NumpyHead, TrainResult, head_shapes
 if TYPE_CHECKING:
     from torch import nn
 
+    from common.protocol import Instructions
+
 # What a board installs for a later cut or the torch engine (pyproject.toml's extras).
 TORCH_EXTRA = "pip install 'edgesplit[edge,torch]'"
 
@@ -101,3 +103,27 @@ def trainable_shapes(backbone: str, cut: int, kind: str, num_classes: int, hidde
     if cut == 0:
         return head_shapes(kind, get_spec(backbone).feature_dim, num_classes, hidden)
     return make_trainable(backbone, cut, kind, num_classes, hidden).shapes()
+
+
+def trainable_of(instructions: Instructions) -> Trainable:
+    """The trainable part a message's instructions describe, its values still to be loaded: what
+    the edge client trains, built from the same instructions as the shapes the guard lets out."""
+    return make_trainable(
+        instructions.backbone_name,
+        instructions.cut,
+        instructions.head,
+        instructions.num_classes,
+        instructions.mlp_hidden,
+    )
+
+
+def trainable_shapes_of(instructions: Instructions) -> dict[str, Any]:
+    """Name and shape of every array a train reply to these instructions carries (the privacy guard's
+    declaration), so that the shapes the client trains and the guard checks cannot drift apart."""
+    return trainable_shapes(
+        instructions.backbone_name,
+        instructions.cut,
+        instructions.head,
+        instructions.num_classes,
+        instructions.mlp_hidden,
+    )

@@ -148,34 +148,19 @@ class ServerRun:
         base rate (personal heads fine-tune at a tenth of it)."""
         config = self.config
         rate = config.learning_rate_at(server_round) if phase is Phase.TRAIN else config.learning_rate
-        return Instructions(
+        return Instructions.from_run_config(
+            config,
             server_round=server_round,
             fingerprint=self.fingerprint,
             backbone_name=self.spec.name,
             preprocess=self.preprocess,
             engine=self.engine.name,
             engine_fingerprint=self.variants.variant_fingerprint(self.engine),
-            head=config.head,
-            mlp_hidden=config.mlp_hidden,
-            cut=config.cut,
             views=config.view_names(),
-            average_views=config.average_views,
             num_classes=len(self.classes),
-            local_epochs=config.local_epochs,
             learning_rate=rate,
-            weight_decay=config.weight_decay,
-            batch_size=config.batch_size,
-            seed=config.seed,
-            personal_epochs=config.personal_epochs,
-            ncm_min_examples=config.ncm_min_examples,
             proximal_mu=config.proximal_mu if config.strategy == "fedprox" else 0.0,
-            dp_clipping_norm=config.dp_clipping_norm,
-            class_balance=config.class_balance,
-            logit_adjust_tau=config.logit_adjust_tau,
-            local_prior_correction=config.local_prior_correction,
-            class_prior=tuple(float(p) for p in class_prior(np.asarray(self.class_counts)))
-            if self.class_counts
-            else (),
+            class_prior=self.class_prior(),
         )
 
     def class_prior(self) -> tuple[float, ...]:

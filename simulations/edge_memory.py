@@ -72,7 +72,7 @@ def _use_torch_head() -> None:
     def torch_head_for(ins: Instructions) -> TorchHead:
         return TorchHead(build_head(ins.backbone_name, ins.cut, ins.head, ins.num_classes, ins.mlp_hidden))
 
-    client.edge_client.head_for = torch_head_for  # type: ignore[assignment]
+    client.edge_client.trainable_of = torch_head_for  # type: ignore[assignment]
 
 
 def child(setup: dict[str, Any]) -> dict[str, float]:

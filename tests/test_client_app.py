@@ -4,6 +4,7 @@ instructions refused before they touch the disk."""
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from pathlib import Path
 
@@ -13,6 +14,7 @@ from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
 
 from client import app as client_app
 from common.backbones import build_backbone, fingerprint, load_backbone_weights, preprocess_for
+from common.clipping import update_norm
 from common.engines import ENGINE_KINDS, TorchEngine
 from common.flower_glue import act_as, from_array_record, to_array_record
 from common.heads import head_arrays
@@ -178,3 +180,23 @@ def test_crafted_instructions_are_refused_and_the_board_goes_on(
     assert refused.has_error() and refused.error.code == SETUP_ERROR_CODE
     assert "plain folder name" in refused.error.reason
     assert BackboneStatus.from_record(_send(MessageType.QUERY, asked, context).content[STATUS]).engine == "torch"
+
+
+def test_a_message_is_decoded_once_by_everything_that_reads_it(
+    setup: tuple[Context, Instructions, dict[str, np.ndarray], dict], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The fault injector, the privacy guard, DP clipping and the handler all read the train
+    message's instructions and arrays: through the real ClientApp, they are decoded once."""
+    context, sent, head, backbone = setup
+    decode = Instructions.from_record.__func__  # type: ignore[attr-defined]
+    decoded: list[int] = []
+    monkeypatch.setattr(Instructions, "from_record", classmethod(lambda cls, r: decoded.append(1) or decode(cls, r)))
+    clipped = dataclasses.replace(sent, dp_clipping_norm=1e-3)
+    content = RecordDict({CONFIG: ConfigRecord(clipped.to_record()), ARRAYS: to_array_record(head)})
+    for name, values in backbone.items():
+        content[name] = to_array_record(values)
+    reply = client_app.app(Message(content=content, dst_node_id=1, message_type=MessageType.TRAIN), context)
+    assert not reply.has_error(), reply.error
+    trained = from_array_record(reply.content.array_records[ARRAYS])
+    assert update_norm(trained, head) <= 1e-3 * (1 + 1e-5)  # the DP mod read the same request
+    assert decoded == [1]

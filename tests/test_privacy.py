@@ -9,15 +9,8 @@ import pytest
 from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
 
 from client.edge_client import EdgeClient, EmbeddedData
-from client.privacy import (
-    STATUS_KEYS,
-    PrivacyViolation,
-    example_floor,
-    floor_violations,
-    node_floor,
-    privacy_guard,
-    violations,
-)
+from client.privacy import STATUS_KEYS, PrivacyViolation, privacy_guard, violations
+from client.privacy_floor import example_floor, floor_violations, node_floor
 from common.config import NodeConfig, RunConfig
 from common.embedding import EmbedStats
 from common.flower_glue import act_as, to_array_record

@@ -92,7 +92,7 @@ def test_class_stats_survive_their_arrays_and_refuse_others() -> None:
     np.testing.assert_array_equal(again.sums, stats.sums)
     np.testing.assert_array_equal(again.counts, stats.counts)
     assert {name: a.shape for name, a in stats.to_arrays().items()} == ClassStats.shapes(3, 4)
-    with pytest.raises(ProtocolError, match="class statistics must be exactly"):
+    with pytest.raises(ProtocolError, match="ClassStats must hold exactly the arrays"):
         ClassStats.from_arrays({**stats.to_arrays(), "embeddings": np.zeros((10, 4))})
     with pytest.raises(ProtocolError):
         ClassStats.from_arrays({"sums": stats.sums})
