@@ -16,7 +16,7 @@ each use with what it rests on, so that a Flower upgrade is checked in one file:
   parser and the FAB build's ignore rules;
 - what tests need to stand in for Flower's runtime (``act_as``, ``mark_pushed``, ...).
 
-Supported: Flower 1.41 and 1.42 (pyproject.toml pins one; README, "Flower versions").
+Written for Flower 1.42 (pyproject.toml pins it; README, "Flower versions").
 """
 
 from __future__ import annotations
