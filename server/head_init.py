@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -116,9 +117,9 @@ def fed3r_head(strategy: EdgeSplitStrategy, grid: Grid, head: dict[str, np.ndarr
         (ridge_stats_of(reply) for reply in accepted), key=lambda r: r.counts.tobytes() + r.gram[:64].tobytes()
     )
     stats = add_stats(replies)
-    head, solved = closed_form_head(
-        run.config, method, head, stats, run.trainable(head).last_inputs, run.test.features, run.test.labels
-    )
+    settings = ClosedFormSettings.from_config(run.config)
+    last_inputs = run.trainable(head).last_inputs
+    head, solved = closed_form_head(settings, method, head, stats, last_inputs, run.test.features, run.test.labels)
     counts = stats.counts.astype(int)
     _record(
         strategy,
@@ -132,8 +133,31 @@ def fed3r_head(strategy: EdgeSplitStrategy, grid: Grid, head: dict[str, np.ndarr
     return head
 
 
+@dataclass(frozen=True)
+class ClosedFormSettings:
+    """The run-config keys a closed-form head is solved with (``closed_form_head``)."""
+
+    head: str  # the head kind: which of its layers is the last
+    fed3r_lambda: float
+    lda_shrinkage: float
+    class_balance: str
+    logit_adjust_tau: float
+    average_views: bool  # the held-out calibration scores the views' mean, as the server does
+
+    @classmethod
+    def from_config(cls, config: RunConfig) -> ClosedFormSettings:
+        return cls(
+            head=config.head,
+            fed3r_lambda=config.fed3r_lambda,
+            lda_shrinkage=config.lda_shrinkage,
+            class_balance=config.class_balance,
+            logit_adjust_tau=config.logit_adjust_tau,
+            average_views=config.average_views,
+        )
+
+
 def closed_form_head(
-    config: RunConfig,
+    settings: ClosedFormSettings,
     method: str,
     head: dict[str, np.ndarray],
     stats: RidgeStats,
@@ -144,17 +168,17 @@ def closed_form_head(
     """``head`` with its last layer solved from the federation's summed Fed3R statistics by
     ``method`` ('fed3r': ridge, its temperature calibrated on the held-out features the last
     layer's inputs ``last_inputs`` map; 'lda': shrinkage LDA, no temperature), its bias adjusted
-    by the statistics' class prior under the config's class balance; and what was solved with."""
+    by the statistics' class prior under the settings' class balance; and what was solved with."""
     if method == "lda":
-        weight, bias = solve_lda(stats, config.lda_shrinkage)
-        temperature, solved = 1.0, {"shrinkage": config.lda_shrinkage}
+        weight, bias = solve_lda(stats, settings.lda_shrinkage)
+        temperature, solved = 1.0, {"shrinkage": settings.lda_shrinkage}
     else:
-        weight, bias = solve_ridge(stats, config.fed3r_lambda)
+        weight, bias = solve_ridge(stats, settings.fed3r_lambda)
         scores = ridge_scores(last_inputs, held_out_features, weight, bias)
-        nll = lambda t: heldout_nll(scores, held_out_labels, t, config.average_views)  # noqa: E731
-        temperature, solved = calibrated_temperature(nll), {"penalty": config.fed3r_lambda}
-    offsets = posthoc_offsets(config.class_balance, class_prior(stats.counts), config.logit_adjust_tau)
-    arrays = ridge_head_arrays(head, layer_names(config.head)[-1], weight, bias, temperature, offsets)
+        nll = lambda t: heldout_nll(scores, held_out_labels, t, settings.average_views)  # noqa: E731
+        temperature, solved = calibrated_temperature(nll), {"penalty": settings.fed3r_lambda}
+    offsets = posthoc_offsets(settings.class_balance, class_prior(stats.counts), settings.logit_adjust_tau)
+    arrays = ridge_head_arrays(head, layer_names(settings.head)[-1], weight, bias, temperature, offsets)
     return arrays, {"temperature": round(temperature, 4), **solved, "adjusted": offsets is not None}
 
 
