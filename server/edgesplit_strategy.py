@@ -26,13 +26,13 @@ from flwr.serverapp.strategy import Strategy
 from common import protocol
 from common.clipping import clip_update
 from common.flower_glue import from_array_record, to_array_record
-from common.protocol import Phase
+from common.protocol import ClassCounts, Phase
 from server.aggregation import make_inner_strategy
 from server.distribution import BackboneDistributor
 from server.dp import epsilon_spent, noise_std, private_head
 from server.ledger import RoundTally
 from server.nodes import FixedNodesGrid, RunStopped, board_names, wait_for_nodes
-from server.screening import ReplyScreen, Screened
+from server.screening import ExpectedReplies, ReplyScreen, Screened, ScreeningBounds
 from server.server_run import ServerRun
 from server.validation import number
 
@@ -55,15 +55,20 @@ class EdgeSplitStrategy(Strategy):
         config = run.config
         self.tally = RoundTally()
         self.distributor = BackboneDistributor(run.run_log, run.variants, run.engine, config.round_timeout)
+        expected = ExpectedReplies(
+            fingerprint=run.fingerprint,
+            head_shapes=run.head_shapes(),
+            class_stats_shapes=run.class_stats_shapes(),
+            ridge_stats_shapes=run.ridge_stats_shapes(),
+            class_counts_shapes=ClassCounts.shapes(len(run.classes)),
+            personal_scores=config.personal_epochs > 0,
+        )
         self.screen = ReplyScreen(
-            run.run_log,
-            config,
-            run.fingerprint,
-            run.head_shapes(),
-            run.class_stats_shapes(),
-            run.embedding,
-            run.nodes,
-            run.ridge_stats_shapes(),
+            bounds=ScreeningBounds.from_config(config),
+            expected=expected,
+            run_log=run.run_log,
+            embedding=run.embedding,
+            nodes=run.nodes,
         )
         self._sent: dict[Phase, list[tuple[Message, int]]] = {}  # what each phase sent this round
         self._start_head: dict[str, np.ndarray] | None = None  # the head this round's updates start from
