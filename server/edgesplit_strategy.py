@@ -6,6 +6,7 @@ job:
 - ``server/nodes.py``: waiting for nodes, boundedly;
 - ``server/distribution.py``: the backbone, once per node;
 - ``server/screening.py``: every reply, before the inner strategy sees it;
+- ``server/dp.py`` (DP runs): the released head, from what the inner strategy aggregated;
 - ``server/ledger.py``: the round's record and the embedding counts.
 
 The round loop (retries, checkpoints, central evaluation) is ``server/round_loop.py``.
@@ -24,12 +25,11 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
 from common import protocol
-from common.clipping import clip_update
 from common.flower_glue import from_array_record, to_array_record
 from common.protocol import ClassCounts, Phase
 from server.aggregation import make_inner_strategy
 from server.distribution import BackboneDistributor
-from server.dp import epsilon_spent, noise_std, private_head
+from server.dp import DpSettings, PrivateRelease
 from server.ledger import RoundTally
 from server.nodes import FixedNodesGrid, RunStopped, board_names, wait_for_nodes
 from server.screening import ExpectedReplies, ReplyScreen, Screened, ScreeningBounds
@@ -70,6 +70,12 @@ class EdgeSplitStrategy(Strategy):
             embedding=run.embedding,
             nodes=run.nodes,
         )
+        self.privacy: PrivateRelease | None = None
+        if config.dp:
+            settings = DpSettings(config.dp_clipping_norm, config.dp_noise_multiplier, config.dp_delta)
+            # a resumed run's checkpointed rounds were released with noise too: the budget counts them
+            earlier = [r.dp_noise_multiplier for r in run.rounds]
+            self.privacy = PrivateRelease(settings, run.run_log, earlier)
         self._sent: dict[Phase, list[tuple[Message, int]]] = {}  # what each phase sent this round
         self._start_head: dict[str, np.ndarray] | None = None  # the head this round's updates start from
         self._connected: list[int] = []  # the nodes connected when a phase was last configured
@@ -169,39 +175,25 @@ class EdgeSplitStrategy(Strategy):
         # In an order of their content, not of their arrival: float sums depend on the order, and the
         # same updates must give the same head (a re-run, a resumed run, the export check's cache).
         ordered = sorted(accepted, key=content_digest)
-        if not self.run.config.dp:
+        if self.privacy is None:
             return self.inner.aggregate_train(server_round, ordered)
-        return self._private_release(server_round, ordered, sampled)
+        return self._private_release(self.privacy, server_round, ordered, sampled)
 
     def _private_release(
-        self, server_round: int, accepted: list[Message], sampled: int
+        self, privacy: PrivateRelease, server_round: int, accepted: list[Message], sampled: int
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        """DP (server/dp.py): every accepted update clipped to the clipping norm here too (the
-        screen refused those over it; this makes the bound exact whatever a board computed), the
-        equal-weight average, then the noise, once; and the budget the rounds so far have spent."""
-        config, start = self.run.config, self._start_head
+        """DP (server/dp.py): the inner strategy averages the updates ``privacy`` clipped, and
+        ``privacy`` releases the round's head from that average."""
+        start = self._start_head
         assert start is not None  # configure_train set it
         for reply in accepted:
             arrays = from_array_record(reply.content.array_records[protocol.ARRAYS])
-            clipped = clip_update(arrays, start, config.dp_clipping_norm)
-            reply.content.array_records[protocol.ARRAYS] = to_array_record(clipped)
+            reply.content.array_records[protocol.ARRAYS] = to_array_record(privacy.clipped(arrays, start))
         aggregated, metrics = self.inner.aggregate_train(server_round, accepted)
         if aggregated is None:
             return None, metrics
-        z = config.dp_noise_multiplier
-        head = private_head(start, from_array_record(aggregated), len(accepted), sampled, z, config.dp_clipping_norm)
-        record = self.tally.record
-        record.dp_noise_multiplier = z
-        record.dp_epsilon = epsilon_spent([r.dp_noise_multiplier for r in self.run.rounds] + [z], config.dp_delta)
-        self.run.run_log.event(
-            "dp-release",
-            round=server_round,
-            accepted=len(accepted),
-            sampled=sampled,
-            noise_std=noise_std(z, config.dp_clipping_norm, sampled),
-            epsilon=record.dp_epsilon,
-            delta=config.dp_delta,
-        )
+        mean = from_array_record(aggregated)
+        head = privacy.released(server_round, start, mean, len(accepted), sampled, self.tally.record)
         return to_array_record(head), metrics
 
     def configure_evaluate(
