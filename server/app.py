@@ -28,7 +28,7 @@ def main(grid: Grid, context: Context) -> None:
     if config.num_threads:
         torch.set_num_threads(config.num_threads)
     run = ServerRun.prepare(config, flower_run_id=context.run_id)
-    rounds = RoundLoop(EdgeSplitStrategy.for_run(run))
+    rounds = RoundLoop(EdgeSplitStrategy.for_run(run), run)
     try:
         finish(run, rounds.run_rounds(PromptGrid(grid, on_event=run.run_log.event)))
     except RunStopped as stop:

@@ -29,11 +29,15 @@ from __future__ import annotations
 import logging
 from collections import Counter
 from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 
 import numpy as np
 from flwr.serverapp import GaussianPrivacyEvent, NeighboringRelation, PrivacyConfig, RdpAccountant, SamplingMethod
 
+from common.clipping import clip_update
 from common.flower_glue import gaussian_noise_std
+from server.ledger import RoundRecord
+from server.run_folder import RunLog
 
 log = logging.getLogger(__name__)
 
@@ -112,3 +116,59 @@ def private_head(
         noisy = begin + update + rng.normal(0.0, std, size=np.shape(begin))
         released[name] = noisy.astype(np.asarray(begin).dtype)
     return released
+
+
+@dataclass(frozen=True)
+class DpSettings:
+    """The run's DP keys: the clipping norm C, the noise multiplier z, and the delta epsilon is
+    reported at."""
+
+    clipping_norm: float
+    noise_multiplier: float
+    delta: float
+
+
+class PrivateRelease:
+    """The server's part of the mechanism, one collaborator of the edgesplit strategy (as Flower's
+    DP wrappers compose a strategy): each accepted update clipped before the inner strategy
+    averages it with equal weights, then the noise on that average, once per round, over the fixed
+    denominator; the budget all releases so far have spent, in the round's record and a
+    ``dp-release`` event."""
+
+    def __init__(self, settings: DpSettings, run_log: RunLog, earlier_noise: Iterable[float] = ()) -> None:
+        self.settings, self.run_log = settings, run_log
+        # One noise multiplier per release so far, a resumed run's checkpointed rounds included:
+        # what the accountant composes.
+        self.released_noise = [float(z) for z in earlier_noise]
+
+    def clipped(self, update: Mapping[str, np.ndarray], start: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """An accepted update clipped to C here too: the screen refused those over it, and this makes
+        the bound exact whatever a board computed."""
+        return clip_update(update, start, self.settings.clipping_norm)
+
+    def released(
+        self,
+        server_round: int,
+        start: Mapping[str, np.ndarray],
+        mean: Mapping[str, np.ndarray],
+        accepted: int,
+        sampled: int,
+        record: RoundRecord,
+    ) -> dict[str, np.ndarray]:
+        """The round's head (``private_head``) from the inner strategy's ``mean`` of the ``accepted``
+        clipped updates; the round's noise and the epsilon spent so far go in its ``record``."""
+        z, clipping_norm = self.settings.noise_multiplier, self.settings.clipping_norm
+        head = private_head(start, mean, accepted, sampled, z, clipping_norm)
+        self.released_noise.append(z)
+        record.dp_noise_multiplier = z
+        record.dp_epsilon = epsilon_spent(self.released_noise, self.settings.delta)
+        self.run_log.event(
+            "dp-release",
+            round=server_round,
+            accepted=accepted,
+            sampled=sampled,
+            noise_std=noise_std(z, clipping_norm, sampled),
+            epsilon=record.dp_epsilon,
+            delta=self.settings.delta,
+        )
+        return head

@@ -6,7 +6,10 @@ job:
 - ``server/nodes.py``: waiting for nodes, boundedly;
 - ``server/distribution.py``: the backbone, once per node;
 - ``server/screening.py``: every reply, before the inner strategy sees it;
+- ``server/dp.py`` (DP runs): the released head, from what the inner strategy aggregated;
 - ``server/ledger.py``: the round's record and the embedding counts.
+
+``EdgeSplitStrategy.for_run`` builds them from a ``ServerRun``; the strategy itself keeps no run.
 
 The round loop (retries, checkpoints, central evaluation) is ``server/round_loop.py``.
 """
@@ -24,15 +27,15 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
 from common import protocol
-from common.clipping import clip_update
 from common.flower_glue import from_array_record, to_array_record
-from common.protocol import Phase
+from common.protocol import ClassCounts, Phase
 from server.aggregation import make_inner_strategy
 from server.distribution import BackboneDistributor
-from server.dp import epsilon_spent, noise_std, private_head
+from server.dp import DpSettings, PrivateRelease
 from server.ledger import RoundTally
 from server.nodes import FixedNodesGrid, RunStopped, board_names, wait_for_nodes
-from server.screening import ReplyScreen, Screened
+from server.run_folder import RunLog
+from server.screening import ExpectedReplies, ReplyScreen, Screened, ScreeningBounds
 from server.server_run import ServerRun
 from server.validation import number
 
@@ -50,28 +53,60 @@ def content_digest(reply: Message) -> bytes:
 class EdgeSplitStrategy(Strategy):
     """Split federation around the Flower strategy ``inner``."""
 
-    def __init__(self, inner: Strategy, run: ServerRun) -> None:
-        self.inner, self.run = inner, run
-        config = run.config
+    def __init__(
+        self,
+        inner: Strategy,
+        *,
+        run_log: RunLog,
+        min_clients: int,
+        node_wait_timeout: float,
+        distributor: BackboneDistributor,
+        screen: ReplyScreen,
+        privacy: PrivateRelease | None = None,
+    ) -> None:
+        self.inner, self.run_log = inner, run_log
+        self.min_clients, self.node_wait_timeout = min_clients, node_wait_timeout
+        self.distributor, self.screen, self.privacy = distributor, screen, privacy
         self.tally = RoundTally()
-        self.distributor = BackboneDistributor(run.run_log, run.variants, run.engine, config.round_timeout)
-        self.screen = ReplyScreen(
-            run.run_log,
-            config,
-            run.fingerprint,
-            run.head_shapes(),
-            run.class_stats_shapes(),
-            run.embedding,
-            run.nodes,
-            run.ridge_stats_shapes(),
-        )
         self._sent: dict[Phase, list[tuple[Message, int]]] = {}  # what each phase sent this round
         self._start_head: dict[str, np.ndarray] | None = None  # the head this round's updates start from
         self._connected: list[int] = []  # the nodes connected when a phase was last configured
 
     @classmethod
-    def for_run(cls, run: ServerRun) -> EdgeSplitStrategy:
-        return cls(make_inner_strategy(run.config), run)
+    def for_run(cls, run: ServerRun, inner: Strategy | None = None) -> EdgeSplitStrategy:
+        """The strategy and its collaborators for ``run``, around ``inner`` (by default the Flower
+        strategy the run config names)."""
+        config = run.config
+        expected = ExpectedReplies(
+            fingerprint=run.fingerprint,
+            head_shapes=run.head_shapes(),
+            class_stats_shapes=run.class_stats_shapes(),
+            ridge_stats_shapes=run.ridge_stats_shapes(),
+            class_counts_shapes=ClassCounts.shapes(len(run.classes)),
+            personal_scores=config.personal_epochs > 0,
+        )
+        screen = ReplyScreen(
+            bounds=ScreeningBounds.from_config(config),
+            expected=expected,
+            run_log=run.run_log,
+            embedding=run.embedding,
+            nodes=run.nodes,
+        )
+        privacy = None
+        if config.dp:
+            settings = DpSettings(config.dp_clipping_norm, config.dp_noise_multiplier, config.dp_delta)
+            # a resumed run's checkpointed rounds were released with noise too: the budget counts them
+            earlier = [r.dp_noise_multiplier for r in run.rounds]
+            privacy = PrivateRelease(settings, run.run_log, earlier)
+        return cls(
+            make_inner_strategy(config) if inner is None else inner,
+            run_log=run.run_log,
+            min_clients=config.min_clients,
+            node_wait_timeout=config.node_wait_timeout,
+            distributor=BackboneDistributor(run.run_log, run.variants, run.engine, config.round_timeout),
+            screen=screen,
+            privacy=privacy,
+        )
 
     def summary(self) -> None:
         self.inner.summary()
@@ -80,9 +115,8 @@ class EdgeSplitStrategy(Strategy):
 
     def connected(self, grid: Grid) -> list[int]:
         """The connected nodes, once at least min-clients are (waiting at most node-wait-timeout)."""
-        config = self.run.config
-        nodes = wait_for_nodes(grid, config.min_clients, config.node_wait_timeout, config.min_clients)
-        self.run.run_log.board_names.update(board_names(grid))
+        nodes = wait_for_nodes(grid, self.min_clients, self.node_wait_timeout, self.min_clients)
+        self.run_log.board_names.update(board_names(grid))
         self._connected = nodes
         return nodes
 
@@ -94,7 +128,7 @@ class EdgeSplitStrategy(Strategy):
         self.tally.begin(0)
         nodes = [node for node in self.connected(grid) if not self.distributor.knows(node)]
         answered = self.distributor.ask_status(nodes, grid, self.tally) if nodes else 0
-        self.run.run_log.event(
+        self.run_log.event(
             "nodes-met", asked=len(nodes), answered=answered, seconds=round(time.perf_counter() - started, 3)
         )
 
@@ -102,14 +136,14 @@ class EdgeSplitStrategy(Strategy):
         """Stop the run if fewer than min-clients of the connected nodes can take part as configured:
         their data or node config fails the same way on every retry."""
         errors = {node: reason for node, reason in self.screen.setup_errors.items() if node in self._connected}
-        able, minimum = len(self._connected) - len(errors), self.run.config.min_clients
+        able, minimum = len(self._connected) - len(errors), self.min_clients
         if not errors or able >= minimum:
             return
         by_reason: dict[str, list[int]] = {}
         for node, reason in sorted(errors.items()):
             by_reason.setdefault(reason, []).append(node)
         reasons = "\n".join(
-            f"- {len(nodes)} node(s) ({', '.join(self.run.run_log.board_names.get(n, str(n)) for n in nodes[:5])}"
+            f"- {len(nodes)} node(s) ({', '.join(self.run_log.board_names.get(n, str(n)) for n in nodes[:5])}"
             f"{', ...' if len(nodes) > 5 else ''}): {reason}"
             for reason, nodes in by_reason.items()
         )
@@ -148,7 +182,7 @@ class EdgeSplitStrategy(Strategy):
         sampled = len(self._sent.get(Phase.TRAIN, []))  # the nodes this attempt asked, before any reply
         accepted = self.screened(Phase.TRAIN, replies).accepted
         self.tally.record.clients_ok = len(accepted)
-        minimum = self.run.config.min_clients
+        minimum = self.min_clients
         if len(accepted) < minimum:
             self.check_setup_errors()
             # Too few answered in time (failed, rejected or past the deadline): an average over
@@ -159,44 +193,30 @@ class EdgeSplitStrategy(Strategy):
                 len(accepted),
                 minimum,
             )
-            self.run.run_log.event("round-skipped", round=server_round, usable=len(accepted), minimum=minimum)
+            self.run_log.event("round-skipped", round=server_round, usable=len(accepted), minimum=minimum)
             return None, None
         # In an order of their content, not of their arrival: float sums depend on the order, and the
         # same updates must give the same head (a re-run, a resumed run, the export check's cache).
         ordered = sorted(accepted, key=content_digest)
-        if not self.run.config.dp:
+        if self.privacy is None:
             return self.inner.aggregate_train(server_round, ordered)
-        return self._private_release(server_round, ordered, sampled)
+        return self._private_release(self.privacy, server_round, ordered, sampled)
 
     def _private_release(
-        self, server_round: int, accepted: list[Message], sampled: int
+        self, privacy: PrivateRelease, server_round: int, accepted: list[Message], sampled: int
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        """DP (server/dp.py): every accepted update clipped to the clipping norm here too (the
-        screen refused those over it; this makes the bound exact whatever a board computed), the
-        equal-weight average, then the noise, once; and the budget the rounds so far have spent."""
-        config, start = self.run.config, self._start_head
+        """DP (server/dp.py): the inner strategy averages the updates ``privacy`` clipped, and
+        ``privacy`` releases the round's head from that average."""
+        start = self._start_head
         assert start is not None  # configure_train set it
         for reply in accepted:
             arrays = from_array_record(reply.content.array_records[protocol.ARRAYS])
-            clipped = clip_update(arrays, start, config.dp_clipping_norm)
-            reply.content.array_records[protocol.ARRAYS] = to_array_record(clipped)
+            reply.content.array_records[protocol.ARRAYS] = to_array_record(privacy.clipped(arrays, start))
         aggregated, metrics = self.inner.aggregate_train(server_round, accepted)
         if aggregated is None:
             return None, metrics
-        z = config.dp_noise_multiplier
-        head = private_head(start, from_array_record(aggregated), len(accepted), sampled, z, config.dp_clipping_norm)
-        record = self.tally.record
-        record.dp_noise_multiplier = z
-        record.dp_epsilon = epsilon_spent([r.dp_noise_multiplier for r in self.run.rounds] + [z], config.dp_delta)
-        self.run.run_log.event(
-            "dp-release",
-            round=server_round,
-            accepted=len(accepted),
-            sampled=sampled,
-            noise_std=noise_std(z, config.dp_clipping_norm, sampled),
-            epsilon=record.dp_epsilon,
-            delta=config.dp_delta,
-        )
+        mean = from_array_record(aggregated)
+        head = privacy.released(server_round, start, mean, len(accepted), sampled, self.tally.record)
         return to_array_record(head), metrics
 
     def configure_evaluate(

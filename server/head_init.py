@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -26,17 +27,23 @@ from common.flower_glue import to_array_record
 from common.numpy_head import layer_names, log_softmax, ncm_head_arrays
 from common.protocol import Phase, QueryAction, RidgeStats
 from server.edgesplit_strategy import EdgeSplitStrategy
+from server.ledger import RoundRecord
 from server.screening import class_counts_of, class_stats_of, ridge_stats_of
+from server.server_run import ServerRun
 
 log = logging.getLogger(__name__)
 
 
 def _ask_all(
-    strategy: EdgeSplitStrategy, grid: Grid, head: dict[str, np.ndarray], phase: Phase, action: QueryAction
+    strategy: EdgeSplitStrategy,
+    run: ServerRun,
+    grid: Grid,
+    head: dict[str, np.ndarray],
+    phase: Phase,
+    action: QueryAction,
 ) -> list[Message]:
-    """Send the one-shot query to every connected node; the screened replies (counted in the
-    initialisation's tally: bytes both ways, backbones sent)."""
-    run = strategy.run
+    """Send the one-shot query, with the run's instructions, to every connected node; the screened
+    replies (counted in the initialisation's tally: bytes both ways, backbones sent)."""
     strategy.tally.begin(0)
     question = ConfigRecord({**run.instructions(0, phase).to_record(), protocol.ACTION: action.value})
     arrays = to_array_record(head)
@@ -53,9 +60,9 @@ def _ask_all(
     return strategy.screened(phase, replies).accepted
 
 
-def _record(strategy: EdgeSplitStrategy, started: float, **facts: Any) -> None:
-    record = strategy.tally.record
-    strategy.run.record_initialisation(
+def _record(run: ServerRun, record: RoundRecord, started: float, **facts: Any) -> None:
+    """What the initialisation found, and what its query cost (its tally's ``record``)."""
+    run.record_initialisation(
         **facts,
         bytes_down=record.bytes_down,
         bytes_up=record.bytes_up,
@@ -64,19 +71,22 @@ def _record(strategy: EdgeSplitStrategy, started: float, **facts: Any) -> None:
     )
 
 
-def fedncm_head(strategy: EdgeSplitStrategy, grid: Grid, head: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+def fedncm_head(
+    strategy: EdgeSplitStrategy, run: ServerRun, grid: Grid, head: dict[str, np.ndarray]
+) -> dict[str, np.ndarray]:
     """The initial head with its classifier set from the nodes' class sums (``head`` if none came)."""
     started = time.perf_counter()
-    accepted = _ask_all(strategy, grid, head, Phase.CLASS_SUMS, QueryAction.CLASS_SUMS)
+    accepted = _ask_all(strategy, run, grid, head, Phase.CLASS_SUMS, QueryAction.CLASS_SUMS)
     stats = [class_stats_of(reply) for reply in accepted]
-    counts, known = np.zeros(len(strategy.run.classes)), list[int]()
+    counts, known = np.zeros(len(run.classes)), list[int]()
     if stats:
         counts = np.sum([s.counts for s in stats], axis=0)
         head, known = ncm_head_arrays(head, np.sum([s.sums for s in stats], axis=0), counts)
     else:
         log.warning("FedNCM: no usable class statistics arrived; the head starts random")
     _record(
-        strategy,
+        run,
+        strategy.tally.record,
         started,
         method="ncm",
         nodes=len(accepted),
@@ -86,42 +96,55 @@ def fedncm_head(strategy: EdgeSplitStrategy, grid: Grid, head: dict[str, np.ndar
     return head
 
 
-def federated_class_counts(strategy: EdgeSplitStrategy, grid: Grid, head: dict[str, np.ndarray]) -> None:
+def federated_class_counts(
+    strategy: EdgeSplitStrategy, run: ServerRun, grid: Grid, head: dict[str, np.ndarray]
+) -> None:
     """Class balance without FedNCM's or Fed3R's statistics: one counts-only query (labels only,
     no image embedded) gives the run its class prior."""
     started = time.perf_counter()
-    accepted = _ask_all(strategy, grid, head, Phase.CLASS_COUNTS, QueryAction.CLASS_COUNTS)
+    accepted = _ask_all(strategy, run, grid, head, Phase.CLASS_COUNTS, QueryAction.CLASS_COUNTS)
     counts = np.sum([class_counts_of(reply) for reply in accepted], axis=0) if accepted else None
     if counts is None:
         log.warning("class balance: no usable class counts arrived; training is not balanced")
-        counts = np.zeros(len(strategy.run.classes))
-    _record(strategy, started, method="random", nodes=len(accepted), class_counts=counts.astype(int).tolist())
+        counts = np.zeros(len(run.classes))
+    _record(
+        run,
+        strategy.tally.record,
+        started,
+        method="random",
+        nodes=len(accepted),
+        class_counts=counts.astype(int).tolist(),
+    )
 
 
-def fed3r_head(strategy: EdgeSplitStrategy, grid: Grid, head: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+def fed3r_head(
+    strategy: EdgeSplitStrategy, run: ServerRun, grid: Grid, head: dict[str, np.ndarray]
+) -> dict[str, np.ndarray]:
     """The initial head with its last layer set to the classifier solved from the nodes' Fed3R
     statistics (``head`` if none came). ``head-init='fed3r'``: the ridge classifier, its
     temperature calibrated on the server's held-out split; ``'lda'``: the shrinkage LDA classifier,
     whose scores are log-posteriors already (no held-out data used). With class-balance, the bias
     is adjusted by the federation's class prior."""
-    run, started = strategy.run, time.perf_counter()
+    started = time.perf_counter()
     method = run.config.head_init
-    accepted = _ask_all(strategy, grid, head, Phase.RIDGE_SUMS, QueryAction.RIDGE_SUMS)
+    accepted = _ask_all(strategy, run, grid, head, Phase.RIDGE_SUMS, QueryAction.RIDGE_SUMS)
     if not accepted:
         log.warning("%s: no usable ridge statistics arrived; the head starts random", method)
-        _record(strategy, started, method=method, nodes=0, classes_set=[], class_counts=[0] * len(run.classes))
+        no_classes = [0] * len(run.classes)
+        _record(run, strategy.tally.record, started, method=method, nodes=0, classes_set=[], class_counts=no_classes)
         return head
     # in an order of their content, not of their arrival: the same replies give the same head
     replies = sorted(
         (ridge_stats_of(reply) for reply in accepted), key=lambda r: r.counts.tobytes() + r.gram[:64].tobytes()
     )
     stats = add_stats(replies)
-    head, solved = closed_form_head(
-        run.config, method, head, stats, run.trainable(head).last_inputs, run.test.features, run.test.labels
-    )
+    settings = ClosedFormSettings.from_config(run.config)
+    last_inputs = run.trainable(head).last_inputs
+    head, solved = closed_form_head(settings, method, head, stats, last_inputs, run.test.features, run.test.labels)
     counts = stats.counts.astype(int)
     _record(
-        strategy,
+        run,
+        strategy.tally.record,
         started,
         method=method,
         nodes=len(accepted),
@@ -132,8 +155,31 @@ def fed3r_head(strategy: EdgeSplitStrategy, grid: Grid, head: dict[str, np.ndarr
     return head
 
 
+@dataclass(frozen=True)
+class ClosedFormSettings:
+    """The run-config keys a closed-form head is solved with (``closed_form_head``)."""
+
+    head: str  # the head kind: which of its layers is the last
+    fed3r_lambda: float
+    lda_shrinkage: float
+    class_balance: str
+    logit_adjust_tau: float
+    average_views: bool  # the held-out calibration scores the views' mean, as the server does
+
+    @classmethod
+    def from_config(cls, config: RunConfig) -> ClosedFormSettings:
+        return cls(
+            head=config.head,
+            fed3r_lambda=config.fed3r_lambda,
+            lda_shrinkage=config.lda_shrinkage,
+            class_balance=config.class_balance,
+            logit_adjust_tau=config.logit_adjust_tau,
+            average_views=config.average_views,
+        )
+
+
 def closed_form_head(
-    config: RunConfig,
+    settings: ClosedFormSettings,
     method: str,
     head: dict[str, np.ndarray],
     stats: RidgeStats,
@@ -144,17 +190,17 @@ def closed_form_head(
     """``head`` with its last layer solved from the federation's summed Fed3R statistics by
     ``method`` ('fed3r': ridge, its temperature calibrated on the held-out features the last
     layer's inputs ``last_inputs`` map; 'lda': shrinkage LDA, no temperature), its bias adjusted
-    by the statistics' class prior under the config's class balance; and what was solved with."""
+    by the statistics' class prior under the settings' class balance; and what was solved with."""
     if method == "lda":
-        weight, bias = solve_lda(stats, config.lda_shrinkage)
-        temperature, solved = 1.0, {"shrinkage": config.lda_shrinkage}
+        weight, bias = solve_lda(stats, settings.lda_shrinkage)
+        temperature, solved = 1.0, {"shrinkage": settings.lda_shrinkage}
     else:
-        weight, bias = solve_ridge(stats, config.fed3r_lambda)
+        weight, bias = solve_ridge(stats, settings.fed3r_lambda)
         scores = ridge_scores(last_inputs, held_out_features, weight, bias)
-        nll = lambda t: heldout_nll(scores, held_out_labels, t, config.average_views)  # noqa: E731
-        temperature, solved = calibrated_temperature(nll), {"penalty": config.fed3r_lambda}
-    offsets = posthoc_offsets(config.class_balance, class_prior(stats.counts), config.logit_adjust_tau)
-    arrays = ridge_head_arrays(head, layer_names(config.head)[-1], weight, bias, temperature, offsets)
+        nll = lambda t: heldout_nll(scores, held_out_labels, t, settings.average_views)  # noqa: E731
+        temperature, solved = calibrated_temperature(nll), {"penalty": settings.fed3r_lambda}
+    offsets = posthoc_offsets(settings.class_balance, class_prior(stats.counts), settings.logit_adjust_tau)
+    arrays = ridge_head_arrays(head, layer_names(settings.head)[-1], weight, bias, temperature, offsets)
     return arrays, {"temperature": round(temperature, 4), **solved, "adjusted": offsets is not None}
 
 

@@ -8,6 +8,7 @@ import hashlib
 import json
 import logging
 import time
+from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -15,13 +16,14 @@ from typing import Any
 import numpy as np
 
 from common.backbones import build_backbone
+from common.config import RunConfig
 from common.engines import ONNX_ENGINES
 from common.export import export_model
 from common.metrics import precision_recall_curve, recall_at_precision
 from common.split import split_backbone
-from server.ledger import human_bytes
+from server.ledger import RoundRecord, human_bytes
 from server.report import write_report
-from server.run_folder import write_json_atomic
+from server.run_folder import RunLog, write_json_atomic
 from server.server_run import ServerRun
 
 log = logging.getLogger(__name__)
@@ -63,9 +65,9 @@ def finish(run: ServerRun, final_arrays: dict[str, np.ndarray], stopped: str | N
         "nodes": {str(node): entry for node, entry in sorted(run.nodes.items())},  # engines, golden checks
         "head_path": str(head_path),
         "model_dir": str(model_dir) if model_dir else None,
-        "export_check": check_export(run, model_dir, report.accuracy) if model_dir else None,
+        "export_check": check_export(run.config, run.run_log, model_dir, report.accuracy) if model_dir else None,
         "run_dir": str(run.run_log.run_dir),
-        "privacy": privacy_summary(run),
+        "privacy": privacy_summary(run.config, run.rounds),
         "completed_rounds": run.rounds[-1].round if run.rounds else 0,
         "stopped": stopped,
     }
@@ -97,12 +99,11 @@ def save_head(run: ServerRun, final_arrays: dict[str, np.ndarray]) -> Path:
     )
 
 
-def privacy_summary(run: ServerRun) -> dict[str, Any] | None:
-    """summary.json's ``privacy``: the DP settings and the budget spent (None without DP)."""
-    config = run.config
+def privacy_summary(config: RunConfig, rounds: list[RoundRecord]) -> dict[str, Any] | None:
+    """summary.json's ``privacy``: the DP settings and the budget the ``rounds`` spent (None without DP)."""
     if not config.dp:
         return None
-    noised = [r for r in run.rounds if r.dp_noise_multiplier > 0]
+    noised = [r for r in rounds if r.dp_noise_multiplier > 0]
     return {
         "guarantee": "client-level (one node added or removed), on the released heads only; the server is "
         "trusted to add the noise (README, Differential privacy)",
@@ -153,15 +154,17 @@ def export(run: ServerRun, arrays: dict[str, np.ndarray]) -> Path | None:
     return directory
 
 
-def detectors(run: ServerRun, probabilities: np.ndarray) -> list[tuple[str, np.ndarray, np.ndarray]]:
+def detectors(
+    probabilities: np.ndarray, labels: np.ndarray, classes: tuple[str, ...], *, elpv: bool, named: Sequence[str]
+) -> list[tuple[str, np.ndarray, np.ndarray]]:
     """(name, score, is positive) of each yes/no question the run reports an operating point for:
-    ELPV's "defective?" (any class but the first: 1 - its probability) and each class named in
+    ELPV's "defective?" (any class but the first: 1 - its probability) and each class ``named`` in
     ``operating-classes`` (its own probability)."""
-    labels, classes = np.asarray(run.test.labels), run.classes
+    labels = np.asarray(labels)
     questions = []
-    if run.config.dataset == "elpv":
+    if elpv:
         questions.append((f"defective (not {classes[0]})", 1 - probabilities[:, 0], labels != 0))
-    for name in run.config.operating_class_list():
+    for name in named:
         index = classes.index(name)
         questions.append((name, probabilities[:, index], labels == index))
     return questions
@@ -172,7 +175,15 @@ def operating_points(run: ServerRun, arrays: dict[str, np.ndarray]) -> list[dict
     images, the threshold that gives it, and the precision-recall curve (for the report)."""
     probabilities = run.trainable(arrays).predict_proba(run.test.features, run.config.average_views)
     points: list[dict[str, Any]] = []
-    for name, scores, positive in detectors(run, probabilities):
+    config = run.config
+    questions = detectors(
+        probabilities,
+        run.test.labels,
+        run.classes,
+        elpv=config.dataset == "elpv",
+        named=config.operating_class_list(),
+    )
+    for name, scores, positive in questions:
         reached = recall_at_precision(positive, scores, run.config.operating_precision)
         precision, recall, _ = precision_recall_curve(positive, scores)
         points.append(
@@ -198,21 +209,22 @@ def operating_points(run: ServerRun, arrays: dict[str, np.ndarray]) -> list[dict
 EXPORT_GAP_POINTS = 0.5
 
 
-def check_export(run: ServerRun, model_dir: Path, run_accuracy: float) -> dict[str, Any] | None:
+def check_export(config: RunConfig, run_log: RunLog, model_dir: Path, run_accuracy: float) -> dict[str, Any] | None:
     """Score the exported model, as `edgesplit predict` runs it by default, on the server's
     held-out images, and compare with the run's final accuracy; warn loudly past 0.5 points."""
-    from server.server_run import server_test_files
+    from server.server_run import server_cache_dir, server_test_files
 
     try:
-        files = server_test_files(run.config)
-        accuracy, form = _scored(model_dir, list(zip(files.paths, files.labels, strict=True)), run)
+        files = server_test_files(config)
+        labelled = list(zip(files.paths, files.labels, strict=True))
+        accuracy, form = _scored(model_dir, labelled, server_cache_dir(config) / "export-checks")
     except Exception as error:  # like the export: a check on top of a finished run
         log.error("Scoring the exported model failed (%s: %s).", type(error).__name__, error)
         return None
     gap = 100 * (accuracy - run_accuracy)
     check = {"form": form, "accuracy": accuracy, "run_accuracy": run_accuracy, "gap_points": round(gap, 4)}
     check["ok"] = bool(abs(gap) <= EXPORT_GAP_POINTS)
-    run.run_log.event("export-checked", **check)
+    run_log.event("export-checked", **check)
     if not check["ok"]:
         log.warning(
             "!!! The exported model (%s) scores %.4f on the server's held-out images, %.2f points from the "
@@ -228,12 +240,11 @@ def check_export(run: ServerRun, model_dir: Path, run_accuracy: float) -> dict[s
     return check
 
 
-def _scored(model_dir: Path, files: list[tuple[str, int]], run: ServerRun) -> tuple[float, str]:
-    """``accuracy_of`` the exported model, remembered by a hash of the model's files and of the
-    images (path, size, time): scoring 656 images in 8 views takes half a minute, and a warm
-    re-run exports the very same model."""
+def _scored(model_dir: Path, files: list[tuple[str, int]], cache_dir: Path) -> tuple[float, str]:
+    """``accuracy_of`` the exported model, remembered in ``cache_dir`` by a hash of the model's files
+    and of the images (path, size, time): scoring 656 images in 8 views takes half a minute, and a
+    warm re-run exports the very same model."""
     from common.exported_model import accuracy_of
-    from server.server_run import server_cache_dir
 
     digest = hashlib.sha256()
     for path in sorted(model_dir.glob("model*")):
@@ -242,7 +253,7 @@ def _scored(model_dir: Path, files: list[tuple[str, int]], run: ServerRun) -> tu
     for name, label in files:
         stat = Path(name).stat()
         digest.update(f"{name}|{label}|{stat.st_size}|{stat.st_mtime_ns}".encode())
-    cached = server_cache_dir(run.config) / "export-checks" / f"{digest.hexdigest()[:32]}.json"
+    cached = cache_dir / f"{digest.hexdigest()[:32]}.json"
     with contextlib.suppress(OSError, ValueError, KeyError):
         document = json.loads(cached.read_text())
         return float(document["accuracy"]), str(document["form"])

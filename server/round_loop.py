@@ -26,6 +26,7 @@ from server.checkpoint import Checkpoint, random_state_from_json, random_state_t
 from server.edgesplit_strategy import EdgeSplitStrategy
 from server.head_init import fed3r_head, federated_class_counts, fedncm_head
 from server.nodes import RunStopped
+from server.server_run import ServerRun
 
 log = logging.getLogger(__name__)
 
@@ -34,8 +35,8 @@ class RoundLoop:
     """Runs a strategy's rounds for one ``ServerRun``; ``global_head`` is the latest global head,
     whatever happens next (a stopped run still writes it)."""
 
-    def __init__(self, strategy: EdgeSplitStrategy) -> None:
-        self.strategy, self.run = strategy, strategy.run
+    def __init__(self, strategy: EdgeSplitStrategy, run: ServerRun) -> None:
+        self.strategy, self.run = strategy, run
         self.global_head = self.run.start_head
 
     def run_rounds(self, grid: Grid) -> dict[str, np.ndarray]:
@@ -51,11 +52,11 @@ class RoundLoop:
         else:
             random.seed(config.seed)  # Flower samples nodes with Python's global RNG
             if config.head_init == "ncm":
-                self.global_head = fedncm_head(self.strategy, grid, self.global_head)
+                self.global_head = fedncm_head(self.strategy, self.run, grid, self.global_head)
             elif config.head_init in FROM_RIDGE_SUMS:
-                self.global_head = fed3r_head(self.strategy, grid, self.global_head)
+                self.global_head = fed3r_head(self.strategy, self.run, grid, self.global_head)
             elif config.class_balance != "none" or config.local_prior_correction:
-                federated_class_counts(self.strategy, grid, self.global_head)
+                federated_class_counts(self.strategy, self.run, grid, self.global_head)
             report = self.run.evaluate(self.global_head)
             self.run.run_log.event(
                 "initial-evaluation",

@@ -12,7 +12,7 @@ temperature, one without cannot); the whole reply, telemetry included, is in the
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -70,28 +70,78 @@ class _Candidate:
     status: ReplyStatus
 
 
+@dataclass(frozen=True)
+class ScreeningBounds:
+    """The limits every reply is held to, read once from the run config (each key's help in
+    ``common/config.py`` says what it is for)."""
+
+    round_timeout: float  # a node silent this long has failed
+    max_weight_norm: float
+    max_update_norm: float
+    max_update_ratio: float
+    max_num_examples: int
+    golden_min_cosine: float
+    dp_clipping_norm: float = 0.0  # > 0 in a DP run: no update over it, and every update weighs the same
+
+    @classmethod
+    def from_config(cls, config: RunConfig) -> ScreeningBounds:
+        return cls(
+            round_timeout=config.round_timeout,
+            max_weight_norm=config.max_weight_norm,
+            max_update_norm=config.max_update_norm,
+            max_update_ratio=config.max_update_ratio,
+            max_num_examples=config.max_num_examples,
+            golden_min_cosine=config.golden_min_cosine,
+            dp_clipping_norm=config.dp_clipping_norm,
+        )
+
+    @property
+    def dp(self) -> bool:
+        return self.dp_clipping_norm > 0
+
+
+@dataclass(frozen=True)
+class ExpectedReplies:
+    """What a well-formed reply of this run carries: the run's backbone fingerprint, the arrays
+    of each kind of reply by name and shape, and (``personal_scores``) its personal heads' scores
+    in an evaluation reply."""
+
+    fingerprint: str
+    head_shapes: Mapping[str, tuple[int, ...]]
+    class_stats_shapes: Mapping[str, tuple[int, ...]]
+    ridge_stats_shapes: Mapping[str, tuple[int, ...]]
+    class_counts_shapes: Mapping[str, tuple[int, ...]]
+    personal_scores: bool = False  # personal-epochs > 0
+
+
 class ReplyScreen:
     """Screens one phase's replies against what was sent and what the run expects."""
 
     def __init__(
         self,
+        *,
+        bounds: ScreeningBounds,
+        expected: ExpectedReplies,
         run_log: RunLog,
-        config: RunConfig,
-        fingerprint: str,
-        head_shapes: dict[str, tuple[int, ...]],
-        class_stats_shapes: dict[str, tuple[int, ...]],
         embedding: EmbeddingLedger,
         nodes: dict[int, dict[str, Any]] | None = None,
-        ridge_stats_shapes: dict[str, tuple[int, ...]] | None = None,
     ) -> None:
-        self.run_log, self.config, self.fingerprint = run_log, config, fingerprint
-        self.head_shapes, self.class_stats_shapes, self.embedding = head_shapes, class_stats_shapes, embedding
-        counts_shapes = {"counts": (len(config.classes()),)}
+        self.bounds, self.expected = bounds, expected
+        self.run_log, self.embedding = run_log, embedding
         # The one-shot queries' replies: the record each must carry, and its check.
         self.statistics: dict[Phase, tuple[str, Callable[[dict[str, np.ndarray]], str | None]]] = {
-            Phase.CLASS_SUMS: (protocol.CLASS_STATS, lambda a: class_stats_reject_reason(a, class_stats_shapes)),
-            Phase.RIDGE_SUMS: (protocol.RIDGE_STATS, lambda a: ridge_stats_reject_reason(a, ridge_stats_shapes or {})),
-            Phase.CLASS_COUNTS: (protocol.CLASS_COUNTS, lambda a: statistics_reason(a, counts_shapes, "class counts")),
+            Phase.CLASS_SUMS: (
+                protocol.CLASS_STATS,
+                lambda a: class_stats_reject_reason(a, expected.class_stats_shapes),
+            ),
+            Phase.RIDGE_SUMS: (
+                protocol.RIDGE_STATS,
+                lambda a: ridge_stats_reject_reason(a, expected.ridge_stats_shapes),
+            ),
+            Phase.CLASS_COUNTS: (
+                protocol.CLASS_COUNTS,
+                lambda a: statistics_reason(a, expected.class_counts_shapes, "class counts"),
+            ),
         }
         # phase -> node -> num-examples of its first accepted reply in that phase
         self.first_examples: dict[Phase, dict[int, int]] = {}
@@ -116,7 +166,7 @@ class ReplyScreen:
         sent_to = {m.metadata.message_id: m.metadata.dst_node_id for m, _ in sent if m.metadata.message_id}
         origins = [sent_to.get(r.metadata.reply_to_message_id, r.metadata.src_node_id) for r in replies]
         result = Screened()
-        timeout = f"no reply within round-timeout={self.config.round_timeout:g}s"
+        timeout = f"no reply within round-timeout={self.bounds.round_timeout:g}s"
         for node in sorted({m.metadata.dst_node_id for m, _ in sent} - set(origins)):
             self._fail(node, phase, timeout, tally, result)
         candidates = []
@@ -144,8 +194,9 @@ class ReplyScreen:
                 cosine = status.golden_cosine if status is not None and status.golden_cosine >= 0 else None
                 self._reject(node, phase, str(reason), tally, golden_cosine=cosine)
         norms = update_norms(candidates, start_head) if phase is Phase.TRAIN else {}
+        bounds = self.bounds
         flagged = update_bounds(
-            norms, self.config.max_update_norm, self.config.max_update_ratio, clipping_norm=self.config.dp_clipping_norm
+            norms, bounds.max_update_norm, bounds.max_update_ratio, clipping_norm=bounds.dp_clipping_norm
         )
         for node, reason in self._examples_bounds(phase, candidates).items():
             flagged.setdefault(node, reason)
@@ -163,7 +214,7 @@ class ReplyScreen:
         """Nodes whose first num-examples in this phase is far above the round's median. Not for a
         DP run's updates: they are averaged with equal weights, so a claim buys nothing, and a
         verdict that depends on the other nodes' claims is not what the noise is calibrated to."""
-        if self.config.dp and phase is Phase.TRAIN:
+        if self.bounds.dp and phase is Phase.TRAIN:
             return {}
         claims = {
             c.node: int(number(c.reply.content.metric_records[protocol.METRICS].get(protocol.NUM_EXAMPLES)))
@@ -204,7 +255,7 @@ class ReplyScreen:
         log.warning("node %s: %s reply rejected: %s", node, phase.value, reason)
 
     def _averaged(self, phase: Phase) -> tuple[str, ...]:
-        personal = tuple(PERSONAL) if phase is Phase.EVALUATE and self.config.personal_epochs > 0 else ()
+        personal = tuple(PERSONAL) if phase is Phase.EVALUATE and self.expected.personal_scores else ()
         return AVERAGED[phase] + personal
 
     def _for_strategy(self, phase: Phase, content: RecordDict) -> RecordDict:
@@ -218,7 +269,7 @@ class ReplyScreen:
         for key in self._averaged(phase)[len(AVERAGED[phase]) :]:
             averaged[key] = number(metrics.get(key) if is_number(metrics.get(key)) else metrics.get(PERSONAL[key]))
         averaged[protocol.NUM_EXAMPLES] = int(number(averaged[protocol.NUM_EXAMPLES]))
-        if self.config.dp:  # what the strategy weighs by in a DP run: updates equally, scores by examples
+        if self.bounds.dp:  # what the strategy weighs by in a DP run: updates equally, scores by examples
             averaged[DP_WEIGHT_KEY] = 1 if phase is Phase.TRAIN else averaged[protocol.NUM_EXAMPLES]
         normalised = RecordDict({protocol.METRICS: MetricRecord(averaged)})
         for name in (protocol.ARRAYS, *(record for record, _ in self.statistics.values())):
@@ -264,7 +315,7 @@ class ReplyScreen:
     def _golden_reason(self, status: ReplyStatus) -> str | None:
         """Why a node's features cannot be averaged in: its engine failed the golden check (it says
         so itself, or its cosine is below this run's minimum)."""
-        minimum = self.config.golden_min_cosine
+        minimum = self.bounds.golden_min_cosine
         if status.fallback or 0 <= status.golden_cosine < minimum:
             return (
                 f"golden check failed: engine {status.engine} at mean cosine {status.golden_cosine:.4f} to the "
@@ -297,11 +348,11 @@ class ReplyScreen:
             arrays=arrays,
             metrics=dict(content.metric_records[protocol.METRICS].items()),
             reply_fingerprint=status.fingerprint,
-            expected_shapes=self.head_shapes if phase is Phase.TRAIN else None,
-            expected_fingerprint=self.fingerprint,
-            max_norm=self.config.max_weight_norm,
+            expected_shapes=self.expected.head_shapes if phase is Phase.TRAIN else None,
+            expected_fingerprint=self.expected.fingerprint,
+            max_norm=self.bounds.max_weight_norm,
             examples_before=self.first_examples.get(phase, {}).get(node),
-            max_examples=self.config.max_num_examples,
+            max_examples=self.bounds.max_num_examples,
             embedded=phase is not Phase.CLASS_COUNTS,  # labels only: nothing embedded to bound the count by
         )
 

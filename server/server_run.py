@@ -103,7 +103,7 @@ class ServerRun:
         # The server embeds with the run's engine, as a client on this platform would, so its
         # evaluation sees the features the clients train on.
         engine = resolve_engine(config.engine)
-        golden_cosine = check_server_engine(config, variants, engine)
+        golden_cosine = check_server_engine(variants, engine, config.num_threads, config.golden_min_cosine)
         test = embed_held_out(config, variants, engine, preprocess, test_files)
         run = cls(config, spec, state, preprocess, fp, classes, run_log, test, variants, engine, started=started)
         run.embedding = EmbeddingLedger(test.stats.computed, test.stats.cached, test.stats.num_skipped)
@@ -280,19 +280,20 @@ def _open_run_folder(
     return None, RunLog(run_dir)
 
 
-def check_server_engine(config: RunConfig, variants: BackboneVariants, engine: EngineKind) -> float:
+def check_server_engine(variants: BackboneVariants, engine: EngineKind, num_threads: int, min_cosine: float) -> float:
     """The server's own engine on the golden batch it sends the nodes: its held-out embedding must
-    be in the feature space it holds the nodes to (warned loudly if not)."""
+    be in the feature space it holds the nodes to, at ``min_cosine`` (golden-min-cosine; warned
+    loudly if not)."""
     golden = variants.golden()
-    cosine = golden.cosine(variants.engine(engine, config.num_threads)(golden.images.astype(np.float32)))
-    if cosine < config.golden_min_cosine:
+    cosine = golden.cosine(variants.engine(engine, num_threads)(golden.images.astype(np.float32)))
+    if cosine < min_cosine:
         log.warning(
             "!!! The server's %s engine computes its own golden features at mean cosine %.4f, below "
             "golden-min-cosine=%g: its held-out evaluation is not in the nodes' feature space; choose "
             "engine='onnx' for the run. !!!",
             engine.name,
             cosine,
-            config.golden_min_cosine,
+            min_cosine,
         )
     return cosine
 

@@ -198,10 +198,11 @@ def closed_form_start(
 ) -> dict[str, np.ndarray]:
     """The server's head from summed statistics (server/head_init.py ``closed_form_head``):
     'fed3r' solves the ridge and calibrates it on the held-out split, 'lda' needs no temperature."""
-    from server.head_init import closed_form_head
+    from server.head_init import ClosedFormSettings, closed_form_head
 
     last_inputs = NumpyHead(config.head, start).last_inputs
-    return closed_form_head(config, method, start, stats, last_inputs, pool.test_x, pool.test_y)[0]
+    settings = ClosedFormSettings.from_config(config)
+    return closed_form_head(settings, method, start, stats, last_inputs, pool.test_x, pool.test_y)[0]
 
 
 def calibrated_head(

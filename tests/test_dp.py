@@ -5,13 +5,15 @@ process (a stand-in grid; the real runtime runs DP in test_flower_variants.py)."
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 from dp_accounting import dp_event, rdp
 from dp_accounting.privacy_accountant import NeighboringRelation
-from flwr.app import ArrayRecord, Context, Message, MessageType, MetricRecord, RecordDict
+from flwr.app import Context, Message, MessageType, RecordDict
 
 from client.dp_clipping import dp_clipping_mod
 from common.clipping import clip_update
@@ -196,16 +198,16 @@ def test_a_dp_run_refuses_the_unclipped_update_noises_once_per_round_and_reports
     grid = ClientsGrid([1, 2, 3, 4, 5], {5: scaled})
     settings = {"num-server-rounds": 3, "fraction-evaluate": 0.0, "dp-clipping-norm": 1.0, "dp-noise-multiplier": 1e-3}
     loop = _strategy(tmp_path / "run", **settings)
-    heads: list[dict[str, np.ndarray]] = []
-    original = loop.strategy._private_release
+    heads: list[dict[str, np.ndarray]] = []  # each round's start, as the DP release gets it
+    privacy = loop.strategy.privacy
+    assert privacy is not None
+    original = privacy.released
 
-    def watched(
-        server_round: int, accepted: list[Message], sampled: int
-    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        heads.append(dict(loop.strategy._start_head or {}))
-        return original(server_round, accepted, sampled)
+    def watched(server_round: int, start: Mapping[str, np.ndarray], *rest: Any, **named: Any) -> dict[str, np.ndarray]:
+        heads.append(dict(start))
+        return original(server_round, start, *rest, **named)
 
-    loop.strategy._private_release = watched  # type: ignore[method-assign]
+    privacy.released = watched  # type: ignore[method-assign]
 
     # Execute
     final = loop.run_rounds(grid)  # type: ignore[arg-type]
@@ -225,6 +227,20 @@ def test_a_dp_run_refuses_the_unclipped_update_noises_once_per_round_and_reports
     expected = {k: start[k] + sum(step[k] - start[k] for step in steps) / 5 for k in start}
     for name in expected:
         np.testing.assert_allclose(final[name], expected[name], atol=2e-3)
+
+
+def test_a_resumed_dp_run_counts_the_checkpointed_releases_in_its_budget(tmp_path: Path) -> None:
+    # Prepare: two noised rounds, then the server dies
+    settings = {"fraction-evaluate": 0.0, "dp-clipping-norm": 1.0, "dp-noise-multiplier": 0.8}
+    _strategy(tmp_path / "run", **settings, **{"num-server-rounds": 2}).run_rounds(ClientsGrid([1, 2, 3]))  # type: ignore[arg-type]
+
+    # Execute: the run resumed to round 4
+    resumed = _strategy(tmp_path / "run", resume=True, **settings, **{"num-server-rounds": 4})
+    resumed.run_rounds(ClientsGrid([1, 2, 3]))  # type: ignore[arg-type]
+
+    # Assert: rounds 3 and 4 spend on top of rounds 1 and 2
+    epsilons = [r.dp_epsilon for r in resumed.run.rounds]
+    assert epsilons == pytest.approx([epsilon_spent([0.8] * n, 1e-5) for n in (1, 2, 3, 4)])
 
 
 # --- what a reader of the run folder sees ------------------------------------------------------------

@@ -20,7 +20,7 @@ from client.privacy import violations
 from common.config import NodeConfig, RunConfig
 from common.engines import ENGINE_KINDS, X64_QUANT_PRECISION, GoldenCheckFailed, OnnxKind
 from common.protocol import BackboneStatus, GoldenBatch, ProtocolError, ReplyStatus
-from server.screening import ReplyScreen
+from server.screening import ExpectedReplies, ReplyScreen, ScreeningBounds
 from tests.protocol_samples import instructions
 
 FP = "cd" * 32
@@ -121,7 +121,11 @@ def test_a_node_that_no_engine_brings_to_the_server_is_refused(
     status = client.backbone_status(FP)
     assert status.engine == "onnx" and status.golden_cosine < 0.98
 
-    screen = ReplyScreen(None, RunConfig(), FP, {}, {}, None)  # type: ignore[arg-type]
+    expected = ExpectedReplies(
+        fingerprint=FP, head_shapes={}, class_stats_shapes={}, ridge_stats_shapes={}, class_counts_shapes={}
+    )
+    bounds = ScreeningBounds.from_config(RunConfig())
+    screen = ReplyScreen(bounds=bounds, expected=expected, run_log=None, embedding=None)  # type: ignore[arg-type]
     reason = screen._golden_reason(
         ReplyStatus(FP, "onnx", sent.engine_fingerprint, golden_cosine=status.golden_cosine, fallback="refused")
     )

@@ -81,7 +81,7 @@ def federations(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
         )
         config = RunConfig.from_flower(settings)
         run = ServerRun.prepare(config)
-        RoundLoop(EdgeSplitStrategy.for_run(run)).run_rounds(InProcessGrid(settings))  # type: ignore[arg-type]
+        RoundLoop(EdgeSplitStrategy.for_run(run), run).run_rounds(InProcessGrid(settings))  # type: ignore[arg-type]
         events = [json.loads(line) for line in (run.run_log.run_dir / "events.jsonl").read_text().splitlines()]
         results[init] = {
             "rounds": run.rounds,

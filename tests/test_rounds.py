@@ -18,7 +18,7 @@ from flwr.serverapp.strategy import FedAvg, FedMedian, Krum
 from common import protocol
 from common.config import RunConfig
 from common.flower_glue import act_as, mark_pushed, to_config_record
-from server.aggregation import MultiKrumOfWhatArrived, make_inner_strategy
+from server.aggregation import MultiKrumOfWhatArrived
 from server.checkpoint import Checkpoint, CheckpointError, checkpoint_path
 from server.edgesplit_strategy import EdgeSplitStrategy
 from server.ledger import RoundRecord
@@ -107,7 +107,7 @@ def _strategy(run_dir: Path, resume: bool = False, **config: object) -> RoundLoo
     checkpoint = Checkpoint.load(run_dir) if resume else None
     run = StubRun(RunLog(run_dir, resume=resume), config=run_config, checkpoint=checkpoint)
     run.rounds = [RoundRecord(**record) for record in checkpoint.rounds] if checkpoint else []  # as ServerRun does
-    return RoundLoop(EdgeSplitStrategy(make_inner_strategy(run_config), run))  # type: ignore[arg-type]
+    return RoundLoop(EdgeSplitStrategy.for_run(run), run)  # type: ignore[arg-type]
 
 
 def _events(run_dir: Path) -> list[dict[str, object]]:

@@ -147,7 +147,8 @@ def task_identity() -> None:
 
 
 def _edge_strategy(run: StubRun) -> EdgeSplitStrategy:
-    return EdgeSplitStrategy(FedAvg(min_train_nodes=1, min_evaluate_nodes=1, min_available_nodes=1), run)  # type: ignore[arg-type]
+    inner = FedAvg(min_train_nodes=1, min_evaluate_nodes=1, min_available_nodes=1)
+    return EdgeSplitStrategy.for_run(run, inner)  # type: ignore[arg-type]
 
 
 @pytest.fixture
@@ -178,8 +179,8 @@ def _reply(instruction: Message, arrays: dict[str, np.ndarray], num_examples: ob
 
 
 def _events(strategy: EdgeSplitStrategy) -> list[dict[str, object]]:
-    strategy.run.run_log.close()
-    return [json.loads(line) for line in (strategy.run.run_log.run_dir / "events.jsonl").read_text().splitlines()]
+    strategy.run_log.close()
+    return [json.loads(line) for line in (strategy.run_log.run_dir / "events.jsonl").read_text().splitlines()]
 
 
 def test_backbone_goes_only_to_nodes_that_lack_it_and_only_once(strategy: EdgeSplitStrategy) -> None:
@@ -353,7 +354,7 @@ def test_a_node_repeating_its_embedding_counts_is_counted_once(strategy: EdgeSpl
             reply.content[protocol.METRICS][protocol.EMBEDDINGS_CACHED] = 1
             replies.append(reply)
         strategy.aggregate_train(server_round, replies)
-    ledger = strategy.run.embedding
+    ledger = strategy.screen.embedding  # the run's
     assert (ledger.computed, ledger.cached) == (30, 2)
 
 
@@ -408,8 +409,9 @@ def test_a_node_failing_its_golden_check_is_refused_then_gets_the_safer_variant(
     passed.content[protocol.STATUS] = to_config_record(protocol.ReplyStatus(FP, "onnx-int8", "x", golden_cosine=0.995))
     arrays, _ = strategy.aggregate_train(1, [failed, passed])
     assert arrays is not None and strategy.tally.record.clients_rejected == 1
-    assert strategy.run.nodes[1] == {"engine": "onnx-int8", "golden_cosine": 0.61, "fallback": why, "refused": True}
-    assert strategy.run.nodes[2]["golden_cosine"] == 0.995 and not strategy.run.nodes[2]["refused"]
+    nodes = strategy.screen.nodes  # the run's (summary.json's "nodes")
+    assert nodes[1] == {"engine": "onnx-int8", "golden_cosine": 0.61, "fallback": why, "refused": True}
+    assert nodes[2]["golden_cosine"] == 0.995 and not nodes[2]["refused"]
 
     grid.engines[1] = "onnx"  # what node 1 answers now: client/golden.py's fallback
     grid.fallbacks = {1: "onnx-int8 golden cosine 0.6100 < golden-min-cosine 0.98; runs onnx"}
