@@ -90,7 +90,11 @@ class RunConfig:
     max_update_ratio: float = _key(
         100.0, "reject an update more than this many times the round's median (0: off)", **_range(0.0, 1e12)
     )
-    max_weight_norm: float = _key(1e4, "reject a reply with an array whose L2 norm exceeds this", **_range(1e-6, 1e12))
+    max_weight_norm: float = _key(
+        1e4,
+        "reject a reply with an array whose L2 norm exceeds the round's starting head's by more than this",
+        **_range(1e-6, 1e12),
+    )
     max_num_examples: int = _key(
         1_000_000, "reject a reply claiming more examples than this (train and evaluation)", **_range(1, 10**9)
     )

@@ -386,6 +386,15 @@ class BackboneStatus(ConfigMessage):
     golden_cosine: float = -1.0  # of the held variant on the golden batch (-1: not checked yet)
     fallback: str = ""  # why the node runs a safer engine than it was set to ("" if it does not)
 
+    def check(self) -> None:
+        check_cosine(self.golden_cosine)
+
+
+def check_cosine(value: float) -> None:
+    """A golden cosine is a cosine, or -1 (not checked): NaN or 1e308 would pass a < comparison."""
+    if not (math.isfinite(value) and -1.0 <= value <= 1.0):
+        raise ProtocolError(f"Status key 'golden-cosine' must be a cosine in [-1, 1], got {value!r}.")
+
 
 @dataclass(frozen=True)
 class ReplyStatus(ConfigMessage):
@@ -397,6 +406,9 @@ class ReplyStatus(ConfigMessage):
     data_notes: str = ""  # what it skipped or lacks (short, no per-image content)
     golden_cosine: float = -1.0  # its engine's agreement with the server on the golden batch (-1: unchecked)
     fallback: str = ""  # set when its engine failed the golden check: what it does about it
+
+    def check(self) -> None:
+        check_cosine(self.golden_cosine)
 
 
 # --- array messages ------------------------------------------------------------------------------

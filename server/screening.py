@@ -68,6 +68,7 @@ class _Candidate:
     node: int
     size: int
     status: ReplyStatus
+    arrays: dict[str, dict[str, np.ndarray]]  # record -> name -> array, each decoded once and checked
 
 
 @dataclass(frozen=True)
@@ -171,28 +172,14 @@ class ReplyScreen:
             self._fail(node, phase, timeout, tally, result)
         candidates = []
         for reply, node in zip(replies, origins, strict=True):
-            if reply.has_error() and reply.error.code == protocol.SETUP_ERROR_CODE:
-                self._setup_error(node, phase, str(reply.error.reason), tally, result)
+            try:
+                candidate = self._screen_reply(reply, node, phase, tally, result, start_head)
+            except Exception as error:  # a reply no check foresaw must not end the run: refuse it, loudly
+                log.exception("node %s: %s reply could not be screened", node, phase.value)
+                self._reject(node, phase, f"unreadable reply ({type(error).__name__}: {error})"[:500], tally)
                 continue
-            if reply.has_error():
-                self._fail(node, phase, str(reply.error.reason), tally, result)
-                continue
-            self.setup_errors.pop(node, None)
-            size = wire_bytes(reply)
-            tally.record.bytes_up += size
-            if phase is Phase.TRAIN:
-                tally.record.max_bytes_up_per_client = max(tally.record.max_bytes_up_per_client, size)
-            status, reason = reply_status(reply)
-            if status is not None:
-                reason = self._golden_reason(status) or self._reject_reason(reply, phase, node, status)
-                self._note_engine(node, status, refused=reason is not None)
-                if reason is not None and status.fallback:
-                    result.lost.add(node)  # ask for its engine again: it may have fallen back
-            if reason is None and status is not None:
-                candidates.append(_Candidate(reply, node, size, status))
-            else:
-                cosine = status.golden_cosine if status is not None and status.golden_cosine >= 0 else None
-                self._reject(node, phase, str(reason), tally, golden_cosine=cosine)
+            if candidate is not None:
+                candidates.append(candidate)
         norms = update_norms(candidates, start_head) if phase is Phase.TRAIN else {}
         bounds = self.bounds
         flagged = update_bounds(
@@ -209,6 +196,45 @@ class ReplyScreen:
                 candidate.reply.content = self._for_strategy(phase, candidate.reply.content)
                 result.accepted.append(candidate.reply)
         return result
+
+    def _screen_reply(
+        self,
+        reply: Message,
+        node: int,
+        phase: Phase,
+        tally: RoundTally,
+        result: Screened,
+        start_head: dict[str, np.ndarray] | None,
+    ) -> _Candidate | None:
+        """One reply: counted, decoded once and checked; the candidate if it may be used."""
+        if reply.has_error():
+            reason = str(reply.error.reason) or f"an error reply (code {reply.error.code}) that gives no reason"
+            if reply.error.code == protocol.SETUP_ERROR_CODE:
+                self._setup_error(node, phase, reason, tally, result)
+            else:
+                self._fail(node, phase, reason, tally, result)
+            return None
+        self.setup_errors.pop(node, None)
+        size = wire_bytes(reply)
+        tally.record.bytes_up += size
+        if phase is Phase.TRAIN:
+            tally.record.max_bytes_up_per_client = max(tally.record.max_bytes_up_per_client, size)
+        status, reason = reply_status(reply)
+        arrays, unreadable = decode_arrays(reply.content)
+        if status is not None:
+            reason = (
+                self._golden_reason(status)
+                or unreadable
+                or self._reject_reason(reply, arrays, phase, node, status, start_head)
+            )
+            self._note_engine(node, status, refused=reason is not None)
+            if reason is not None and status.fallback:
+                result.lost.add(node)  # ask for its engine again: it may have fallen back
+        if reason is None and status is not None:
+            return _Candidate(reply, node, size, status, arrays)
+        cosine = status.golden_cosine if status is not None and status.golden_cosine >= 0 else None
+        self._reject(node, phase, str(reason), tally, golden_cosine=cosine)
+        return None
 
     def _examples_bounds(self, phase: Phase, candidates: list[_Candidate]) -> dict[int, str]:
         """Nodes whose first num-examples in this phase is far above the round's median. Not for a
@@ -323,7 +349,15 @@ class ReplyScreen:
             )
         return None
 
-    def _reject_reason(self, reply: Message, phase: Phase, node: int, status: ReplyStatus) -> str | None:
+    def _reject_reason(
+        self,
+        reply: Message,
+        decoded: dict[str, dict[str, np.ndarray]],
+        phase: Phase,
+        node: int,
+        status: ReplyStatus,
+        start_head: dict[str, np.ndarray] | None,
+    ) -> str | None:
         content = reply.content
         if protocol.METRICS not in content.metric_records:
             return "reply carries no metrics"
@@ -335,13 +369,13 @@ class ReplyScreen:
             record, check = self.statistics[phase]
             if set(content.array_records) != {record}:
                 return f"a {phase.value} reply must carry exactly {record!r}, got {sorted(content.array_records)}"
-            reason = check(from_array_record(content.array_records[record]))
+            reason = check(decoded[record])
             if reason is not None:
                 return reason
         elif phase is Phase.TRAIN:
             if set(content.array_records) != {protocol.ARRAYS}:
                 return f"reply must carry exactly the head arrays, got records {sorted(content.array_records)}"
-            arrays = from_array_record(content.array_records[protocol.ARRAYS])
+            arrays = decoded[protocol.ARRAYS]
         elif content.array_records:
             return "an evaluation reply must not carry arrays"
         return reject_reason(
@@ -354,6 +388,7 @@ class ReplyScreen:
             examples_before=self.first_examples.get(phase, {}).get(node),
             max_examples=self.bounds.max_num_examples,
             embedded=phase is not Phase.CLASS_COUNTS,  # labels only: nothing embedded to bound the count by
+            start=start_head,
         )
 
 
@@ -361,10 +396,24 @@ def update_norms(candidates: list[_Candidate], start: dict[str, np.ndarray] | No
     """How far each update moved the head: what the update bounds are chosen from."""
     if start is None:
         return {}
-    return {
-        c.node: update_norm(from_array_record(c.reply.content.array_records[protocol.ARRAYS]), start)
-        for c in candidates
-    }
+    return {c.node: update_norm(c.arrays[protocol.ARRAYS], start) for c in candidates}
+
+
+def decode_arrays(content: RecordDict) -> tuple[dict[str, dict[str, np.ndarray]], str | None]:
+    """Every array of a reply, decoded once, or why one cannot be used: bytes that are no array,
+    or a dtype other than float32 and float64, the only ones a board sends (client/privacy.py)."""
+    decoded: dict[str, dict[str, np.ndarray]] = {}
+    for record_name, record in content.array_records.items():
+        decoded[record_name] = {}
+        for name, array in record.items():
+            try:
+                value = array.numpy()
+            except Exception as error:  # Flower's decoder raises whatever NumPy's .npy reader does
+                return decoded, f"array {name!r} of {record_name!r} is not a readable array ({type(error).__name__})"
+            if value.dtype not in (np.float32, np.float64):
+                return decoded, f"array {name!r} of {record_name!r} has dtype {value.dtype}, not float32 or float64"
+            decoded[record_name][name] = value
+    return decoded, None
 
 
 def reply_status(reply: Message) -> tuple[ReplyStatus | None, str | None]:

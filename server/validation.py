@@ -99,6 +99,7 @@ def reject_reason(
     examples_before: int | None = None,
     max_examples: int = 1_000_000,
     embedded: bool = True,
+    start: Mapping[str, np.ndarray] | None = None,
 ) -> str | None:
     """Why this reply must not be aggregated, or None if it may.
 
@@ -107,7 +108,10 @@ def reject_reason(
     checked for the whole round at once (``update_bounds``, ``examples_bounds``).
     ``examples_before`` is what this node reported in its first reply of this phase: a count
     above it by more than ``EXAMPLES_SLACK`` is an inflated claim, which would buy the node a
-    larger weight in the average (``examples_reject_reason``).
+    larger weight in the average (``examples_reject_reason``). ``max_norm`` bounds how far each
+    array's norm may grow beyond the round's starting head's (``start``; from zero without it):
+    a closed-form head can start with norms in the tens of thousands (LDA on tight classes),
+    and its honest updates must pass.
     """
     if reply_fingerprint != expected_fingerprint:
         return (
@@ -139,8 +143,12 @@ def reject_reason(
         if not np.all(np.isfinite(array)):
             return f"array {name!r} contains NaN or Inf"
         norm = float(np.linalg.norm(array))
-        if norm > max_norm:
-            return f"array {name!r} has norm {norm:.3g}, above max-weight-norm={max_norm:.3g}"
+        start_norm = float(np.linalg.norm(start[name])) if start is not None and name in start else 0.0
+        if norm > start_norm + max_norm:
+            return (
+                f"array {name!r} has norm {norm:.3g}, more than max-weight-norm={max_norm:.3g} above the round's "
+                f"starting head ({start_norm:.3g})"
+            )
     return None
 
 

@@ -65,16 +65,21 @@ def federations(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     tmp = tmp_path_factory.mktemp("pathological")
     root = write_pathological_data(tmp / "data", clients=CLIENTS, per_class=30, test_per_class=8)
     results: dict[str, Any] = {}
-    for init in ("random", "ncm", "lda"):
+    for name, init, rounds in (
+        ("random", "random", ROUNDS),
+        ("ncm", "ncm", ROUNDS),
+        ("lda", "lda", 0),
+        ("lda+ft", "lda", 2),
+    ):
         settings = run_config(
             root,
             tmp / "cache",
             tmp / "runs",
-            init,
+            name,
             # half of each client's images are its local test share: enough to compare two heads on
             **{
                 "head-init": init,
-                "num-server-rounds": 0 if init == "lda" else ROUNDS,
+                "num-server-rounds": rounds,
                 "engine": "torch",
                 "client-test-fraction": 0.5,
             },
@@ -83,7 +88,7 @@ def federations(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
         run = ServerRun.prepare(config)
         RoundLoop(EdgeSplitStrategy.for_run(run), run).run_rounds(InProcessGrid(settings))  # type: ignore[arg-type]
         events = [json.loads(line) for line in (run.run_log.run_dir / "events.jsonl").read_text().splitlines()]
-        results[init] = {
+        results[name] = {
             "rounds": run.rounds,
             "initial": next(e["accuracy"] for e in events if e["event"] == "initial-evaluation"),
             "events": events,
@@ -114,6 +119,15 @@ def test_the_federated_lda_head_starts_at_the_probe_plateau_without_held_out_dat
     (init,) = [e for e in lda["events"] if e["event"] == "head-initialised"]
     assert init["method"] == "lda" and init["nodes"] == CLIENTS and init["classes_set"] == list(range(len(CLASSES)))
     assert init["temperature"] == 1.0 and init["shrinkage"] == 0.1  # no temperature fitted on the server's split
+
+
+def test_a_closed_form_head_trains_through_every_round(federations: dict[str, Any]) -> None:
+    """The LDA head of well-separated classes starts with large weights (a tight covariance): its
+    honest updates must pass the screen in every round (max-weight-norm counts from the starting head)."""
+    tuned = federations["lda+ft"]
+    assert [(r.clients_ok, r.clients_rejected) for r in tuned["rounds"]] == [(CLIENTS, 0)] * 2
+    assert not [e for e in tuned["events"] if e["event"] == "client-rejected"]
+    assert tuned["rounds"][-1].accuracy >= federations["probe"] - 0.02
 
 
 def test_personal_heads_beat_the_global_head_on_local_data(federations: dict[str, Any]) -> None:
