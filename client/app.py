@@ -43,7 +43,7 @@ from common.protocol import (
     BackboneQuery,
     GoldenBatch,
     Instructions,
-    QueryAction,
+    Phase,
     query_action,
 )
 
@@ -121,18 +121,18 @@ def query(msg: Message, context: Context) -> Message:
     (verified, not just present); or send the local statistics FedNCM or Fed3R asks for."""
     question = msg.content.config_records[CONFIG]
     client = _client(context)
-    if query_action(question) == QueryAction.CLASS_SUMS:
+    if query_action(question) == Phase.CLASS_SUMS:
         instructions = _receive(client, msg)
         try:
             stats, metrics = client.class_sums(_arrays(msg), instructions)
         except GoldenCheckFailed as failed:
             return _refusal(msg, client, instructions, failed)
         return _reply(msg, client, instructions, metrics, (CLASS_STATS, to_array_record(stats.to_arrays())))
-    if query_action(question) == QueryAction.CLASS_COUNTS:
+    if query_action(question) == Phase.CLASS_COUNTS:
         instructions = _receive(client, msg)
         counts, metrics = client.class_counts(instructions)
         return _reply(msg, client, instructions, metrics, (CLASS_COUNTS, to_array_record(counts.to_arrays())))
-    if query_action(question) == QueryAction.RIDGE_SUMS:
+    if query_action(question) == Phase.RIDGE_SUMS:
         instructions = _receive(client, msg)
         floor = example_floor(instructions.ncm_min_examples, node_floor(context.node_config))
         try:

@@ -20,6 +20,7 @@ import numpy as np
 
 from client.trainable import trainable_shapes
 from common.backbones import get_spec
+from common.kinds import HeadKind
 from common.protocol import (
     ARRAYS,
     CLASS_COUNTS,
@@ -33,7 +34,7 @@ from common.protocol import (
     ClassCounts,
     ClassStats,
     Instructions,
-    QueryAction,
+    Phase,
     ReplyStatus,
     RidgeStats,
     query_action,
@@ -143,7 +144,7 @@ def message_kind(msg: Message) -> str:
     return msg.metadata.message_type.split(".")[0]
 
 
-def _query_action(msg: Message) -> QueryAction | None:
+def _query_action(msg: Message) -> Phase | None:
     return query_action(msg.content.config_records[CONFIG]) if message_kind(msg) == "query" else None
 
 
@@ -155,24 +156,24 @@ def allowed_arrays(msg: Message) -> dict[str, dict[str, tuple[Shape, str]] | dic
         shapes = trainable_shapes(Instructions.from_record(msg.content.config_records[CONFIG]))
         return {ARRAYS: {name: (shape, "float32") for name, shape in shapes.items()}}
     action = _query_action(msg)
-    if action == QueryAction.CLASS_COUNTS:
+    if action == Phase.CLASS_COUNTS:
         num_classes = Instructions.from_record(msg.content.config_records[CONFIG]).num_classes
         return {CLASS_COUNTS: ClassCounts.shapes(num_classes)}
-    if action in (QueryAction.CLASS_SUMS, QueryAction.RIDGE_SUMS):
+    if action in (Phase.CLASS_SUMS, Phase.RIDGE_SUMS):
         instructions = Instructions.from_record(msg.content.config_records[CONFIG])
         feature_dim = get_spec(instructions.backbone_name).feature_dim
-        if action == QueryAction.CLASS_SUMS:
+        if action == Phase.CLASS_SUMS:
             stats = ClassStats.shapes(instructions.num_classes, feature_dim)
             return {CLASS_STATS: {name: (shape, "float32") for name, shape in stats.items()}}
         # what the last layer sees: the features (linear head) or the MLP's hidden units
-        dim = feature_dim if instructions.head == "linear" else instructions.mlp_hidden
+        dim = feature_dim if instructions.head == HeadKind.LINEAR else instructions.mlp_hidden
         return {RIDGE_STATS: RidgeStats.shapes(instructions.num_classes, dim)}
     return {}
 
 
 def statistics_violations(msg: Message, reply: Message, node_config: Mapping[str, Any]) -> list[str]:
     """Fed3R's statistics below the floor: this board's own, which the server cannot lower."""
-    if _query_action(msg) != QueryAction.RIDGE_SUMS or RIDGE_STATS not in reply.content.array_records:
+    if _query_action(msg) != Phase.RIDGE_SUMS or RIDGE_STATS not in reply.content.array_records:
         return []
     requested = Instructions.from_record(msg.content.config_records[CONFIG]).ncm_min_examples
     counts = reply.content.array_records[RIDGE_STATS]["counts"].numpy()

@@ -23,22 +23,21 @@ from common.balance import class_prior, posthoc_offsets
 from common.config import RunConfig
 from common.fed3r import add_stats, calibrated_temperature, ridge_head_arrays, ridge_scores, solve_lda, solve_ridge
 from common.flower_glue import to_array_record
+from common.kinds import HeadInit
 from common.numpy_head import layer_names, log_softmax, ncm_head_arrays
-from common.protocol import Phase, QueryAction, RidgeStats
+from common.protocol import Phase, RidgeStats
 from server.edgesplit_strategy import EdgeSplitStrategy
 from server.screening import class_counts_of, class_stats_of, ridge_stats_of
 
 log = logging.getLogger(__name__)
 
 
-def _ask_all(
-    strategy: EdgeSplitStrategy, grid: Grid, head: dict[str, np.ndarray], phase: Phase, action: QueryAction
-) -> list[Message]:
+def _ask_all(strategy: EdgeSplitStrategy, grid: Grid, head: dict[str, np.ndarray], phase: Phase) -> list[Message]:
     """Send the one-shot query to every connected node; the screened replies (counted in the
     initialisation's tally: bytes both ways, backbones sent)."""
     run = strategy.run
     strategy.tally.begin(0)
-    question = ConfigRecord({**run.instructions(0, phase).to_record(), protocol.ACTION: action.value})
+    question = ConfigRecord({**run.instructions(0, phase).to_record(), protocol.ACTION: phase.value})
     arrays = to_array_record(head)
     messages = [
         Message(
@@ -67,7 +66,7 @@ def _record(strategy: EdgeSplitStrategy, started: float, **facts: Any) -> None:
 def fedncm_head(strategy: EdgeSplitStrategy, grid: Grid, head: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """The initial head with its classifier set from the nodes' class sums (``head`` if none came)."""
     started = time.perf_counter()
-    accepted = _ask_all(strategy, grid, head, Phase.CLASS_SUMS, QueryAction.CLASS_SUMS)
+    accepted = _ask_all(strategy, grid, head, Phase.CLASS_SUMS)
     stats = [class_stats_of(reply) for reply in accepted]
     counts, known = np.zeros(len(strategy.run.classes)), list[int]()
     if stats:
@@ -78,7 +77,7 @@ def fedncm_head(strategy: EdgeSplitStrategy, grid: Grid, head: dict[str, np.ndar
     _record(
         strategy,
         started,
-        method="ncm",
+        method=HeadInit.NCM,
         nodes=len(accepted),
         classes_set=known,
         class_counts=counts.astype(int).tolist(),
@@ -90,12 +89,12 @@ def federated_class_counts(strategy: EdgeSplitStrategy, grid: Grid, head: dict[s
     """Class balance without FedNCM's or Fed3R's statistics: one counts-only query (labels only,
     no image embedded) gives the run its class prior."""
     started = time.perf_counter()
-    accepted = _ask_all(strategy, grid, head, Phase.CLASS_COUNTS, QueryAction.CLASS_COUNTS)
+    accepted = _ask_all(strategy, grid, head, Phase.CLASS_COUNTS)
     counts = np.sum([class_counts_of(reply) for reply in accepted], axis=0) if accepted else None
     if counts is None:
         log.warning("class balance: no usable class counts arrived; training is not balanced")
         counts = np.zeros(len(strategy.run.classes))
-    _record(strategy, started, method="random", nodes=len(accepted), class_counts=counts.astype(int).tolist())
+    _record(strategy, started, method=HeadInit.RANDOM, nodes=len(accepted), class_counts=counts.astype(int).tolist())
 
 
 def fed3r_head(strategy: EdgeSplitStrategy, grid: Grid, head: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -106,7 +105,7 @@ def fed3r_head(strategy: EdgeSplitStrategy, grid: Grid, head: dict[str, np.ndarr
     is adjusted by the federation's class prior."""
     run, started = strategy.run, time.perf_counter()
     method = run.config.head_init
-    accepted = _ask_all(strategy, grid, head, Phase.RIDGE_SUMS, QueryAction.RIDGE_SUMS)
+    accepted = _ask_all(strategy, grid, head, Phase.RIDGE_SUMS)
     if not accepted:
         log.warning("%s: no usable ridge statistics arrived; the head starts random", method)
         _record(strategy, started, method=method, nodes=0, classes_set=[], class_counts=[0] * len(run.classes))
@@ -134,7 +133,7 @@ def fed3r_head(strategy: EdgeSplitStrategy, grid: Grid, head: dict[str, np.ndarr
 
 def closed_form_head(
     config: RunConfig,
-    method: str,
+    method: HeadInit,
     head: dict[str, np.ndarray],
     stats: RidgeStats,
     last_inputs: Callable[[np.ndarray], np.ndarray],
@@ -145,7 +144,7 @@ def closed_form_head(
     ``method`` ('fed3r': ridge, its temperature calibrated on the held-out features the last
     layer's inputs ``last_inputs`` map; 'lda': shrinkage LDA, no temperature), its bias adjusted
     by the statistics' class prior under the config's class balance; and what was solved with."""
-    if method == "lda":
+    if method == HeadInit.LDA:
         weight, bias = solve_lda(stats, config.lda_shrinkage)
         temperature, solved = 1.0, {"shrinkage": config.lda_shrinkage}
     else:
