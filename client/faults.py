@@ -19,8 +19,9 @@ from flwr.clientapp.typing import ClientAppCallable, Mod
 from client.local_data import LocalData
 from client.state import ProcessState
 from common import protocol
-from common.config import FaultKind, RunConfig
+from common.config import RunConfig
 from common.flower_glue import from_array_record, to_array_record
+from common.kinds import FaultKind
 from common.protocol import ARRAYS, CONFIG, METRICS, Instructions
 
 log = logging.getLogger(__name__)

@@ -17,6 +17,7 @@ import numpy as np
 from common.backbones import build_backbone
 from common.engines import ONNX_ENGINES
 from common.export import export_model
+from common.kinds import DatasetKind, EventKind
 from common.metrics import precision_recall_curve, recall_at_precision
 from common.split import split_backbone
 from server.ledger import human_bytes
@@ -70,7 +71,9 @@ def finish(run: ServerRun, final_arrays: dict[str, np.ndarray], stopped: str | N
         "stopped": stopped,
     }
     run.run_log.write_summary(summary)
-    run.run_log.event("run-end", final_accuracy=report.accuracy, final_macro_f1=report.macro_f1, stopped=stopped)
+    run.run_log.event(
+        EventKind.RUN_END, final_accuracy=report.accuracy, final_macro_f1=report.macro_f1, stopped=stopped
+    )
     try:
         log.info("Report: %s", write_report(run.run_log.run_dir))
     except Exception as error:  # like the export: a convenience on top of a finished run
@@ -146,9 +149,9 @@ def export(run: ServerRun, arrays: dict[str, np.ndarray]) -> Path | None:
         )
     except Exception as error:  # the export is a convenience on top of a finished run
         log.error("Exporting the model failed (%s: %s); the run's results stand.", type(error).__name__, error)
-        run.run_log.event("export-failed", reason=f"{type(error).__name__}: {error}")
+        run.run_log.event(EventKind.EXPORT_FAILED, reason=f"{type(error).__name__}: {error}")
         return None
-    run.run_log.event("model-exported", files={form: path.name for form, path in written.items()})
+    run.run_log.event(EventKind.MODEL_EXPORTED, files={form: path.name for form, path in written.items()})
     log.info("Deployable model: %s (classify images with: edgesplit predict %s <folder>)", directory, directory)
     return directory
 
@@ -159,7 +162,7 @@ def detectors(run: ServerRun, probabilities: np.ndarray) -> list[tuple[str, np.n
     ``operating-classes`` (its own probability)."""
     labels, classes = np.asarray(run.test.labels), run.classes
     questions = []
-    if run.config.dataset == "elpv":
+    if run.config.dataset == DatasetKind.ELPV:
         questions.append((f"defective (not {classes[0]})", 1 - probabilities[:, 0], labels != 0))
     for name in run.config.operating_class_list():
         index = classes.index(name)
@@ -212,7 +215,7 @@ def check_export(run: ServerRun, model_dir: Path, run_accuracy: float) -> dict[s
     gap = 100 * (accuracy - run_accuracy)
     check = {"form": form, "accuracy": accuracy, "run_accuracy": run_accuracy, "gap_points": round(gap, 4)}
     check["ok"] = bool(abs(gap) <= EXPORT_GAP_POINTS)
-    run.run_log.event("export-checked", **check)
+    run.run_log.event(EventKind.EXPORT_CHECKED, **check)
     if not check["ok"]:
         log.warning(
             "!!! The exported model (%s) scores %.4f on the server's held-out images, %.2f points from the "
