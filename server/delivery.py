@@ -20,6 +20,8 @@ from flwr.app import Message
 from flwr.common.constant import ErrorCode
 from flwr.serverapp import Grid
 
+from common.kinds import EventKind
+
 # Replies the SuperLink reports lost (not a node that failed or died): worth sending again.
 LOST = frozenset({ErrorCode.MESSAGE_UNAVAILABLE, ErrorCode.REPLY_MESSAGE_UNAVAILABLE})
 OVERDUE_FACTOR = 3.0  # a node's deadline: this many times its slowest reply so far ...
@@ -95,7 +97,11 @@ class Delivery:
             self.slowest[node] = max(self.slowest.get(node, 0.0), time.monotonic() - item.last_sent)
         if item.resends:
             self.on_event(
-                "reply-recovered", round=_round(item.message), node=node, resends=item.resends, error=reply.has_error()
+                EventKind.REPLY_RECOVERED,
+                round=_round(item.message),
+                node=node,
+                resends=item.resends,
+                error=reply.has_error(),
             )
         # The reply answers the node's instruction, whichever copy it came through: screening
         # matches replies to nodes by the first message's id (as Flower itself sets ids on push).
@@ -116,7 +122,7 @@ class Delivery:
         item.resends += 1
         item.last_sent = time.monotonic()
         self.on_event(
-            "message-resent",
+            EventKind.MESSAGE_RESENT,
             round=_round(original),
             phase=original.metadata.message_type.split(".")[0],
             node=node,

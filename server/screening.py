@@ -22,6 +22,7 @@ from flwr.app import Message, MetricRecord, RecordDict
 from common import protocol
 from common.config import RunConfig
 from common.flower_glue import from_array_record, wire_bytes
+from common.kinds import EventKind
 from common.protocol import ClassCounts, ClassStats, Phase, ProtocolError, ReplyStatus, RidgeStats
 from server.dp import WEIGHT_KEY as DP_WEIGHT_KEY
 from server.ledger import EmbeddingLedger, RoundTally
@@ -179,7 +180,7 @@ class ReplyScreen:
             tally.record.clients_failed += 1
         extra = {"setup_error": True} if setup_error else {}
         self.run_log.event(
-            "client-failed", round=tally.record.round, phase=phase.value, node=node, reason=reason, **extra
+            EventKind.CLIENT_FAILED, round=tally.record.round, phase=phase.value, node=node, reason=reason, **extra
         )
         log.warning("node %s failed in %s: %s", node, phase.value, reason)
 
@@ -199,7 +200,7 @@ class ReplyScreen:
             tally.record.clients_rejected += 1
         extra = {key: value for key, value in extra.items() if value is not None}
         self.run_log.event(
-            "client-rejected", round=tally.record.round, phase=phase.value, node=node, reason=reason, **extra
+            EventKind.CLIENT_REJECTED, round=tally.record.round, phase=phase.value, node=node, reason=reason, **extra
         )
         log.warning("node %s: %s reply rejected: %s", node, phase.value, reason)
 
@@ -230,7 +231,7 @@ class ReplyScreen:
         # The event keeps every number the node reported (telemetry included), finite ones only.
         metrics: dict[str, Any] = {k: v for k, v in c.reply.content[protocol.METRICS].items() if is_number(v)}
         self.run_log.event(
-            "client-reply",
+            EventKind.CLIENT_REPLY,
             round=tally.record.round,
             phase=phase.value,
             node=c.node,
