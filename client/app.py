@@ -40,7 +40,7 @@ from common.protocol import (
     SETUP_ERROR_CODE,
     STATUS,
     Instructions,
-    QueryAction,
+    Phase,
 )
 
 state = process_state()
@@ -115,11 +115,11 @@ def query(msg: Message, context: Context) -> Message:
         answer = client.backbone_status(request.backbone_query.fingerprint, request.backbone_query.cut)
         return Message(content=RecordDict({STATUS: to_config_record(answer)}), reply_to=msg)
     instructions = _receive(client, request)
-    if request.action == QueryAction.CLASS_COUNTS:
+    if request.asks == Phase.CLASS_COUNTS:
         counts, metrics = client.class_counts(instructions)
         return _reply(msg, client, request, metrics, (CLASS_COUNTS, to_array_record(counts.to_arrays())))
     try:
-        if request.action == QueryAction.CLASS_SUMS:
+        if request.asks == Phase.CLASS_SUMS:
             stats, metrics = client.class_sums(request.trainable, instructions)
             return _reply(msg, client, request, metrics, (CLASS_STATS, to_array_record(stats.to_arrays())))
         floor = example_floor(instructions.ncm_min_examples, node_floor(context.node_config))

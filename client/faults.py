@@ -19,8 +19,9 @@ from client.local_data import LocalData
 from client.request import request_of
 from client.state import ProcessState
 from common import protocol
-from common.config import FaultKind, RunConfig
+from common.config import RunConfig
 from common.flower_glue import ClientAppCallable, Mod, from_array_record, to_array_record
+from common.kinds import FaultKind
 from common.protocol import ARRAYS, METRICS
 
 log = logging.getLogger(__name__)

@@ -10,6 +10,7 @@ import numpy as np
 
 from common.config import NodeConfig, RunConfig
 from common.data import DataError, LabelledFiles, elpv_split, partition, scan_image_folder
+from common.kinds import DatasetKind
 
 
 @dataclass(frozen=True)
@@ -35,7 +36,7 @@ def local_split(files: LabelledFiles, test_fraction: float, seed: int) -> tuple[
 def load_local_data(config: RunConfig, node: NodeConfig) -> LocalData:
     """This node's private files: an ELPV partition in simulation, or its own ImageFolder."""
     node_seed = config.seed + 7919 * (node.partition_id or 0)
-    if node.data_dir or config.dataset == "folder":
+    if node.data_dir or config.dataset == DatasetKind.FOLDER:
         folder = node.data_dir or _simulated_folder(config, node)
         files = scan_image_folder(folder, config.classes())
     else:

@@ -19,6 +19,7 @@ from flwr.app import Context, Message
 from client.privacy_floor import example_floor, floor_violations, node_floor
 from client.request import BoardRequest, request_of
 from common.backbones import get_spec
+from common.kinds import HeadKind
 from common.protocol import (
     ARRAYS,
     CLASS_COUNTS,
@@ -30,7 +31,7 @@ from common.protocol import (
     BackboneStatus,
     ClassCounts,
     ClassStats,
-    QueryAction,
+    Phase,
     ReplyStatus,
     RidgeStats,
 )
@@ -118,26 +119,26 @@ def allowed_arrays(request: BoardRequest) -> dict[str, dict[str, tuple[Shape, st
     the trainable arrays after train, the class statistics after FedNCM's query (float32, as both
     are made), the ridge statistics after Fed3R's, the class counts after their own, nothing
     otherwise."""
-    if request.kind == "train":
+    if request.asks == Phase.TRAIN:
         shapes = trainable_shapes_of(request.work)
         return {ARRAYS: {name: (shape, "float32") for name, shape in shapes.items()}}
-    if request.action == QueryAction.CLASS_COUNTS:
+    if request.asks == Phase.CLASS_COUNTS:
         return {CLASS_COUNTS: ClassCounts.shapes(request.work.num_classes)}
-    if request.action in (QueryAction.CLASS_SUMS, QueryAction.RIDGE_SUMS):
+    if request.asks in (Phase.CLASS_SUMS, Phase.RIDGE_SUMS):
         instructions = request.work
         feature_dim = get_spec(instructions.backbone_name).feature_dim
-        if request.action == QueryAction.CLASS_SUMS:
+        if request.asks == Phase.CLASS_SUMS:
             stats = ClassStats.shapes(instructions.num_classes, feature_dim)
             return {CLASS_STATS: {name: (shape, "float32") for name, shape in stats.items()}}
         # what the last layer sees: the features (linear head) or the MLP's hidden units
-        dim = feature_dim if instructions.head == "linear" else instructions.mlp_hidden
+        dim = feature_dim if instructions.head == HeadKind.LINEAR else instructions.mlp_hidden
         return {RIDGE_STATS: RidgeStats.shapes(instructions.num_classes, dim)}
     return {}
 
 
 def statistics_violations(request: BoardRequest, reply: Message, node_config: Mapping[str, Any]) -> list[str]:
     """Fed3R's statistics below the floor: this board's own, which the server cannot lower."""
-    if request.action != QueryAction.RIDGE_SUMS or RIDGE_STATS not in reply.content.array_records:
+    if request.asks != Phase.RIDGE_SUMS or RIDGE_STATS not in reply.content.array_records:
         return []
     counts = reply.content.array_records[RIDGE_STATS]["counts"].numpy()
     return floor_violations(counts, example_floor(request.work.ncm_min_examples, node_floor(node_config)))

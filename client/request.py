@@ -23,8 +23,8 @@ from common.protocol import (
     BackboneQuery,
     GoldenBatch,
     Instructions,
+    Phase,
     ProtocolError,
-    QueryAction,
     query_action,
 )
 
@@ -34,7 +34,7 @@ class BoardRequest:
     """What one message asks of this board."""
 
     kind: str  # Flower's message type without its action: "train", "evaluate" or "query"
-    action: QueryAction | None  # what a query asks for (None for train and evaluate)
+    asks: Phase  # train, evaluate, or what a query asks for
     instructions: Instructions | None  # every message but the backbone-status query
     backbone_query: BackboneQuery | None  # the backbone-status query only
     trainable: dict[str, np.ndarray]  # the head (and the backbone's tail at a later cut); {} if none sent
@@ -45,7 +45,7 @@ class BoardRequest:
     def work(self) -> Instructions:
         """The instructions of a message that asks for work (all but the backbone-status query)."""
         if self.instructions is None:
-            raise ProtocolError(f"a {self.kind} message asking for {self.action} carries no instructions")
+            raise ProtocolError(f"a {self.kind} message asking for {self.asks} carries no instructions")
         return self.instructions
 
 
@@ -55,13 +55,18 @@ def decode(msg: Message) -> BoardRequest:
     if CONFIG not in msg.content.config_records:
         raise ProtocolError(f"a {kind} message lacks its {CONFIG!r} record; is the server the same edgesplit version?")
     record = msg.content.config_records[CONFIG]
-    action = query_action(record) if kind == "query" else None
+    if kind == "query":
+        asks = query_action(record)
+    elif kind in (Phase.TRAIN, Phase.EVALUATE):
+        asks = Phase(kind)
+    else:
+        raise ProtocolError(f"a board answers train, evaluate and query messages, not {kind!r}")
     arrays = msg.content.array_records
-    if action == QueryAction.BACKBONE_STATUS:
-        return BoardRequest(kind, action, None, BackboneQuery.from_record(record), {}, None, None)
+    if asks == Phase.BACKBONE_STATUS:
+        return BoardRequest(kind, asks, None, BackboneQuery.from_record(record), {}, None, None)
     return BoardRequest(
         kind=kind,
-        action=action,
+        asks=asks,
         instructions=Instructions.from_record(record),
         backbone_query=None,
         trainable=from_array_record(arrays[ARRAYS]) if ARRAYS in arrays else {},

@@ -19,6 +19,7 @@ from client.backbone_cache import BackboneCache, BuiltEngines, VerifiedFiles
 from client.edge_client import EdgeClient
 from client.lru import LruCache
 from common.config import NodeConfig, RunConfig
+from common.kinds import EngineName
 from common.logs import configure_logging
 
 ConfigKey = tuple[tuple[str, Any], ...]  # a Flower config as a hashable, ordered tuple
@@ -90,7 +91,7 @@ class ProcessState:
 def runs_torch(client: EdgeClient) -> bool:
     """Whether this node's work runs in torch (a later cut's tail, the torch engine) and torch is
     installed: a head-only process on an ONNX engine never imports it."""
-    needed = client.config.cut > 0 or client.engine.name == "torch"
+    needed = client.config.cut > 0 or client.engine.name == EngineName.TORCH
     return needed and importlib.util.find_spec("torch") is not None
 
 

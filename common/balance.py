@@ -22,6 +22,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from common.kinds import ClassBalance, kind_values
+
 
 def class_prior(counts: np.ndarray) -> np.ndarray:
     """The class shares of ``counts`` (uniform if there are none)."""
@@ -38,20 +40,20 @@ def log_prior(prior: tuple[float, ...] | np.ndarray) -> np.ndarray:
 
 
 def balance_terms(
-    method: str, prior: tuple[float, ...] | np.ndarray, tau: float = 1.0
+    method: ClassBalance, prior: tuple[float, ...] | np.ndarray, tau: float = 1.0
 ) -> tuple[np.ndarray | None, np.ndarray | None]:
     """(per-class loss weights, per-class logit offsets) for training: None where not used."""
-    if method == "none" or len(prior) == 0:
+    if method == ClassBalance.NONE or len(prior) == 0:
         return None, None
     shares = np.asarray(prior, dtype=np.float64)
-    if method == "weighted":
+    if method == ClassBalance.WEIGHTED:
         present = shares > 0
         weights = np.zeros_like(shares)
         weights[present] = 1 / (present.sum() * shares[present])
         return weights.astype(np.float32), None
-    if method == "logit-adjusted":
+    if method == ClassBalance.LOGIT_ADJUSTED:
         return None, (tau * log_prior(shares)).astype(np.float32)
-    raise ValueError(f"Unknown class balance {method!r}; use none, weighted or logit-adjusted.")
+    raise ValueError(f"Unknown class balance {method!r}; use one of {kind_values(ClassBalance)}.")
 
 
 # The offset of a class a client holds no example of: out of its softmax (exp underflows to 0 in
@@ -69,7 +71,7 @@ def local_prior_offsets(local_counts: np.ndarray, prior: tuple[float, ...] | np.
 
 
 def training_offsets(
-    method: str, prior: tuple[float, ...] | np.ndarray, tau: float, local_counts: np.ndarray | None
+    method: ClassBalance, prior: tuple[float, ...] | np.ndarray, tau: float, local_counts: np.ndarray | None
 ) -> tuple[np.ndarray | None, np.ndarray | None]:
     """``balance_terms``, with the local-prior correction added to the offsets when the client's
     class counts are given (and the federation's prior known)."""
@@ -80,11 +82,11 @@ def training_offsets(
     return weights, correction if offsets is None else offsets + correction
 
 
-def posthoc_offsets(method: str, prior: tuple[float, ...] | np.ndarray, tau: float = 1.0) -> np.ndarray | None:
+def posthoc_offsets(method: ClassBalance, prior: tuple[float, ...] | np.ndarray, tau: float = 1.0) -> np.ndarray | None:
     """What a classifier fitted without balance subtracts from its logits to predict as a balanced
     one would (post-hoc logit adjustment): tau log(prior), tau = 1 for ``weighted`` (the balanced
     error's Bayes rule divides the posterior by the prior)."""
-    if method == "none" or len(prior) == 0:
+    if method == ClassBalance.NONE or len(prior) == 0:
         return None
-    strength = 1.0 if method == "weighted" else tau
+    strength = 1.0 if method == ClassBalance.WEIGHTED else tau
     return (strength * log_prior(prior)).astype(np.float32)

@@ -7,48 +7,47 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import typing
 import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from enum import StrEnum
+from functools import cache
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from common.backbones import BackboneError, available_backbones
 from common.cut import check_cut
 from common.data import class_names_for, elpv_split, is_plain_name, partition
-from common.kinds import DP_STRATEGIES, ENGINE_CHOICES, KRUM_FAMILY, HeadKind, StrategyName
+from common.kinds import (
+    DP_STRATEGIES,
+    KRUM_FAMILY,
+    ClassBalance,
+    DatasetKind,
+    ElpvTask,
+    EngineChoice,
+    FaultKind,
+    HeadInit,
+    HeadKind,
+    LrSchedule,
+    Partitioner,
+    StrategyName,
+    kind_values,
+)
 from common.views import VIEW_SETS, ViewError, parse_views
 
-PARTITIONERS = ("iid", "dirichlet", "pathological")
-DATASETS = ("elpv", "folder")
-ELPV_TASKS = ("4-level", "binary")
-LR_SCHEDULES = ("cosine", "constant")
-HEAD_INITS = ("random", "ncm", "fed3r", "lda")
-FROM_RIDGE_SUMS = ("fed3r", "lda")  # head initialisations solved from Fed3R's one-shot statistics
-CLASS_BALANCES = ("none", "weighted", "logit-adjusted")
-
-
-class FaultKind(StrEnum):
-    """Faults a simulated client commits on purpose (scenario runs and tests; client/faults.py)."""
-
-    NAN_UPDATE = "nan-update"  # sends NaN arrays
-    SCALED_UPDATE = "scaled-update"  # sends global + 1000 x its honest update
-    LABEL_FLIP = "label-flip"  # trains on class C - 1 - y
-    CRASH = "crash"  # raises instead of answering
-    STRAGGLE = "straggle"  # sleeps fault-delay seconds first
-    DROPOUT = "dropout"  # raises, drawn per round with chance fault-dropout (or always, if listed)
-    # Replies a mixed or faulty fleet sends (their metrics, not their arrays):
-    HOT_BOARD = "hot-board"  # reports a CPU temperature, as a board with a thermal zone does
-    EXTRA_METRIC = "extra-metric"  # reports a metric no other node does
-    INF_COUNTS = "inf-counts"  # claims an infinite number of embedded images
-
-
-FAULT_KINDS = tuple(kind.value for kind in FaultKind)
+Kind = TypeVar("Kind", bound=StrEnum)
 
 
 class ConfigError(ValueError):
     """A config key is unknown, of the wrong type, or out of range."""
+
+
+def parse_kind(kind: type[Kind], value: Any, where: str) -> Kind:
+    """``value`` as a member of ``kind``, or a ConfigError that lists its choices (``where`` names the key)."""
+    if isinstance(value, str) and value in kind_values(kind):
+        return kind(value)
+    raise ConfigError(f"{where} must be one of {kind_values(kind)}, got {value!r}.")
 
 
 def _choice(*allowed: str) -> dict[str, Any]:
@@ -71,7 +70,7 @@ class RunConfig:
     num_server_rounds: int = _key(
         30, "rounds of federated training (0: the initial head is the result, e.g. Fed3R alone)", **_range(0, 10_000)
     )
-    strategy: str = _key("fedavg", "server aggregation (a name in server/aggregation.py)", **_choice(*StrategyName))
+    strategy: StrategyName = _key(StrategyName.FEDAVG, "server aggregation (a name in server/aggregation.py)")
     fraction_train: float = _key(1.0, "share of connected clients sampled per round", **_range(0.0, 1.0))
     fraction_evaluate: float = _key(1.0, "share of clients asked to evaluate locally", **_range(0.0, 1.0))
     min_clients: int = _key(2, "clients needed before a round starts", **_range(1, 100_000))
@@ -113,15 +112,14 @@ class RunConfig:
     backbone_weights: str = _key("", "weights file for a backbone without embedded weights")
     image_size: int = _key(224, "backbone input size in pixels", **_range(32, 1024))
     crop_pct: float = _key(1.0, "centre-crop share (1.0 keeps the whole image)", **_range(0.1, 1.0))
-    head: str = _key("linear", "trainable head", **_choice(*HeadKind))
+    head: HeadKind = _key(HeadKind.LINEAR, "trainable head")
     mlp_hidden: int = _key(256, "hidden width of the mlp head", **_range(1, 65_536))
     cut: int = _key(0, "backbone stages that train with the head, counted from the end (0: head only)", **_range(0, 64))
-    head_init: str = _key(
-        "random",
+    head_init: HeadInit = _key(
+        HeadInit.RANDOM,
         "initial head: random, ncm (FedNCM: from the clients' class means), fed3r (Fed3R: the "
         "federation's ridge classifier, solved from the clients' feature sums) or lda (the federation's "
         "shrinkage LDA classifier, from the same sums)",
-        **_choice(*HEAD_INITS),
     )
     ncm_min_examples: int = _key(
         5,
@@ -135,12 +133,11 @@ class RunConfig:
     lda_shrinkage: float = _key(
         0.1, "lda: weight of the identity in the shrunk within-class covariance", **_range(1e-6, 1.0)
     )
-    class_balance: str = _key(
-        "none",
+    class_balance: ClassBalance = _key(
+        ClassBalance.NONE,
         "none; weighted (loss weights 1 / class prior); logit-adjusted (train on logits + tau log prior, "
         "predict on the plain logits). Priors are the federation's class counts (from the one-shot "
         "statistics, or a counts-only query)",
-        **_choice(*CLASS_BALANCES),
     )
     logit_adjust_tau: float = _key(1.0, "logit-adjusted: the prior's weight tau", **_range(0.0, 10.0))
     local_prior_correction: bool = _key(
@@ -165,12 +162,12 @@ class RunConfig:
     # Local training
     local_epochs: int = _key(5, "epochs over local embeddings per round", **_range(1, 1000))
     learning_rate: float = _key(0.01, "client SGD learning rate (round 1)", **_range(0.0, 10.0))
-    lr_schedule: str = _key("cosine", "learning rate over rounds", **_choice(*LR_SCHEDULES))
+    lr_schedule: LrSchedule = _key(LrSchedule.COSINE, "learning rate over rounds")
     weight_decay: float = _key(1e-3, "client SGD weight decay", **_range(0.0, 1.0))
     batch_size: int = _key(32, "head training batch size", **_range(1, 65_536))
     # 8, not 32: on a 2-core CPU it is as fast and peaks ~400 MiB lower (BENCHMARKS.md, edge memory).
     embed_batch_size: int = _key(8, "images per backbone batch", **_range(1, 4096))
-    engine: str = _key("auto", "backbone engine; a node's 'engine' overrides it", **_choice(*ENGINE_CHOICES))
+    engine: EngineChoice = _key(EngineChoice.AUTO, "backbone engine; a node's 'engine' overrides it")
     golden_min_cosine: float = _key(
         0.98,
         "a node's engine must compute the server's features of its golden batch to this mean cosine, "
@@ -179,20 +176,22 @@ class RunConfig:
     )
     num_threads: int = _key(0, "torch / ONNX Runtime threads per process (0: their default)", **_range(0, 1024))
     # Data
-    dataset: str = _key("elpv", "elpv (embedded) or folder (ImageFolder per client)", **_choice(*DATASETS))
-    elpv_task: str = _key("4-level", "ELPV labels", **_choice(*ELPV_TASKS))
+    dataset: DatasetKind = _key(DatasetKind.ELPV, "elpv (embedded) or folder (ImageFolder per client)")
+    elpv_task: ElpvTask = _key(ElpvTask.FOUR_LEVEL, "ELPV labels")
     class_names: str = _key("", "comma-separated class list (folder dataset)")
     data_dir: str = _key("", "folder dataset: root holding client-<partition-id>/ (simulation)")
     server_test_dir: str = _key("", "folder dataset: the server's held-out labelled ImageFolder")
     subset: int = _key(0, "use only this many images, stratified (0: all)", **_range(0, 10_000_000))
     test_fraction: float = _key(0.25, "server's held-out share of ELPV", **_range(0.05, 0.9))
     client_test_fraction: float = _key(0.2, "each client's local test share", **_range(0.0, 0.9))
-    partitioner: str = _key("dirichlet", "how ELPV is split over clients", **_choice(*PARTITIONERS))
+    partitioner: Partitioner = _key(Partitioner.DIRICHLET, "how ELPV is split over clients")
     dirichlet_alpha: float = _key(0.3, "Dirichlet concentration (lower: more skewed)", **_range(1e-3, 1e6))
     classes_per_client: int = _key(2, "pathological partitioner: classes per client", **_range(1, 10_000))
     seed: int = _key(42, "seed for splits, partitions, head init and sampling", **_range(0, 2**31 - 1))
     # Injected faults, for scenario runs and tests (simulated clients, by partition id)
-    fault_clients: str = _key("", f"partition:fault pairs, e.g. '3:nan-update,5:label-flip'; faults {FAULT_KINDS}")
+    fault_clients: str = _key(
+        "", f"partition:fault pairs, e.g. '3:nan-update,5:label-flip'; faults {kind_values(FaultKind)}"
+    )
     fault_dropout: float = _key(0.0, "chance that a simulated client drops out of a round", **_range(0.0, 1.0))
     fault_delay: float = _key(30.0, "seconds a 'straggle' client sleeps before replying", **_range(0.0, 86_400))
     # Where things go
@@ -214,11 +213,12 @@ class RunConfig:
         return config
 
     def to_flower(self) -> dict[str, Any]:
-        return {f.name.replace("_", "-"): getattr(self, f.name) for f in fields(self)}
+        """The config as Flower's flat dict, every kind as its plain string (as config.json holds it)."""
+        return {f.name.replace("_", "-"): _plain(getattr(self, f.name)) for f in fields(self)}
 
     def check_consistency(self) -> None:
         """Rules that involve more than one key."""
-        if self.dataset == "folder":
+        if self.dataset == DatasetKind.FOLDER:
             if not self.class_list():
                 raise ConfigError("dataset='folder' needs 'class-names', e.g. class-names='ok,crack,finger'.")
             _check_class_names(self)
@@ -232,9 +232,9 @@ class RunConfig:
             check_cut(self.backbone, self.cut)
         except BackboneError as error:
             raise ConfigError(str(error)) from None
-        if self.head_init == "ncm" and self.head != "linear":
+        if self.head_init == HeadInit.NCM and self.head != HeadKind.LINEAR:
             raise ConfigError("head-init='ncm' sets a linear classifier from class means; it needs head='linear'.")
-        if self.num_server_rounds == 0 and self.head_init == "random":
+        if self.num_server_rounds == 0 and self.head_init == HeadInit.RANDOM:
             raise ConfigError("num-server-rounds=0 keeps the initial head: it needs head-init='fed3r', 'lda' or 'ncm'.")
         unknown = sorted(set(self.operating_class_list()) - set(self.classes()))
         if unknown:
@@ -246,7 +246,7 @@ class RunConfig:
             )
         if self.dp:
             _check_dp(self)
-        if self.partitioner == "pathological" and self.classes_per_client > len(self.classes()):
+        if self.partitioner == Partitioner.PATHOLOGICAL and self.classes_per_client > len(self.classes()):
             raise ConfigError(
                 f"'classes-per-client' ({self.classes_per_client}) exceeds the number of classes "
                 f"({len(self.classes())})."
@@ -264,7 +264,7 @@ class RunConfig:
     def view_names(self) -> tuple[str, ...]:
         """The views each image is embedded in (the identity first)."""
         if self.views == "auto":
-            return VIEW_SETS["dihedral"] if self.dataset == "elpv" else VIEW_SETS["none"]
+            return VIEW_SETS["dihedral"] if self.dataset == DatasetKind.ELPV else VIEW_SETS["none"]
         try:
             return parse_views(self.views)
         except ViewError as error:
@@ -285,10 +285,10 @@ class RunConfig:
         faults: dict[int, FaultKind] = {}
         for item in filter(None, (part.strip() for part in self.fault_clients.split(","))):
             partition, _, kind = item.partition(":")
-            if not partition.strip().isdigit() or kind.strip() not in FAULT_KINDS:
+            if not partition.strip().isdigit() or kind.strip() not in set(FaultKind):
                 raise ConfigError(
                     f"Run-config key 'fault-clients' must list partition:fault pairs such as '3:nan-update', with "
-                    f"faults {list(FAULT_KINDS)}; got {item!r}."
+                    f"faults {kind_values(FaultKind)}; got {item!r}."
                 )
             faults[int(partition)] = FaultKind(kind.strip())
         return faults
@@ -299,7 +299,7 @@ class RunConfig:
 
     def learning_rate_at(self, server_round: int) -> float:
         """Client learning rate of a round: cosine decay to 0 over the run, or constant."""
-        if self.lr_schedule == "constant":
+        if self.lr_schedule == LrSchedule.CONSTANT:
             return self.learning_rate
         import math
 
@@ -310,7 +310,7 @@ class RunConfig:
 def check_simulated_split(config: RunConfig, num_clients: int) -> None:
     """Raise the DataError now, once, if ELPV cannot be split over ``num_clients`` simulated
     clients as configured: otherwise every client raises it, in every round and retry."""
-    if config.dataset != "elpv":
+    if config.dataset != DatasetKind.ELPV:
         return
     client_share, _ = elpv_split(config.elpv_task, config.subset, config.test_fraction, config.seed)
     with warnings.catch_warnings():  # flwr-datasets warns on every Dirichlet re-draw: the error says it once
@@ -356,7 +356,7 @@ def _check_dp(config: RunConfig) -> None:
             "plain average. A median, a trimmed mean or Krum's choice depends on the other updates in other "
             "ways, and FedAdam would have to be noised before its step."
         )
-    if config.head_init != "random":
+    if config.head_init != HeadInit.RANDOM:
         raise ConfigError(
             f"dp-clipping-norm > 0 cannot start from head-init='{config.head_init}': its one-shot class sums "
             "(and Fed3R's Gram matrix) would go to the server without noise. Use head-init='random'."
@@ -368,9 +368,20 @@ def _check_dp(config: RunConfig) -> None:
         )
 
 
+def _plain(value: Any) -> Any:
+    return value.value if isinstance(value, StrEnum) else value
+
+
+@cache
+def _field_types() -> dict[str, Any]:
+    """RunConfig's field types (the annotations are strings: ``from __future__ import annotations``)."""
+    return typing.get_type_hints(RunConfig)
+
+
 def _check(key: str, field: dataclasses.Field[Any], value: Any) -> Any:
-    types = {"int": int, "float": float, "str": str, "bool": bool}
-    expected = field.type if isinstance(field.type, type) else types[str(field.type)]
+    expected = _field_types()[field.name]
+    if isinstance(expected, type) and issubclass(expected, StrEnum):  # a kind: parsed here, once, into its member
+        return parse_kind(expected, value, f"Run-config key '{key}'")
     if expected is bool:
         if not isinstance(value, bool):
             raise ConfigError(f"Run-config key '{key}' must be true or false, got {type(value).__name__} {value!r}.")
@@ -397,7 +408,7 @@ NODE_CONFIG_KEYS = {
     "num-partitions": "number of partitions (simulation)",
     "data-dir": "this board's ImageFolder of private images",
     "cache-dir": "where this board caches the backbone and embeddings",
-    "engine": f"this board's backbone engine, overriding the run's: one of {list(ENGINE_CHOICES)}",
+    "engine": f"this board's backbone engine, overriding the run's: one of {kind_values(EngineChoice)}",
     "min-examples": "this board's privacy floor: it shares no class statistic over fewer images than this "
     "(at least 2; the server's ncm-min-examples can raise it, never lower it; default 5)",
 }
@@ -411,7 +422,7 @@ class NodeConfig:
     num_partitions: int | None = None
     data_dir: str | None = None
     cache_dir: str | None = None
-    engine: str | None = None
+    engine: EngineChoice | None = None
     min_examples: int | None = None  # None: the default floor (client/privacy.py, example_floor)
 
     @classmethod
@@ -437,11 +448,7 @@ class NodeConfig:
                 raise ConfigError(f"Node-config key 'min-examples' must be an int in [2, 1000000], got {value!r}.")
             values["min_examples"] = value
         if "engine" in node_config:
-            if node_config["engine"] not in ENGINE_CHOICES:
-                raise ConfigError(
-                    f"Node-config key 'engine' must be one of {list(ENGINE_CHOICES)}, got {node_config['engine']!r}."
-                )
-            values["engine"] = node_config["engine"]
+            values["engine"] = parse_kind(EngineChoice, node_config["engine"], "Node-config key 'engine'")
         node = cls(**values)
         if (
             node.partition_id is not None

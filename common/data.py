@@ -12,11 +12,13 @@ from pathlib import Path
 
 import numpy as np
 
+from common.kinds import DatasetKind, ElpvTask, Partitioner, kind_values
+
 # torchvision ImageFolder's list, so a folder that works there works here
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".gif", ".ppm", ".pgm")
 ELPV_CLASS_NAMES = {
-    "4-level": ("p0", "p1/3", "p2/3", "p1"),
-    "binary": ("functional", "defective"),
+    ElpvTask.FOUR_LEVEL: ("p0", "p1/3", "p2/3", "p1"),
+    ElpvTask.BINARY: ("functional", "defective"),
 }
 
 
@@ -64,10 +66,10 @@ def elpv_root() -> Path:
 
 
 @functools.lru_cache(maxsize=4)
-def load_elpv(task: str = "4-level") -> LabelledFiles:
+def load_elpv(task: ElpvTask = ElpvTask.FOUR_LEVEL) -> LabelledFiles:
     """All 2,624 ELPV cells. ``task`` is "4-level" (p = 0, 1/3, 2/3, 1) or "binary" (p >= 0.5)."""
     if task not in ELPV_CLASS_NAMES:
-        raise DataError(f"ELPV task must be one of {sorted(ELPV_CLASS_NAMES)}, got {task!r}.")
+        raise DataError(f"ELPV task must be one of {kind_values(ElpvTask)}, got {task!r}.")
     root = elpv_root()
     paths, labels = [], []
     for line in (root / "labels.csv").read_text().splitlines():
@@ -76,7 +78,7 @@ def load_elpv(task: str = "4-level") -> LabelledFiles:
         relative, probability, _cell_type = line.split()
         p = float(probability)
         paths.append(str(root / relative))
-        labels.append(int(p >= 0.5) if task == "binary" else round(p * 3))
+        labels.append(int(p >= 0.5) if task == ElpvTask.BINARY else round(p * 3))
     return LabelledFiles(tuple(paths), tuple(labels), ELPV_CLASS_NAMES[task])
 
 
@@ -107,11 +109,11 @@ def check_class_names(class_names: tuple[str, ...]) -> tuple[str, ...]:
     return class_names
 
 
-def class_names_for(dataset: str, elpv_task: str, class_names: tuple[str, ...]) -> tuple[str, ...]:
+def class_names_for(dataset: DatasetKind, elpv_task: ElpvTask, class_names: tuple[str, ...]) -> tuple[str, ...]:
     """The run's class list: ELPV's own, or the one the run config names for user folders."""
-    if dataset == "elpv":
+    if dataset == DatasetKind.ELPV:
         if elpv_task not in ELPV_CLASS_NAMES:
-            raise DataError(f"ELPV task must be one of {sorted(ELPV_CLASS_NAMES)}, got {elpv_task!r}.")
+            raise DataError(f"ELPV task must be one of {kind_values(ElpvTask)}, got {elpv_task!r}.")
         return ELPV_CLASS_NAMES[elpv_task]
     return class_names
 
@@ -214,7 +216,7 @@ def stratified_subset(files: LabelledFiles, size: int, seed: int) -> LabelledFil
     return kept
 
 
-def elpv_split(task: str, subset: int, test_fraction: float, seed: int) -> tuple[LabelledFiles, LabelledFiles]:
+def elpv_split(task: ElpvTask, subset: int, test_fraction: float, seed: int) -> tuple[LabelledFiles, LabelledFiles]:
     """ELPV as a run sees it: (the part shared out to clients, the server's held-out test split)."""
     files = stratified_subset(load_elpv(task), subset, seed)
     return stratified_split(files, test_fraction, seed)
@@ -224,7 +226,7 @@ def partition(
     files: LabelledFiles,
     num_partitions: int,
     partition_id: int,
-    method: str,
+    method: Partitioner,
     seed: int,
     dirichlet_alpha: float = 0.3,
     classes_per_client: int = 2,
@@ -238,7 +240,7 @@ def partition(
     if not indices:
         raise DataError(
             f"Partition {partition_id} of {num_partitions} is empty ({len(files)} samples, "
-            f"partitioner {method!r}). Use fewer clients or more data."
+            f"partitioner '{method}'). Use fewer clients or more data."
         )
     return files.subset(indices)
 
@@ -247,29 +249,24 @@ def partition(
 def _partition_indices(
     labels: tuple[int, ...],
     num_partitions: int,
-    method: str,
+    method: Partitioner,
     seed: int,
     dirichlet_alpha: float,
     classes_per_client: int,
 ) -> tuple[list[int], ...]:
     import datasets
-    from flwr_datasets.partitioner import (
-        DirichletPartitioner,
-        IidPartitioner,
-        Partitioner,
-        PathologicalPartitioner,
-    )
+    from flwr_datasets import partitioner as flwr_partitioner
 
     if num_partitions > len(labels):
         raise DataError(
             f"{num_partitions} clients but only {len(labels)} training samples: every client "
             "needs at least one. Use fewer clients (num-supernodes) or more data (subset=0)."
         )
-    partitioner: Partitioner
-    if method == "iid":
-        partitioner = IidPartitioner(num_partitions=num_partitions)
-    elif method == "dirichlet":
-        partitioner = DirichletPartitioner(
+    partitioner: flwr_partitioner.Partitioner
+    if method == Partitioner.IID:
+        partitioner = flwr_partitioner.IidPartitioner(num_partitions=num_partitions)
+    elif method == Partitioner.DIRICHLET:
+        partitioner = flwr_partitioner.DirichletPartitioner(
             num_partitions=num_partitions,
             partition_by="label",
             alpha=dirichlet_alpha,
@@ -277,8 +274,8 @@ def _partition_indices(
             self_balancing=False,
             seed=seed,
         )
-    elif method == "pathological":
-        partitioner = PathologicalPartitioner(
+    elif method == Partitioner.PATHOLOGICAL:
+        partitioner = flwr_partitioner.PathologicalPartitioner(
             num_partitions=num_partitions,
             partition_by="label",
             num_classes_per_partition=classes_per_client,
@@ -286,7 +283,7 @@ def _partition_indices(
             seed=seed,
         )
     else:
-        raise DataError(f"Unknown partitioner {method!r}; use iid, dirichlet or pathological.")
+        raise DataError(f"Unknown partitioner {method!r}; use one of {kind_values(Partitioner)}.")
     table = datasets.Dataset.from_dict({"index": list(range(len(labels))), "label": list(labels)})
     # IidPartitioner shards contiguously; shuffle so that file order (often by source) does not leak.
     partitioner.dataset = table.shuffle(seed=seed)
@@ -294,6 +291,6 @@ def _partition_indices(
         return tuple(sorted(partitioner.load_partition(pid)["index"]) for pid in range(num_partitions))
     except ValueError as error:  # e.g. Dirichlet draws that leave a client (almost) empty
         raise DataError(
-            f"Cannot split {len(labels)} samples over {num_partitions} clients with the {method!r} "
+            f"Cannot split {len(labels)} samples over {num_partitions} clients with the '{method}' "
             f"partitioner: {error} Use fewer clients, more data (subset=0) or a larger 'dirichlet-alpha'."
         ) from error

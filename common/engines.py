@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 
-from common.kinds import ENGINE_CHOICES
+from common.kinds import EngineChoice, EngineName, kind_values
 from common.protocol import ONNX_MODEL
 
 if TYPE_CHECKING:
@@ -95,11 +95,11 @@ def _write_atomically(path: Path, write: Callable[[Path], object]) -> None:
 class EngineKind:
     """One form of the backbone: what travels, what a board keeps, how it is checked and run."""
 
-    name: ClassVar[str]
+    name: ClassVar[EngineName]
     needs: ClassVar[str]  # the module a device must have installed
     install: ClassVar[str]  # how to install it
     # The engine a node falls back to when this one fails its golden check (None: none is safer).
-    safer: ClassVar[str | None] = None
+    safer: ClassVar[EngineName | None] = None
 
     def available(self) -> bool:
         return importlib.util.find_spec(self.needs) is not None
@@ -107,7 +107,7 @@ class EngineKind:
     def require(self) -> None:
         if not self.available():
             raise EngineError(
-                f"engine={self.name!r} needs {self.needs}, which is not installed on this device. "
+                f"engine='{self.name}' needs {self.needs}, which is not installed on this device. "
                 f"Install it with: {self.install}, or choose another engine."
             )
 
@@ -140,7 +140,7 @@ class EngineKind:
 class TorchKind(EngineKind):
     """The weights themselves; a board builds the architecture from timm/torchvision."""
 
-    name, needs, install = "torch", "torch", "pip install 'edgesplit[edge,torch]'"
+    name, needs, install = EngineName.TORCH, "torch", "pip install 'edgesplit[edge,torch]'"
 
     def file_name(self, fp: str, cut: int) -> str:
         return f"{fp}.pt"  # whatever the cut: the board builds the prefix from the weights
@@ -210,8 +210,8 @@ class TorchKind(EngineKind):
 class OnnxKind(EngineKind):
     """An ONNX model of the backbone up to the cut, run by ONNX Runtime in fp32."""
 
-    name, needs, install = "onnx", "onnxruntime", "pip install 'edgesplit[edge]'"
-    safer = "torch"  # the reference itself, where a board has it
+    name, needs, install = EngineName.ONNX, "onnxruntime", "pip install 'edgesplit[edge]'"
+    safer = EngineName.TORCH  # the reference itself, where a board has it
     server_file: ClassVar[str] = "backbone.onnx"  # in the server's variants folder
     # How the file is made and run, beyond its bytes: a change gives the variant a new fingerprint,
     # so embeddings computed the old way are never reused (they live under the old fingerprint).
@@ -222,7 +222,7 @@ class OnnxKind(EngineKind):
 
     def variant_fingerprint(self, fp: str, artifact: bytes | None) -> str:
         if artifact is None:
-            raise EngineError(f"engine {self.name!r} needs the artifact's bytes to fingerprint it.")
+            raise EngineError(f"engine '{self.name}' needs the artifact's bytes to fingerprint it.")
         tag = f"{fp}|{self.name}|" + (f"{self.recipe}|" if self.recipe else "")
         digest = hashlib.sha256(tag.encode())
         digest.update(artifact)
@@ -261,8 +261,8 @@ class OnnxKind(EngineKind):
 class OnnxInt8Kind(OnnxKind):
     """Static int8, calibrated on the server's held-out images (common/export.py)."""
 
-    name = "onnx-int8"
-    safer = "onnx"
+    name = EngineName.ONNX_INT8
+    safer = EngineName.ONNX
     server_file = "backbone-int8.onnx"
     recipe = f"qdq-u8s8-per-channel|{X64_QUANT_PRECISION}=1"
 
@@ -272,7 +272,7 @@ class OnnxInt8Kind(OnnxKind):
         quantize_int8(fp32, target, calibration(), keep_float_convs)
 
 
-ENGINE_KINDS: dict[str, EngineKind] = {kind.name: kind for kind in (TorchKind(), OnnxKind(), OnnxInt8Kind())}
+ENGINE_KINDS: dict[str, EngineKind] = {kind.name.value: kind for kind in (TorchKind(), OnnxKind(), OnnxInt8Kind())}
 ENGINES = tuple(ENGINE_KINDS)
 ONNX_ENGINES = tuple(name for name, kind in ENGINE_KINDS.items() if isinstance(kind, OnnxKind))
 
@@ -281,7 +281,7 @@ def engine_kind(name: str) -> EngineKind:
     try:
         return ENGINE_KINDS[name]
     except KeyError:
-        raise EngineError(f"Unknown engine {name!r}; choose one of {list(ENGINE_CHOICES)}.") from None
+        raise EngineError(f"Unknown engine {name!r}; choose one of {kind_values(EngineName)}.") from None
 
 
 def runtime_tag(kind: EngineKind) -> str:
@@ -301,10 +301,10 @@ def runtime_tag(kind: EngineKind) -> str:
 
 
 def onnxruntime_available() -> bool:
-    return ENGINE_KINDS["onnx"].available()
+    return ENGINE_KINDS[EngineName.ONNX].available()
 
 
-def resolve_engine(requested: str) -> EngineKind:
+def resolve_engine(requested: EngineChoice) -> EngineKind:
     """The engine kind a device runs for a requested one.
 
     ``auto`` picks ``onnx-int8`` wherever ONNX Runtime is installed: on the 2-core x86 machines we
@@ -312,8 +312,8 @@ def resolve_engine(requested: str) -> EngineKind:
     (BENCHMARKS.md, "Backbone engines"). Without ONNX Runtime (e.g. 32-bit Raspberry Pi OS, which
     has no wheels) it falls back to ``torch``.
     """
-    if requested == "auto":
-        return ENGINE_KINDS["onnx-int8" if onnxruntime_available() else "torch"]
+    if requested == EngineChoice.AUTO:
+        return ENGINE_KINDS[EngineName.ONNX_INT8 if onnxruntime_available() else EngineName.TORCH]
     kind = engine_kind(requested)
     kind.require()
     return kind

@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 
 from common.engines import OnnxEngine, onnxruntime_available
+from common.kinds import EngineName
 from common.preprocess import DECODE_ERRORS, PreprocessSpec, decode_image
 from common.protocol import MODEL_INFO, PROBABILITIES
 from common.views import apply_view
@@ -32,7 +33,7 @@ class Prediction:
 
 
 # The ONNX form of an exported model that runs each backbone engine's numerics (torch: fp32).
-FORM_OF_ENGINE = {"torch": "onnx", "onnx": "onnx", "onnx-int8": "onnx-int8"}
+FORM_OF_ENGINE: dict[str, str] = {EngineName.TORCH: "onnx", EngineName.ONNX: "onnx", EngineName.ONNX_INT8: "onnx-int8"}
 FORM_NAMES = {"onnx": "fp32", "onnx-int8": "int8"}
 
 

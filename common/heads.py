@@ -14,6 +14,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from common.kinds import HeadKind
 from common.metrics import ClassificationReport
 from common.numpy_head import DROPOUT, HEAD_KINDS, Draws, TrainResult, initial_arrays, report_of
 from common.numpy_head import ncm_head_arrays as ncm_head_arrays  # re-exported: its home was here
@@ -72,14 +73,14 @@ class Head(nn.Module):
 
 
 def make_head(
-    kind: str, in_dim: int, num_classes: int, hidden: int = 256, seed: int = 0, tail: nn.Module | None = None
+    kind: HeadKind, in_dim: int, num_classes: int, hidden: int = 256, seed: int = 0, tail: nn.Module | None = None
 ) -> Head:
     """A linear layer or a one-hidden-layer MLP on normalised features (after the backbone's
     ``tail``, if the cut is later), seeded so every party that builds it gets the same weights
     (the NumPy head's: common/numpy_head.py draws them)."""
-    if kind == "linear":
+    if kind == HeadKind.LINEAR:
         classifier: nn.Module = nn.Linear(in_dim, num_classes)
-    elif kind == "mlp":
+    elif kind == HeadKind.MLP:
         classifier = nn.Sequential(
             nn.Linear(in_dim, hidden), nn.ReLU(), MaskedDropout(DROPOUT), nn.Linear(hidden, num_classes)
         )

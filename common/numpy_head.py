@@ -23,10 +23,10 @@ from typing import Any
 
 import numpy as np
 
-from common.kinds import HeadKind
+from common.kinds import HeadKind, kind_values
 from common.metrics import ClassificationReport, classification_report
 
-HEAD_KINDS = tuple(str(kind) for kind in HeadKind)
+HEAD_KINDS = tuple(kind_values(HeadKind))
 DROPOUT = 0.2  # the MLP's dropout between its two layers
 MOMENTUM = 0.9  # SGD momentum of local training
 EPS = 1e-12  # as torch.nn.functional.normalize
@@ -40,25 +40,27 @@ class TrainResult:
     seconds: float
 
 
-def layer_names(kind: str) -> tuple[str, ...]:
+def layer_names(kind: HeadKind) -> tuple[str, ...]:
     """The classifier's linear layers, as torch names them."""
-    if kind == "linear":
+    if kind == HeadKind.LINEAR:
         return ("classifier",)
-    if kind == "mlp":
+    if kind == HeadKind.MLP:
         return ("classifier.0", "classifier.3")  # Linear, ReLU, Dropout, Linear
     raise ValueError(f"Unknown head {kind!r}; use one of {HEAD_KINDS}.")
 
 
-def head_shapes(kind: str, in_dim: int, num_classes: int, hidden: int = 256) -> dict[str, tuple[int, ...]]:
+def head_shapes(kind: HeadKind, in_dim: int, num_classes: int, hidden: int = 256) -> dict[str, tuple[int, ...]]:
     """Name and shape of every array of a head, in torch's parameter order."""
-    widths = (in_dim, num_classes) if kind == "linear" else (in_dim, hidden, num_classes)
+    widths = (in_dim, num_classes) if kind == HeadKind.LINEAR else (in_dim, hidden, num_classes)
     shapes: dict[str, tuple[int, ...]] = {}
     for name, fan_in, fan_out in zip(layer_names(kind), widths, widths[1:], strict=False):
         shapes[f"{name}.weight"], shapes[f"{name}.bias"] = (fan_out, fan_in), (fan_out,)
     return shapes
 
 
-def initial_arrays(kind: str, in_dim: int, num_classes: int, hidden: int = 256, seed: int = 0) -> dict[str, np.ndarray]:
+def initial_arrays(
+    kind: HeadKind, in_dim: int, num_classes: int, hidden: int = 256, seed: int = 0
+) -> dict[str, np.ndarray]:
     """PyTorch's default init of each linear layer, U(-1/sqrt(fan in), 1/sqrt(fan in)), drawn
     from a NumPy generator: every party that builds the head from ``seed`` gets the same weights."""
     generator = np.random.default_rng(seed)
@@ -163,13 +165,13 @@ class NumpyHead:
         Its weights by name (``initial`` makes seeded ones).
     """
 
-    def __init__(self, kind: str, arrays: Mapping[str, np.ndarray]) -> None:
+    def __init__(self, kind: HeadKind, arrays: Mapping[str, np.ndarray]) -> None:
         self.kind = kind
         self.layers = layer_names(kind)
         self.params = {name: np.array(value, dtype=np.float32, copy=True) for name, value in arrays.items()}
 
     @classmethod
-    def initial(cls, kind: str, in_dim: int, num_classes: int, hidden: int = 256, seed: int = 0) -> NumpyHead:
+    def initial(cls, kind: HeadKind, in_dim: int, num_classes: int, hidden: int = 256, seed: int = 0) -> NumpyHead:
         return cls(kind, initial_arrays(kind, in_dim, num_classes, hidden, seed))
 
     def arrays(self) -> dict[str, np.ndarray]:
@@ -204,14 +206,14 @@ class NumpyHead:
         """What the classifier's last linear layer sees of (rows, d) features: the pooled
         features (linear), or the first layer's ReLU (mlp; no dropout): Fed3R's z."""
         pooled = self.pooled(features)
-        if self.kind == "linear":
+        if self.kind == HeadKind.LINEAR:
             return pooled
         return np.maximum(pooled @ self.params["classifier.0.weight"].T + self.params["classifier.0.bias"], 0)
 
     def logits(self, pooled: np.ndarray, keep: np.ndarray | None = None) -> tuple[np.ndarray, list[np.ndarray]]:
         """Logits, and the activations the backward pass needs; ``keep`` is a dropout mask."""
         p = self.params
-        if self.kind == "linear":
+        if self.kind == HeadKind.LINEAR:
             return pooled @ p["classifier.weight"].T + p["classifier.bias"], [pooled]
         hidden = np.maximum(pooled @ p["classifier.0.weight"].T + p["classifier.0.bias"], 0)
         dropped = hidden if keep is None else hidden * keep
@@ -219,7 +221,7 @@ class NumpyHead:
 
     def gradients(self, saved: list[np.ndarray], grad_logits: np.ndarray, keep: np.ndarray | None) -> dict:
         """d objective / d each array, from the logits' gradient (backpropagation by hand)."""
-        if self.kind == "linear":
+        if self.kind == HeadKind.LINEAR:
             return {"classifier.weight": grad_logits.T @ saved[0], "classifier.bias": grad_logits.sum(0)}
         pooled, hidden, dropped = saved
         grad_dropped = grad_logits @ self.params["classifier.3.weight"]
@@ -263,7 +265,7 @@ class NumpyHead:
             for _ in range(epochs):
                 total_loss, correct = 0.0, 0
                 for x, target in batches(features, y, draws.epoch(len(y), features.shape[1]), batch_size):
-                    keep = draws.keep_mask((len(target), self.hidden)) if self.kind == "mlp" else None
+                    keep = draws.keep_mask((len(target), self.hidden)) if self.kind == HeadKind.MLP else None
                     logits, saved = self.logits(self.pooled(x), keep)
                     log_probabilities = log_softmax(logits if logit_offsets is None else logits + logit_offsets)
                     rows = np.arange(len(target))
@@ -333,7 +335,7 @@ class NumpyHead:
         classifier sees (each example's mean over its views) and the number of examples. A class
         with fewer than ``min_examples`` examples is left out (zeros), so no sum is close to one
         image's."""
-        if self.kind != "linear":
+        if self.kind != HeadKind.LINEAR:
             raise ValueError("FedNCM sets a linear classifier; class sums need head='linear'.")
         y = np.asarray(labels, dtype=np.int64)
         sums = np.zeros((num_classes, self.params["classifier.weight"].shape[1]), dtype=np.float32)

@@ -36,7 +36,7 @@ from typing import Any, Self
 import numpy as np
 
 from common.config import RunConfig
-from common.kinds import EngineName
+from common.kinds import ClassBalance, EngineName, HeadKind, kind_values
 from common.preprocess import PreprocessSpec
 from common.views import VIEWS
 
@@ -151,20 +151,21 @@ SERVER_ROUND = "server-round"
 
 
 class Phase(StrEnum):
-    """What a message to a node is for; replies are screened and counted per phase."""
+    """What a message to a node asks for, one kind for both sides: a train or an evaluate message
+    (the value is Flower's message type), or a query (the value is its config record's ``action``,
+    one of ``QUERIES``). The server screens and counts replies per phase; a board answers a query
+    by its action (``query_action``)."""
 
     TRAIN = "train"
     EVALUATE = "evaluate"
+    BACKBONE_STATUS = "backbone-status"  # which engine a node runs and which backbone variant it holds
     CLASS_SUMS = "class-sums"  # FedNCM's one-shot query before round 1
     RIDGE_SUMS = "ridge-sums"  # Fed3R's one-shot query before round 1
     CLASS_COUNTS = "class-counts"  # class balance's counts-only query (when no statistics give them)
 
 
-class QueryAction(StrEnum):
-    BACKBONE_STATUS = "backbone-status"
-    CLASS_SUMS = "class-sums"
-    RIDGE_SUMS = "ridge-sums"
-    CLASS_COUNTS = "class-counts"
+# The phases that travel as a query message, told apart by their action.
+QUERIES = (Phase.BACKBONE_STATUS, Phase.CLASS_SUMS, Phase.RIDGE_SUMS, Phase.CLASS_COUNTS)
 
 
 class ProtocolError(ValueError):
@@ -172,16 +173,15 @@ class ProtocolError(ValueError):
     or a message that was not made by edgesplit."""
 
 
-def query_action(record: Mapping[str, Any]) -> QueryAction:
-    """The action a query's config record asks for."""
+def query_action(record: Mapping[str, Any]) -> Phase:
+    """What a query's config record asks for (one of ``QUERIES``)."""
     action = record.get(ACTION)
-    try:
-        return QueryAction(action if isinstance(action, str) else "")
-    except ValueError:
-        raise ProtocolError(
-            f"Unknown query action {action!r}; known: {[a.value for a in QueryAction]}. "
-            "Is the server the same edgesplit version?"
-        ) from None
+    if isinstance(action, str) and action in QUERIES:
+        return Phase(action)
+    raise ProtocolError(
+        f"Unknown query action {action!r}; known: {[ask.value for ask in QUERIES]}. "
+        "Is the server the same edgesplit version?"
+    )
 
 
 # --- typed config records ------------------------------------------------------------------------
@@ -192,6 +192,8 @@ def _key(name: str) -> str:
 
 
 def _encode(value: Any) -> Any:
+    if isinstance(value, StrEnum):
+        return value.value  # the plain string
     if isinstance(value, PreprocessSpec):
         return value.to_json()
     if isinstance(value, tuple):
@@ -223,6 +225,10 @@ def _decode(kind: Any, value: Any, key: str) -> Any:
     elif kind is int:
         if isinstance(value, int) and not isinstance(value, bool):
             return value
+    elif isinstance(kind, type) and issubclass(kind, StrEnum):
+        if isinstance(value, str) and value in kind_values(kind):
+            return kind(value)
+        raise ProtocolError(f"Message key {key!r} must be one of {kind_values(kind)}, got {value!r}.")
     elif isinstance(value, kind):
         return value
     raise ProtocolError(f"Message key {key!r} must be {getattr(kind, '__name__', kind)}, got {value!r}.")
@@ -268,9 +274,9 @@ class Instructions(ConfigMessage):
     fingerprint: str  # the backbone's (weights + preprocessing)
     backbone_name: str
     preprocess: PreprocessSpec
-    engine: str  # the engine this node runs (per node)
+    engine: EngineName  # the engine this node runs (per node)
     engine_fingerprint: str  # that engine's variant of the backbone (per node)
-    head: str
+    head: HeadKind
     mlp_hidden: int
     cut: int  # backbone stages after the cut, trained with the head
     views: tuple[str, ...]  # the views embedded and trained on (common/views.py)
@@ -285,7 +291,7 @@ class Instructions(ConfigMessage):
     ncm_min_examples: int  # also Fed3R's floor of examples per class
     proximal_mu: float = 0.0  # also the key Flower's FedProx writes
     dp_clipping_norm: float = 0.0  # > 0: clip the update to this L2 norm before replying (client/dp_clipping.py)
-    class_balance: str = "none"  # none, weighted, logit-adjusted (common/balance.py)
+    class_balance: ClassBalance = ClassBalance.NONE  # common/balance.py
     logit_adjust_tau: float = 1.0
     class_prior: tuple[float, ...] = ()  # the federation's class shares (from its counts); () if unknown
     local_prior_correction: bool = False  # train on logits + log(local prior / class_prior)
@@ -299,14 +305,11 @@ class Instructions(ConfigMessage):
 
     def check(self) -> None:
         """A board acts only on instructions its own run-config schema allows: fingerprints that
-        can only name files inside its cache, a known engine, backbone, head and views, and every
-        hyperparameter within the range the board would accept in its own run config."""
+        can only name files inside its cache, a known backbone and views (the engine, the head and
+        the class balance are known kinds once decoded), and every hyperparameter within the range
+        the board would accept in its own run config."""
         check_fingerprint(self.fingerprint, "fingerprint")
         check_fingerprint(self.engine_fingerprint, "engine-fingerprint")
-        if self.engine not in set(EngineName):
-            raise ProtocolError(
-                f"Instruction 'engine' must be one of {[str(name) for name in EngineName]}, got {self.engine!r}."
-            )
         unknown = [view for view in self.views if view not in VIEWS]
         if unknown or not self.views:
             raise ProtocolError(f"Instruction 'views' names unknown views {unknown}; known: {list(VIEWS)}.")
@@ -370,9 +373,13 @@ class BackboneQuery(ConfigMessage):
 
     fingerprint: str
     cut: int
-    action: str = QueryAction.BACKBONE_STATUS.value
+    action: Phase = Phase.BACKBONE_STATUS
 
     def check(self) -> None:
+        if self.action != Phase.BACKBONE_STATUS:
+            raise ProtocolError(
+                f"A backbone query's 'action' is {Phase.BACKBONE_STATUS.value!r}, got {self.action.value!r}."
+            )
         check_fingerprint(self.fingerprint)
         _check_range("cut", self.cut, **_limits(next(f for f in fields(RunConfig) if f.name == "cut")))
 

@@ -25,6 +25,7 @@ from common.cut import check_cut
 from common.cut import embedding_space as embedding_space  # re-exported: its home was here
 from common.cut import max_cut as max_cut  # re-exported: its home was here
 from common.heads import Head, make_head
+from common.kinds import HeadKind
 
 
 class FrozenStatsNorm(nn.Module):
@@ -85,7 +86,7 @@ def _tail_skeleton(backbone: str, cut: int) -> nn.Module | None:
 def build_head(
     backbone: str,
     cut: int,
-    kind: str,
+    kind: HeadKind,
     num_classes: int,
     hidden: int = 256,
     seed: int = 0,

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 import numpy as np
 
 from common.backbones import get_spec
+from common.kinds import HeadKind
 from common.metrics import ClassificationReport
 from common.numpy_head import NumpyHead, TrainResult, head_shapes
 
@@ -81,7 +82,7 @@ def require_torch(what: str) -> None:
 def make_trainable(
     backbone: str,
     cut: int,
-    kind: str,
+    kind: HeadKind,
     num_classes: int,
     hidden: int = 256,
     seed: int = 0,
@@ -98,7 +99,7 @@ def make_trainable(
     return TorchHead(build_head(backbone, cut, kind, num_classes, hidden, seed, model))
 
 
-def trainable_shapes(backbone: str, cut: int, kind: str, num_classes: int, hidden: int = 256) -> dict[str, Any]:
+def trainable_shapes(backbone: str, cut: int, kind: HeadKind, num_classes: int, hidden: int = 256) -> dict[str, Any]:
     """Name and shape of every array of the trainable part (at ``cut`` 0 without building it)."""
     if cut == 0:
         return head_shapes(kind, get_spec(backbone).feature_dim, num_classes, hidden)

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
+from common.kinds import DatasetKind
 from deploy.local_simulation import (
     PROJECT_ROOT,
     app_source,
@@ -319,7 +320,7 @@ def main(argv: list[str] | None = None) -> int:
             boards.append(Board(f"board-{index}", {"data-dir": str(folder)}))
         else:
             boards.append(Board(f"board-{index}", {"partition-id": index, "num-partitions": args.boards}))
-    if args.data_root and overrides.get("dataset") != "folder":
+    if args.data_root and overrides.get("dataset") != DatasetKind.FOLDER:
         parser.error("--data-root needs --run-config \"dataset='folder' class-names='a,b' server-test-dir='...'\"")
 
     # SIGTERM stops as Ctrl-C does: every process this command started, the ServerApp included.

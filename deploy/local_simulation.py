@@ -192,7 +192,7 @@ def run_config_arg(overrides: Mapping[str, Any]) -> str:
         if isinstance(value, bool):
             parts.append(f"{key}={str(value).lower()}")
         elif isinstance(value, str):
-            parts.append(f"{key}={value!r}".replace("'", '"'))
+            parts.append(f"{key}={str(value)!r}".replace("'", '"'))  # str(): a kind (StrEnum) as its plain value
         else:
             parts.append(f"{key}={value}")
     return " ".join(parts)

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from common.config import RunConfig, check_simulated_split
 from common.data import DataError
+from common.kinds import DatasetKind
 from deploy.local_simulation import PROJECT_ROOT, flwr_run
 from deploy.reference_probe import centralised_probe
 from server.run_folder import write_json_atomic
@@ -57,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
     if summary.get("stopped"):
         print(f"\nThe run stopped early: {summary['stopped']}", file=sys.stderr)
         return 1
-    if not args.no_reference and config.dataset == "elpv":
+    if not args.no_reference and config.dataset == DatasetKind.ELPV:
         print("\nCentralised reference probe on the same training embeddings (experimenter's view)...")
         probe = centralised_probe(config, args.clients)
         summary["reference"] = {"centralised_probe": asdict(probe)}

@@ -157,7 +157,7 @@ class Checkpoint:
             )
         if strategy != self.strategy:
             raise CheckpointError(
-                f"The checkpoint was made by strategy {self.strategy!r}, this run asks for {strategy!r}; its state "
+                f"The checkpoint was made by strategy '{self.strategy}', this run asks for '{strategy}'; its state "
                 f"cannot carry over. Resume with strategy='{self.strategy}'."
             )
 

@@ -20,6 +20,7 @@ from flwr.app import Message
 from flwr.serverapp import Grid
 
 from common.flower_glue import LOST_REPLY_CODES, answer_to
+from common.kinds import EventKind
 
 OVERDUE_FACTOR = 3.0  # a node's deadline: this many times its slowest reply so far ...
 OVERDUE_MIN_SECONDS = 30.0  # ... and never less than this (a ClientApp process starts per message)
@@ -94,7 +95,11 @@ class Delivery:
             self.slowest[node] = max(self.slowest.get(node, 0.0), time.monotonic() - item.last_sent)
         if item.resends:
             self.on_event(
-                "reply-recovered", round=_round(item.message), node=node, resends=item.resends, error=reply.has_error()
+                EventKind.REPLY_RECOVERED,
+                round=_round(item.message),
+                node=node,
+                resends=item.resends,
+                error=reply.has_error(),
             )
         # The reply answers the node's instruction, whichever copy it came through: screening
         # matches replies to nodes by the first message's id (as Flower itself sets ids on push).
@@ -115,7 +120,7 @@ class Delivery:
         item.resends += 1
         item.last_sent = time.monotonic()
         self.on_event(
-            "message-resent",
+            EventKind.MESSAGE_RESENT,
             round=_round(original),
             phase=original.metadata.message_type.split(".")[0],
             node=node,

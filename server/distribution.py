@@ -15,6 +15,7 @@ from flwr.serverapp import Grid
 from common import protocol
 from common.engines import ENGINE_KINDS, EngineKind
 from common.flower_glue import to_array_record, to_config_record, wire_bytes
+from common.kinds import EventKind
 from common.protocol import BackboneQuery, BackboneStatus, Instructions, ProtocolError
 from server.ledger import RoundTally
 from server.run_folder import RunLog
@@ -67,7 +68,7 @@ class BackboneDistributor:
                 content[protocol.GOLDEN] = self._golden_record()
                 tally.record.backbones_sent += 1
                 self.holders[node] = variant  # optimistic; a failed reply removes it again
-                self.run_log.event("backbone-sent", round=tally.record.round, node=node, engine=kind.name)
+                self.run_log.event(EventKind.BACKBONE_SENT, round=tally.record.round, node=node, engine=kind.name)
             outgoing = Message(content=content, dst_node_id=node, message_type=message.metadata.message_type)
             size = wire_bytes(outgoing)
             tally.record.bytes_down += size
@@ -102,7 +103,7 @@ class BackboneDistributor:
             if answer.fallback and self.fallbacks.get(node) != answer.fallback:
                 log.warning("node %s runs a safer engine after a failed golden check: %s", node, answer.fallback)
                 self.run_log.event(
-                    "engine-fallback",
+                    EventKind.ENGINE_FALLBACK,
                     round=tally.record.round,
                     node=node,
                     engine=answer.engine,

@@ -36,6 +36,7 @@ from flwr.serverapp import GaussianPrivacyEvent, NeighboringRelation, PrivacyCon
 
 from common.clipping import clip_update
 from common.flower_glue import gaussian_noise_std
+from common.kinds import EventKind
 from server.ledger import RoundRecord
 from server.run_folder import RunLog
 
@@ -163,7 +164,7 @@ class PrivateRelease:
         record.dp_noise_multiplier = z
         record.dp_epsilon = epsilon_spent(self.released_noise, self.settings.delta)
         self.run_log.event(
-            "dp-release",
+            EventKind.DP_RELEASE,
             round=server_round,
             accepted=accepted,
             sampled=sampled,

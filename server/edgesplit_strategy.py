@@ -28,6 +28,7 @@ from flwr.serverapp.strategy import Strategy
 
 from common import protocol
 from common.flower_glue import from_array_record, to_array_record
+from common.kinds import EventKind
 from common.protocol import ClassCounts, Phase
 from server.aggregation import make_inner_strategy
 from server.distribution import BackboneDistributor
@@ -129,7 +130,7 @@ class EdgeSplitStrategy(Strategy):
         nodes = [node for node in self.connected(grid) if not self.distributor.knows(node)]
         answered = self.distributor.ask_status(nodes, grid, self.tally) if nodes else 0
         self.run_log.event(
-            "nodes-met", asked=len(nodes), answered=answered, seconds=round(time.perf_counter() - started, 3)
+            EventKind.NODES_MET, asked=len(nodes), answered=answered, seconds=round(time.perf_counter() - started, 3)
         )
 
     def check_setup_errors(self) -> None:
@@ -193,7 +194,7 @@ class EdgeSplitStrategy(Strategy):
                 len(accepted),
                 minimum,
             )
-            self.run_log.event("round-skipped", round=server_round, usable=len(accepted), minimum=minimum)
+            self.run_log.event(EventKind.ROUND_SKIPPED, round=server_round, usable=len(accepted), minimum=minimum)
             return None, None
         # In an order of their content, not of their arrival: float sums depend on the order, and the
         # same updates must give the same head (a re-run, a resumed run, the export check's cache).

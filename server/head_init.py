@@ -24,8 +24,9 @@ from common.balance import class_prior, posthoc_offsets
 from common.config import RunConfig
 from common.fed3r import add_stats, calibrated_temperature, ridge_head_arrays, ridge_scores, solve_lda, solve_ridge
 from common.flower_glue import to_array_record
+from common.kinds import ClassBalance, HeadInit, HeadKind
 from common.numpy_head import layer_names, log_softmax, ncm_head_arrays
-from common.protocol import Phase, QueryAction, RidgeStats
+from common.protocol import Phase, RidgeStats
 from server.edgesplit_strategy import EdgeSplitStrategy
 from server.ledger import RoundRecord
 from server.screening import class_counts_of, class_stats_of, ridge_stats_of
@@ -35,17 +36,12 @@ log = logging.getLogger(__name__)
 
 
 def _ask_all(
-    strategy: EdgeSplitStrategy,
-    run: ServerRun,
-    grid: Grid,
-    head: dict[str, np.ndarray],
-    phase: Phase,
-    action: QueryAction,
+    strategy: EdgeSplitStrategy, run: ServerRun, grid: Grid, head: dict[str, np.ndarray], phase: Phase
 ) -> list[Message]:
     """Send the one-shot query, with the run's instructions, to every connected node; the screened
     replies (counted in the initialisation's tally: bytes both ways, backbones sent)."""
     strategy.tally.begin(0)
-    question = ConfigRecord({**run.instructions(0, phase).to_record(), protocol.ACTION: action.value})
+    question = ConfigRecord({**run.instructions(0, phase).to_record(), protocol.ACTION: phase.value})
     arrays = to_array_record(head)
     messages = [
         Message(
@@ -76,7 +72,7 @@ def fedncm_head(
 ) -> dict[str, np.ndarray]:
     """The initial head with its classifier set from the nodes' class sums (``head`` if none came)."""
     started = time.perf_counter()
-    accepted = _ask_all(strategy, run, grid, head, Phase.CLASS_SUMS, QueryAction.CLASS_SUMS)
+    accepted = _ask_all(strategy, run, grid, head, Phase.CLASS_SUMS)
     stats = [class_stats_of(reply) for reply in accepted]
     counts, known = np.zeros(len(run.classes)), list[int]()
     if stats:
@@ -88,7 +84,7 @@ def fedncm_head(
         run,
         strategy.tally.record,
         started,
-        method="ncm",
+        method=HeadInit.NCM,
         nodes=len(accepted),
         classes_set=known,
         class_counts=counts.astype(int).tolist(),
@@ -102,7 +98,7 @@ def federated_class_counts(
     """Class balance without FedNCM's or Fed3R's statistics: one counts-only query (labels only,
     no image embedded) gives the run its class prior."""
     started = time.perf_counter()
-    accepted = _ask_all(strategy, run, grid, head, Phase.CLASS_COUNTS, QueryAction.CLASS_COUNTS)
+    accepted = _ask_all(strategy, run, grid, head, Phase.CLASS_COUNTS)
     counts = np.sum([class_counts_of(reply) for reply in accepted], axis=0) if accepted else None
     if counts is None:
         log.warning("class balance: no usable class counts arrived; training is not balanced")
@@ -111,7 +107,7 @@ def federated_class_counts(
         run,
         strategy.tally.record,
         started,
-        method="random",
+        method=HeadInit.RANDOM,
         nodes=len(accepted),
         class_counts=counts.astype(int).tolist(),
     )
@@ -127,7 +123,7 @@ def fed3r_head(
     is adjusted by the federation's class prior."""
     started = time.perf_counter()
     method = run.config.head_init
-    accepted = _ask_all(strategy, run, grid, head, Phase.RIDGE_SUMS, QueryAction.RIDGE_SUMS)
+    accepted = _ask_all(strategy, run, grid, head, Phase.RIDGE_SUMS)
     if not accepted:
         log.warning("%s: no usable ridge statistics arrived; the head starts random", method)
         no_classes = [0] * len(run.classes)
@@ -159,10 +155,10 @@ def fed3r_head(
 class ClosedFormSettings:
     """The run-config keys a closed-form head is solved with (``closed_form_head``)."""
 
-    head: str  # the head kind: which of its layers is the last
+    head: HeadKind  # which of its layers is the last
     fed3r_lambda: float
     lda_shrinkage: float
-    class_balance: str
+    class_balance: ClassBalance
     logit_adjust_tau: float
     average_views: bool  # the held-out calibration scores the views' mean, as the server does
 
@@ -180,7 +176,7 @@ class ClosedFormSettings:
 
 def closed_form_head(
     settings: ClosedFormSettings,
-    method: str,
+    method: HeadInit,
     head: dict[str, np.ndarray],
     stats: RidgeStats,
     last_inputs: Callable[[np.ndarray], np.ndarray],
@@ -191,7 +187,7 @@ def closed_form_head(
     ``method`` ('fed3r': ridge, its temperature calibrated on the held-out features the last
     layer's inputs ``last_inputs`` map; 'lda': shrinkage LDA, no temperature), its bias adjusted
     by the statistics' class prior under the settings' class balance; and what was solved with."""
-    if method == "lda":
+    if method == HeadInit.LDA:
         weight, bias = solve_lda(stats, settings.lda_shrinkage)
         temperature, solved = 1.0, {"shrinkage": settings.lda_shrinkage}
     else:

@@ -19,6 +19,7 @@ from common.backbones import build_backbone
 from common.config import RunConfig
 from common.engines import ONNX_ENGINES
 from common.export import export_model
+from common.kinds import DatasetKind, EventKind
 from common.metrics import precision_recall_curve, recall_at_precision
 from common.split import split_backbone
 from server.ledger import RoundRecord, human_bytes
@@ -72,7 +73,9 @@ def finish(run: ServerRun, final_arrays: dict[str, np.ndarray], stopped: str | N
         "stopped": stopped,
     }
     run.run_log.write_summary(summary)
-    run.run_log.event("run-end", final_accuracy=report.accuracy, final_macro_f1=report.macro_f1, stopped=stopped)
+    run.run_log.event(
+        EventKind.RUN_END, final_accuracy=report.accuracy, final_macro_f1=report.macro_f1, stopped=stopped
+    )
     try:
         log.info("Report: %s", write_report(run.run_log.run_dir))
     except Exception as error:  # like the export: a convenience on top of a finished run
@@ -147,9 +150,9 @@ def export(run: ServerRun, arrays: dict[str, np.ndarray]) -> Path | None:
         )
     except Exception as error:  # the export is a convenience on top of a finished run
         log.error("Exporting the model failed (%s: %s); the run's results stand.", type(error).__name__, error)
-        run.run_log.event("export-failed", reason=f"{type(error).__name__}: {error}")
+        run.run_log.event(EventKind.EXPORT_FAILED, reason=f"{type(error).__name__}: {error}")
         return None
-    run.run_log.event("model-exported", files={form: path.name for form, path in written.items()})
+    run.run_log.event(EventKind.MODEL_EXPORTED, files={form: path.name for form, path in written.items()})
     log.info("Deployable model: %s (classify images with: edgesplit predict %s <folder>)", directory, directory)
     return directory
 
@@ -180,7 +183,7 @@ def operating_points(run: ServerRun, arrays: dict[str, np.ndarray]) -> list[dict
         probabilities,
         run.test.labels,
         run.classes,
-        elpv=config.dataset == "elpv",
+        elpv=config.dataset == DatasetKind.ELPV,
         named=config.operating_class_list(),
     )
     for name, scores, positive in questions:
@@ -224,7 +227,7 @@ def check_export(config: RunConfig, run_log: RunLog, model_dir: Path, run_accura
     gap = 100 * (accuracy - run_accuracy)
     check = {"form": form, "accuracy": accuracy, "run_accuracy": run_accuracy, "gap_points": round(gap, 4)}
     check["ok"] = bool(abs(gap) <= EXPORT_GAP_POINTS)
-    run_log.event("export-checked", **check)
+    run_log.event(EventKind.EXPORT_CHECKED, **check)
     if not check["ok"]:
         log.warning(
             "!!! The exported model (%s) scores %.4f on the server's held-out images, %.2f points from the "

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 from flwr.serverapp import Grid
 
-from common.config import FROM_RIDGE_SUMS, RunConfig, check_simulated_split
+from common.config import RunConfig, check_simulated_split
 from common.data import DataError
 from common.flower_glue import (
     from_array_record,
@@ -21,6 +21,7 @@ from common.flower_glue import (
     to_array_record,
     to_config_record,
 )
+from common.kinds import FROM_RIDGE_SUMS, ClassBalance, DatasetKind, EventKind, HeadInit
 from common.protocol import Phase
 from server.checkpoint import Checkpoint, random_state_from_json, random_state_to_json
 from server.edgesplit_strategy import EdgeSplitStrategy
@@ -51,15 +52,15 @@ class RoundLoop:
                 random.setstate(random_state_from_json(self.run.checkpoint.random_state))
         else:
             random.seed(config.seed)  # Flower samples nodes with Python's global RNG
-            if config.head_init == "ncm":
+            if config.head_init == HeadInit.NCM:
                 self.global_head = fedncm_head(self.strategy, self.run, grid, self.global_head)
             elif config.head_init in FROM_RIDGE_SUMS:
                 self.global_head = fed3r_head(self.strategy, self.run, grid, self.global_head)
-            elif config.class_balance != "none" or config.local_prior_correction:
+            elif config.class_balance != ClassBalance.NONE or config.local_prior_correction:
                 federated_class_counts(self.strategy, self.run, grid, self.global_head)
             report = self.run.evaluate(self.global_head)
             self.run.run_log.event(
-                "initial-evaluation",
+                EventKind.INITIAL_EVALUATION,
                 accuracy=report.accuracy,
                 macro_f1=report.macro_f1,
                 balanced_accuracy=report.balanced_accuracy,
@@ -88,7 +89,7 @@ class RoundLoop:
             if aggregated is not None:
                 return from_array_record(aggregated)
             if attempt < config.round_retries:
-                self.run.run_log.event("round-retry", round=server_round, attempt=attempt + 2)
+                self.run.run_log.event(EventKind.ROUND_RETRY, round=server_round, attempt=attempt + 2)
                 log.warning(
                     "round %d: retrying (attempt %d of %d)", server_round, attempt + 2, 1 + config.round_retries
                 )
@@ -123,7 +124,7 @@ class RoundLoop:
             rounds=[asdict(r) for r in run.rounds],
             totals={**run.embedding.totals(), "class_counts": list(run.class_counts)},
         ).save(run.run_log.run_dir)
-        run.run_log.event("checkpoint", round=server_round)
+        run.run_log.event(EventKind.CHECKPOINT, round=server_round)
 
 
 def check_start(config: RunConfig, num_nodes: int) -> None:
@@ -132,7 +133,7 @@ def check_start(config: RunConfig, num_nodes: int) -> None:
     the connected nodes as configured, and whether enough nodes of a simulated folder dataset have
     their folder to reach min-clients."""
     try:
-        if config.dataset == "elpv":
+        if config.dataset == DatasetKind.ELPV:
             check_simulated_split(config, num_nodes)
         elif config.data_dir:
             root = Path(config.data_dir).expanduser()

@@ -17,6 +17,8 @@ from typing import Any
 
 import numpy as np
 
+from common.kinds import EventKind
+
 log = logging.getLogger(__name__)
 
 # The numbers of a round-end event: mirrored into TensorBoard (tag "round/<key>"), and plotted by
@@ -72,13 +74,13 @@ class RunLog:
     def write_config(self, document: dict[str, Any]) -> None:
         write_json_atomic(self.run_dir / "config.json", document)
 
-    def event(self, kind: str, **fields: Any) -> None:
+    def event(self, kind: EventKind, **fields: Any) -> None:
         if "node" in fields and fields["node"] in self.board_names:
             fields["board"] = self.board_names[fields["node"]]
         line = json.dumps(_jsonable({"time": round(time.time(), 3), "event": kind, **fields}))
         with self._lock:
             self._events.write(line + "\n")
-            if kind == "round-end":
+            if kind == EventKind.ROUND_END:
                 self._scalars(fields)
 
     def _scalars(self, fields: dict[str, Any]) -> None:

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from common import protocol
+from common.kinds import EventKind
 from common.protocol import Phase
 from server.run_folder import ROUND_NUMBERS
 
@@ -113,20 +114,20 @@ class RunView:
 
     def _apply(self, event: dict[str, Any]) -> None:
         kind, time = event.get("event"), float(event.get("time", 0.0))
-        if kind == "run-start":
+        if kind == EventKind.RUN_START:
             self.started = event
-        elif kind == "run-resumed":
+        elif kind == EventKind.RUN_RESUMED:
             # A restarted server goes on after its checkpoint: rounds logged past it were redone.
             self.started, self.ended, self.stopped = event, False, None
             self.rounds = [r for r in self.rounds if int(r.get("round", 0)) <= int(event.get("from_round", 0))]
-        elif kind == "round-end":
+        elif kind == EventKind.ROUND_END:
             self.rounds.append(event)
-        elif kind == "run-end":
+        elif kind == EventKind.RUN_END:
             self.ended, self.stopped = True, event.get("stopped")
-        elif kind in ("client-reply", "client-failed", "client-rejected"):
-            self._apply_client(kind, event, time)
+        elif kind in (EventKind.CLIENT_REPLY, EventKind.CLIENT_FAILED, EventKind.CLIENT_REJECTED):
+            self._apply_client(EventKind(kind), event, time)
 
-    def _apply_client(self, kind: str, event: dict[str, Any], time: float) -> None:
+    def _apply_client(self, kind: EventKind, event: dict[str, Any], time: float) -> None:
         node, server_round, phase = int(event["node"]), int(event.get("round", 0)), event.get("phase", "")
         row = self.clients.setdefault(node, ClientRow(node))
         row.last_seen = max(row.last_seen, time)
@@ -135,7 +136,7 @@ class RunView:
         cosine = event.get("golden_cosine")
         if isinstance(cosine, int | float) and cosine >= 0:
             row.golden_cosine = float(cosine)
-        if kind == "client-reply":
+        if kind == EventKind.CLIENT_REPLY:
             metrics = event.get("metrics", {})
             row.bytes_up += int(_bounded(event.get("bytes", 0), protocol.COUNT_LIMIT) or 0)
             row.bytes_down += int(_bounded(event.get("bytes_down", 0), protocol.COUNT_LIMIT) or 0)
@@ -158,14 +159,15 @@ class RunView:
                 self._cell(server_round, node, "ok", row.train_seconds + embed_seconds)
             return
         reason = str(event.get("reason", ""))
-        if kind == "client-failed":
+        if kind == EventKind.CLIENT_FAILED:
             row.failures += 1
         else:
             row.rejected += 1
         row.last_problem = f"round {server_round} {phase}: {reason}"
-        self.problems.append({"round": server_round, "node": str(node), "phase": phase, "kind": kind, "reason": reason})
+        problem = {"round": server_round, "node": str(node), "phase": phase, "kind": kind.value, "reason": reason}
+        self.problems.append(problem)
         if phase == Phase.TRAIN:
-            self._cell(server_round, node, "failed" if kind == "client-failed" else "rejected", 0.0, reason)
+            self._cell(server_round, node, "failed" if kind == EventKind.CLIENT_FAILED else "rejected", 0.0, reason)
 
     def _cell(self, server_round: int, node: int, status: str, seconds: float, reason: str = "") -> None:
         self.timeline.setdefault(server_round, {})[node] = {"status": status, "seconds": seconds, "reason": reason}

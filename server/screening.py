@@ -22,6 +22,7 @@ from flwr.app import Message, MetricRecord, RecordDict
 from common import protocol
 from common.config import RunConfig
 from common.flower_glue import from_array_record, wire_bytes
+from common.kinds import EventKind
 from common.protocol import ClassCounts, ClassStats, Phase, ProtocolError, ReplyStatus, RidgeStats
 from server.dp import WEIGHT_KEY as DP_WEIGHT_KEY
 from server.ledger import EmbeddingLedger, RoundTally
@@ -193,7 +194,9 @@ class ReplyScreen:
         for candidate in candidates:
             if candidate.node not in flagged:
                 self._accept(candidate, phase, tally, norms.get(candidate.node), byte_counts.get(candidate.node, 0))
-                candidate.reply.content = self._for_strategy(phase, candidate.reply.content)
+                candidate.reply.content = for_strategy(
+                    phase, candidate.reply.content, self.expected.personal_scores, self.bounds.dp
+                )
                 result.accepted.append(candidate.reply)
         return result
 
@@ -208,11 +211,11 @@ class ReplyScreen:
     ) -> _Candidate | None:
         """One reply: counted, decoded once and checked; the candidate if it may be used."""
         if reply.has_error():
-            reason = str(reply.error.reason) or f"an error reply (code {reply.error.code}) that gives no reason"
+            said = str(reply.error.reason) or f"an error reply (code {reply.error.code}) that gives no reason"
             if reply.error.code == protocol.SETUP_ERROR_CODE:
-                self._setup_error(node, phase, reason, tally, result)
+                self._setup_error(node, phase, said, tally, result)
             else:
-                self._fail(node, phase, reason, tally, result)
+                self._fail(node, phase, said, tally, result)
             return None
         self.setup_errors.pop(node, None)
         size = wire_bytes(reply)
@@ -223,7 +226,7 @@ class ReplyScreen:
         arrays, unreadable = decode_arrays(reply.content)
         if status is not None:
             reason = (
-                self._golden_reason(status)
+                golden_reason(status, self.bounds.golden_min_cosine)
                 or unreadable
                 or self._reject_reason(reply, arrays, phase, node, status, start_head)
             )
@@ -256,7 +259,7 @@ class ReplyScreen:
             tally.record.clients_failed += 1
         extra = {"setup_error": True} if setup_error else {}
         self.run_log.event(
-            "client-failed", round=tally.record.round, phase=phase.value, node=node, reason=reason, **extra
+            EventKind.CLIENT_FAILED, round=tally.record.round, phase=phase.value, node=node, reason=reason, **extra
         )
         log.warning("node %s failed in %s: %s", node, phase.value, reason)
 
@@ -276,38 +279,15 @@ class ReplyScreen:
             tally.record.clients_rejected += 1
         extra = {key: value for key, value in extra.items() if value is not None}
         self.run_log.event(
-            "client-rejected", round=tally.record.round, phase=phase.value, node=node, reason=reason, **extra
+            EventKind.CLIENT_REJECTED, round=tally.record.round, phase=phase.value, node=node, reason=reason, **extra
         )
         log.warning("node %s: %s reply rejected: %s", node, phase.value, reason)
-
-    def _averaged(self, phase: Phase) -> tuple[str, ...]:
-        personal = tuple(PERSONAL) if phase is Phase.EVALUATE and self.expected.personal_scores else ()
-        return AVERAGED[phase] + personal
-
-    def _for_strategy(self, phase: Phase, content: RecordDict) -> RecordDict:
-        """What a Flower strategy may see of an accepted reply: its one array record, and one
-        metric record with exactly the averaged keys (``AVERAGED``, ``PERSONAL``)."""
-        metrics = content.metric_records[protocol.METRICS]
-        averaged: dict[str, int | float | list[int] | list[float]] = {
-            key: number(metrics.get(key))
-            for key in AVERAGED[phase]  # checked: finite numbers
-        }
-        for key in self._averaged(phase)[len(AVERAGED[phase]) :]:
-            averaged[key] = number(metrics.get(key) if is_number(metrics.get(key)) else metrics.get(PERSONAL[key]))
-        averaged[protocol.NUM_EXAMPLES] = int(number(averaged[protocol.NUM_EXAMPLES]))
-        if self.bounds.dp:  # what the strategy weighs by in a DP run: updates equally, scores by examples
-            averaged[DP_WEIGHT_KEY] = 1 if phase is Phase.TRAIN else averaged[protocol.NUM_EXAMPLES]
-        normalised = RecordDict({protocol.METRICS: MetricRecord(averaged)})
-        for name in (protocol.ARRAYS, *(record for record, _ in self.statistics.values())):
-            if name in content.array_records:
-                normalised[name] = content.array_records[name]
-        return normalised
 
     def _accept(self, c: _Candidate, phase: Phase, tally: RoundTally, norm: float | None, bytes_down: int) -> None:
         # The event keeps every number the node reported (telemetry included), finite ones only.
         metrics: dict[str, Any] = {k: v for k, v in c.reply.content[protocol.METRICS].items() if is_number(v)}
         self.run_log.event(
-            "client-reply",
+            EventKind.CLIENT_REPLY,
             round=tally.record.round,
             phase=phase.value,
             node=c.node,
@@ -337,17 +317,6 @@ class ReplyScreen:
             "fallback": status.fallback,
             "refused": refused,
         }
-
-    def _golden_reason(self, status: ReplyStatus) -> str | None:
-        """Why a node's features cannot be averaged in: its engine failed the golden check (it says
-        so itself, or its cosine is below this run's minimum)."""
-        minimum = self.bounds.golden_min_cosine
-        if status.fallback or 0 <= status.golden_cosine < minimum:
-            return (
-                f"golden check failed: engine {status.engine} at mean cosine {status.golden_cosine:.4f} to the "
-                f"server's features (golden-min-cosine {minimum:g}); {status.fallback or 'refused'}"
-            )
-        return None
 
     def _reject_reason(
         self,
@@ -390,6 +359,39 @@ class ReplyScreen:
             embedded=phase is not Phase.CLASS_COUNTS,  # labels only: nothing embedded to bound the count by
             start=start_head,
         )
+
+
+def golden_reason(status: ReplyStatus, minimum: float) -> str | None:
+    """Why a node's features cannot be averaged in: its engine failed the golden check (it says
+    so itself, or its cosine is below the run's ``minimum``)."""
+    if status.fallback or 0 <= status.golden_cosine < minimum:
+        return (
+            f"golden check failed: engine {status.engine} at mean cosine {status.golden_cosine:.4f} to the "
+            f"server's features (golden-min-cosine {minimum:g}); {status.fallback or 'refused'}"
+        )
+    return None
+
+
+def for_strategy(phase: Phase, content: RecordDict, personal_scores: bool, dp: bool) -> RecordDict:
+    """What a Flower strategy may see of an accepted reply: its one array record, and one metric
+    record with exactly the averaged keys (``AVERAGED``, and ``PERSONAL`` where the run scores
+    personal heads); in a DP run, the weight the strategy averages by."""
+    metrics = content.metric_records[protocol.METRICS]
+    averaged: dict[str, int | float | list[int] | list[float]] = {
+        key: number(metrics.get(key))
+        for key in AVERAGED[phase]  # checked: finite numbers
+    }
+    if phase is Phase.EVALUATE and personal_scores:
+        for key, fallback in PERSONAL.items():
+            averaged[key] = number(metrics.get(key) if is_number(metrics.get(key)) else metrics.get(fallback))
+    averaged[protocol.NUM_EXAMPLES] = int(number(averaged[protocol.NUM_EXAMPLES]))
+    if dp:  # updates weigh equally, scores by examples
+        averaged[DP_WEIGHT_KEY] = 1 if phase is Phase.TRAIN else averaged[protocol.NUM_EXAMPLES]
+    normalised = RecordDict({protocol.METRICS: MetricRecord(averaged)})
+    for name in (protocol.ARRAYS, protocol.CLASS_STATS, protocol.RIDGE_STATS, protocol.CLASS_COUNTS):
+        if name in content.array_records:
+            normalised[name] = content.array_records[name]
+    return normalised
 
 
 def update_norms(candidates: list[_Candidate], start: dict[str, np.ndarray] | None) -> dict[int, float]:

@@ -31,6 +31,7 @@ from common.embedding import Embedded, EmbeddingCache, embed_files, progress_log
 from common.engines import EngineKind, resolve_engine
 from common.export import calibration_images
 from common.heads import Head, load_head_arrays
+from common.kinds import DatasetKind, EventKind, HeadKind, StrategyName
 from common.metrics import ClassificationReport
 from common.preprocess import PreprocessSpec
 from common.protocol import ClassStats, Instructions, Phase, RidgeStats
@@ -110,7 +111,7 @@ class ServerRun:
         if checkpoint is not None:
             run.resume_from(checkpoint)
         run_log.event(
-            "run-resumed" if checkpoint else "run-start",
+            EventKind.RUN_RESUMED if checkpoint else EventKind.RUN_START,
             **({"from_round": checkpoint.round} if checkpoint else {}),
             backbone=spec.name,
             fingerprint=fp,
@@ -159,7 +160,7 @@ class ServerRun:
             views=config.view_names(),
             num_classes=len(self.classes),
             learning_rate=rate,
-            proximal_mu=config.proximal_mu if config.strategy == "fedprox" else 0.0,
+            proximal_mu=config.proximal_mu if config.strategy == StrategyName.FEDPROX else 0.0,
             class_prior=self.class_prior(),
         )
 
@@ -172,7 +173,7 @@ class ServerRun:
 
     def ridge_stats_shapes(self) -> dict[str, tuple[int, ...]]:
         """Fed3R's statistics of what the last layer sees: the features, or the MLP's hidden units."""
-        dim = self.spec.feature_dim if self.config.head == "linear" else self.config.mlp_hidden
+        dim = self.spec.feature_dim if self.config.head == HeadKind.LINEAR else self.config.mlp_hidden
         return RidgeStats.shapes(len(self.classes), dim)
 
     def initial_head(self) -> dict[str, np.ndarray]:
@@ -222,7 +223,7 @@ class ServerRun:
         self.initialisation = facts
         if sum(facts.get("class_counts", ())) > 0:
             self.class_counts = tuple(int(c) for c in facts["class_counts"])
-        self.run_log.event("head-initialised", **facts)
+        self.run_log.event(EventKind.HEAD_INITIALISED, **facts)
         log.info(
             "head initialised by %s from %d node(s): classes %s set, %s down, %s up",
             facts.get("method"),
@@ -238,7 +239,7 @@ class ServerRun:
         self.rounds.append(record)
         self.final_report = report
         self.run_log.event(
-            "round-end",
+            EventKind.ROUND_END,
             **asdict(record),
             per_class_recall=report.per_class_recall,
             confusion_matrix=report.confusion_matrix,
@@ -349,7 +350,7 @@ def backbone_variants(
 
 def server_test_files(config: RunConfig) -> LabelledFiles:
     """The server's own labelled held-out images."""
-    if config.dataset == "folder":
+    if config.dataset == DatasetKind.FOLDER:
         files = scan_image_folder(config.server_test_dir, config.classes())
         counts = np.bincount(np.asarray(files.labels, dtype=int), minlength=len(config.classes()))
         absent = [name for name, count in zip(config.classes(), counts, strict=True) if count == 0]

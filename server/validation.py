@@ -130,6 +130,18 @@ def reject_reason(
     reason = examples_reject_reason(metrics, max_examples, examples_before, embedded)
     if reason is not None or expected_shapes is None:
         return reason
+    return head_reject_reason(arrays, expected_shapes, max_norm, start)
+
+
+def head_reject_reason(
+    arrays: Mapping[str, np.ndarray] | None,
+    expected_shapes: Mapping[str, tuple[int, ...]],
+    max_norm: float,
+    start: Mapping[str, np.ndarray] | None = None,
+) -> str | None:
+    """Why a train reply's head arrays cannot be averaged in, or None: exactly the head's names,
+    float32, its shapes, finite, and no array's norm more than ``max_norm`` above the round's
+    starting head's (``start``)."""
     if arrays is None:
         return "reply carries no head arrays"
     if set(arrays) != set(expected_shapes):

@@ -63,7 +63,7 @@ class BackboneVariants:
         """The ONNX file of an ONNX engine's variant, made if this server has not made it yet."""
         kind = engine_kind(kind) if isinstance(kind, str) else kind
         if not isinstance(kind, OnnxKind):
-            raise ValueError(f"No ONNX variant for engine {kind.name!r}; ONNX engines: {list(ONNX_ENGINES)}.")
+            raise ValueError(f"No ONNX variant for engine '{kind.name}'; ONNX engines: {list(ONNX_ENGINES)}.")
         with self._lock:
             return self._ensure(kind)
 

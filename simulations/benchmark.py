@@ -23,7 +23,9 @@ import torch
 from common.backbones import build_backbone, get_spec, load_backbone_weights
 from common.config import RunConfig
 from common.data import load_elpv
+from common.kinds import EventKind
 from common.preprocess import decode_image
+from common.protocol import Phase
 from deploy.local_simulation import PROJECT_ROOT, flwr_run
 from deploy.reference_probe import centralised_probe
 
@@ -57,7 +59,7 @@ def federation(cache: Path, runs: Path, name: str, clients: int) -> dict[str, An
         raise RuntimeError(result.stdout[-3000:])
     summary = json.loads((runs / name / "summary.json").read_text())
     events = [json.loads(line) for line in (runs / name / "events.jsonl").read_text().splitlines()]
-    replies = [e for e in events if e["event"] == "client-reply" and e["phase"] == "train"]
+    replies = [e for e in events if e["event"] == EventKind.CLIENT_REPLY and e["phase"] == Phase.TRAIN]
     # Every reply repeats the embedding it used: count each node's first.
     first = {e["node"]: e for e in reversed(replies)}
     summary["client_embed_seconds"] = sum(e["metrics"].get("embed-seconds", 0.0) for e in first.values())

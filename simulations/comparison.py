@@ -28,6 +28,8 @@ import numpy as np
 import torch
 
 from common.config import RunConfig
+from common.kinds import EventKind
+from common.protocol import Phase
 from deploy.local_simulation import PROJECT_ROOT, flwr_run_results
 from deploy.reference_probe import centralised_probe
 from simulations.benchmark import markdown_table, save_figure, update_section
@@ -70,7 +72,7 @@ def edgesplit_run(
 ) -> tuple[Curve, dict[str, Any]]:
     """One edgesplit federation through Flower; its curve from summary.json and events.jsonl."""
     summary, events = flwr_run_results(tmp, name, {"cache-dir": str(tmp / "cache"), **overrides}, clients)
-    train = [e for e in events if e["event"] == "client-reply" and e["phase"] == "train"]
+    train = [e for e in events if e["event"] == EventKind.CLIENT_REPLY and e["phase"] == Phase.TRAIN]
     rounds = summary["rounds"]
     seconds = [
         float(np.mean([e["metrics"]["train-seconds"] for e in train if e["round"] == r["round"]])) for r in rounds

@@ -40,9 +40,10 @@ def pack(folder: Path = PACK) -> None:
 
     from common.backbones import load_backbone_weights
     from common.data import elpv_split, partition
+    from common.kinds import ElpvTask, Partitioner
 
     folder.mkdir(exist_ok=True)
-    rest, test = elpv_split("4-level", 0, 0.25, 42)
+    rest, test = elpv_split(ElpvTask.FOUR_LEVEL, 0, 0.25, 42)
     blobs, labels, split = [], [], []
     for files, part in ((rest, 0), (test, 1)):
         for path, label in zip(files.paths, files.labels, strict=True):
@@ -55,7 +56,7 @@ def pack(folder: Path = PACK) -> None:
     owner = np.full(len(rest), -1)
     index = {path: i for i, path in enumerate(rest.paths)}
     for client in range(10):
-        for path in partition(rest, 10, client, "dirichlet", 42, 0.3).paths:
+        for path in partition(rest, 10, client, Partitioner.DIRICHLET, 42, 0.3).paths:
             owner[index[path]] = client
     np.savez(
         folder / "elpv224.npz",

@@ -41,18 +41,19 @@ from typing import Any
 
 import numpy as np
 
+from common.kinds import EngineName
 from deploy.local_simulation import PROJECT_ROOT, run_child
 
 COMMAND = "python -m simulations.engines"
 TITLE = "Backbone engines: throughput, memory and probe accuracy on this CPU"
 ENGINE_ROWS = {  # row name -> (engine, channels_last, int8 weights, exact int8 kernels)
-    "torch eager (NCHW)": ("torch", False, "", True),
-    "torch (channels_last)": ("torch", True, "", True),
-    "onnx (ONNX Runtime fp32)": ("onnx", False, "", True),
-    "onnx-int8, exact kernels (the engine on x86 without VNNI)": ("onnx-int8", False, "s8", True),
-    "onnx-int8, fast u8s8 kernels (the engine on VNNI, ARM)": ("onnx-int8", False, "s8", False),
-    "int8 s7 weights (reduce_range)": ("onnx-int8", False, "s7", True),
-    "int8 u8 weights (U8U8)": ("onnx-int8", False, "u8", True),
+    "torch eager (NCHW)": (EngineName.TORCH, False, "", True),
+    "torch (channels_last)": (EngineName.TORCH, True, "", True),
+    "onnx (ONNX Runtime fp32)": (EngineName.ONNX, False, "", True),
+    "onnx-int8, exact kernels (the engine on x86 without VNNI)": (EngineName.ONNX_INT8, False, "s8", True),
+    "onnx-int8, fast u8s8 kernels (the engine on VNNI, ARM)": (EngineName.ONNX_INT8, False, "s8", False),
+    "int8 s7 weights (reduce_range)": (EngineName.ONNX_INT8, False, "s7", True),
+    "int8 u8 weights (U8U8)": (EngineName.ONNX_INT8, False, "u8", True),
 }
 INT8_FLAGS = ("avx2", "fma", "avx512f", "avx512bw", "avx512_vnni", "avx_vnni", "amx_int8", "asimddot", "i8mm")
 EMULATED_CPU = "Haswell"  # AVX2 + FMA, no AVX-512, no VNNI: the class whose u8s8 kernels saturate
@@ -84,7 +85,7 @@ def child(setup: dict[str, Any]) -> dict[str, Any]:
     from common.engines import OnnxEngine
 
     threads = int(setup["threads"])
-    if setup["engine"] == "torch":
+    if setup["engine"] == EngineName.TORCH:
         import torch
 
         from common.backbones import build_backbone
@@ -201,6 +202,7 @@ def main(argv: list[str] | None = None) -> int:
     from common.engines import int8_kernels_saturate
     from common.export import calibration_images, quantize_int8
     from common.heads import PowerNorm
+    from common.kinds import ElpvTask
     from common.logs import quiet_root_logger
     from common.preprocess import decode_image
     from deploy.reference_probe import _fit
@@ -210,7 +212,7 @@ def main(argv: list[str] | None = None) -> int:
     name = "efficientnet_lite0"
     state = load_backbone_weights(name)
     preprocess = preprocess_for(name, 224, 1.0)
-    train, test = elpv_split("4-level", 0, 0.25, 42)  # the runs' split: clients' 75%, server's 25%
+    train, test = elpv_split(ElpvTask.FOUR_LEVEL, 0, 0.25, 42)  # the runs' split: clients' 75%, server's 25%
     everything = train.paths + test.paths
     results: dict[str, dict[str, Any]] = {}
     with tempfile.TemporaryDirectory(prefix="edgesplit-engines-") as tmp:
@@ -237,14 +239,15 @@ def main(argv: list[str] | None = None) -> int:
             fingerprint(name, state, preprocess),
             calibration=lambda: calibration_images(test, preprocess),
         )
-        models = {"onnx": str(variants.path("onnx")), "s8": str(variants.path("onnx-int8"))}
+        fp32 = variants.path(EngineName.ONNX)
+        models = {EngineName.ONNX.value: str(fp32), "s8": str(variants.path(EngineName.ONNX_INT8))}
         making_seconds = time.perf_counter() - started
         float_convs = get_spec(name).int8_float_convs  # as the engine's: stem and first block in float
         for weights in ("s7", "u8"):  # the other int8 candidates, calibrated on the same images
             models[weights] = str(work / f"int8-{weights}.onnx")
             calibration = calibration_images(test, preprocess)
             with quiet_root_logger():  # the quantizer logs every rescaled channel
-                quantize_int8(variants.path("onnx"), Path(models[weights]), calibration, float_convs, weights=weights)
+                quantize_int8(fp32, Path(models[weights]), calibration, float_convs, weights=weights)
         sizes = {engine: Path(path).stat().st_size / 1e6 for engine, path in models.items()}
         launcher = emulator() if args.emulate else []
         for index, (row, (engine, channels_last, weights, exact)) in enumerate(ENGINE_ROWS.items()):
@@ -266,7 +269,7 @@ def main(argv: list[str] | None = None) -> int:
             results[row] = run_child("simulations.engines", setup)
             if row != REFERENCE_ROW:
                 results[row]["features"] = np.load(features_path)
-            if launcher and engine != "torch":  # torch under emulation: slow, and not the question
+            if launcher and engine != EngineName.TORCH:  # torch under emulation: slow, and not the question
                 print(f"  ... and under qemu -cpu {EMULATED_CPU} on {len(emulated)} images", flush=True)
                 setup.update(speed=False, images=str(work / "emulated.npy"), features=str(features_path))
                 run_child("simulations.engines", setup, launcher=launcher)

@@ -17,6 +17,9 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from common.kinds import EventKind
+from common.protocol import Phase
+
 # Fine-tuning after Fed3R (simulations/fed3r_sweep.py's GENTLE, as run-config keys): one epoch
 # per round at a tenth of the default rate, each client correcting for its own label shares.
 GENTLE = {"local-epochs": 1, "learning-rate": 0.003, "local-prior-correction": True}
@@ -67,7 +70,7 @@ def run_variant(tmp: Path, name: str, overrides: dict[str, Any], clients: int) -
     from deploy.local_simulation import flwr_run_results
 
     summary, events = flwr_run_results(tmp, name, {"export-model": False, **overrides}, clients)
-    train = [e for e in events if e["event"] == "client-reply" and e["phase"] == "train"]
+    train = [e for e in events if e["event"] == EventKind.CLIENT_REPLY and e["phase"] == Phase.TRAIN]
     summary["per_round_up"] = sum(e["bytes"] for e in train) / max(len(train), 1)
     return summary
 

@@ -31,7 +31,7 @@ import numpy as np
 from flwr.app import MetricRecord, RecordDict
 
 from common.balance import class_prior, posthoc_offsets, training_offsets
-from common.config import FROM_RIDGE_SUMS, RunConfig
+from common.config import RunConfig
 from common.data import LabelledFiles, partition
 from common.fed3r import (
     add_stats,
@@ -41,6 +41,7 @@ from common.fed3r import (
     ridge_sums,
 )
 from common.flower_glue import aggregate_array_records, from_array_record, to_array_record
+from common.kinds import FROM_RIDGE_SUMS, ClassBalance, HeadInit, HeadKind
 from common.metrics import ClassificationReport
 from common.numpy_head import NumpyHead, initial_arrays, layer_names, ncm_head_arrays
 from common.protocol import RidgeStats
@@ -135,7 +136,7 @@ def shares(labels: np.ndarray, clients: int, config: RunConfig) -> tuple[list[np
     raise RuntimeError(f"no {config.partitioner} split of {len(labels)} examples over {clients} clients in 10 seeds")
 
 
-def evaluate(pool: Pool, kind: str, arrays: dict[str, np.ndarray]) -> ClassificationReport:
+def evaluate(pool: Pool, kind: HeadKind, arrays: dict[str, np.ndarray]) -> ClassificationReport:
     return NumpyHead(kind, arrays).evaluate(pool.test_x, pool.test_y, pool.num_classes, pool.average_views)
 
 
@@ -185,7 +186,7 @@ def federate(
 
 
 def ridge_statistics(
-    pool: Pool, parts: list[np.ndarray], kind: str, start: dict[str, np.ndarray], floor: int
+    pool: Pool, parts: list[np.ndarray], kind: HeadKind, start: dict[str, np.ndarray], floor: int
 ) -> RidgeStats:
     head = NumpyHead(kind, start)
     return add_stats(
@@ -194,7 +195,7 @@ def ridge_statistics(
 
 
 def closed_form_start(
-    pool: Pool, config: RunConfig, method: str, start: dict[str, np.ndarray], stats: RidgeStats
+    pool: Pool, config: RunConfig, method: HeadInit, start: dict[str, np.ndarray], stats: RidgeStats
 ) -> dict[str, np.ndarray]:
     """The server's head from summed statistics (server/head_init.py ``closed_form_head``):
     'fed3r' solves the ridge and calibrates it on the held-out split, 'lda' needs no temperature."""
@@ -224,7 +225,7 @@ def calibrated_head(
 
 
 def ncm_start(pool: Pool, parts: list[np.ndarray], start: dict[str, np.ndarray], floor: int) -> tuple[dict, np.ndarray]:
-    head = NumpyHead("linear", start)
+    head = NumpyHead(HeadKind.LINEAR, start)
     sums = [head.class_sums(pool.train_x[s], pool.train_y[s], pool.num_classes, floor) for s in parts]
     counts = np.sum([c for _, c in sums], axis=0)
     return ncm_head_arrays(start, np.sum([s for s, _ in sums], axis=0), counts)[0], counts
@@ -235,14 +236,14 @@ def centralised_ridge(pool: Pool, config: RunConfig, start: dict[str, np.ndarray
     weight 1/views) on the pooled training features the head sees, scored as the head scores."""
     from sklearn.linear_model import RidgeClassifier
 
-    z = NumpyHead("linear", start).last_inputs(pool.train_x.reshape(-1, pool.train_x.shape[-1]))
+    z = NumpyHead(HeadKind.LINEAR, start).last_inputs(pool.train_x.reshape(-1, pool.train_x.shape[-1]))
     views = pool.train_x.shape[1]
     model = RidgeClassifier(alpha=config.fed3r_lambda, solver="cholesky")
     model.fit(z.astype(np.float64), np.repeat(pool.train_y, views), sample_weight=np.full(len(z), 1 / views))
     # -1/+1 targets: twice the one-hot solution, less 1 on the intercept (the argmax is the same)
     weight, bias = model.coef_ / 2, (model.intercept_ + 1) / 2
     arrays = calibrated_head(pool, config, start, weight, bias, np.bincount(pool.train_y, minlength=pool.num_classes))
-    return evaluate(pool, "linear", arrays)
+    return evaluate(pool, HeadKind.LINEAR, arrays)
 
 
 def centralised_logistic(pool: Pool, seed: int, directory: Path) -> float:
@@ -262,16 +263,18 @@ GENTLE: dict[str, Any] = {"local_epochs": 1, "learning_rate": 0.003, "local_prio
 
 def sweep(pool: Pool, base: RunConfig, rounds: int, clients: int, logistic: float) -> list[tuple[str, ...]]:
     rows: list[tuple[str, ...]] = []
-    start = initial_arrays("linear", pool.train_x.shape[-1], pool.num_classes, seed=base.seed)
+    start = initial_arrays(HeadKind.LINEAR, pool.train_x.shape[-1], pool.num_classes, seed=base.seed)
     ridge = centralised_ridge(pool, base, start).accuracy
     for split, overrides in SPLITS.items():
         # the learning-rate schedule spans the rounds run here
         config = RunConfig.from_flower({**base.to_flower(), **overrides, "num-server-rounds": rounds})
         parts, seed = shares(pool.train_y, clients, config)
-        exact = closed_form_start(pool, config, "fed3r", start, ridge_statistics(pool, parts, "linear", start, 1))
-        floored_stats = ridge_statistics(pool, parts, "linear", start, FLOOR)
-        fed3r = closed_form_start(pool, config, "fed3r", start, floored_stats)
-        lda = closed_form_start(pool, config, "lda", start, floored_stats)
+        exact = closed_form_start(
+            pool, config, HeadInit.FED3R, start, ridge_statistics(pool, parts, HeadKind.LINEAR, start, 1)
+        )
+        floored_stats = ridge_statistics(pool, parts, HeadKind.LINEAR, start, FLOOR)
+        fed3r = closed_form_start(pool, config, HeadInit.FED3R, start, floored_stats)
+        lda = closed_form_start(pool, config, HeadInit.LDA, start, floored_stats)
         ncm, _ = ncm_start(pool, parts, start, FLOOR)
         counts = np.bincount(pool.train_y[np.concatenate(parts)], minlength=pool.num_classes)  # a counts-only query
         corrected = dataclasses.replace(config, local_prior_correction=True)
@@ -292,10 +295,10 @@ def sweep(pool: Pool, base: RunConfig, rounds: int, clients: int, logistic: floa
             (
                 split if seed == config.seed else f"{split} (seed {seed})",
                 *(f"{results[n][0]:.3f} / {results[n][-1]:.3f}" for n in ("random", "random, local prior", "FedNCM")),
-                f"{evaluate(pool, 'linear', exact).accuracy:.4f}",
-                f"{evaluate(pool, 'linear', fed3r).accuracy:.4f} ({dropped} left out)",
+                f"{evaluate(pool, HeadKind.LINEAR, exact).accuracy:.4f}",
+                f"{evaluate(pool, HeadKind.LINEAR, fed3r).accuracy:.4f} ({dropped} left out)",
                 *(f"{results[n][0]:.3f} / {results[n][-1]:.3f}" for n in ("Fed3R+FT", "Fed3R+FT, gentle")),
-                f"{evaluate(pool, 'linear', lda).accuracy:.4f}",
+                f"{evaluate(pool, HeadKind.LINEAR, lda).accuracy:.4f}",
                 f"{results['LDA+FT, gentle'][0]:.3f} / {results['LDA+FT, gentle'][-1]:.3f}",
                 f"{ridge:.4f}",
                 f"{logistic:.3f}",
@@ -322,17 +325,18 @@ COLUMNS = (
 
 
 def explore(pool: Pool, base: RunConfig, rounds: int, clients: int, candidates: list[dict[str, Any]]) -> None:
-    """ELPV default candidates on the default split: accuracy, macro-F1, balanced accuracy."""
+    """ELPV default candidates (run-config keys in snake_case) on the default split: accuracy,
+    macro-F1, balanced accuracy."""
     parts, _ = shares(pool.train_y, clients, base)
     for overrides in candidates:
-        config = dataclasses.replace(base, **overrides)
+        config = RunConfig.from_flower({**base.to_flower(), **{k.replace("_", "-"): v for k, v in overrides.items()}})
         start = initial_arrays(config.head, pool.train_x.shape[-1], pool.num_classes, config.mlp_hidden, config.seed)
         prior = None
         if config.head_init in FROM_RIDGE_SUMS:
             stats = ridge_statistics(pool, parts, config.head, start, FLOOR)
             prior = class_prior(stats.counts)
             start = closed_form_start(pool, config, config.head_init, start, stats)
-        elif config.class_balance != "none" or config.local_prior_correction:
+        elif config.class_balance != ClassBalance.NONE or config.local_prior_correction:
             prior = class_prior(np.bincount(pool.train_y[np.concatenate(parts)], minlength=pool.num_classes))
         reports = [evaluate(pool, config.head, start), *federate(pool, parts, config, start, rounds, prior)]
         last = reports[-1]

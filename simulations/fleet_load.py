@@ -25,6 +25,7 @@ import numpy as np
 from PIL import Image
 
 from common import protocol
+from common.kinds import EventKind
 from deploy.local_fleet import Board
 from deploy.local_simulation import PROJECT_ROOT
 from simulations.benchmark import markdown_table, update_section
@@ -63,7 +64,7 @@ def board_seconds(events: list[dict[str, Any]]) -> dict[int, float]:
     """Per round, the slowest board's summed ClientApp time (train and evaluate)."""
     per_board: dict[int, dict[int, float]] = defaultdict(lambda: defaultdict(float))
     for event in events:
-        if event["event"] == "client-reply" and protocol.PROCESS_SECONDS in event["metrics"]:
+        if event["event"] == EventKind.CLIENT_REPLY and protocol.PROCESS_SECONDS in event["metrics"]:
             per_board[event["round"]][event["node"]] += float(event["metrics"][protocol.PROCESS_SECONDS])
     return {round_: max(nodes.values()) for round_, nodes in per_board.items()}
 
@@ -86,16 +87,16 @@ def measure(boards: int, rounds: int, workdir: Path, timeout: float) -> LoadResu
     run_dir, _ = warm_run(f"{boards}-boards", PROJECT_ROOT, workdir, fleet, config, rounds, timeout)
     events = events_of(run_dir)
     kinds = [e["event"] for e in events]
-    round_ends = {e["round"]: e["seconds"] for e in events if e["event"] == "round-end"}
+    round_ends = {e["round"]: e["seconds"] for e in events if e["event"] == EventKind.ROUND_END}
     slowest = board_seconds(events)
     return LoadResult(
         boards=boards,
         expected=boards * 2 * rounds,
-        received=kinds.count("client-reply"),
-        resent=kinds.count("message-resent"),
-        recovered=kinds.count("reply-recovered"),
-        failed=kinds.count("client-failed"),
-        retried=kinds.count("round-retry"),
+        received=kinds.count(EventKind.CLIENT_REPLY),
+        resent=kinds.count(EventKind.MESSAGE_RESENT),
+        recovered=kinds.count(EventKind.REPLY_RECOVERED),
+        failed=kinds.count(EventKind.CLIENT_FAILED),
+        retried=kinds.count(EventKind.ROUND_RETRY),
         mean_round=float(np.mean(list(round_ends.values()))),
         worst_ratio=max((seconds / slowest[r] for r, seconds in round_ends.items() if slowest.get(r)), default=0.0),
     )

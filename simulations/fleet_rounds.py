@@ -27,6 +27,7 @@ from typing import Any
 
 import numpy as np
 
+from common.kinds import EventKind
 from deploy.local_fleet import Board, LocalDeployment
 from deploy.local_simulation import PROJECT_ROOT
 from simulations.benchmark import markdown_table, update_section
@@ -98,10 +99,9 @@ def measure(
     ]
     run_dir, wall = warm_run(label, app_dir, workdir, fleet, {"min-clients": boards, **overrides}, rounds, timeout)
     events = events_of(run_dir)
-    round_ends = [e for e in events if e["event"] == "round-end"]
-    rss = [
-        e["metrics"]["peak-rss-mb"] for e in events if e["event"] == "client-reply" and "peak-rss-mb" in e["metrics"]
-    ]
+    round_ends = [e for e in events if e["event"] == EventKind.ROUND_END]
+    replies = [e for e in events if e["event"] == EventKind.CLIENT_REPLY]
+    rss = [e["metrics"]["peak-rss-mb"] for e in replies if "peak-rss-mb" in e["metrics"]]
     summary = json.loads((run_dir / "summary.json").read_text())
     return FleetResult(
         label,

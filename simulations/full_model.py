@@ -39,6 +39,7 @@ from torch import nn
 from client.local_data import local_split
 from common.backbones import StateDict, load_backbone_weights, preprocess_for
 from common.data import LabelledFiles, elpv_split, partition
+from common.kinds import ElpvTask, Partitioner
 from common.metrics import ClassificationReport, classification_report
 from common.preprocess import PreprocessSpec, decode_image
 
@@ -54,7 +55,7 @@ CENTRAL_EPOCHS = 5  # the command's default for centralised_finetune
 class PeerConfig:
     """One comparison run. Data keys mean what the edgesplit run-config keys of the same name mean."""
 
-    task: str = "4-level"
+    task: ElpvTask = ElpvTask.FOUR_LEVEL
     subset: int = 0
     test_fraction: float = 0.25
     client_test_fraction: float = 0.2
@@ -133,7 +134,9 @@ def client_files(config: PeerConfig) -> tuple[list[LabelledFiles], LabelledFiles
     client_share, test = elpv_split(config.task, config.subset, config.test_fraction, config.seed)
     train = []
     for k in range(config.num_clients):
-        files = partition(client_share, config.num_clients, k, "dirichlet", config.seed, config.dirichlet_alpha)
+        files = partition(
+            client_share, config.num_clients, k, Partitioner.DIRICHLET, config.seed, config.dirichlet_alpha
+        )
         local_train, _local_test = local_split(files, config.client_test_fraction, config.seed + 7919 * k)
         train.append(local_train)
     return train, test

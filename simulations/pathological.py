@@ -24,6 +24,7 @@ import numpy as np
 from PIL import Image
 
 from common.data import LabelledFiles, partition
+from common.kinds import EventKind, HeadInit, Partitioner
 
 CLASSES = tuple(f"pattern-{c}" for c in range(10))
 
@@ -66,7 +67,7 @@ def write_pathological_data(
                 labels.append(label)
     files = LabelledFiles(tuple(paths), tuple(labels), CLASSES)
     for k in range(clients):
-        share = partition(files, clients, k, "pathological", seed, classes_per_client=2)
+        share = partition(files, clients, k, Partitioner.PATHOLOGICAL, seed, classes_per_client=2)
         for source, label in zip(share.paths, share.labels, strict=True):
             target = root / f"client-{k}" / CLASSES[label] / Path(source).name
             target.parent.mkdir(parents=True, exist_ok=True)
@@ -125,18 +126,18 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="edgesplit-pathological-") as work:
         tmp = Path(work)
         root = write_pathological_data(tmp / "data")
-        for init in ("random", "ncm"):
+        for method in (HeadInit.RANDOM, HeadInit.NCM):
             config = run_config(
-                root, tmp / "cache", tmp / "runs", init, **{"head-init": init, "num-server-rounds": args.rounds}
+                root, tmp / "cache", tmp / "runs", method, **{"head-init": method, "num-server-rounds": args.rounds}
             )
-            result = flwr_run(config, 10, tmp / f"home-{init}", timeout=1800)
-            run_dir = tmp / "runs" / init
+            result = flwr_run(config, 10, tmp / f"home-{method}", timeout=1800)
+            run_dir = tmp / "runs" / method
             if result.returncode != 0 or not (run_dir / "summary.json").is_file():
                 raise RuntimeError(result.stdout[-3000:])
             events = [json.loads(line) for line in (run_dir / "events.jsonl").read_text().splitlines()]
-            results[init] = {
+            results[method] = {
                 "summary": json.loads((run_dir / "summary.json").read_text()),
-                "initial": next(e["accuracy"] for e in events if e["event"] == "initial-evaluation"),
+                "initial": next(e["accuracy"] for e in events if e["event"] == EventKind.INITIAL_EVALUATION),
             }
         probe = centralised_folder_probe(root, tmp / "cache")
 
@@ -154,7 +155,7 @@ def main(argv: list[str] | None = None) -> int:
         stays = rounds_to_stay(accuracy, outcome["initial"], target)
         rows.append(
             (
-                "FedNCM" if init == "ncm" else "random",
+                "FedNCM" if init == HeadInit.NCM else "random",
                 f"{outcome['initial']:.3f}",
                 str(reached) if reached is not None else f"not in {args.rounds}",
                 str(stays) if stays is not None else f"not in {args.rounds}",
@@ -213,7 +214,7 @@ def plot(curves: dict[str, dict[str, list[float]]], probe: float, target: float,
 
     figure, (server, clients) = plt.subplots(1, 2, figsize=(10, 3.6))
     for init, curve in curves.items():
-        label = "FedNCM" if init == "ncm" else "random init"
+        label = "FedNCM" if init == HeadInit.NCM else "random init"
         server.plot(range(len(curve["accuracy"])), curve["accuracy"], marker="o", ms=3, label=label)
         rounds = range(1, len(curve["client_global"]) + 1)
         clients.plot(rounds, curve["client_global"], marker="o", ms=3, label=f"{label}: global head")

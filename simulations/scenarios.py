@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from common.kinds import EventKind
 from deploy.local_simulation import PROJECT_ROOT, flwr_run
 from server.checkpoint import Checkpoint, CheckpointError
 from simulations.benchmark import markdown_table, save_figure, update_section
@@ -95,7 +96,7 @@ def run_scenario(scenario: Scenario, rounds: int, cache: Path, runs: Path) -> di
         reason = summary.get("stopped") or result.stdout[-3000:]
         raise RuntimeError(f"scenario {scenario.name} did not finish: {reason}")
     events = [json.loads(line) for line in (run_dir / "events.jsonl").read_text().splitlines()]
-    rejected = [e for e in events if e["event"] == "client-rejected"]
+    rejected = [e for e in events if e["event"] == EventKind.CLIENT_REJECTED]
     return {
         "scenario": scenario,
         "accuracy": summary["final"]["accuracy"],

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+from common.kinds import EngineName, HeadKind
 from common.preprocess import PreprocessSpec
 from common.protocol import Instructions
 
@@ -13,9 +14,9 @@ INSTRUCTIONS = Instructions(
     fingerprint="ab" * 32,
     backbone_name="efficientnet_lite0",
     preprocess=PreprocessSpec(image_size=32),
-    engine="torch",
+    engine=EngineName.TORCH,
     engine_fingerprint="ab" * 32,
-    head="linear",
+    head=HeadKind.LINEAR,
     mlp_hidden=8,
     cut=0,
     views=("identity",),

@@ -38,8 +38,8 @@ from common.protocol import (
     ClassCounts,
     ClassStats,
     Instructions,
+    Phase,
     ProtocolError,
-    QueryAction,
     ReplyStatus,
     RidgeStats,
 )
@@ -96,12 +96,8 @@ def test_a_round_through_the_handlers(setup: tuple[Context, Instructions, dict[s
 
     again = _send(MessageType.TRAIN, sent.to_record(), context, **{ARRAYS: head})
     scored = _send(MessageType.EVALUATE, sent.to_record(), context, **{ARRAYS: head})
-    stats = _send(
-        MessageType.QUERY, {**sent.to_record(), ACTION: QueryAction.CLASS_SUMS.value}, context, **{ARRAYS: head}
-    )
-    ridge = _send(
-        MessageType.QUERY, {**sent.to_record(), ACTION: QueryAction.RIDGE_SUMS.value}, context, **{ARRAYS: head}
-    )
+    stats = _send(MessageType.QUERY, {**sent.to_record(), ACTION: Phase.CLASS_SUMS.value}, context, **{ARRAYS: head})
+    ridge = _send(MessageType.QUERY, {**sent.to_record(), ACTION: Phase.RIDGE_SUMS.value}, context, **{ARRAYS: head})
     assert again.content[METRICS][BACKBONE_RECEIVED] == 0
     for reply in (again, scored, stats, ridge):  # every reply carries the embedding it used, unchanged
         for key in EMBEDDING_METRICS:
@@ -111,7 +107,7 @@ def test_a_round_through_the_handlers(setup: tuple[Context, Instructions, dict[s
     # images per class are fewer: every class is left out
     sums = RidgeStats.from_arrays(from_array_record(ridge.content.array_records[RIDGE_STATS]))
     assert sums.gram.shape == (1280 * 1281 // 2,) and not sums.counts.any() and not sums.gram.any()
-    counted = _send(MessageType.QUERY, {**sent.to_record(), ACTION: QueryAction.CLASS_COUNTS.value}, context)
+    counted = _send(MessageType.QUERY, {**sent.to_record(), ACTION: Phase.CLASS_COUNTS.value}, context)
     counts = ClassCounts.from_arrays(from_array_record(counted.content.array_records[CLASS_COUNTS])).counts
     assert counts.sum() == counted.content[METRICS][NUM_EXAMPLES] == stats.content[METRICS][NUM_EXAMPLES] > 0
 

@@ -2,13 +2,30 @@
 
 from __future__ import annotations
 
+import ast
 import itertools
+import json
 import math
+import re
+import typing
+from dataclasses import fields
+from enum import StrEnum
 
 import pytest
 
 from client.edge_client import EdgeClient
 from common.config import ConfigError, NodeConfig, RunConfig
+from common.kinds import (
+    ClassBalance,
+    DatasetKind,
+    ElpvTask,
+    EngineChoice,
+    HeadInit,
+    HeadKind,
+    LrSchedule,
+    Partitioner,
+    StrategyName,
+)
 from tests.conftest import REPO_ROOT
 
 try:
@@ -362,3 +379,68 @@ def test_fed3r_and_class_balance_rules(config: dict[str, object], message: str) 
     for shrinkage in (0.0, 1.5):
         with pytest.raises(ConfigError, match="lda-shrinkage"):
             RunConfig.from_flower({"lda-shrinkage": shrinkage})
+
+
+# --- kinds: each enum-typed key is parsed once into its member, and its error lists the enum's values -----
+
+KIND_KEYS: dict[str, type[StrEnum]] = {
+    f.name.replace("_", "-"): kind
+    for f in fields(RunConfig)
+    if isinstance(kind := typing.get_type_hints(RunConfig)[f.name], type) and issubclass(kind, StrEnum)
+}
+# What another key must say for a kind's value to be consistent (a folder dataset names its classes ...).
+NEEDS = {
+    ("dataset", "folder"): {"class-names": "a,b", "server-test-dir": "held-out"},
+    ("strategy", "krum"): {"min-clients": 5},
+    ("strategy", "multikrum"): {"min-clients": 5},
+}
+
+
+def _listed_choices(message: str) -> list[str]:
+    match = re.search(r"must be one of (\[.*?\])", message)
+    assert match, message
+    return ast.literal_eval(match.group(1))
+
+
+def test_every_closed_choice_of_the_run_config_is_an_enum() -> None:
+    assert {
+        "strategy": StrategyName,
+        "head": HeadKind,
+        "head-init": HeadInit,
+        "class-balance": ClassBalance,
+        "lr-schedule": LrSchedule,
+        "engine": EngineChoice,
+        "dataset": DatasetKind,
+        "elpv-task": ElpvTask,
+        "partitioner": Partitioner,
+    } == KIND_KEYS
+
+
+@pytest.mark.parametrize(("key", "kind"), KIND_KEYS.items(), ids=list(KIND_KEYS))
+def test_a_kind_key_parses_into_its_member_and_refuses_others_listing_its_values(key, kind) -> None:
+    for member in kind:
+        config = RunConfig.from_flower({key: member.value, **NEEDS.get((key, member.value), {})})
+        parsed = getattr(config, key.replace("-", "_"))
+        assert parsed is member and type(parsed) is kind
+        assert type(config.to_flower()[key]) is str and config.to_flower()[key] == member.value
+    for bad in ("no-such-kind", next(iter(kind)).name, 3):  # a member's Python name is not its value
+        with pytest.raises(ConfigError) as caught:
+            RunConfig.from_flower({key: bad})
+        message = str(caught.value)
+        assert f"'{key}'" in message and repr(bad) in message
+        assert _listed_choices(message) == [member.value for member in kind]  # the plain values, in order
+
+
+def test_the_config_as_json_holds_plain_strings() -> None:
+    config = RunConfig.from_flower({"head": "mlp", "head-init": "lda", "class-balance": "logit-adjusted"})
+    document = config.to_flower()
+    assert json.loads(json.dumps(document)) == document
+    assert json.dumps({"head": config.head}) == '{"head": "mlp"}'  # a member serialises as its value too
+    assert RunConfig.from_flower(json.loads(json.dumps(document))) == config
+
+
+def test_node_config_engine_is_parsed_into_its_kind() -> None:
+    assert NodeConfig.from_flower({"engine": "onnx-int8"}).engine is EngineChoice.ONNX_INT8
+    with pytest.raises(ConfigError) as caught:
+        NodeConfig.from_flower({"engine": "tensorrt"})
+    assert _listed_choices(str(caught.value)) == ["auto", "torch", "onnx", "onnx-int8"]

@@ -20,7 +20,7 @@ from client.privacy import violations
 from common.config import NodeConfig, RunConfig
 from common.engines import ENGINE_KINDS, X64_QUANT_PRECISION, GoldenCheckFailed, OnnxKind
 from common.protocol import BackboneStatus, GoldenBatch, ProtocolError, ReplyStatus
-from server.screening import ExpectedReplies, ReplyScreen, ScreeningBounds
+from server.screening import ScreeningBounds, golden_reason
 from tests.protocol_samples import instructions
 
 FP = "cd" * 32
@@ -121,17 +121,14 @@ def test_a_node_that_no_engine_brings_to_the_server_is_refused(
     status = client.backbone_status(FP)
     assert status.engine == "onnx" and status.golden_cosine < 0.98
 
-    expected = ExpectedReplies(
-        fingerprint=FP, head_shapes={}, class_stats_shapes={}, ridge_stats_shapes={}, class_counts_shapes={}
-    )
-    bounds = ScreeningBounds.from_config(RunConfig())
-    screen = ReplyScreen(bounds=bounds, expected=expected, run_log=None, embedding=None)  # type: ignore[arg-type]
-    reason = screen._golden_reason(
-        ReplyStatus(FP, "onnx", sent.engine_fingerprint, golden_cosine=status.golden_cosine, fallback="refused")
+    minimum = ScreeningBounds.from_config(RunConfig()).golden_min_cosine
+    reason = golden_reason(
+        ReplyStatus(FP, "onnx", sent.engine_fingerprint, golden_cosine=status.golden_cosine, fallback="refused"),
+        minimum,
     )
     assert reason is not None and "golden check failed" in reason and "golden-min-cosine 0.98" in reason
-    assert screen._golden_reason(ReplyStatus(FP, "onnx", "x", golden_cosine=0.999)) is None
-    assert screen._golden_reason(ReplyStatus(FP, "onnx", "x")) is None  # unchecked (an older node)
+    assert golden_reason(ReplyStatus(FP, "onnx", "x", golden_cosine=0.999), minimum) is None
+    assert golden_reason(ReplyStatus(FP, "onnx", "x"), minimum) is None  # unchecked (an older node)
 
 
 def test_without_a_golden_batch_a_held_variant_is_sent_again_with_one(tmp_path: Path, golden: GoldenBatch) -> None:

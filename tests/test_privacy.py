@@ -31,7 +31,7 @@ from common.protocol import (
     TRAIN_METRICS,
     BackboneStatus,
     ClassStats,
-    QueryAction,
+    Phase,
     ReplyStatus,
     RidgeStats,
 )
@@ -200,12 +200,12 @@ def test_example_floor_is_the_boards_unless_the_server_asks_for_more() -> None:
 
 
 def test_ridge_statistics_leave_only_in_reply_to_their_query_and_from_enough_images() -> None:
-    assert not _ridge_exchange(QueryAction.RIDGE_SUMS.value, [6, 0], {}).has_error()
+    assert not _ridge_exchange(Phase.RIDGE_SUMS.value, [6, 0], {}).has_error()
     with pytest.raises(PrivacyViolation, match=r"class\(es\) \[1\] come from fewer than 5 images"):
-        _ridge_exchange(QueryAction.RIDGE_SUMS.value, [6, 3], {})  # the server asked for 2; the board keeps 5
+        _ridge_exchange(Phase.RIDGE_SUMS.value, [6, 3], {})  # the server asked for 2; the board keeps 5
     with pytest.raises(PrivacyViolation, match="fewer than 10 images"):
-        _ridge_exchange(QueryAction.RIDGE_SUMS.value, [6, 0], {"min-examples": 10})
+        _ridge_exchange(Phase.RIDGE_SUMS.value, [6, 0], {"min-examples": 10})
     with pytest.raises(PrivacyViolation, match="'ridge-stats' is not allowed"):
-        _ridge_exchange(QueryAction.CLASS_SUMS.value, [6, 6], {})  # FedNCM's query
+        _ridge_exchange(Phase.CLASS_SUMS.value, [6, 6], {})  # FedNCM's query
     expected = ["statistics of class(es) [2] come from fewer than 5 images"]
     assert floor_violations(np.array([0.0, 5.0, 4.0]), 5) == expected

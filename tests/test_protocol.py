@@ -10,15 +10,17 @@ import numpy as np
 import pytest
 
 from common.flower_glue import to_config_record
+from common.kinds import ClassBalance, EngineName, HeadKind
 from common.protocol import (
     ACTION,
+    QUERIES,
     BackboneQuery,
     BackboneStatus,
     ClassStats,
     ConfigMessage,
     Instructions,
+    Phase,
     ProtocolError,
-    QueryAction,
     ReplyStatus,
     query_action,
 )
@@ -75,15 +77,35 @@ def test_defaults_fill_keys_an_older_sender_leaves_out() -> None:
     record = INSTRUCTIONS.to_record()
     del record["proximal-mu"]
     assert type(INSTRUCTIONS).from_record(record).proximal_mu == 0.0
-    assert BackboneQuery.from_record({"fingerprint": "ab" * 32, "cut": 0}).action == QueryAction.BACKBONE_STATUS
+    assert BackboneQuery.from_record({"fingerprint": "ab" * 32, "cut": 0}).action == Phase.BACKBONE_STATUS
 
 
 def test_query_actions() -> None:
-    assert query_action(BackboneQuery(fingerprint="ab", cut=0).to_record()) is QueryAction.BACKBONE_STATUS
-    assert query_action({**INSTRUCTIONS.to_record(), ACTION: "class-sums"}) is QueryAction.CLASS_SUMS
-    for bad in ({}, {ACTION: "delete-everything"}, {ACTION: 3}):
+    assert query_action(BackboneQuery(fingerprint="ab", cut=0).to_record()) is Phase.BACKBONE_STATUS
+    assert query_action({**INSTRUCTIONS.to_record(), ACTION: "class-sums"}) is Phase.CLASS_SUMS
+    for bad in ({}, {ACTION: "delete-everything"}, {ACTION: 3}, {ACTION: "train"}):  # train is no query
         with pytest.raises(ProtocolError, match="Unknown query action"):
             query_action(bad)
+    # the wire keeps its action values
+    assert [ask.value for ask in QUERIES] == ["backbone-status", "class-sums", "ridge-sums", "class-counts"]
+    assert BackboneQuery(fingerprint="ab", cut=0).to_record()[ACTION] == "backbone-status"
+    with pytest.raises(ProtocolError, match="backbone-status"):
+        BackboneQuery.from_record({"fingerprint": "ab" * 32, "cut": 0, ACTION: "class-sums"})
+
+
+@pytest.mark.parametrize(("key", "kind"), [("engine", EngineName), ("head", HeadKind), ("class-balance", ClassBalance)])
+def test_instruction_kinds_are_decoded_into_their_enums_and_unknown_ones_refused(key: str, kind: type) -> None:
+    record = INSTRUCTIONS.to_record()
+    assert type(record[key]) is str  # a plain string on the wire
+    for member in kind:
+        decoded = getattr(Instructions.from_record({**record, key: member.value}), key.replace("-", "_"))
+        assert decoded is member
+    for bad in ("no-such-kind", 3, None):
+        with pytest.raises(ProtocolError) as caught:
+            Instructions.from_record({**record, key: bad})
+        message = str(caught.value)
+        assert repr(key) in message and repr(bad) in message
+        assert str([member.value for member in kind]) in message  # names the choices
 
 
 def test_class_stats_survive_their_arrays_and_refuse_others() -> None:

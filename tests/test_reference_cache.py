@@ -43,10 +43,7 @@ def test_the_probe_is_fitted_again_only_when_its_embeddings_change(
 def test_the_exported_model_is_scored_again_only_when_it_or_the_images_change(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from types import SimpleNamespace
-
     import common.exported_model
-    from common.config import RunConfig
     from server import outcome
 
     scored: list[str] = []
@@ -59,12 +56,12 @@ def test_the_exported_model_is_scored_again_only_when_it_or_the_images_change(
     (model / "model-int8.onnx").write_bytes(b"int8 model")
     image = tmp_path / "a.png"
     image.write_bytes(b"png")
-    run = SimpleNamespace(config=RunConfig(cache_dir=str(tmp_path / "cache")))
+    cache = tmp_path / "cache" / "export-checks"
 
-    assert outcome._scored(model, [(str(image), 0)], run) == (0.75, "onnx")  # type: ignore[arg-type]
-    assert outcome._scored(model, [(str(image), 0)], run) == (0.75, "onnx")  # type: ignore[arg-type]
+    assert outcome._scored(model, [(str(image), 0)], cache) == (0.75, "onnx")
+    assert outcome._scored(model, [(str(image), 0)], cache) == (0.75, "onnx")
     assert len(scored) == 1  # the same model and images: remembered
     (model / "model-int8.onnx").write_bytes(b"another int8 model")
-    outcome._scored(model, [(str(image), 0)], run)  # type: ignore[arg-type]
-    outcome._scored(model, [(str(image), 1)], run)  # type: ignore[arg-type]  # another label
+    outcome._scored(model, [(str(image), 0)], cache)
+    outcome._scored(model, [(str(image), 1)], cache)  # another label
     assert len(scored) == 3

@@ -29,6 +29,7 @@ from common.flower_glue import (
     to_array_record,
     to_config_record,
 )
+from common.kinds import EventKind
 from common.protocol import GoldenBatch, Instructions, Phase
 from server.checkpoint import Checkpoint
 from server.edgesplit_strategy import EdgeSplitStrategy
@@ -102,7 +103,7 @@ class StubRun:
     def record_round(self, record: RoundRecord, report: SimpleNamespace) -> None:
         record.accuracy = report.accuracy
         self.rounds.append(record)
-        self.run_log.event("round-end", round=record.round, accuracy=record.accuracy)
+        self.run_log.event(EventKind.ROUND_END, round=record.round, accuracy=record.accuracy)
 
 
 def instructions(server_round: int = 1) -> Instructions:

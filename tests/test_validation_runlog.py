@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from common import protocol
+from common.kinds import EventKind
 from server.run_folder import RunLog, new_run_id, write_json_atomic
 from server.validation import examples_bounds, metrics_reject_reason, reject_reason
 
@@ -265,8 +266,8 @@ def test_run_log_writes_parseable_event_lines(tmp_path):
     log = RunLog(run_dir)
 
     # Execute
-    log.event("round-start", round=1)
-    log.event("client-reply", round=1, metrics={"loss": float("nan"), "acc": np.float64(0.5)}, text="a\nb")
+    log.event(EventKind.ROUND_RETRY, round=1, attempt=2)
+    log.event(EventKind.CLIENT_REPLY, round=1, metrics={"loss": float("nan"), "acc": np.float64(0.5)}, text="a\nb")
     log.write_config({"seed": 42})
     log.write_summary({"best": float("inf")})
     log.close()
@@ -275,7 +276,7 @@ def test_run_log_writes_parseable_event_lines(tmp_path):
     lines = (run_dir / "events.jsonl").read_text().splitlines()
     assert len(lines) == 2
     events = [json.loads(line) for line in lines]
-    assert [e["event"] for e in events] == ["round-start", "client-reply"]
+    assert [e["event"] for e in events] == ["round-retry", "client-reply"]  # the plain values
     assert events[1]["metrics"] == {"loss": None, "acc": 0.5}
     assert events[1]["text"] == "a\nb"
     assert all(isinstance(e["time"], float) for e in events)
