@@ -18,17 +18,20 @@ from typing import Any
 from flwr.app import ArrayRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from client.dp_clipping import dp_clipping_mod
+from client.agreement import check_agreed
+from client.dp_clipping import dp_clipping
 from client.edge_client import EdgeClient
 from client.faults import fault_injector
 from client.privacy import privacy_guard
-from client.privacy_floor import example_floor, node_floor
+from client.privacy_floor import Refusal, example_floor, gram_floor
 from client.request import BoardRequest, request_of
 from client.state import process_state
+from common.backbones import get_spec
 from common.config import ConfigError
 from common.data import DataError
 from common.engines import GoldenCheckFailed
 from common.flower_glue import to_array_record, to_config_record
+from common.kinds import HeadKind
 from common.protocol import (
     ARRAYS,
     BACKBONE_RECEIVED,
@@ -36,6 +39,7 @@ from common.protocol import (
     CLASS_STATS,
     METRICS,
     NUM_EXAMPLES,
+    REFUSAL_CODE,
     RIDGE_STATS,
     SETUP_ERROR_CODE,
     STATUS,
@@ -47,16 +51,16 @@ state = process_state()
 inject_faults = fault_injector(state)
 # Clipping runs on the honest reply and the guard checks what it leaves; an injected fault then
 # stands for a board that neither clips nor guards.
-app = ClientApp(mods=[inject_faults, privacy_guard, dp_clipping_mod])
+app = ClientApp(mods=[inject_faults, privacy_guard, dp_clipping(state)])
 log = logging.getLogger(__name__)
 
 Handler = Callable[[Message, Context], Message]
 
 
 def setup_errors_as_replies(handler: Handler) -> Handler:
-    """A node that cannot take part as configured (its data, its node config) answers with an
-    error reply that says why, coded so that the server reports it once and does not retry for
-    it; not with a traceback per message."""
+    """A node that cannot take part as configured (its data, its node config), or refuses what it
+    is asked (client/agreement.py), answers with an error reply that says why, coded so that the
+    server reports it once and does not retry for it; not with a traceback per message."""
 
     @functools.wraps(handler)
     def answer(msg: Message, context: Context) -> Message:
@@ -65,6 +69,9 @@ def setup_errors_as_replies(handler: Handler) -> Handler:
         except (DataError, ConfigError) as error:
             log.error("cannot take part as configured: %s", error)
             return Message(Error(code=SETUP_ERROR_CODE, reason=f"{type(error).__name__}: {error}"), reply_to=msg)
+        except Refusal as error:
+            log.error("refused: %s", error)
+            return Message(Error(code=REFUSAL_CODE, reason=f"refused: {error}"), reply_to=msg)
 
     return answer
 
@@ -74,7 +81,9 @@ def _client(context: Context) -> EdgeClient:
 
 
 def _receive(client: EdgeClient, request: BoardRequest) -> Instructions:
-    """The request's instructions; keeps the backbone first if the server sent it."""
+    """The request's instructions, once held to what this board agreed to; keeps the backbone
+    first if the server sent it."""
+    check_agreed(request, client.config)
     instructions = request.work
     if request.backbone is not None:
         client.receive_backbone(request.backbone, instructions, request.golden)
@@ -122,8 +131,10 @@ def query(msg: Message, context: Context) -> Message:
         if request.asks == Phase.CLASS_SUMS:
             stats, metrics = client.class_sums(request.trainable, instructions)
             return _reply(msg, client, request, metrics, (CLASS_STATS, to_array_record(stats.to_arrays())))
-        floor = example_floor(instructions.ncm_min_examples, node_floor(context.node_config))
-        ridge, metrics = client.ridge_sums(request.trainable, instructions, floor)
+        floor = example_floor(instructions.ncm_min_examples, client.node.min_examples)
+        dim = get_spec(instructions.backbone_name).feature_dim if instructions.head == HeadKind.LINEAR else None
+        gram = gram_floor(client.node, dim or instructions.mlp_hidden)
+        ridge, metrics = client.ridge_sums(request.trainable, instructions, floor, gram)
         return _reply(msg, client, request, metrics, (RIDGE_STATS, to_array_record(ridge.to_arrays())))
     except GoldenCheckFailed as failed:
         return _refusal(msg, client, request, failed)

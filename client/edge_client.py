@@ -19,7 +19,7 @@ from client.backbone_cache import BackboneCache, BuiltEngines, VerifiedFiles
 from client.golden import GoldenGate
 from client.local_data import LocalData, load_local_data
 from client.lru import LruCache
-from client.privacy_floor import example_floor
+from client.privacy_floor import below_gram_floor, example_floor
 from client.telemetry import device_metrics
 from common import protocol
 from common.balance import training_offsets
@@ -283,16 +283,19 @@ class EdgeClient:
         return ClassStats(sums=sums, counts=counts), metrics
 
     def ridge_sums(
-        self, arrays: Mapping[str, np.ndarray], instructions: Instructions, min_examples: int
+        self, arrays: Mapping[str, np.ndarray], instructions: Instructions, min_examples: int, min_gram: int
     ) -> tuple[RidgeStats, dict[str, float]]:
-        """Fed3R's statistics of the local training share (common/fed3r.py): the Gram matrix and
-        class sums of what the classifier's last layer sees, and the counts. A class with fewer
-        than ``min_examples`` images is left out of all three."""
+        """Fed3R's statistics of the local training share (common/fed3r.py): the Gram matrix and class
+        sums of what the last layer sees, and the counts; a class below ``min_examples`` left out, and
+        refused (``Refusal``) below ``min_gram`` images in all, before embedding where labels tell."""
+        if len(self.data.train.labels) < min_gram:
+            raise below_gram_floor(self.name, len(self.data.train.labels), min_gram)
         head = self._head(arrays, instructions)
         data = self.embedded(instructions)
         stats = ridge_sums(head.last_inputs, data.train_x, data.train_y, instructions.num_classes, min_examples)
-        metrics = {protocol.NUM_EXAMPLES: int(stats.counts.sum()), **data.metrics(), **device_metrics()}
-        return stats, metrics
+        if (total := int(stats.counts.sum())) < min_gram:
+            raise below_gram_floor(self.name, total, min_gram)
+        return stats, {protocol.NUM_EXAMPLES: total, **data.metrics(), **device_metrics()}
 
     def class_counts(self, instructions: Instructions) -> tuple[ClassCounts, dict[str, float]]:
         """How many training images of each class this device holds (labels only: nothing is

@@ -16,9 +16,10 @@ from typing import TYPE_CHECKING, Any
 
 from flwr.app import Context, Message
 
-from client.privacy_floor import example_floor, floor_violations, node_floor
+from client.privacy_floor import example_floor, floor_violations, gram_floor
 from client.request import BoardRequest, request_of
 from common.backbones import get_spec
+from common.config import NodeConfig
 from common.kinds import HeadKind
 from common.protocol import (
     ARRAYS,
@@ -137,11 +138,17 @@ def allowed_arrays(request: BoardRequest) -> dict[str, dict[str, tuple[Shape, st
 
 
 def statistics_violations(request: BoardRequest, reply: Message, node_config: Mapping[str, Any]) -> list[str]:
-    """Fed3R's statistics below the floor: this board's own, which the server cannot lower."""
+    """Fed3R's statistics below this board's own floors, which the server cannot lower: per class,
+    and for the Gram matrix as a whole."""
     if request.asks != Phase.RIDGE_SUMS or RIDGE_STATS not in reply.content.array_records:
         return []
-    counts = reply.content.array_records[RIDGE_STATS]["counts"].numpy()
-    return floor_violations(counts, example_floor(request.work.ncm_min_examples, node_floor(node_config)))
+    node = NodeConfig.from_flower(node_config)
+    record = reply.content.array_records[RIDGE_STATS]
+    counts, dim = record["counts"].numpy(), record["sums"].numpy().shape[-1]
+    problems = floor_violations(counts, example_floor(request.work.ncm_min_examples, node.min_examples))
+    if counts.sum() < (least := gram_floor(node, dim)):
+        problems.append(f"a Gram matrix of {counts.sum():.0f} images is below this board's floor of {least}")
+    return problems
 
 
 def describe(reply: Message) -> dict[str, Any]:

@@ -361,6 +361,12 @@ def _check_dp(config: RunConfig) -> None:
             f"dp-clipping-norm > 0 cannot start from head-init='{config.head_init}': its one-shot class sums "
             "(and Fed3R's Gram matrix) would go to the server without noise. Use head-init='random'."
         )
+    if config.class_balance != ClassBalance.NONE or config.local_prior_correction:
+        raise ConfigError(
+            f"dp-clipping-norm > 0 cannot use class-balance='{config.class_balance}' or local-prior-correction: "
+            "both need every board's class counts, which would go to the server without noise. Use "
+            "class-balance='none' and local-prior-correction=false with DP."
+        )
     if 0 < config.max_update_norm < config.dp_clipping_norm:
         raise ConfigError(
             f"dp-clipping-norm ({config.dp_clipping_norm:g}) must not exceed max-update-norm "
@@ -403,6 +409,10 @@ def _check(key: str, field: dataclasses.Field[Any], value: Any) -> Any:
     return value
 
 
+# A simulated board's min-gram-examples: Flower's simulation gives its nodes no node config of the
+# operator's, so the board's process environment says it instead.
+MIN_GRAM_ENV = "EDGESPLIT_MIN_GRAM_EXAMPLES"
+
 NODE_CONFIG_KEYS = {
     "partition-id": "this node's partition (simulation)",
     "num-partitions": "number of partitions (simulation)",
@@ -411,6 +421,9 @@ NODE_CONFIG_KEYS = {
     "engine": f"this board's backbone engine, overriding the run's: one of {kind_values(EngineChoice)}",
     "min-examples": "this board's privacy floor: it shares no class statistic over fewer images than this "
     "(at least 2; the server's ncm-min-examples can raise it, never lower it; default 5)",
+    "min-gram-examples": "the fewest images this board shares a clear Gram matrix of (Fed3R, LDA); default: the "
+    "feature dimension, below which the Gram is an exact membership test of an image (README, trust model); "
+    f"a simulated board, whose node config Flower fixes, reads ${MIN_GRAM_ENV}",
 }
 
 
@@ -423,7 +436,8 @@ class NodeConfig:
     data_dir: str | None = None
     cache_dir: str | None = None
     engine: EngineChoice | None = None
-    min_examples: int | None = None  # None: the default floor (client/privacy.py, example_floor)
+    min_examples: int | None = None  # None: the default floor (client/privacy_floor.py, example_floor)
+    min_gram_examples: int | None = None  # None: the feature dimension (client/agreement.py, gram_floor)
 
     @classmethod
     def from_flower(cls, node_config: Mapping[str, Any]) -> NodeConfig:
@@ -442,11 +456,16 @@ class NodeConfig:
                 if not isinstance(node_config[key], str):
                     raise ConfigError(f"Node-config key '{key}' must be a path string.")
                 values[key.replace("-", "_")] = node_config[key]
-        if "min-examples" in node_config:
-            value = node_config["min-examples"]
+        for key in ("min-examples", "min-gram-examples"):
+            value = node_config.get(key)
+            if key == "min-gram-examples" and value is None and os.environ.get(MIN_GRAM_ENV):
+                text = os.environ[MIN_GRAM_ENV]
+                value = int(text) if text.isdigit() else text
+            if value is None:
+                continue
             if isinstance(value, bool) or not isinstance(value, int) or not 2 <= value <= 10**6:
-                raise ConfigError(f"Node-config key 'min-examples' must be an int in [2, 1000000], got {value!r}.")
-            values["min_examples"] = value
+                raise ConfigError(f"Node-config key {key!r} must be an int in [2, 1000000], got {value!r}.")
+            values[key.replace("-", "_")] = value
         if "engine" in node_config:
             values["engine"] = parse_kind(EngineChoice, node_config["engine"], "Node-config key 'engine'")
         node = cls(**values)

@@ -84,6 +84,10 @@ COUNT_LIMIT = 1e9
 # cannot, so the server reports it once and does not retry a round for it. (Flower's own codes are
 # below 100.)
 SETUP_ERROR_CODE = 100
+# The code of an error reply from a node that refuses what it was asked: instructions that change
+# the run it agreed to, a query its run does not ask, statistics below its floor
+# (client/agreement.py). The server records the refusal, once per reason, and does not retry for it.
+REFUSAL_CODE = 101
 
 # The closed list of metric names a reply of each message kind may carry (client/privacy.py
 # refuses any other): a new metric is added here, beside its constant, or it does not leave.

@@ -247,13 +247,19 @@ def flwr_run(
 
 
 def flwr_run_results(
-    tmp: Path, name: str, run_config: Mapping[str, Any], num_supernodes: int, timeout: float = 1800
+    tmp: Path,
+    name: str,
+    run_config: Mapping[str, Any],
+    num_supernodes: int,
+    timeout: float = 1800,
+    env: Mapping[str, str] | None = None,
 ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """One benchmark run through ``flwr_run`` into ``tmp/runs/<name>``: its summary.json and its
-    events.jsonl, or RuntimeError with the output's tail if it did not finish."""
+    events.jsonl, or RuntimeError with the output's tail if it did not finish. ``env``: more
+    environment for the simulated boards (e.g. their ``EDGESPLIT_MIN_GRAM_EXAMPLES``)."""
     run_dir = tmp / "runs" / name
     config = {"runs-dir": str(run_dir.parent), "run-name": name, **run_config}
-    result = flwr_run(config, num_supernodes, tmp / f"{name}-flwr-home", timeout=timeout)
+    result = flwr_run(config, num_supernodes, tmp / f"{name}-flwr-home", timeout=timeout, env=env)
     if result.returncode != 0 or not (run_dir / "summary.json").is_file():
         raise RuntimeError(result.stdout[-3000:])
     events = [json.loads(line) for line in (run_dir / "events.jsonl").read_text().splitlines()]

@@ -28,7 +28,7 @@ from flwr.serverapp.strategy import Strategy
 
 from common import protocol
 from common.flower_glue import from_array_record, to_array_record
-from common.kinds import EventKind
+from common.kinds import FROM_RIDGE_SUMS, EventKind
 from common.protocol import ClassCounts, Phase
 from server.aggregation import make_inner_strategy
 from server.distribution import BackboneDistributor
@@ -83,6 +83,7 @@ class EdgeSplitStrategy(Strategy):
             head_shapes=run.head_shapes(),
             class_stats_shapes=run.class_stats_shapes(),
             ridge_stats_shapes=run.ridge_stats_shapes(),
+            ridge_feature_bound=run.ridge_feature_bound() if config.head_init in FROM_RIDGE_SUMS else 0.0,
             class_counts_shapes=ClassCounts.shapes(len(run.classes)),
             personal_scores=config.personal_epochs > 0,
         )

@@ -112,6 +112,7 @@ class ExpectedReplies:
     head_shapes: Mapping[str, tuple[int, ...]]
     class_stats_shapes: Mapping[str, tuple[int, ...]]
     ridge_stats_shapes: Mapping[str, tuple[int, ...]]
+    ridge_feature_bound: float  # the largest squared norm one image's z can have (0: no bound known)
     class_counts_shapes: Mapping[str, tuple[int, ...]]
     personal_scores: bool = False  # personal-epochs > 0
 
@@ -138,7 +139,7 @@ class ReplyScreen:
             ),
             Phase.RIDGE_SUMS: (
                 protocol.RIDGE_STATS,
-                lambda a: ridge_stats_reject_reason(a, expected.ridge_stats_shapes),
+                lambda a: ridge_stats_reject_reason(a, expected.ridge_stats_shapes, expected.ridge_feature_bound),
             ),
             Phase.CLASS_COUNTS: (
                 protocol.CLASS_COUNTS,
@@ -212,7 +213,7 @@ class ReplyScreen:
         """One reply: counted, decoded once and checked; the candidate if it may be used."""
         if reply.has_error():
             said = str(reply.error.reason) or f"an error reply (code {reply.error.code}) that gives no reason"
-            if reply.error.code == protocol.SETUP_ERROR_CODE:
+            if reply.error.code in (protocol.SETUP_ERROR_CODE, protocol.REFUSAL_CODE):  # a retry answers the same
                 self._setup_error(node, phase, said, tally, result)
             else:
                 self._fail(node, phase, said, tally, result)
@@ -338,7 +339,7 @@ class ReplyScreen:
             record, check = self.statistics[phase]
             if set(content.array_records) != {record}:
                 return f"a {phase.value} reply must carry exactly {record!r}, got {sorted(content.array_records)}"
-            reason = check(decoded[record])
+            reason = check(decoded[record]) or counts_reason(phase, decoded[record]["counts"], content)
             if reason is not None:
                 return reason
         elif phase is Phase.TRAIN:
@@ -359,6 +360,16 @@ class ReplyScreen:
             embedded=phase is not Phase.CLASS_COUNTS,  # labels only: nothing embedded to bound the count by
             start=start_head,
         )
+
+
+def counts_reason(phase: Phase, counts: np.ndarray, content: RecordDict) -> str | None:
+    """Statistics tied to the reply's num-examples: the images they count are the ones claimed
+    (all of them for ridge sums and class counts; FedNCM leaves out classes below the floor)."""
+    counted = float(np.sum(counts))
+    claimed = number(content.metric_records[protocol.METRICS].get(protocol.NUM_EXAMPLES))
+    if counted > claimed or (phase is not Phase.CLASS_SUMS and counted != claimed):
+        return f"the statistics count {counted:.0f} images where the reply claims num-examples {claimed:.0f}"
+    return None
 
 
 def golden_reason(status: ReplyStatus, minimum: float) -> str | None:

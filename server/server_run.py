@@ -176,6 +176,17 @@ class ServerRun:
         dim = self.spec.feature_dim if self.config.head == HeadKind.LINEAR else self.config.mlp_hidden
         return RidgeStats.shapes(len(self.classes), dim)
 
+    def ridge_feature_bound(self) -> float:
+        """The largest squared norm a z of Fed3R's sums can have: the head's input features have
+        squared norm ``feature_dim`` exactly (PowerNorm), and the MLP's first layer, the run's own
+        initial one, stretches them by at most its largest singular value (plus its bias)."""
+        dim = float(self.spec.feature_dim)
+        if self.config.head == HeadKind.LINEAR:
+            return dim
+        head = self.initial_head()
+        weight, bias = head["classifier.0.weight"].astype(np.float64), head["classifier.0.bias"].astype(np.float64)
+        return float((np.linalg.norm(weight, 2) * np.sqrt(dim) + np.linalg.norm(bias)) ** 2)
+
     def initial_head(self) -> dict[str, np.ndarray]:
         """The trainable part before round 1: the backbone's pretrained tail after the cut (if
         any) and a seeded classifier."""

@@ -227,12 +227,16 @@ def class_stats_reject_reason(arrays: Mapping[str, np.ndarray], shapes: Mapping[
     return None
 
 
-def ridge_stats_reject_reason(arrays: Mapping[str, np.ndarray], shapes: Mapping[str, tuple[int, ...]]) -> str | None:
+def ridge_stats_reject_reason(
+    arrays: Mapping[str, np.ndarray], shapes: Mapping[str, tuple[int, ...]], feature_bound: float = 0.0
+) -> str | None:
     """Why a Fed3R reply (``RidgeStats``: a Gram matrix's upper triangle, class sums, counts) must
     not be added in, or None. What any honest client's sums satisfy: finite, the right shapes,
     counts non-negative integers, a Gram matrix with a non-negative diagonal whose entries obey
-    Cauchy-Schwarz (|G_ij| <= sqrt(G_ii G_jj)), and class sums no longer than the count times the
-    Gram's trace allows (|s_c|^2 <= n_c trace(G))."""
+    Cauchy-Schwarz (|G_ij| <= sqrt(G_ii G_jj)), a trace no larger than the count times the
+    largest squared norm one image's z can have (``feature_bound``; 0: unchecked), and class sums
+    no longer than the count times the Gram's trace allows (|s_c|^2 <= n_c trace(G)). One board's
+    statistics can then weigh in at most as many images as it counts."""
     from common.protocol import RidgeStats
 
     reason = statistics_reason(arrays, shapes, "ridge statistics")
@@ -246,6 +250,8 @@ def ridge_stats_reject_reason(arrays: Mapping[str, np.ndarray], shapes: Mapping[
     slack = 1e-3 * max(float(diagonal.max()), 1e-12)  # float32 rounding of the sums
     if np.any(diagonal < -slack):
         return "the Gram matrix has a negative diagonal entry"
+    if feature_bound > 0 and float(np.trace(gram)) > counts.sum() * feature_bound * (1 + 1e-3) + slack:
+        return f"the Gram matrix's trace is more than {counts.sum():.0f} images' features can sum to"
     bound = np.sqrt(np.outer(np.maximum(diagonal, 0), np.maximum(diagonal, 0)))
     if np.any(np.abs(gram) > bound * (1 + 1e-3) + slack):
         return "the Gram matrix is not a sum of outer products (an entry breaks Cauchy-Schwarz)"

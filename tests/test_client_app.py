@@ -17,7 +17,8 @@ from common.backbones import build_backbone, fingerprint, load_backbone_weights,
 from common.clipping import update_norm
 from common.engines import ENGINE_KINDS, TorchEngine
 from common.flower_glue import act_as, from_array_record, to_array_record
-from common.heads import head_arrays
+from common.kinds import HeadKind
+from common.numpy_head import NumpyHead
 from common.protocol import (
     ACTION,
     ARRAYS,
@@ -30,7 +31,7 @@ from common.protocol import (
     GOLDEN,
     METRICS,
     NUM_EXAMPLES,
-    RIDGE_STATS,
+    REFUSAL_CODE,
     SETUP_ERROR_CODE,
     STATUS,
     BackboneQuery,
@@ -41,9 +42,7 @@ from common.protocol import (
     Phase,
     ProtocolError,
     ReplyStatus,
-    RidgeStats,
 )
-from common.split import build_head
 from tests.conftest import write_image_folder
 from tests.protocol_samples import instructions
 
@@ -58,11 +57,20 @@ def setup(tmp_path_factory: pytest.TempPathFactory) -> tuple[Context, Instructio
     preprocess = preprocess_for(NAME, 64, 1.0)
     state = load_backbone_weights(NAME)
     fp = fingerprint(NAME, state, preprocess)
-    run = {"dataset": "folder", "class-names": "ok,crack", "server-test-dir": str(data), "engine": "torch"}
+    # the run the board agreed to: what the sample instructions say (client/agreement.py)
+    run = {
+        "dataset": "folder",
+        "class-names": "ok,crack",
+        "server-test-dir": str(data),
+        "engine": "torch",
+        "mlp-hidden": 8,
+        "ncm-min-examples": 2,
+        "seed": 0,
+    }
     node = {"data-dir": str(data), "cache-dir": str(tmp / "cache")}
     context = Context(run_id=1, node_id=1, node_config=node, state=RecordDict(), run_config=run)
     sent = instructions(fingerprint=fp, engine_fingerprint=fp, preprocess=preprocess, personal_epochs=1)
-    head = head_arrays(build_head(NAME, 0, "linear", 2, model=build_backbone(NAME, state)))
+    head = NumpyHead.initial(HeadKind.LINEAR, 1280, 2, 8, seed=0).arrays()  # the run's initial head
     # the server's golden batch: its images in float16 and its fp32 features of exactly those
     images = np.random.default_rng(0).normal(0, 1, (2, 3, 64, 64)).astype(np.float16)
     features = TorchEngine(build_backbone(NAME, state), channels_last=False)(images.astype(np.float32))
@@ -70,15 +78,30 @@ def setup(tmp_path_factory: pytest.TempPathFactory) -> tuple[Context, Instructio
     return context, sent, head, backbone
 
 
-def _send(kind: str, config: dict, context: Context, **arrays: dict[str, np.ndarray]) -> Message:
+def _answer(kind: str, config: dict, context: Context, **arrays: dict[str, np.ndarray]) -> Message:
     content = RecordDict({CONFIG: ConfigRecord(config)})
     for name, values in arrays.items():
         content[name] = to_array_record(values)
     msg = Message(content=content, dst_node_id=1, message_type=kind)
     handler = {"train": client_app.train, "evaluate": client_app.evaluate, "query": client_app.query}[kind]
-    reply = client_app.inject_faults(msg, context, lambda m, c: client_app.privacy_guard(m, c, handler))
+    return client_app.inject_faults(msg, context, lambda m, c: client_app.privacy_guard(m, c, handler))
+
+
+def _send(kind: str, config: dict, context: Context, **arrays: dict[str, np.ndarray]) -> Message:
+    reply = _answer(kind, config, context, **arrays)
     assert not reply.has_error(), reply.error
     return reply
+
+
+def _run(context: Context, **keys: object) -> Context:
+    """The same board in a run with other run-config keys."""
+    return Context(
+        run_id=1,
+        node_id=1,
+        node_config=context.node_config,
+        state=RecordDict(),
+        run_config={**context.run_config, **keys},
+    )
 
 
 def test_a_round_through_the_handlers(setup: tuple[Context, Instructions, dict[str, np.ndarray], dict]) -> None:
@@ -96,20 +119,27 @@ def test_a_round_through_the_handlers(setup: tuple[Context, Instructions, dict[s
 
     again = _send(MessageType.TRAIN, sent.to_record(), context, **{ARRAYS: head})
     scored = _send(MessageType.EVALUATE, sent.to_record(), context, **{ARRAYS: head})
-    stats = _send(MessageType.QUERY, {**sent.to_record(), ACTION: Phase.CLASS_SUMS.value}, context, **{ARRAYS: head})
-    ridge = _send(MessageType.QUERY, {**sent.to_record(), ACTION: Phase.RIDGE_SUMS.value}, context, **{ARRAYS: head})
     assert again.content[METRICS][BACKBONE_RECEIVED] == 0
-    for reply in (again, scored, stats, ridge):  # every reply carries the embedding it used, unchanged
+    for reply in (again, scored):  # every reply carries the embedding it used, unchanged
         for key in EMBEDDING_METRICS:
             assert reply.content[METRICS][key] == first.content[METRICS][key], key
+
+    # Each one-shot query in a run that asks it (the board refuses it in any other run)
+    ncm, lda, balanced = (
+        _run(context, **keys) for keys in ({"head-init": "ncm"}, {"head-init": "lda"}, {"class-balance": "weighted"})
+    )
+    stats = _send(MessageType.QUERY, {**sent.to_record(), ACTION: Phase.CLASS_SUMS.value}, ncm, **{ARRAYS: head})
     assert ClassStats.from_arrays(from_array_record(stats.content.array_records[CLASS_STATS])).sums.shape == (2, 1280)
     # Fed3R's sums: the server asked a floor of 2, the board keeps its own 5, and 3 or 4 training
-    # images per class are fewer: every class is left out
-    sums = RidgeStats.from_arrays(from_array_record(ridge.content.array_records[RIDGE_STATS]))
-    assert sums.gram.shape == (1280 * 1281 // 2,) and not sums.counts.any() and not sums.gram.any()
-    counted = _send(MessageType.QUERY, {**sent.to_record(), ACTION: Phase.CLASS_COUNTS.value}, context)
+    # images per class are fewer: every class would be left out, and a Gram matrix of no image is
+    # refused in a few bytes rather than sent as zeros
+    ridge = _answer(MessageType.QUERY, {**sent.to_record(), ACTION: Phase.RIDGE_SUMS.value}, lda, **{ARRAYS: head})
+    assert ridge.has_error() and ridge.error.code == REFUSAL_CODE and "fewer than its floor" in ridge.error.reason
+    counted = _send(MessageType.QUERY, {**sent.to_record(), ACTION: Phase.CLASS_COUNTS.value}, balanced)
     counts = ClassCounts.from_arrays(from_array_record(counted.content.array_records[CLASS_COUNTS])).counts
     assert counts.sum() == counted.content[METRICS][NUM_EXAMPLES] == stats.content[METRICS][NUM_EXAMPLES] > 0
+    refused = _answer(MessageType.QUERY, {**sent.to_record(), ACTION: Phase.CLASS_COUNTS.value}, context)
+    assert refused.has_error() and refused.error.code == REFUSAL_CODE and "asks no class-counts" in refused.error.reason
 
     status = BackboneStatus.from_record(_send(MessageType.QUERY, asked, context).content[STATUS])
     assert status.held_fingerprint == sent.fingerprint and status.golden_cosine > 0.999
@@ -191,7 +221,8 @@ def test_a_message_is_decoded_once_by_everything_that_reads_it(
     content = RecordDict({CONFIG: ConfigRecord(clipped.to_record()), ARRAYS: to_array_record(head)})
     for name, values in backbone.items():
         content[name] = to_array_record(values)
-    reply = client_app.app(Message(content=content, dst_node_id=1, message_type=MessageType.TRAIN), context)
+    dp_run = _run(context, **{"dp-clipping-norm": 1e-3})
+    reply = client_app.app(Message(content=content, dst_node_id=1, message_type=MessageType.TRAIN), dp_run)
     assert not reply.has_error(), reply.error
     trained = from_array_record(reply.content.array_records[ARRAYS])
     assert update_norm(trained, head) <= 1e-3 * (1 + 1e-5)  # the DP mod read the same request

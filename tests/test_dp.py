@@ -15,7 +15,8 @@ from dp_accounting import dp_event, rdp
 from dp_accounting.privacy_accountant import NeighboringRelation
 from flwr.app import Context, Message, MessageType, RecordDict
 
-from client.dp_clipping import dp_clipping_mod
+from client.dp_clipping import dp_clipping
+from client.state import ProcessState
 from common.clipping import clip_update
 from common.config import ConfigError, RunConfig
 from common.flower_glue import act_as, from_array_record, to_array_record, to_config_record
@@ -78,13 +79,15 @@ def _trained_reply(msg: Message, context: Context) -> Message:
 
 
 @pytest.mark.parametrize("with_backbone", [False, True])
-def test_the_mod_clips_a_train_reply_to_the_norm_the_instructions_name(with_backbone: bool) -> None:
-    # Prepare
-    context = Context(run_id=1, node_id=1, node_config={}, state=RecordDict(), run_config={})
+def test_the_mod_clips_a_train_reply_to_the_norm_of_the_boards_own_run_config(with_backbone: bool) -> None:
+    # Prepare: the instructions name another norm than the run the board agreed to; the mod takes the run's
+    mod = dp_clipping(ProcessState())
+    dp_run = Context(run_id=1, node_id=1, node_config={}, state=RecordDict(), run_config={"dp-clipping-norm": 0.25})
+    plain_run = Context(run_id=1, node_id=1, node_config={}, state=RecordDict(), run_config={})
 
     # Execute
-    clipped = dp_clipping_mod(_train_message(0.25, with_backbone), context, _trained_reply)
-    plain = dp_clipping_mod(_train_message(0.0, with_backbone), context, _trained_reply)
+    clipped = mod(_train_message(5.0, with_backbone), dp_run, _trained_reply)
+    plain = mod(_train_message(0.25, with_backbone), plain_run, _trained_reply)
 
     # Assert
     assert _norm(from_array_record(clipped.content.array_records[ARRAYS]), START) == pytest.approx(0.25, rel=1e-5)

@@ -74,7 +74,15 @@ def _setup(tmp_path: Path, cut: int, backbone: Path | None, **overrides: Any) ->
     head = make_trainable("efficientnet_lite0", 0, "mlp", 2, hidden=8, seed=0).arrays() if cut == 0 else {}
     np.savez(tmp_path / "head.npz", **head)
     return {
-        "run_config": {"dataset": "folder", "class-names": "ok,crack", "server-test-dir": str(tmp_path), "cut": cut},
+        "run_config": {  # the run the board agreed to: what the instructions say (client/agreement.py)
+            "dataset": "folder",
+            "class-names": "ok,crack",
+            "server-test-dir": str(tmp_path),
+            "cut": cut,
+            "head": "mlp",
+            "mlp-hidden": 8,
+            "ncm-min-examples": 2,
+        },
         "node_config": {"data-dir": str(tmp_path / "board"), "cache-dir": str(tmp_path / "cache")},
         "head": str(tmp_path / "head.npz"),
         "backbone": str(backbone) if backbone else "",

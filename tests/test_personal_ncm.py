@@ -15,7 +15,7 @@ import pytest
 from flwr.app import Context, Message, RecordDict
 
 from client import app as client_app
-from common.config import RunConfig
+from common.config import MIN_GRAM_ENV, RunConfig
 from common.flower_glue import act_as, mark_pushed
 from deploy.reference_probe import centralised_probe
 from server.edgesplit_strategy import EdgeSplitStrategy
@@ -60,7 +60,15 @@ class InProcessGrid:
 @pytest.fixture(scope="module")
 def federations(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     """The same pathological federation twice, head initialised at random and by FedNCM; and
-    the federation's LDA head from Fed3R's statistics alone (no round)."""
+    the federation's LDA head from Fed3R's statistics alone (no round), then fine-tuned. Each
+    board holds some 50 training images, far below the Gram floor of the feature dimension: as
+    its operator may, each lets its clear Gram go from 2 images (client/privacy_floor.py)."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv(MIN_GRAM_ENV, "2")
+        return _federations(tmp_path_factory)
+
+
+def _federations(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     act_as(0)  # as the ServerApp's runtime sets
     tmp = tmp_path_factory.mktemp("pathological")
     root = write_pathological_data(tmp / "data", clients=CLIENTS, per_class=30, test_per_class=8)

@@ -10,7 +10,7 @@ from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
 
 from client.edge_client import EdgeClient, EmbeddedData
 from client.privacy import STATUS_KEYS, PrivacyViolation, privacy_guard, violations
-from client.privacy_floor import example_floor, floor_violations, node_floor
+from client.privacy_floor import example_floor, floor_violations
 from common.config import NodeConfig, RunConfig
 from common.embedding import EmbedStats
 from common.flower_glue import act_as, to_array_record
@@ -196,16 +196,20 @@ def test_example_floor_is_the_boards_unless_the_server_asks_for_more() -> None:
     assert example_floor(20, None) == 20
     assert example_floor(2, 12) == 12  # the server cannot lower a board's floor
     assert example_floor(1, 1) == 2
-    assert node_floor({"min-examples": 8}) == 8 and node_floor({}) is None
+    assert NodeConfig.from_flower({"min-examples": 8}).min_examples == 8 and NodeConfig().min_examples is None
 
 
 def test_ridge_statistics_leave_only_in_reply_to_their_query_and_from_enough_images() -> None:
-    assert not _ridge_exchange(Phase.RIDGE_SUMS.value, [6, 0], {}).has_error()
+    small = {"min-gram-examples": 6}  # a board that knowingly shares the Gram of as few as 6 images
+    assert not _ridge_exchange(Phase.RIDGE_SUMS.value, [6, 0], small).has_error()
     with pytest.raises(PrivacyViolation, match=r"class\(es\) \[1\] come from fewer than 5 images"):
-        _ridge_exchange(Phase.RIDGE_SUMS.value, [6, 3], {})  # the server asked for 2; the board keeps 5
+        _ridge_exchange(Phase.RIDGE_SUMS.value, [6, 3], small)  # the server asked for 2; the board keeps 5
     with pytest.raises(PrivacyViolation, match="fewer than 10 images"):
-        _ridge_exchange(Phase.RIDGE_SUMS.value, [6, 0], {"min-examples": 10})
+        _ridge_exchange(Phase.RIDGE_SUMS.value, [6, 0], {**small, "min-examples": 10})
     with pytest.raises(PrivacyViolation, match="'ridge-stats' is not allowed"):
-        _ridge_exchange(Phase.CLASS_SUMS.value, [6, 6], {})  # FedNCM's query
+        _ridge_exchange(Phase.CLASS_SUMS.value, [6, 6], small)  # FedNCM's query
+    # the Gram floor: by default the feature dimension (1280), below which the Gram is a membership test
+    with pytest.raises(PrivacyViolation, match="a Gram matrix of 6 images is below this board's floor of 1280"):
+        _ridge_exchange(Phase.RIDGE_SUMS.value, [6, 0], {})
     expected = ["statistics of class(es) [2] come from fewer than 5 images"]
     assert floor_violations(np.array([0.0, 5.0, 4.0]), 5) == expected
