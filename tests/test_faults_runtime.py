@@ -1,6 +1,6 @@
 """Faults through the real Flower runtime: poisoned and crashing clients, the server killed mid-run
-and restarted (in the same poisoned setup), a run that cannot go on. Small ELPV runs (a few hundred
-images, 3-5 clients)."""
+and restarted (in the same poisoned setup); and, in process, a run that cannot go on. Small ELPV
+runs (a few hundred images, 3-8 clients)."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ from common import protocol
 from deploy.local_simulation import flwr_run
 from server.checkpoint import Checkpoint, CheckpointError
 from tests.conftest import with_server_engines
+from tests.flower_runs import run_in_process
 
 pytestmark = pytest.mark.flower
 
@@ -125,12 +126,17 @@ def test_a_killed_server_resumes_and_ends_like_an_uninterrupted_run(
     assert resumed["output"]  # (kept for the failure message above)
 
 
-def test_a_run_without_enough_usable_clients_stops_with_a_clear_message(tmp_path: Path, cache: Path) -> None:
+def test_a_run_without_enough_usable_clients_stops_with_a_clear_message(
+    tmp_path: Path, cache: Path, server_engines: Path
+) -> None:
+    # In process (tests/flower_runs.py): the stop is the ServerApp's; its log lines reach `flwr run
+    # --stream` as every ServerApp line does (test_flower_runtime.py reads the round lines there).
     faults = {"fault-clients": "1:crash,2:crash", "min-clients": 2, "round-retries": 1}
-    run = _run(tmp_path, "stopped", 3, cache, expect_ok=False, config=faults)
+    run = run_in_process(tmp_path, "stopped", cache, server_engines, extra={**SMALL, **faults}, expect_ok=False)
     summary = run["summary"]
     assert summary is not None and summary["completed_rounds"] == 0
     assert "Round 1 got fewer than min-clients=2 usable updates in 2 attempts" in summary["stopped"]
     assert "resume-from=" in summary["stopped"]
     assert [e["attempt"] for e in run["events"] if e["event"] == "round-retry"] == [2]
-    assert "Round 1 got fewer than min-clients=2" in run["output"]  # the operator sees it in the stream
+    assert str(run["stopped"]) == summary["stopped"]  # the ServerApp raised it: the Flower run fails
+    assert f"ERROR {summary['stopped']}" in run["output"]  # and logged it for the operator's stream
