@@ -160,11 +160,11 @@ def run_in_process(
             os.environ.pop(AUDIT_LOG_ENV, None)
         else:
             os.environ[AUDIT_LOG_ENV] = previous_audit
-    run_dir = tmp / "runs" / name
+    run_dir = tmp / "runs" / name  # (a resumed run writes to the folder it resumes instead)
     assert stopped is None or not expect_ok, "\n".join(lines[-40:])
     return {
-        "summary": json.loads((run_dir / "summary.json").read_text()),
-        "events": events_of(run_dir),
+        "summary": json.loads((run_dir / "summary.json").read_text()) if (run_dir / "summary.json").is_file() else None,
+        "events": events_of(run_dir) if (run_dir / "events.jsonl").is_file() else [],
         "audit": [json.loads(line) for line in audit.read_text().splitlines()] if audit.is_file() else [],
         "output": "\n".join(lines),
         "run_dir": run_dir,

@@ -1,6 +1,7 @@
-"""Faults through the real Flower runtime: poisoned and crashing clients, the server killed mid-run
-and restarted (in the same poisoned setup); and, in process, a run that cannot go on. Small ELPV
-runs (a few hundred images, 3-8 clients)."""
+"""Faults: poisoned and crashing clients, the server killed mid-run and restarted in the same
+poisoned setup (through the real Flower runtime: the kill is of its processes), a run that cannot
+go on. Small ELPV runs (a few hundred images, 3-8 clients); the runs whose checks are the
+ServerApp's and ClientApp's alone run in process (tests/flower_runs.py)."""
 
 from __future__ import annotations
 
@@ -68,10 +69,13 @@ POISONED = {
 
 
 @pytest.fixture(scope="module")
-def poisoned(tmp_path_factory: pytest.TempPathFactory, cache: Path) -> dict[str, Any]:
+def poisoned(tmp_path_factory: pytest.TempPathFactory, cache: Path, server_engines: Path) -> dict[str, Any]:
     """One uninterrupted run with poisoned and crashing clients: checked on its own, and the
-    reference an interrupted and resumed run of the same setup must end like."""
-    return _run(tmp_path_factory.mktemp("poisoned"), "reference", CLIENTS, cache, config=POISONED)
+    reference an interrupted and resumed run of the same setup must end like. In process
+    (tests/flower_runs.py): screening is the ServerApp's, and the same seeds give the runtime's
+    result to the bit; the runs through the runtime below carry the same faults."""
+    tmp = tmp_path_factory.mktemp("poisoned")
+    return run_in_process(tmp, "reference", cache, server_engines, extra={**SMALL, **POISONED}, clients=CLIENTS)
 
 
 def test_poisoned_and_crashing_clients_are_kept_out_and_the_run_goes_on(poisoned: dict[str, Any]) -> None:
@@ -92,7 +96,7 @@ def test_poisoned_and_crashing_clients_are_kept_out_and_the_run_goes_on(poisoned
 
 
 def test_a_killed_server_resumes_and_ends_like_an_uninterrupted_run(
-    tmp_path: Path, cache: Path, poisoned: dict[str, Any]
+    tmp_path: Path, cache: Path, server_engines: Path, poisoned: dict[str, Any]
 ) -> None:
     # The same run, killed (SIGKILL to the SuperLink's process group: server and clients) once a
     # round is checkpointed. One slow client keeps the later rounds long enough to land in.
@@ -111,8 +115,16 @@ def test_a_killed_server_resumes_and_ends_like_an_uninterrupted_run(
     reached = _checkpointed_round(run_dir)
     assert reached in (1, 2)  # it died between rounds, before the last
 
-    # A fresh SuperLink; the run continues from its checkpoint with one setting.
-    resumed = _run(tmp_path, "resumed", CLIENTS, cache, config={**POISONED, "resume-from": str(run_dir)})
+    # A fresh ServerApp (in process: resuming is the ServerApp's); the run continues from its
+    # checkpoint with one setting.
+    resumed = run_in_process(
+        tmp_path,
+        "resumed",
+        cache,
+        server_engines,
+        extra={**SMALL, **POISONED, "resume-from": str(run_dir)},
+        clients=CLIENTS,
+    )
     assert not (tmp_path / "runs" / "resumed").exists()  # it continued in the original folder
     summary = json.loads((run_dir / "summary.json").read_text())
     assert [r["round"] for r in summary["rounds"]] == [1, 2, 3]  # no round lost or repeated
