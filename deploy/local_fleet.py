@@ -14,6 +14,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
@@ -116,8 +117,8 @@ class LocalDeployment:
         # below. The boards' caches (backbone, embeddings) live in their own folders and persist.
         self._superlink = self._spawn("superlink", self._superlink_command(), self.env, cwd=PROJECT_ROOT)
         wait_for_port(self.port, self._superlink, self.log_path("superlink"))
-        for board in self.boards:
-            self.register(board.name)
+        with ThreadPoolExecutor(max_workers=8) as pool:  # one `flwr` process each: a second or two apiece
+            list(pool.map(self.register, [board.name for board in self.boards]))
         for board in self.boards:
             self.start_supernode(board.name)
         self.wait_until_online(len(self.boards), wait_online)
