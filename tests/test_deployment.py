@@ -117,6 +117,10 @@ def test_tls_authenticated_deployment_with_a_board_dying_mid_round(tmp_path: Pat
     # SuperLink counts the killed board offline within 20 s of its last heartbeat, not 36-60 s.
     deployment = LocalDeployment(tmp_path / "deploy", boards, heartbeat_interval=HEARTBEAT)
     with deployment:
+        # Authentication: a board whose key was never registered is refused and exits (checked below;
+        # its process starts now, beside the TLS check).
+        intruder = deployment.start_supernode("intruder", key=intruder_keys.board_private_key("intruder"))
+
         # TLS: the SuperLink presents a certificate for 127.0.0.1 signed by our CA, and nothing else.
         context = ssl.create_default_context(cafile=str(deployment.credentials.ca_certificate))
         with (
@@ -128,8 +132,6 @@ def test_tls_authenticated_deployment_with_a_board_dying_mid_round(tmp_path: Pat
         assert certificate.issuer == issuer
         assert len(deployment.node_status()) == 3
 
-        # Authentication: a board whose key was never registered is refused and exits.
-        intruder = deployment.start_supernode("intruder", key=intruder_keys.board_private_key("intruder"))
         assert intruder.wait(timeout=90) != 0
         assert "Failed to activate SuperNode" in deployment.log_path("intruder").read_text()
         deployment.stop_supernode("intruder")
