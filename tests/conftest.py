@@ -26,16 +26,21 @@ if TYPE_CHECKING:
 # Two xdist workers share two cores: one torch thread each (two each oversubscribe them).
 torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER") else 2)
 
-# The files that run real Flower processes first: `make test` keeps this order
+# The files that take longest first (each over ~10 s), in this order: `make test` keeps it
 # (--no-loadscope-reorder). xdist gives each of the two workers two files to start with (the 1st
 # and 3rd to one, the 2nd and 4th to the other), then the rest as they free up: so the longest file
-# starts beside a short one, and no long file starts last and runs alone.
+# (the deployment, about 3 minutes) starts beside a short one while the other worker works through
+# the next longest, and no long file starts last and runs alone. The 2nd makes the session's shared
+# Lite0 variants at once (its first run is in process), before the deployment's first run needs them.
 LONGEST_FIRST = (
     "test_deployment.py",
     "test_faults_runtime.py",
     "test_personal_ncm.py",
     "test_flower_runtime.py",
     "test_flower_variants.py",
+    "test_edge_client.py",
+    "test_export.py",
+    "test_engines.py",
     "test_dashboard.py",
 )
 
