@@ -14,6 +14,7 @@ each use with what it rests on, so that a Flower upgrade is checked in one file:
 - the FedOpt strategies' moments, for the checkpoint (``strategy_state``);
 - the ClientApp mod types, Flower's noise formula, its ArrayRecord aggregation, its config-string
   parser and the FAB build's ignore rules;
+- a SuperNode that declares a shorter node heartbeat (``run_supernode_with_heartbeat``);
 - what tests need to stand in for Flower's runtime (``act_as``, ``mark_pushed``, ...).
 
 Written for Flower 1.42 (pyproject.toml pins it; README, "Flower versions").
@@ -204,6 +205,36 @@ def accepts_public_key(path: Path) -> bool:
     from flwr.cli.supernode.register import try_load_public_key
 
     return bool(try_load_public_key(path))
+
+
+def run_supernode_with_heartbeat(seconds: float, arguments: list[str]) -> None:
+    """``flower-supernode <arguments>`` in this process, declaring a node heartbeat of ``seconds``.
+
+    A SuperNode tells the SuperLink its heartbeat interval (``ActivateNode`` and each
+    ``SendNodeHeartbeat`` carry it); the SuperLink counts it offline after two intervals without
+    one, and a message waiting for it then gets a "Node Unavailable" reply. Flower (1.41 and 1.42) always sends
+    its constant ``HEARTBEAT_DEFAULT_INTERVAL`` (30 s) and offers no flag or environment variable,
+    so this sets the constant in the two internal modules of the SuperNode process that read it:
+    the node connection, and the heartbeat thread (which sends every (interval - 5 s) x 0.7-0.9).
+    ClientApps run in processes of their own and keep theirs. On a Flower upgrade, check that both
+    modules still read it (a missing name fails here) and look for a real option.
+    """
+    import sys
+
+    from flwr.common.constant import HEARTBEAT_MAX_INTERVAL, HEARTBEAT_MIN_INTERVAL
+    from flwr.supercore import heartbeat
+    from flwr.supernode import fleet_http_connection
+    from flwr.supernode.cli import flower_supernode
+
+    if not HEARTBEAT_MIN_INTERVAL <= seconds <= HEARTBEAT_MAX_INTERVAL:
+        bounds = f"{HEARTBEAT_MIN_INTERVAL}-{HEARTBEAT_MAX_INTERVAL} s"
+        raise ValueError(f"heartbeat interval {seconds:g} s: the SuperLink accepts {bounds}")
+    for module in (fleet_http_connection, heartbeat):
+        if not hasattr(module, "HEARTBEAT_DEFAULT_INTERVAL"):
+            raise RuntimeError(f"{module.__name__} no longer reads HEARTBEAT_DEFAULT_INTERVAL: see this function")
+        setattr(module, "HEARTBEAT_DEFAULT_INTERVAL", seconds)  # noqa: B010  (a module's constant, on purpose)
+    sys.argv = ["flower-supernode", *arguments]  # what Flower's parser reads
+    flower_supernode()
 
 
 # --- standing in for Flower's runtime, in tests --------------------------------------------------

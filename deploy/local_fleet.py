@@ -11,8 +11,10 @@ from __future__ import annotations
 import json
 import logging
 import subprocess
+import sys
 import time
 from collections.abc import Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
@@ -32,6 +34,7 @@ from deploy.local_simulation import (
 from server.credentials import Credentials, make_credentials
 
 log = logging.getLogger(__name__)
+HEARTBEAT_LAUNCHER = Path(__file__).with_name("supernode_heartbeat.py")
 
 CONNECTION = "edgesplit-deployment"
 INSECURE_WARNING = (
@@ -61,6 +64,11 @@ class LocalDeployment:
     port: int = 0
     # the Flower app `flwr run` submits (benchmarks compare another revision's); default: this one's
     app_dir: Path | None = None
+    # Seconds between a SuperNode's heartbeats as it declares them to the SuperLink, which counts a
+    # silent node offline after twice that. None: Flower's own 30 s, as on real boards (a board
+    # that dies unannounced is noticed within a minute). Tests pass 10, the least the SuperLink
+    # accepts, to notice a killed board within 20 s (common.flower_glue.run_supernode_with_heartbeat).
+    heartbeat_interval: float | None = None
     _superlink: subprocess.Popen[bytes] | None = field(default=None, init=False, repr=False)
     _supernodes: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict, init=False, repr=False)
 
@@ -110,8 +118,8 @@ class LocalDeployment:
         # below. The boards' caches (backbone, embeddings) live in their own folders and persist.
         self._superlink = self._spawn("superlink", self._superlink_command(), self.env, cwd=PROJECT_ROOT)
         wait_for_port(self.port, self._superlink, self.log_path("superlink"))
-        for board in self.boards:
-            self.register(board.name)
+        with ThreadPoolExecutor(max_workers=8) as pool:  # one `flwr` process each: a second or two apiece
+            list(pool.map(self.register, [board.name for board in self.boards]))
         for board in self.boards:
             self.start_supernode(board.name)
         self.wait_until_online(len(self.boards), wait_online)
@@ -202,8 +210,11 @@ class LocalDeployment:
     def supernode_command(self, name: str, key: Path | None = None) -> list[str]:
         board = next((b for b in self.boards if b.name == name), Board(name))
         node_config = {"cache-dir": str(self.board_dir(name) / "cache"), **board.node_config}
+        launcher = ["flower-supernode"]
+        if self.heartbeat_interval is not None:
+            launcher = [sys.executable, str(HEARTBEAT_LAUNCHER), str(self.heartbeat_interval)]
         command = [
-            "flower-supernode",
+            *launcher,
             "--superlink",
             f"127.0.0.1:{self.port}",
             "--auth-supernode-private-key",

@@ -29,7 +29,7 @@ from common.data import LabelledFiles, partition
 from common.kinds import EventKind, HeadInit, Partitioner
 
 CLASSES = tuple(f"pattern-{c}" for c in range(10))
-LABELS = {HeadInit.RANDOM: "random", HeadInit.NCM: "FedNCM", HeadInit.LDA: "LDA (Fed3R's statistics)"}
+LABELS: dict[str, str] = {HeadInit.RANDOM: "random", HeadInit.NCM: "FedNCM", HeadInit.LDA: "LDA (Fed3R's statistics)"}
 
 
 def pattern_image(label: int, rng: np.random.Generator, size: int = 64, contrast: float = 100.0) -> np.ndarray:

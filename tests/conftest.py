@@ -26,16 +26,21 @@ if TYPE_CHECKING:
 # Two xdist workers share two cores: one torch thread each (two each oversubscribe them).
 torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER") else 2)
 
-# The files that run real Flower processes first: `make test` keeps this order
+# The files that take longest first (each over ~10 s), in this order: `make test` keeps it
 # (--no-loadscope-reorder). xdist gives each of the two workers two files to start with (the 1st
 # and 3rd to one, the 2nd and 4th to the other), then the rest as they free up: so the longest file
-# starts beside a short one, and no long file starts last and runs alone.
+# (the deployment, about 3 minutes) starts beside a short one while the other worker works through
+# the next longest, and no long file starts last and runs alone. The 2nd makes the session's shared
+# Lite0 variants at once (its first run is in process), before the deployment's first run needs them.
 LONGEST_FIRST = (
     "test_deployment.py",
     "test_faults_runtime.py",
     "test_personal_ncm.py",
     "test_flower_runtime.py",
     "test_flower_variants.py",
+    "test_edge_client.py",
+    "test_export.py",
+    "test_engines.py",
     "test_dashboard.py",
 )
 
@@ -107,9 +112,11 @@ def with_server_engines(cache: Path, engines: Path) -> Path:
     return cache
 
 
-@pytest.fixture(scope="session")
-def real_lite0(server_engines: Path) -> RealLite0:
-    from common.backbones import build_backbone, fingerprint, load_backbone_weights, preprocess_for
+def lite0_variants(engines: Path, cut: int = 0) -> BackboneVariants:
+    """The embedded Lite0's server-made variants at 224 px (up to ``cut``) in the session's shared
+    folder, int8 calibrated on the server's ELPV held-out split: whichever test needs one first
+    makes it, for every later one and every Flower run of the session."""
+    from common.backbones import fingerprint, load_backbone_weights, preprocess_for
     from common.data import elpv_split
     from common.export import calibration_images
     from server.variants import BackboneVariants
@@ -117,15 +124,28 @@ def real_lite0(server_engines: Path) -> RealLite0:
     name = "efficientnet_lite0"
     state = load_backbone_weights(name)
     preprocess = preprocess_for(name, 224, 1.0)
-    client_share, server_test = elpv_split("4-level", 0, 0.25, 42)
-    variants = BackboneVariants(
-        server_engines,
+    server_test = elpv_split("4-level", 0, 0.25, 42)[1]
+    return BackboneVariants(
+        engines,
         name,
         state,
         preprocess,
         fingerprint(name, state, preprocess),
         calibration=lambda: calibration_images(server_test, preprocess),
+        cut=cut,
     )
+
+
+@pytest.fixture(scope="session")
+def real_lite0(server_engines: Path) -> RealLite0:
+    from common.backbones import build_backbone, load_backbone_weights, preprocess_for
+    from common.data import elpv_split
+
+    name = "efficientnet_lite0"
+    state = load_backbone_weights(name)
+    preprocess = preprocess_for(name, 224, 1.0)
+    client_share = elpv_split("4-level", 0, 0.25, 42)[0]
+    variants = lite0_variants(server_engines)
     files = client_share.subset(np.linspace(0, len(client_share) - 1, 64).round().astype(int))
     images = np.stack([preprocess(decode_image(Path(p).read_bytes())) for p in files.paths])
     return RealLite0(variants, build_backbone(name, state), images, files)

@@ -1,9 +1,10 @@
 """The dashboard, the static report and the TensorBoard scalars, all read from the run folder.
 
-The browser test runs a tiny federation through the real Flower runtime, serves its folder with
-`edgesplit dashboard` (a real uvicorn process) and loads the page in headless Chromium (Debian's
-`chromium`, driven by Playwright): the plots fill in while the run goes, and the client table and
-confusion matrix match what the run wrote.
+The browser test runs a tiny federation (the real ServerApp and ClientApps, in a thread of the test
+process: tests/flower_runs.py; the dashboard only reads the folder it writes), serves its folder
+with `edgesplit dashboard` (a real uvicorn process) and loads the page in headless Chromium
+(Debian's `chromium`, driven by Playwright): the plots fill in while the run goes, and the client
+table and confusion matrix match what the run wrote.
 """
 
 from __future__ import annotations
@@ -20,12 +21,13 @@ from typing import Any
 import pytest
 from PIL import Image
 
-from deploy.local_simulation import flwr_run, free_port, stop_process, wait_for_port
+from deploy.local_simulation import free_port, stop_process, wait_for_port
 from server.dashboard import DashboardError, check_host, make_app
 from server.report import CURVES_PLOT, PLOTS, write_report
 from server.run_folder import RunLog, write_json_atomic
 from server.run_folder_view import RunView
-from tests.conftest import REPO_ROOT, with_server_engines
+from tests.conftest import REPO_ROOT
+from tests.flower_runs import run_in_process
 
 CHROMIUM = "/usr/bin/chromium"
 
@@ -236,24 +238,23 @@ def _get(port: int, path: str, headers: dict[str, str] | None = None) -> tuple[i
     return response.status, response.read(), dict(response.getheaders())
 
 
-@pytest.mark.flower
 def test_live_dashboard_in_a_real_browser(tmp_path: Path, server_engines: Path) -> None:
     from playwright.sync_api import sync_playwright
 
     assert Path(CHROMIUM).is_file(), "Debian's chromium is missing: `make setup` installs it"
     run_dir = tmp_path / "runs" / "live"
     (tmp_path / "secret.txt").write_text("TOP SECRET")
-    config = {
-        "subset": 240,
-        "num-server-rounds": 3,
-        "local-epochs": 1,
-        "views": "none",
-        "cache-dir": str(with_server_engines(tmp_path / "cache", server_engines)),
-        "runs-dir": str(tmp_path / "runs"),
-        "run-name": "live",
-    }
-    finished: list[subprocess.CompletedProcess[str]] = []
-    run = threading.Thread(target=lambda: finished.append(flwr_run(config, 3, tmp_path / "flwr-home", timeout=600)))
+    config = {"subset": 240, "num-server-rounds": 3, "local-epochs": 1, "views": "none"}
+    finished: list[dict[str, Any]] = []
+    failed: list[BaseException] = []
+
+    def federation() -> None:
+        try:
+            finished.append(run_in_process(tmp_path, "live", tmp_path / "cache", server_engines, extra=config))
+        except BaseException as error:  # shown by the assertion below
+            failed.append(error)
+
+    run = threading.Thread(target=federation)
 
     port = free_port()
     log_path = tmp_path / "dashboard.log"
@@ -282,7 +283,7 @@ def test_live_dashboard_in_a_real_browser(tmp_path: Path, server_engines: Path) 
             )
             seen_while_running = page.inner_text("#status")
             run.join(timeout=600)
-            assert finished and finished[0].returncode == 0, finished[0].stdout[-3000:] if finished else "no run"
+            assert finished, f"the run failed: {failed!r}"
             page.wait_for_function("document.getElementById('status').textContent === 'finished'", timeout=30_000)
             page.screenshot(path=str(tmp_path / "dashboard.png"), full_page=True)
             summary = json.loads((run_dir / "summary.json").read_text())

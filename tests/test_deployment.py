@@ -36,6 +36,7 @@ pytestmark = pytest.mark.flower
 
 CLASSES = {"ok": 8, "crack": 8}
 VICTIM = "board-2"
+HEARTBEAT = 10.0
 
 
 def _run_config(tmp: Path, name: str, rounds: int) -> dict[str, Any]:
@@ -47,6 +48,7 @@ def _run_config(tmp: Path, name: str, rounds: int) -> dict[str, Any]:
         "min-clients": 2,
         "round-timeout": 120,
         "fraction-evaluate": 0.0,  # each message is a ClientApp process on a board: keep the test short
+        "export-model": False,  # (the exported model is checked in test_flower_runtime.py: 10 s less here)
         "runs-dir": str(tmp / "runs"),
         "cache-dir": str(tmp / "server-cache"),
         "run-name": name,
@@ -111,8 +113,14 @@ def test_tls_authenticated_deployment_with_a_board_dying_mid_round(tmp_path: Pat
     ]
     intruder_keys = make_credentials(tmp_path / "intruder", ["127.0.0.1"], ["intruder"])
 
-    deployment = LocalDeployment(tmp_path / "deploy", boards)
+    # A 10 s node heartbeat (Flower's default is 30 s; 10 s is the least the SuperLink accepts): the
+    # SuperLink counts the killed board offline within 20 s of its last heartbeat, not 36-60 s.
+    deployment = LocalDeployment(tmp_path / "deploy", boards, heartbeat_interval=HEARTBEAT)
     with deployment:
+        # Authentication: a board whose key was never registered is refused and exits (checked below;
+        # its process starts now, beside the TLS check).
+        intruder = deployment.start_supernode("intruder", key=intruder_keys.board_private_key("intruder"))
+
         # TLS: the SuperLink presents a certificate for 127.0.0.1 signed by our CA, and nothing else.
         context = ssl.create_default_context(cafile=str(deployment.credentials.ca_certificate))
         with (
@@ -124,8 +132,6 @@ def test_tls_authenticated_deployment_with_a_board_dying_mid_round(tmp_path: Pat
         assert certificate.issuer == issuer
         assert len(deployment.node_status()) == 3
 
-        # Authentication: a board whose key was never registered is refused and exits.
-        intruder = deployment.start_supernode("intruder", key=intruder_keys.board_private_key("intruder"))
         assert intruder.wait(timeout=90) != 0
         assert "Failed to activate SuperNode" in deployment.log_path("intruder").read_text()
         deployment.stop_supernode("intruder")
@@ -138,6 +144,7 @@ def test_tls_authenticated_deployment_with_a_board_dying_mid_round(tmp_path: Pat
         reader.start()
         _wait_for_line(deployment.log_path(VICTIM), "embedding local images", timeout=300)
         deployment.stop_supernode(VICTIM, kill=True)
+        killed_at = time.time()
         reader.join(timeout=420)
         assert output, "the run did not finish"
         summary, events = _summary_and_events(tmp_path, "first")
@@ -148,6 +155,9 @@ def test_tls_authenticated_deployment_with_a_board_dying_mid_round(tmp_path: Pat
         assert summary["final"]["accuracy"] >= 0.75
         failed = [e for e in events if e["event"] == "client-failed" and e["round"] == 1]
         assert len(failed) == 1
+        # noticed by the heartbeat set above: within 2 intervals of the board's last heartbeat (a default
+        # 30 s heartbeat would take at least 36 s)
+        assert failed[0]["time"] - killed_at < 3.5 * HEARTBEAT, failed[0]["time"] - killed_at
         victim_node = failed[0]["node"]
         sent = {e["node"]: e["engine"] for e in events if e["event"] == "backbone-sent"}
         assert sent.pop(victim_node) == "torch" and list(sent.values()) == ["onnx-int8"] * 2
@@ -172,10 +182,15 @@ def test_tls_authenticated_deployment_with_a_board_dying_mid_round(tmp_path: Pat
         assert table["board-1"]["cpu_temp_c"] is None and table[VICTIM]["failures"] == 1
         assert all(e["metrics"]["train-seconds"] > 0 for e in replies)
 
-        # The victim restarts: it still holds the verified backbone, so nothing big is sent.
+        # The victim restarts: it still holds the verified backbone, so nothing big is sent. Its many
+        # large images were there to be caught embedding; from here on 8 per class do (it embeds them
+        # again in each run: it died before its cache held any).
+        for image in (tmp_path / "data" / VICTIM).glob("*/*.png"):
+            if int(image.stem) >= 8:
+                image.unlink()
         deployment.start_supernode(VICTIM)
         deployment.wait_until_online(3, timeout=90)
-        _finish(deployment.submit(_run_config(tmp_path, "second", rounds=1) | {"export-model": False}))
+        _finish(deployment.submit(_run_config(tmp_path, "second", rounds=1)))
         summary, events = _summary_and_events(tmp_path, "second")
         assert summary["rounds"][0]["backbones_sent"] == 0
         assert summary["rounds"][0]["clients_ok"] == 3
@@ -190,7 +205,6 @@ def test_tls_authenticated_deployment_with_a_board_dying_mid_round(tmp_path: Pat
             "backbone-weights": str(tmp_path / "resnet18.pt"),
             "image-size": 64,
             "engine": "torch",  # the float32 weights themselves, for every board
-            "export-model": False,  # (exporting makes ResNet-18's ONNX and int8 forms: not under test here)
         }
         # Stopping in the middle of a run (what Ctrl-C or SIGTERM on deploy-local does) ends every
         # process, the ServerApp included: Flower starts it in a session of its own. The large

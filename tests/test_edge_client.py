@@ -14,12 +14,9 @@ import pytest
 from client.telemetry import cpu_temperature_c, device_metrics, peak_rss_mb
 from common import protocol
 from common.backbones import build_backbone, fingerprint, load_backbone_weights, preprocess_for
-from common.data import scan_image_folder
-from common.export import calibration_images
 from common.heads import head_arrays
 from common.split import build_head
-from server.variants import BackboneVariants
-from tests.conftest import REPO_ROOT, write_image_folder
+from tests.conftest import REPO_ROOT, lite0_variants, write_image_folder
 from tests.protocol_samples import instructions
 
 # Packages only the server / simulation extra installs. The client must run without any of them.
@@ -64,26 +61,16 @@ print(json.dumps({"metrics": metrics, "loaded": sorted(loaded & BLOCKED)}))
 
 
 @pytest.mark.parametrize("cut", [0, 1])
-def test_the_client_trains_with_the_edge_install_alone(tmp_path: Path, cut: int) -> None:
+def test_the_client_trains_with_the_edge_install_alone(tmp_path: Path, server_engines: Path, cut: int) -> None:
     """The default engine end to end on a board: it receives the int8 ONNX backbone (up to the
     cut) the server made, embeds with ONNX Runtime and trains the head (and at cut 1 the last
     stage, built from timm's architecture), with no server package importable, and at cut 0
-    without torch installed at all."""
+    without torch installed at all. (The session's shared variants: the Flower runs use the same.)"""
     write_image_folder(tmp_path / "board", {"ok": 6, "crack": 6}, seed=0)
-    write_image_folder(tmp_path / "server", {"ok": 4, "crack": 4}, seed=1)
-    preprocess = preprocess_for("efficientnet_lite0", 64, 1.0)
+    preprocess = preprocess_for("efficientnet_lite0", 224, 1.0)
     state = load_backbone_weights("efficientnet_lite0")  # the server's side: needs the weights package
     backbone_fp = fingerprint("efficientnet_lite0", state, preprocess)
-    server_files = scan_image_folder(tmp_path / "server", ("ok", "crack"))
-    variants = BackboneVariants(
-        tmp_path / "engines",
-        "efficientnet_lite0",
-        state,
-        preprocess,
-        backbone_fp,
-        calibration=lambda: calibration_images(server_files, preprocess),
-        cut=cut,
-    )
+    variants = lite0_variants(server_engines, cut)
     (tmp_path / "backbone.onnx").write_bytes(variants.artifact("onnx-int8"))
     model = build_backbone("efficientnet_lite0", state)
     np.savez(tmp_path / "head.npz", **head_arrays(build_head("efficientnet_lite0", cut, "linear", 2, model=model)))

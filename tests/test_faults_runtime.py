@@ -1,6 +1,7 @@
-"""Faults through the real Flower runtime: poisoned and crashing clients, the server killed mid-run
-and restarted (in the same poisoned setup), a run that cannot go on. Small ELPV runs (a few hundred
-images, 3-5 clients)."""
+"""Faults: poisoned and crashing clients, the server killed mid-run and restarted in the same
+poisoned setup (through the real Flower runtime: the kill is of its processes), a run that cannot
+go on. Small ELPV runs (a few hundred images, 3-8 clients); the runs whose checks are the
+ServerApp's and ClientApp's alone run in process (tests/flower_runs.py)."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from common import protocol
 from deploy.local_simulation import flwr_run
 from server.checkpoint import Checkpoint, CheckpointError
 from tests.conftest import with_server_engines
+from tests.flower_runs import run_in_process
 
 pytestmark = pytest.mark.flower
 
@@ -67,10 +69,13 @@ POISONED = {
 
 
 @pytest.fixture(scope="module")
-def poisoned(tmp_path_factory: pytest.TempPathFactory, cache: Path) -> dict[str, Any]:
+def poisoned(tmp_path_factory: pytest.TempPathFactory, cache: Path, server_engines: Path) -> dict[str, Any]:
     """One uninterrupted run with poisoned and crashing clients: checked on its own, and the
-    reference an interrupted and resumed run of the same setup must end like."""
-    return _run(tmp_path_factory.mktemp("poisoned"), "reference", CLIENTS, cache, config=POISONED)
+    reference an interrupted and resumed run of the same setup must end like. In process
+    (tests/flower_runs.py): screening is the ServerApp's, and the same seeds give the runtime's
+    result to the bit; the runs through the runtime below carry the same faults."""
+    tmp = tmp_path_factory.mktemp("poisoned")
+    return run_in_process(tmp, "reference", cache, server_engines, extra={**SMALL, **POISONED}, clients=CLIENTS)
 
 
 def test_poisoned_and_crashing_clients_are_kept_out_and_the_run_goes_on(poisoned: dict[str, Any]) -> None:
@@ -91,7 +96,7 @@ def test_poisoned_and_crashing_clients_are_kept_out_and_the_run_goes_on(poisoned
 
 
 def test_a_killed_server_resumes_and_ends_like_an_uninterrupted_run(
-    tmp_path: Path, cache: Path, poisoned: dict[str, Any]
+    tmp_path: Path, cache: Path, server_engines: Path, poisoned: dict[str, Any]
 ) -> None:
     # The same run, killed (SIGKILL to the SuperLink's process group: server and clients) once a
     # round is checkpointed. One slow client keeps the later rounds long enough to land in.
@@ -110,8 +115,16 @@ def test_a_killed_server_resumes_and_ends_like_an_uninterrupted_run(
     reached = _checkpointed_round(run_dir)
     assert reached in (1, 2)  # it died between rounds, before the last
 
-    # A fresh SuperLink; the run continues from its checkpoint with one setting.
-    resumed = _run(tmp_path, "resumed", CLIENTS, cache, config={**POISONED, "resume-from": str(run_dir)})
+    # A fresh ServerApp (in process: resuming is the ServerApp's); the run continues from its
+    # checkpoint with one setting.
+    resumed = run_in_process(
+        tmp_path,
+        "resumed",
+        cache,
+        server_engines,
+        extra={**SMALL, **POISONED, "resume-from": str(run_dir)},
+        clients=CLIENTS,
+    )
     assert not (tmp_path / "runs" / "resumed").exists()  # it continued in the original folder
     summary = json.loads((run_dir / "summary.json").read_text())
     assert [r["round"] for r in summary["rounds"]] == [1, 2, 3]  # no round lost or repeated
@@ -125,12 +138,17 @@ def test_a_killed_server_resumes_and_ends_like_an_uninterrupted_run(
     assert resumed["output"]  # (kept for the failure message above)
 
 
-def test_a_run_without_enough_usable_clients_stops_with_a_clear_message(tmp_path: Path, cache: Path) -> None:
+def test_a_run_without_enough_usable_clients_stops_with_a_clear_message(
+    tmp_path: Path, cache: Path, server_engines: Path
+) -> None:
+    # In process (tests/flower_runs.py): the stop is the ServerApp's; its log lines reach `flwr run
+    # --stream` as every ServerApp line does (test_flower_runtime.py reads the round lines there).
     faults = {"fault-clients": "1:crash,2:crash", "min-clients": 2, "round-retries": 1}
-    run = _run(tmp_path, "stopped", 3, cache, expect_ok=False, config=faults)
+    run = run_in_process(tmp_path, "stopped", cache, server_engines, extra={**SMALL, **faults}, expect_ok=False)
     summary = run["summary"]
     assert summary is not None and summary["completed_rounds"] == 0
     assert "Round 1 got fewer than min-clients=2 usable updates in 2 attempts" in summary["stopped"]
     assert "resume-from=" in summary["stopped"]
     assert [e["attempt"] for e in run["events"] if e["event"] == "round-retry"] == [2]
-    assert "Round 1 got fewer than min-clients=2" in run["output"]  # the operator sees it in the stream
+    assert str(run["stopped"]) == summary["stopped"]  # the ServerApp raised it: the Flower run fails
+    assert f"ERROR {summary['stopped']}" in run["output"]  # and logged it for the operator's stream

@@ -1,6 +1,7 @@
 """End to end through the real Flower runtime: flower-superlink in simulation mode, `flwr run`,
 the ServerApp and ClientApps in their own processes. Small: 3 clients, a few hundred images,
-2 rounds. The runs are shared by the tests of this module (module-scoped fixtures).
+2 rounds. The runs are shared by the tests of this module (module-scoped fixtures); the second,
+which checks what the first left in the nodes' caches, runs in process.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from tests.flower_runs import HEAD_SHAPES, run_small
+from tests.flower_runs import HEAD_SHAPES, run_in_process, run_small
 
 pytestmark = pytest.mark.flower
 
@@ -21,10 +22,14 @@ pytestmark = pytest.mark.flower
 def elpv_runs(tmp_path_factory: pytest.TempPathFactory, server_engines: Path) -> tuple[dict[str, Any], dict[str, Any]]:
     """The same small ELPV run twice with one cache: the second must find everything cached.
     Two views (the image and its mirror), embedded once, in the first run: what holds for them
-    holds for ELPV's eight (`views='auto'`, test_config.py) at a quarter of the embedding."""
+    holds for ELPV's eight (`views='auto'`, test_config.py) at a quarter of the embedding.
+    The second run is the real ServerApp and ClientApp in this process (tests/flower_runs.py),
+    which has held no client of this cache: what it finds cached, it finds on disk."""
     tmp = tmp_path_factory.mktemp("elpv")
     first = run_small(tmp, "first", tmp / "cache", server_engines, extra={"views": "hflip"})
-    second = run_small(tmp, "second", tmp / "cache", server_engines, extra={"views": "hflip", "export-model": False})
+    second = run_in_process(
+        tmp, "second", tmp / "cache", server_engines, extra={"views": "hflip", "export-model": False}
+    )
     return first, second
 
 
