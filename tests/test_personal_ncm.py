@@ -73,11 +73,13 @@ def _federations(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     tmp = tmp_path_factory.mktemp("pathological")
     root = write_pathological_data(tmp / "data", clients=CLIENTS, per_class=30, test_per_class=8)
     results: dict[str, Any] = {}
-    for name, init, rounds in (
-        ("random", "random", ROUNDS),
-        ("ncm", "ncm", ROUNDS),
-        ("lda", "lda", 0),
-        ("lda+ft", "lda", 2),
+    for name, init, rounds, more in (
+        ("random", "random", ROUNDS, {}),
+        ("ncm", "ncm", ROUNDS, {}),
+        ("lda", "lda", 0, {}),
+        ("lda+ft", "lda", 2, {}),
+        # each board corrects for its own label shares: the prior from one counts-only query
+        ("counts", "random", 1, {"local-prior-correction": True}),
     ):
         settings = run_config(
             root,
@@ -90,6 +92,7 @@ def _federations(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
                 "num-server-rounds": rounds,
                 "engine": "torch",
                 "client-test-fraction": 0.5,
+                **more,
             },
         )
         config = RunConfig.from_flower(settings)
@@ -97,6 +100,7 @@ def _federations(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
         RoundLoop(EdgeSplitStrategy.for_run(run), run).run_rounds(InProcessGrid(settings))  # type: ignore[arg-type]
         events = [json.loads(line) for line in (run.run_log.run_dir / "events.jsonl").read_text().splitlines()]
         results[name] = {
+            "instructions": run.instructions(1) if rounds else None,  # what round 1 told the boards
             "rounds": run.rounds,
             "initial": next(e["accuracy"] for e in events if e["event"] == "initial-evaluation"),
             "events": events,
@@ -127,6 +131,14 @@ def test_the_federated_lda_head_starts_at_the_probe_plateau_without_held_out_dat
     (init,) = [e for e in lda["events"] if e["event"] == "head-initialised"]
     assert init["method"] == "lda" and init["nodes"] == CLIENTS and init["classes_set"] == list(range(len(CLASSES)))
     assert init["temperature"] == 1.0 and init["shrinkage"] == 0.1  # no temperature fitted on the server's split
+
+
+def test_a_random_head_gets_the_federations_class_counts_from_one_query(federations: dict[str, Any]) -> None:
+    (counted,) = [e for e in federations["counts"]["events"] if e["event"] == "head-initialised"]
+    assert counted["method"] == "random" and counted["nodes"] == CLIENTS and min(counted["class_counts"]) > 0
+    told = federations["counts"]["instructions"]
+    assert told.local_prior_correction is True and len(told.class_prior) == len(CLASSES)
+    assert np.isclose(sum(told.class_prior), 1.0)  # the federation's shares, from the counts
 
 
 def test_a_closed_form_head_trains_through_every_round(federations: dict[str, Any]) -> None:
