@@ -12,9 +12,13 @@ import warnings
 from dataclasses import asdict, dataclass
 
 import numpy as np
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
 MAX_PIXELS = 64_000_000  # larger images are refused before decoding (a 64 MP photo is ~200 MB as RGB)
+# The formats of common/data.py's IMAGE_EXTENSIONS (PPM covers .pgm): Pillow tries no other decoder
+# on untrusted bytes, whatever their name (EPS would run Ghostscript; PSD, ICO and the rest are code
+# the product never needs).
+IMAGE_FORMATS = ("PNG", "JPEG", "BMP", "TIFF", "WEBP", "GIF", "PPM")
 
 
 class UnusableImage(ValueError):
@@ -96,16 +100,16 @@ class PreprocessSpec:
 def decode_image(data: bytes) -> Image.Image:
     """Decode fully (not lazily) into RGB, so that a bad file fails here, not inside the batch.
 
-    The bytes are untrusted: whatever Pillow raises on them (there are many exception types for
-    many formats) becomes ``UnusableImage`` naming the cause. Huge images are refused from their
-    header, before their pixels are decoded.
+    The bytes are untrusted: only the decoders of ``IMAGE_FORMATS`` see them, and whatever Pillow
+    raises on them (there are many exception types for many formats) becomes ``UnusableImage``
+    naming the cause. Huge images are refused from their header, before their pixels are decoded.
     """
     # Pillow warns about damage it works around (corrupt EXIF, odd tags); what matters is whether
     # the image decodes, and a skipped file is reported once, by the caller.
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         try:
-            image = Image.open(io.BytesIO(data))
+            image = Image.open(io.BytesIO(data), formats=IMAGE_FORMATS)
             width, height = image.size
             if width * height > MAX_PIXELS:
                 raise UnusableImage(
@@ -115,6 +119,9 @@ def decode_image(data: bytes) -> Image.Image:
             return to_rgb(image)
         except UnusableImage:
             raise
+        except UnidentifiedImageError as error:
+            detail = f"{error}; it is damaged, or not in a format read here ({', '.join(IMAGE_FORMATS)})"
+            raise UnusableImage("undecodable (UnidentifiedImageError)", detail) from error
         except Image.DecompressionBombError as error:  # Pillow's own guard, for even larger images
             raise UnusableImage("too large", f"{error} Downscale it.") from error
         except Exception as error:  # untrusted input: any failure means this file is unusable

@@ -6,18 +6,22 @@ from __future__ import annotations
 
 import io
 import struct
+import tomllib
 import zlib
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from packaging.requirements import Requirement
 from PIL import Image
 
-from common.data import scan_image_folder
+from common.data import IMAGE_EXTENSIONS, scan_image_folder
 from common.embedding import EmbeddingCache, embed_files
-from common.preprocess import DECODE_ERRORS, MAX_PIXELS, PreprocessSpec, UnusableImage, decode_image
+from common.preprocess import DECODE_ERRORS, IMAGE_FORMATS, MAX_PIXELS, PreprocessSpec, UnusableImage, decode_image
+from tests.conftest import REPO_ROOT
 
 PREPROCESS = PreprocessSpec(image_size=32)
 
@@ -82,6 +86,7 @@ def corpus(tmp_path: Path) -> tuple[Path, dict[str, str]]:
         crack / "truncated.jpg": (good_jpeg[: len(good_jpeg) // 3], "undecodable"),
         crack / "random.png": (np.random.default_rng(0).bytes(700), "undecodable"),
         crack / "text.jpg": (b"this is not a JPEG\n" * 10, "undecodable"),
+        crack / "pcx.png": (_encoded(_rgb(12), "PCX"), "undecodable"),  # Pillow reads PCX; the product does not
         crack / "zero.png": (b"", "empty file"),
         crack / "huge.png": (_png_header_only(9_000, 8_000), "too large"),
         crack / "notes.txt": (b"field notes", "not an image file"),
@@ -124,6 +129,33 @@ def test_every_file_of_a_bad_corpus_is_used_or_skipped_with_its_reason(
     warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
     assert len(warnings) == 1  # one clear warning, with counts by reason and a first example
     assert f"skipped {len(skipped)} of {len(expected)} images" in warnings[0]
+
+
+@pytest.mark.parametrize("fmt", ["PCX", "TGA", "ICO", "SGI", "QOI", "DDS"])
+def test_only_the_formats_the_product_reads_are_decoded(fmt: str) -> None:
+    """Pillow decodes these; a board hands untrusted bytes to the decoders of its own formats only."""
+    data = _encoded(_rgb(13, 16), fmt)
+    with pytest.raises(UnusableImage, match="not in a format read here") as error:
+        decode_image(data)
+    assert error.value.reason == "undecodable (UnidentifiedImageError)"  # counted like other unreadable files
+
+
+def test_every_image_extension_has_its_decoder_and_nothing_more() -> None:
+    Image.init()
+    formats = {Image.registered_extensions()[extension] for extension in IMAGE_EXTENSIONS}
+    assert formats == set(IMAGE_FORMATS)
+    for data in [*SEEDS, _encoded(_rgb(14, 16), "PPM"), _encoded(_rgb(15, 16).convert("L"), "PPM")]:
+        assert decode_image(data).mode == "RGB"
+
+
+def test_the_pillow_floor_has_the_libwebp_fix() -> None:
+    """CVE-2023-4863 (libwebp heap overflow): Pillow 10.0.1's wheels bundle the fixed libwebp 1.3.2."""
+    requirement = next(Requirement(r) for r in _project()["dependencies"] if r.startswith("pillow"))
+    assert not requirement.specifier.contains("10.0.0") and requirement.specifier.contains("10.0.1")
+
+
+def _project() -> dict[str, Any]:
+    return tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())["project"]
 
 
 def test_sixteen_bit_greyscale_is_scaled_not_clipped() -> None:
