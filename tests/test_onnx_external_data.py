@@ -5,6 +5,7 @@ the engine kinds that keep and load a backbone."""
 
 from __future__ import annotations
 
+import tomllib
 from collections.abc import Callable
 from pathlib import Path
 
@@ -12,10 +13,12 @@ import numpy as np
 import onnx
 import pytest
 from onnx import TensorProto, external_data_helper, helper, numpy_helper
+from packaging.requirements import Requirement
 
 from common.engines import ENGINE_KINDS, OnnxEngine, UnsafeModel, checked_onnx
 from common.onnx_wire import MalformedModel, external_data_tensors
 from common.protocol import ONNX_MODEL
+from tests.conftest import REPO_ROOT
 from tests.protocol_samples import instructions
 
 MEMORY_TAG = "*/_ORT_MEM_ADDR_/*"  # ONNX Runtime's tag: the data is at the address in "offset"
@@ -163,6 +166,14 @@ def test_bytes_that_are_not_a_well_formed_protobuf_are_refused(damage: Callable[
         external_data_tensors(model)
     with pytest.raises(UnsafeModel, match="not a readable ONNX protobuf"):
         checked_onnx(model)
+
+
+def test_the_onnx_runtime_floor_refuses_in_memory_references_itself() -> None:
+    """Defence in depth: ONNX Runtime 1.24.1 is the first release that rejects "arbitrary in-memory
+    references" in a model's initializers itself (1.20 to 1.23 fail such a model only by chance)."""
+    extra = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]["edge"]
+    requirement = next(Requirement(r) for r in extra if r.startswith("onnxruntime"))
+    assert not requirement.specifier.contains("1.23.2") and requirement.specifier.contains("1.24.1")
 
 
 def test_onnx_runtimes_own_format_is_refused() -> None:
