@@ -7,6 +7,7 @@ from __future__ import annotations
 import io
 import struct
 import tomllib
+import tracemalloc
 import zlib
 from pathlib import Path
 from typing import Any
@@ -18,6 +19,7 @@ from hypothesis import strategies as st
 from packaging.requirements import Requirement
 from PIL import Image
 
+from common import preprocess
 from common.data import IMAGE_EXTENSIONS, scan_image_folder
 from common.embedding import EmbeddingCache, embed_files
 from common.preprocess import DECODE_ERRORS, IMAGE_FORMATS, MAX_PIXELS, PreprocessSpec, UnusableImage, decode_image
@@ -165,6 +167,53 @@ def test_sixteen_bit_greyscale_is_scaled_not_clipped() -> None:
     assert image.mode == "RGB"
     assert pixels.min() == 0 and pixels.max() == 255
     assert 120 < pixels.mean() < 136  # a ramp stays a ramp (clipping would make it nearly all white)
+
+
+def _previous_grey(image: Image.Image) -> np.ndarray:
+    """How high-bit-depth greyscale became 8 bits before it was done in bands: the reference."""
+    values = np.asarray(image, dtype=np.float64)
+    if image.mode == "F":
+        top = 1.0 if values.size and np.nanmax(values) <= 1.0 else 255.0
+    else:
+        top = 65535.0 if values.size and np.max(values) > 255 else 255.0
+    return np.nan_to_num(np.clip(values / top, 0.0, 1.0) * 255.0).round().astype(np.uint8)
+
+
+HIGH_BIT_DEPTH = {
+    "16-bit ramp": np.linspace(0, 65535, 37 * 53).reshape(37, 53).astype(np.uint16),
+    "16-bit, all below 256": np.arange(37 * 53).reshape(37, 53).astype(np.uint16) % 256,
+    "32-bit, out of range": np.linspace(-70_000, 140_000, 37 * 53).reshape(37, 53).astype(np.int32),
+    "float in [0, 1] with NaN": np.where(np.eye(37, 53) > 0, np.nan, np.linspace(0, 1, 37 * 53).reshape(37, 53)),
+    "float above 1 with inf": np.where(np.eye(37, 53) > 0, np.inf, np.linspace(-3, 400, 37 * 53).reshape(37, 53)),
+}
+
+
+@pytest.mark.parametrize("name", list(HIGH_BIT_DEPTH))
+def test_high_bit_depth_in_bands_equals_the_previous_pipeline(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    pixels = HIGH_BIT_DEPTH[name]
+    image = Image.fromarray(pixels.astype(np.float32) if pixels.dtype.kind == "f" else pixels)
+    monkeypatch.setattr(preprocess, "BAND_PIXELS", 100)  # bands of one or two rows: the seams are exercised
+    converted = np.asarray(preprocess.to_rgb(image))
+    expected = _previous_grey(image)
+    for channel in range(3):
+        np.testing.assert_array_equal(converted[..., channel], expected)
+
+
+def test_a_large_sixteen_bit_image_is_never_held_in_floats_at_full_size() -> None:
+    """9 MP of 16-bit greyscale: the previous pipeline's float64 copies peaked near 260 MB of NumPy
+    memory; now the 8-bit result (9 MB) and a few bands of float64 are all there is."""
+    side = 3000
+    ramp = (np.arange(side, dtype=np.uint32)[None, :] * 21 + np.arange(side, dtype=np.uint32)[:, None]) % 65536
+    data = _encoded(Image.fromarray(ramp.astype(np.uint16)), "PNG", compress_level=1)
+    del ramp
+    tracemalloc.start()
+    try:
+        image = decode_image(data)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert image.mode == "RGB" and image.size == (side, side)
+    assert peak < side * side + 4 * 8 * preprocess.BAND_PIXELS, f"peak {peak / 1e6:.0f} MB"
 
 
 @pytest.mark.parametrize("side", [9_000, 20_000])  # above our limit; above Pillow's bomb guard too
