@@ -20,6 +20,7 @@ import numpy as np
 from flwr.app import Message, MetricRecord, RecordDict
 
 from common import protocol
+from common.board_text import MAX_BOARD_NAME, board_text
 from common.config import RunConfig
 from common.flower_glue import from_array_record, wire_bytes
 from common.protocol import ClassCounts, ClassStats, Phase, ProtocolError, ReplyStatus, RidgeStats
@@ -172,10 +173,10 @@ class ReplyScreen:
         candidates = []
         for reply, node in zip(replies, origins, strict=True):
             if reply.has_error() and reply.error.code == protocol.SETUP_ERROR_CODE:
-                self._setup_error(node, phase, str(reply.error.reason), tally, result)
+                self._setup_error(node, phase, board_text(reply.error.reason), tally, result)
                 continue
             if reply.has_error():
-                self._fail(node, phase, str(reply.error.reason), tally, result)
+                self._fail(node, phase, board_text(reply.error.reason), tally, result)
                 continue
             self.setup_errors.pop(node, None)
             size = wire_bytes(reply)
@@ -249,6 +250,7 @@ class ReplyScreen:
         if phase is Phase.TRAIN:
             tally.record.clients_rejected += 1
         extra = {key: value for key, value in extra.items() if value is not None}
+        reason = board_text(reason)  # it may quote what the board sent
         self.run_log.event(
             "client-rejected", round=tally.record.round, phase=phase.value, node=node, reason=reason, **extra
         )
@@ -279,7 +281,9 @@ class ReplyScreen:
 
     def _accept(self, c: _Candidate, phase: Phase, tally: RoundTally, norm: float | None, bytes_down: int) -> None:
         # The event keeps every number the node reported (telemetry included), finite ones only.
-        metrics: dict[str, Any] = {k: v for k, v in c.reply.content[protocol.METRICS].items() if is_number(v)}
+        metrics: dict[str, Any] = {
+            board_text(k, MAX_BOARD_NAME): v for k, v in c.reply.content[protocol.METRICS].items() if is_number(v)
+        }
         self.run_log.event(
             "client-reply",
             round=tally.record.round,
