@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
-import os
 import platform
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -31,6 +30,7 @@ import numpy as np
 
 from common.kinds import ENGINE_CHOICES
 from common.onnx_wire import MalformedModel, external_data_tensors
+from common.private_files import write_private
 from common.protocol import ONNX_MODEL
 
 if TYPE_CHECKING:
@@ -119,13 +119,6 @@ def checked_onnx(model: bytes) -> bytes:
     return model
 
 
-def _write_atomically(path: Path, write: Callable[[Path], object]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_suffix(f".tmp{os.getpid()}")
-    write(temporary)
-    temporary.replace(path)  # a crash never leaves half a file
-
-
 class EngineKind:
     """One form of the backbone: what travels, what a board keeps, how it is checked and run."""
 
@@ -199,7 +192,7 @@ class TorchKind(EngineKind):
                 "the round is refused."
             )
         stored = {"name": instructions.backbone_name, "preprocess": instructions.preprocess.to_json(), "state": state}
-        _write_atomically(path, lambda target: torch.save(stored, target))
+        write_private(path, lambda target: torch.save(stored, target))
         return actual
 
     def check(self, path: Path, fp: str) -> str:
@@ -276,7 +269,7 @@ class OnnxKind(EngineKind):
                 f"{instructions.engine_fingerprint[:12]}. The transfer was corrupted; the round is refused."
             )
         checked_onnx(model)  # what was announced may still read outside itself: kept only if whole
-        _write_atomically(path, lambda target: target.write_bytes(model))
+        write_private(path, lambda target: target.write_bytes(model))
         return actual
 
     def check(self, path: Path, fp: str) -> str:
