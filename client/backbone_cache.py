@@ -22,7 +22,8 @@ from pathlib import Path
 import numpy as np
 
 from client.lru import LruCache
-from common.engines import Engine, EngineKind, FingerprintMismatch, _write_atomically, runtime_tag
+from common.engines import Engine, EngineKind, FingerprintMismatch, runtime_tag
+from common.private_files import write_private
 from common.protocol import GoldenBatch, Instructions, ProtocolError, check_fingerprint
 
 log = logging.getLogger(__name__)
@@ -110,7 +111,7 @@ class BackboneCache:
         path = self.golden_path(fp, cut)
         with self._verified.lock:
             self._verified.pop(path)
-            _write_atomically(path, save)
+            write_private(path, save)
 
     def golden(self, fp: str, cut: int = 0) -> GoldenBatch | None:
         """The golden batch held for backbone ``fp`` at ``cut``; None if none (or unreadable: removed)."""
@@ -147,5 +148,5 @@ class BackboneCache:
             return None
         engine = self.engine(kind, fp, variant, num_threads, cut)
         cosine = batch.cosine(engine(batch.images.astype(np.float32)))
-        _write_atomically(verdict, lambda target: target.write_text(json.dumps({"key": key, "cosine": cosine})))
+        write_private(verdict, lambda target: target.write_text(json.dumps({"key": key, "cosine": cosine})))
         return cosine

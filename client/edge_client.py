@@ -29,6 +29,7 @@ from common.data import DataError, LabelledFiles
 from common.embedding import EmbeddingCache, EmbedStats, embed_files, progress_logger
 from common.engines import EngineKind, FingerprintMismatch, engine_kind, resolve_engine
 from common.fed3r import ridge_sums
+from common.private_files import write_private
 from common.protocol import BackboneStatus, ClassCounts, ClassStats, GoldenBatch, Instructions, ReplyStatus, RidgeStats
 from common.trainable import Trainable, trainable_of
 
@@ -262,10 +263,8 @@ class EdgeClient:
             seed=self._seed(instructions) + 1,
             train=lambda name: name.startswith("classifier."),
         )
-        directory = self.cache_dir / "personal"
-        directory.mkdir(parents=True, exist_ok=True)
-        path = directory / f"{instructions.fingerprint[:16]}-cut{instructions.cut}.npz"
-        np.savez(path, **head.arrays())  # type: ignore[arg-type]  # numpy's stub types **kwds oddly
+        path = self.cache_dir / "personal" / f"{instructions.fingerprint[:16]}-cut{instructions.cut}.npz"
+        write_private(path, lambda target: _save_arrays(target, head.arrays()))
         return head
 
     def class_sums(
@@ -312,3 +311,8 @@ class EdgeClient:
         head = trainable_of(instructions)
         head.load(arrays)
         return head
+
+
+def _save_arrays(path: Path, arrays: Mapping[str, np.ndarray]) -> None:
+    with path.open("wb") as handle:  # a handle: given a path, NumPy would add ".npz" to the temporary's name
+        np.savez(handle, **arrays)  # type: ignore[arg-type]  # numpy's stub types **kwds oddly

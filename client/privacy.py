@@ -10,13 +10,15 @@ own floor on how many images a shared statistic may sum over (client/privacy_flo
 from __future__ import annotations
 
 import json
+import logging
 import os
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
-from flwr.app import Context, Message
+from flwr.app import ConfigRecord, Context, Error, Message
 
 from client.privacy_floor import example_floor, floor_violations, gram_floor
+from client.redaction import local_paths, without_local_paths
 from client.request import BoardRequest, request_of
 from common.backbones import get_spec
 from common.config import NodeConfig
@@ -40,6 +42,8 @@ from common.trainable import trainable_shapes_of
 
 if TYPE_CHECKING:
     from common.flower_glue import ClientAppCallable
+
+log = logging.getLogger(__name__)
 
 AUDIT_LOG_ENV = "EDGESPLIT_AUDIT_LOG"  # if set: one JSON line per outgoing reply, for audits and tests
 MAX_STATUS_CHARS = 1000
@@ -162,10 +166,25 @@ def describe(reply: Message) -> dict[str, Any]:
 
 
 def privacy_guard(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
-    """Check every reply before it leaves: a violation becomes an error reply, carrying nothing."""
-    reply = call_next(msg, context)
+    """Check every reply before it leaves: a violation becomes an error reply, carrying nothing. No
+    status string, error reason or exception that becomes one carries the board's paths."""
+    paths = local_paths(context.node_config, context.run_config)
+    try:
+        reply = call_next(msg, context)
+    except Exception as error:
+        shared = without_paths(error, paths)
+        if shared is error:
+            raise
+        raise shared from None
     if reply.has_error():
-        return reply
+        told = str(reply.error.reason or "")
+        reason = without_local_paths(told, paths)
+        return reply if reason == told else Message(Error(reply.error.code, reason), reply_to=msg)
+    if STATUS in reply.content.config_records:
+        status = reply.content.config_records[STATUS]
+        reply.content[STATUS] = ConfigRecord(
+            {key: without_local_paths(v, paths) if isinstance(v, str) else v for key, v in status.items()}
+        )
     request = request_of(msg)
     description = describe(reply)
     audit(description, msg.metadata.message_type)
@@ -174,6 +193,22 @@ def privacy_guard(msg: Message, context: Context, call_next: ClientAppCallable) 
     if problems:
         raise PrivacyViolation("reply refused by the privacy guard: " + "; ".join(problems))
     return reply
+
+
+class BoardError(RuntimeError):
+    """What a board's exception says to the server once the board's paths are taken out of it."""
+
+
+def without_paths(error: Exception, paths: list[str]) -> Exception:
+    """``error`` if its message names none of the board's paths; else a BoardError naming its type
+    and its message without them (Flower's runner sends an exception's message to the server),
+    and the board's own log keeps the original."""
+    told = str(error)
+    shared = without_local_paths(told, paths)
+    if shared == told:
+        return error
+    log.error("%s: %s (sent to the server without its paths)", type(error).__name__, told, exc_info=error)
+    return BoardError(f"{type(error).__name__}: {shared}")
 
 
 def audit(reply: Mapping[str, Any], message_type: str) -> None:

@@ -7,12 +7,15 @@ splitting never decode a pixel. Decoding happens once, in the embedding step.
 from __future__ import annotations
 
 import functools
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from common.kinds import DatasetKind, ElpvTask, Partitioner, kind_values
+
+log = logging.getLogger(__name__)
 
 # torchvision ImageFolder's list, so a folder that works there works here
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".gif", ".ppm", ".pgm")
@@ -139,10 +142,11 @@ def scan_image_folder(root: str | Path, class_names: tuple[str, ...]) -> Labelle
             f"({', '.join(class_names)}) or point node-config 'data-dir' at the right place."
         )
     folders = sorted(p.name for p in root.iterdir() if p.is_dir())
-    notes = []
+    notes = []  # they go to the server with every reply: counts and the run's class names, no folder of the board's
     unknown = [name for name in folders if name not in class_names]
     if unknown:
-        notes.append(f"ignored class folders not in the run's class list: {unknown}")
+        log.warning("%s: ignored class folders not in the run's class list: %s", root, unknown)
+        notes.append(f"ignored {len(unknown)} class folder(s) not in the run's class list")
     paths: list[str] = []
     labels: list[int] = []
     skipped: list[tuple[str, str]] = []
@@ -167,9 +171,11 @@ def scan_image_folder(root: str | Path, class_names: tuple[str, ...]) -> Labelle
     if empty:
         notes.append(f"no images for classes: {empty}")
     if not paths:
+        log.error("%s: class folders found: %s", root, folders)
         raise DataError(
             f"Data folder {str(root)!r} holds no images of the run's classes {list(class_names)} "
-            f"(found class folders {folders}). Expected {root}/<class name>/*.png|jpg|..."
+            f"(it has {len(folders)} sub-folder(s), listed in this board's log). Expected "
+            f"{root}/<class name>/*.png|jpg|..."
         )
     return LabelledFiles(tuple(paths), tuple(labels), tuple(class_names), tuple(notes), tuple(skipped))
 

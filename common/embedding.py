@@ -22,6 +22,7 @@ import numpy as np
 from common.data import LabelledFiles
 from common.engines import Engine
 from common.preprocess import DECODE_ERRORS, PreprocessSpec, UnusableImage, decode_image
+from common.private_files import private_file, private_folder
 from common.views import apply_view
 
 log = logging.getLogger(__name__)
@@ -36,9 +37,9 @@ class EmbeddingCache:
     """
 
     def __init__(self, directory: str | Path, space_id: str) -> None:
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        self.path = directory / f"{space_id[:32]}.sqlite"
+        directory = private_folder(Path(directory))
+        # 0600 before SQLite opens it: its journal files take the database's mode
+        self.path = private_file(directory / f"{space_id[:32]}.sqlite")
         self._db = sqlite3.connect(self.path, timeout=60)
         self._db.execute(
             "CREATE TABLE IF NOT EXISTS features (key TEXT PRIMARY KEY, shape TEXT NOT NULL, vec BLOB NOT NULL)"

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
-import os
 import platform
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -30,6 +29,8 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import numpy as np
 
 from common.kinds import EngineChoice, EngineName, kind_values
+from common.onnx_wire import MalformedModel, external_data_tensors
+from common.private_files import write_private
 from common.protocol import ONNX_MODEL
 
 if TYPE_CHECKING:
@@ -77,6 +78,11 @@ class FingerprintMismatch(EngineError):
     """A backbone artifact does not hash to the fingerprint it was announced with."""
 
 
+class UnsafeModel(EngineError):
+    """An ONNX model that would make ONNX Runtime read data from outside it, or that cannot be read
+    to tell."""
+
+
 class GoldenCheckFailed(EngineError):
     """A device's engine does not compute the server's features of the golden batch closely enough."""
 
@@ -85,11 +91,32 @@ class GoldenCheckFailed(EngineError):
         self.cosine = cosine
 
 
-def _write_atomically(path: Path, write: Callable[[Path], object]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_suffix(f".tmp{os.getpid()}")
-    write(temporary)
-    temporary.replace(path)  # a crash never leaves half a file
+# ONNX Runtime also loads its own flatbuffer format, which it recognises by these bytes at offset 4;
+# a board takes ONNX protobufs only (and tells ONNX Runtime so).
+ORT_FORMAT_MARK = b"ORTM"
+LOAD_MODEL_FORMAT = "session.load_model_format"
+
+
+def checked_onnx(model: bytes) -> bytes:
+    """``model`` if it is a self-contained ONNX protobuf; else UnsafeModel naming the problem.
+
+    A tensor's data may lie outside the model: in a file beside it, or at a memory address (ONNX
+    Runtime's in-memory tag). Either would make the engine read what is not the model, so any
+    such tensor, anywhere in the model, refuses it, before ONNX Runtime sees the bytes."""
+    if model[4:8] == ORT_FORMAT_MARK:
+        raise UnsafeModel("The model is in ONNX Runtime's own format; a board runs ONNX protobuf models only.")
+    try:
+        outside = external_data_tensors(model)
+    except MalformedModel as error:
+        raise UnsafeModel(f"The model is not a readable ONNX protobuf ({error}); it is refused.") from None
+    if outside:
+        shown = ", ".join(repr(name[:80]) for name in outside[:5]) + (", ..." if len(outside) > 5 else "")
+        raise UnsafeModel(
+            f"The model keeps the data of {len(outside)} tensor(s) outside itself (external data: {shown}); "
+            "a board runs self-contained models only, so it is refused. Export the model with its weights "
+            "inside (the server's variants are)."
+        )
+    return model
 
 
 class EngineKind:
@@ -165,7 +192,7 @@ class TorchKind(EngineKind):
                 "the round is refused."
             )
         stored = {"name": instructions.backbone_name, "preprocess": instructions.preprocess.to_json(), "state": state}
-        _write_atomically(path, lambda target: torch.save(stored, target))
+        write_private(path, lambda target: torch.save(stored, target))
         return actual
 
     def check(self, path: Path, fp: str) -> str:
@@ -241,7 +268,8 @@ class OnnxKind(EngineKind):
                 f"Received {self.name} backbone hashes to {actual[:12]}, but the server announced "
                 f"{instructions.engine_fingerprint[:12]}. The transfer was corrupted; the round is refused."
             )
-        _write_atomically(path, lambda target: target.write_bytes(model))
+        checked_onnx(model)  # what was announced may still read outside itself: kept only if whole
+        write_private(path, lambda target: target.write_bytes(model))
         return actual
 
     def check(self, path: Path, fp: str) -> str:
@@ -340,7 +368,10 @@ class OnnxEngine:
             options.add_session_config_entry(X64_QUANT_PRECISION, "1")
         if num_threads:
             options.intra_op_num_threads = num_threads
-        source = str(model) if isinstance(model, Path) else model
+        options.add_session_config_entry(LOAD_MODEL_FORMAT, "ONNX")
+        # The bytes checked are the bytes run: a file is read once, and ONNX Runtime gets no path
+        # to resolve anything beside it.
+        source = checked_onnx(model if isinstance(model, bytes) else Path(model).read_bytes())
         try:
             self.session = ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
         except Exception as error:  # ONNX Runtime raises its own exception types

@@ -12,9 +12,14 @@ import warnings
 from dataclasses import asdict, dataclass
 
 import numpy as np
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
 MAX_PIXELS = 64_000_000  # larger images are refused before decoding (a 64 MP photo is ~200 MB as RGB)
+# The formats of common/data.py's IMAGE_EXTENSIONS (PPM covers .pgm): Pillow tries no other decoder
+# on untrusted bytes, whatever their name (EPS would run Ghostscript; PSD, ICO and the rest are code
+# the product never needs).
+IMAGE_FORMATS = ("PNG", "JPEG", "BMP", "TIFF", "WEBP", "GIF", "PPM")
+BAND_PIXELS = 1 << 20  # high-bit-depth images are scaled to 8 bits about a million pixels at a time
 
 
 class UnusableImage(ValueError):
@@ -96,16 +101,16 @@ class PreprocessSpec:
 def decode_image(data: bytes) -> Image.Image:
     """Decode fully (not lazily) into RGB, so that a bad file fails here, not inside the batch.
 
-    The bytes are untrusted: whatever Pillow raises on them (there are many exception types for
-    many formats) becomes ``UnusableImage`` naming the cause. Huge images are refused from their
-    header, before their pixels are decoded.
+    The bytes are untrusted: only the decoders of ``IMAGE_FORMATS`` see them, and whatever Pillow
+    raises on them (there are many exception types for many formats) becomes ``UnusableImage``
+    naming the cause. Huge images are refused from their header, before their pixels are decoded.
     """
     # Pillow warns about damage it works around (corrupt EXIF, odd tags); what matters is whether
     # the image decodes, and a skipped file is reported once, by the caller.
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         try:
-            image = Image.open(io.BytesIO(data))
+            image = Image.open(io.BytesIO(data), formats=IMAGE_FORMATS)
             width, height = image.size
             if width * height > MAX_PIXELS:
                 raise UnusableImage(
@@ -115,6 +120,9 @@ def decode_image(data: bytes) -> Image.Image:
             return to_rgb(image)
         except UnusableImage:
             raise
+        except UnidentifiedImageError as error:
+            detail = f"{error}; it is damaged, or not in a format read here ({', '.join(IMAGE_FORMATS)})"
+            raise UnusableImage("undecodable (UnidentifiedImageError)", detail) from error
         except Image.DecompressionBombError as error:  # Pillow's own guard, for even larger images
             raise UnusableImage("too large", f"{error} Downscale it.") from error
         except Exception as error:  # untrusted input: any failure means this file is unusable
@@ -128,13 +136,34 @@ def to_rgb(image: Image.Image) -> Image.Image:
     if image.mode == "RGB":
         return image
     if image.mode.startswith("I;16") or image.mode in ("I", "F"):
-        values = np.asarray(image, dtype=np.float64)
-        if image.mode == "F":
-            top = 1.0 if values.size and np.nanmax(values) <= 1.0 else 255.0
-        else:
-            top = 65535.0 if values.size and np.max(values) > 255 else 255.0
-        scaled = np.nan_to_num(np.clip(values / top, 0.0, 1.0) * 255.0)
-        return Image.fromarray(scaled.round().astype(np.uint8), mode="L").convert("RGB")
+        return _high_bit_depth_to_grey(image).convert("RGB")
     if image.mode == "P":  # palette transparency needs RGBA first (Pillow warns otherwise)
         image = image.convert("RGBA")
     return image.convert("RGB")
+
+
+def _high_bit_depth_to_grey(image: Image.Image) -> Image.Image:
+    """A 16-bit, 32-bit integer or float greyscale image as 8-bit "L": divided by its top (65535 or
+    255; 1.0 or 255 for float), clipped to [0, 1], NaN as 0, scaled to 255 and rounded.
+
+    In float64 one band of rows at a time, never the whole image: a 64 MP 16-bit image is 128 MB
+    as it is, 512 MB as float64, and each step of the arithmetic would take as much again."""
+    width, height = image.size
+    rows = max(1, BAND_PIXELS // max(width, 1))
+    bands = [(first, min(first + rows, height)) for first in range(0, height, rows)]
+
+    def band(first: int, last: int) -> np.ndarray:
+        return np.asarray(image.crop((0, first, width, last)), dtype=np.float64)
+
+    # fmax ignores NaN, as nanmax does, without warning on an all-NaN band
+    peak = max((float(np.fmax.reduce(band(*span), axis=None, initial=-np.inf)) for span in bands), default=-np.inf)
+    tops = (1.0, 255.0) if image.mode == "F" else (255.0, 65535.0)  # (for a peak up to the first, above it)
+    top = tops[0] if peak <= tops[0] else tops[1]
+    grey = np.empty((height, width), dtype=np.uint8)
+    for first, last in bands:
+        values = band(first, last)
+        values /= top  # in place: one band of float64 at a time
+        np.clip(values, 0.0, 1.0, out=values)
+        values *= 255.0
+        grey[first:last] = np.nan_to_num(values, copy=False).round(out=values)
+    return Image.fromarray(grey)

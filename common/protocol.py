@@ -35,6 +35,7 @@ from typing import Any, Self
 
 import numpy as np
 
+from common.board_text import board_text
 from common.config import RunConfig
 from common.kinds import ClassBalance, EngineName, HeadKind, kind_values
 from common.preprocess import PreprocessSpec
@@ -235,7 +236,8 @@ def _decode(kind: Any, value: Any, key: str) -> Any:
         raise ProtocolError(f"Message key {key!r} must be one of {kind_values(kind)}, got {value!r}.")
     elif isinstance(value, kind):
         return value
-    raise ProtocolError(f"Message key {key!r} must be {getattr(kind, '__name__', kind)}, got {value!r}.")
+    shown = board_text(repr(value), 200)  # the other side's value, in a message this side may log
+    raise ProtocolError(f"Message key {key!r} must be {getattr(kind, '__name__', kind)}, got {shown}.")
 
 
 class ConfigMessage:
@@ -388,8 +390,21 @@ class BackboneQuery(ConfigMessage):
         _check_range("cut", self.cut, **_limits(next(f for f in fields(RunConfig) if f.name == "cut")))
 
 
+class BoardMessage(ConfigMessage):
+    """A message a board sends: each of its strings is the board's to choose, so the server reads it
+    capped and without control characters (``common/board_text.py``), before it logs, stores or
+    shows any of it."""
+
+    @classmethod
+    def from_record(cls, record: Mapping[str, Any]) -> Self:
+        message = super().from_record(record)
+        named = {f.name: getattr(message, f.name) for f in fields(message)}  # type: ignore[arg-type]
+        cleaned = {name: board_text(value) for name, value in named.items() if isinstance(value, str)}
+        return dataclasses.replace(message, **cleaned)  # type: ignore[type-var]
+
+
 @dataclass(frozen=True)
-class BackboneStatus(ConfigMessage):
+class BackboneStatus(BoardMessage):
     """A node's answer to ``BackboneQuery``: its engine and the variant fingerprint it holds ("" if none)."""
 
     engine: str
@@ -408,7 +423,7 @@ def check_cosine(value: float) -> None:
 
 
 @dataclass(frozen=True)
-class ReplyStatus(ConfigMessage):
+class ReplyStatus(BoardMessage):
     """What a node says about itself with every train, evaluate and class-sums reply."""
 
     fingerprint: str  # the backbone it used

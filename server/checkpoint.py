@@ -3,13 +3,16 @@ round, in one file written atomically (``<run>/checkpoint/latest.npz``).
 
 One ``.npz`` holds the global head (``head/<name>``), the strategy's own state (``strategy/<attr>/
 <name>``, e.g. FedAdam's moments) and a JSON document (``meta``): the round, the fingerprint,
-the class list, the strategy, the RNG state Flower samples nodes with, and the rounds so far.
+the class list, the strategy, the RNG state Flower samples nodes with, the rounds so far, and in a
+DP run the noise multiplier of every release so far (the budget is counted from these, not from the
+round records: a round may release its head and stop before it is recorded).
 Plain Python and NumPy; no Flower imports.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
@@ -40,6 +43,7 @@ class Checkpoint:
     random_state: Any = None  # random.getstate() as JSON-able lists
     rounds: list[dict[str, Any]] = field(default_factory=list)  # summary.json's rounds so far
     totals: dict[str, Any] = field(default_factory=dict)  # embedding counts, the federation's class counts
+    dp_releases: list[float] = field(default_factory=list)  # the noise multiplier of every DP release so far
 
     def save(self, run_dir: Path) -> Path:
         """Write then rename: a crash leaves the previous checkpoint whole."""
@@ -57,6 +61,7 @@ class Checkpoint:
             "random_state": self.random_state,
             "rounds": self.rounds,
             "totals": self.totals,
+            "dp_releases": self.dp_releases,
         }
         arrays["meta"] = np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)
         path = directory / CHECKPOINT_FILE
@@ -104,6 +109,9 @@ class Checkpoint:
                 random_state=meta["random_state"],
                 rounds=list(meta["rounds"]),
                 totals=dict(meta["totals"]),
+                dp_releases=[
+                    float(z) for z in meta.get("dp_releases", [])
+                ],  # none in a checkpoint from before they were kept
             )
         except (KeyError, TypeError, ValueError) as error:
             raise CheckpointError(
@@ -142,6 +150,22 @@ class Checkpoint:
         if len(self.rounds) > self.round or any(not isinstance(r, dict) or set(r) - known for r in self.rounds):
             raise CheckpointError(f"Checkpoint {path}: its round records do not match its round {self.round}. {fix}")
 
+    def dp_releases_so_far(self, run_dir: Path) -> list[float]:
+        """The noise multiplier of every DP release the checkpointed run made, for a DP run that goes
+        on from it. Every completed round of a DP run released its head once, so a count below the
+        round (a checkpoint that lost its releases, or one from before they were kept whose round
+        records are short) would spend the budget again from less than was spent: refused."""
+        path = checkpoint_path(run_dir)
+        releases = self.dp_releases or [float(r.get("dp_noise_multiplier", 0.0)) for r in self.rounds]
+        if len(releases) < self.round or not all(math.isfinite(z) and z > 0 for z in releases):
+            raise CheckpointError(
+                f"Checkpoint {path} counts {len(releases)} DP release(s) with a positive noise multiplier for its "
+                f"{self.round} completed round(s), and every round of a DP run releases its head once: the budget "
+                "spent cannot be known. Resume from an intact checkpoint of this run, or start a new run without "
+                "'resume-from'."
+            )
+        return releases
+
     def check_matches(self, fingerprint: str, classes: tuple[str, ...], strategy: str) -> None:
         """Refuse to continue a run whose backbone, classes or strategy differ from this one's."""
         if fingerprint != self.fingerprint:
@@ -160,6 +184,18 @@ class Checkpoint:
                 f"The checkpoint was made by strategy '{self.strategy}', this run asks for '{strategy}'; its state "
                 f"cannot carry over. Resume with strategy='{self.strategy}'."
             )
+
+
+def count_releases(run_dir: Path, releases: list[float]) -> None:
+    """Make the run's checkpoint count every DP release made: a run stopped after a round released
+    its head (which the run leaves in head.npz) but before the round was checkpointed goes on from
+    the round before, and its budget must include that release. Nothing without a checkpoint."""
+    if not checkpoint_path(run_dir).is_file():
+        return
+    checkpoint = Checkpoint.load(run_dir)
+    if len(checkpoint.dp_releases) < len(releases):
+        checkpoint.dp_releases = list(releases)
+        checkpoint.save(run_dir)
 
 
 def checkpoint_path(run_dir: Path) -> Path:

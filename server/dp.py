@@ -136,11 +136,12 @@ class PrivateRelease:
     denominator; the budget all releases so far have spent, in the round's record and a
     ``dp-release`` event."""
 
-    def __init__(self, settings: DpSettings, run_log: RunLog, earlier_noise: Iterable[float] = ()) -> None:
+    def __init__(self, settings: DpSettings, run_log: RunLog, releases: list[float]) -> None:
+        """``releases``: the run's own list of the noise multiplier of every release so far, its
+        earlier processes' included (``ServerRun.dp_releases``); each release is added to it here,
+        so that the checkpoint and summary.json count what was released, not what was recorded."""
         self.settings, self.run_log = settings, run_log
-        # One noise multiplier per release so far, a resumed run's checkpointed rounds included:
-        # what the accountant composes.
-        self.released_noise = [float(z) for z in earlier_noise]
+        self.releases = releases
 
     def clipped(self, update: Mapping[str, np.ndarray], start: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         """An accepted update clipped to C here too: the screen refused those over it, and this makes
@@ -160,9 +161,9 @@ class PrivateRelease:
         clipped updates; the round's noise and the epsilon spent so far go in its ``record``."""
         z, clipping_norm = self.settings.noise_multiplier, self.settings.clipping_norm
         head = private_head(start, mean, accepted, sampled, z, clipping_norm)
-        self.released_noise.append(z)
+        self.releases.append(z)  # before the head leaves this method: whatever happens next, it is counted
         record.dp_noise_multiplier = z
-        record.dp_epsilon = epsilon_spent(self.released_noise, self.settings.delta)
+        record.dp_epsilon = epsilon_spent(self.releases, self.settings.delta)
         self.run_log.event(
             EventKind.DP_RELEASE,
             round=server_round,

@@ -97,9 +97,8 @@ class EdgeSplitStrategy(Strategy):
         privacy = None
         if config.dp:
             settings = DpSettings(config.dp_clipping_norm, config.dp_noise_multiplier, config.dp_delta)
-            # a resumed run's checkpointed rounds were released with noise too: the budget counts them
-            earlier = [r.dp_noise_multiplier for r in run.rounds]
-            privacy = PrivateRelease(settings, run.run_log, earlier)
+            # the run's releases so far (a resumed run's checkpointed ones too): the budget counts them
+            privacy = PrivateRelease(settings, run.run_log, run.dp_releases)
         return cls(
             make_inner_strategy(config) if inner is None else inner,
             run_log=run.run_log,

@@ -16,6 +16,7 @@ import time
 
 from flwr.serverapp import Grid
 
+from common.board_text import MAX_BOARD_NAME, board_text
 from common.flower_glue import ForwardingGrid
 from server.delivery import Delivery, EventSink
 
@@ -30,7 +31,7 @@ def board_names(grid: Grid) -> dict[int, str]:
     """Node id -> the name its SuperNode was registered under (``flwr supernode register
     --name``), for the nodes that have one; a grid that cannot say gives none."""
     try:
-        return {int(node.node_id): str(node.name) for node in grid.get_nodes() if node.name}
+        return {int(node.node_id): board_text(node.name, MAX_BOARD_NAME) for node in grid.get_nodes() if node.name}
     except Exception as error:  # names are a courtesy: never a reason to stop a run
         log.warning("could not read the SuperNodes' names: %s", error)
         return {}

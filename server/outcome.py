@@ -22,6 +22,8 @@ from common.export import export_model
 from common.kinds import DatasetKind, EventKind
 from common.metrics import precision_recall_curve, recall_at_precision
 from common.split import split_backbone
+from server.checkpoint import count_releases
+from server.dp import epsilon_spent
 from server.ledger import RoundRecord, human_bytes
 from server.report import write_report
 from server.run_folder import RunLog, write_json_atomic
@@ -68,10 +70,12 @@ def finish(run: ServerRun, final_arrays: dict[str, np.ndarray], stopped: str | N
         "model_dir": str(model_dir) if model_dir else None,
         "export_check": check_export(run.config, run.run_log, model_dir, report.accuracy) if model_dir else None,
         "run_dir": str(run.run_log.run_dir),
-        "privacy": privacy_summary(run.config, run.rounds),
+        "privacy": privacy_summary(run.config, run.rounds, run.dp_releases),
         "completed_rounds": run.rounds[-1].round if run.rounds else 0,
         "stopped": stopped,
     }
+    if run.config.dp:
+        count_releases(run.run_log.run_dir, run.dp_releases)
     run.run_log.write_summary(summary)
     run.run_log.event(
         EventKind.RUN_END, final_accuracy=report.accuracy, final_macro_f1=report.macro_f1, stopped=stopped
@@ -102,8 +106,10 @@ def save_head(run: ServerRun, final_arrays: dict[str, np.ndarray]) -> Path:
     )
 
 
-def privacy_summary(config: RunConfig, rounds: list[RoundRecord]) -> dict[str, Any] | None:
-    """summary.json's ``privacy``: the DP settings and the budget the ``rounds`` spent (None without DP)."""
+def privacy_summary(config: RunConfig, rounds: list[RoundRecord], releases: list[float]) -> dict[str, Any] | None:
+    """summary.json's ``privacy``: the DP settings and the budget spent by the ``releases`` (the noise
+    multiplier of each), not by the recorded ``rounds``: a run stopped after a round released its
+    head, before recording it, has released that head too (None without DP)."""
     if not config.dp:
         return None
     noised = [r for r in rounds if r.dp_noise_multiplier > 0]
@@ -113,8 +119,9 @@ def privacy_summary(config: RunConfig, rounds: list[RoundRecord]) -> dict[str, A
         "clipping_norm": config.dp_clipping_norm,
         "noise_multiplier": config.dp_noise_multiplier,
         "delta": config.dp_delta,
-        "epsilon": noised[-1].dp_epsilon if noised else 0.0,
+        "epsilon": epsilon_spent(releases, config.dp_delta),
         "noised_rounds": len(noised),
+        "releases": len(releases),
         "fraction_train": config.fraction_train,
         "accountant": "Flower's RDP accountant (dp-accounting), no amplification by sampling claimed",
     }

@@ -135,30 +135,24 @@ CLIENT_COLUMNS = (
 
 
 def _facts(state: dict[str, Any]) -> list[tuple[str, Any]]:
-    """The run's facts at the top of the report: what ran, and how well the final head scores."""
+    """The run's facts at the top of the report: what ran, and how well the final head scores (as
+    plain text: ``_html`` escapes it)."""
     final = state.get("final") or {}
+    scores = (_format(final.get(key, float("nan")), ".4f") for key in ("accuracy", "macro_f1", "balanced_accuracy"))
+    recalls = zip(state["classes"], final.get("per_class_recall", []), strict=False)
     facts = [
         ("run folder", state["run_dir"]),
         ("status", state["status"]),
         ("backbone", f"{state['backbone'].get('name', '')} (engine {state['backbone'].get('engine', '')})"),
         ("fingerprint", state["backbone"].get("fingerprint", "")),
         ("final model", state.get("model_dir") or "not exported"),
-        (
-            "final accuracy / macro-F1 / balanced accuracy",
-            f"{final.get('accuracy', float('nan')):.4f} / {final.get('macro_f1', float('nan')):.4f} / "
-            f"{final.get('balanced_accuracy', float('nan')):.4f}",
-        ),
-        (
-            "final per-class recall",
-            ", ".join(
-                f"{name} {recall:.3f}"
-                for name, recall in zip(state["classes"], final.get("per_class_recall", []), strict=False)
-            ),
-        ),
+        ("final accuracy / macro-F1 / balanced accuracy", " / ".join(scores)),
+        ("final per-class recall", ", ".join(f"{name} {_format(recall, '.3f')}" for name, recall in recalls)),
         *(
             (
-                f"recall at precision {p['target_precision']:.2f}",
-                f"{p['name']}: {p['recall']:.3f} (precision {p['precision']:.3f}, threshold {p['threshold']:.3f})",
+                f"recall at precision {_format(p['target_precision'], '.2f')}",
+                f"{p['name']}: {_format(p['recall'], '.3f')} (precision {_format(p['precision'], '.3f')}, "
+                f"threshold {_format(p['threshold'], '.3f')})",
             )
             for p in state.get("operating_points", [])
         ),
@@ -168,20 +162,29 @@ def _facts(state: dict[str, Any]) -> list[tuple[str, Any]]:
         facts.append(
             (
                 "privacy (DP)",
-                f"epsilon {privacy['epsilon']:.3f} at delta {privacy['delta']:g} after round {privacy['round']} "
-                f"(noise multiplier {privacy['noise_multiplier']:g}, clipping norm {privacy['clipping_norm']:g})",
+                f"epsilon {_format(privacy['epsilon'], '.3f')} at delta {_format(privacy['delta'], 'g')} after round "
+                f"{privacy['round']} (noise multiplier {_format(privacy['noise_multiplier'], 'g')}, clipping norm "
+                f"{_format(privacy['clipping_norm'], 'g')})",
             )
         )
     return facts
 
 
+def _format(value: Any, spec: str) -> str:
+    """A number as ``spec`` formats it; anything else (a run folder may come from anywhere) as it is."""
+    is_number = isinstance(value, int | float) and not isinstance(value, bool)
+    return format(value, spec) if is_number else str(value)
+
+
 def _html(state: dict[str, Any]) -> str:
-    escape = html.escape
+    def escape(value: Any) -> str:  # every field, numbers too: a run folder may come from anywhere
+        return html.escape(str(value))
+
     facts = _facts(state)
     privacy = state.get("privacy")
     columns = CLIENT_COLUMNS
     rows = "".join(
-        "<tr>" + "".join(f"<td>{escape(str(client[c]))}</td>" for c in columns) + "</tr>" for client in state["clients"]
+        "<tr>" + "".join(f"<td>{escape(client[c])}</td>" for c in columns) + "</tr>" for client in state["clients"]
     )
     rounds = "".join(
         "<tr>"
@@ -189,13 +192,13 @@ def _html(state: dict[str, Any]) -> str:
             f"<td>{escape(_number(r.get(k)))}</td>"
             for k in ("round", "accuracy", "macro_f1", "balanced_accuracy", "loss", "seconds")
         )
-        + f"<td>{r['clients_ok']}</td><td>{r['clients_failed']}</td><td>{r['clients_rejected']}</td>"
+        + "".join(f"<td>{escape(r[k])}</td>" for k in ("clients_ok", "clients_failed", "clients_rejected"))
         + (f"<td>{escape(_number(r['dp_epsilon']))}</td>" if privacy else "")
         + "</tr>"
         for r in state["rounds"]
     )
     problems = "".join(
-        f"<li>round {p['round']} node {escape(p['node'])} {escape(p['phase'])}: {escape(p['reason'])}</li>"
+        f"<li>round {escape(p['round'])} node {escape(p['node'])} {escape(p['phase'])}: {escape(p['reason'])}</li>"
         for p in state["problems"]
     )
     curves = f'<img src="{CURVES_PLOT}" alt="precision-recall curves">' if state.get("operating_points") else ""
@@ -206,7 +209,7 @@ table{{border-collapse:collapse}}td,th{{border:1px solid #ccc;padding:2px 6px;te
 dt{{font-weight:bold}}pre{{background:#f6f6f6;padding:8px}}</style>
 </head><body>
 <h1>edgesplit run report</h1>
-<dl>{"".join(f"<dt>{escape(k)}</dt><dd>{escape(str(v))}</dd>" for k, v in facts)}</dl>
+<dl>{"".join(f"<dt>{escape(k)}</dt><dd>{escape(v)}</dd>" for k, v in facts)}</dl>
 <img src="{PLOTS["metrics"]}" alt="accuracy, macro-F1 and loss per round">
 <img src="{PLOTS["traffic"]}" alt="bytes per round">
 <img src="{PLOTS["confusion"]}" alt="confusion matrix">

@@ -122,6 +122,7 @@ class RoundLoop:
             strategy_state=strategy_state(self.strategy.inner),
             random_state=random_state_to_json(random.getstate()),
             rounds=[asdict(r) for r in run.rounds],
+            dp_releases=list(run.dp_releases),
             totals={**run.embedding.totals(), "class_counts": list(run.class_counts)},
         ).save(run.run_log.run_dir)
         run.run_log.event(EventKind.CHECKPOINT, round=server_round)

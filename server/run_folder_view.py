@@ -81,6 +81,7 @@ class RunView:
     problems: list[dict[str, Any]] = field(default_factory=list)
     ended: bool = False
     stopped: str | None = None  # why the run ended early, if it did
+    last_release: dict[str, Any] = field(default_factory=dict)  # a DP run's latest dp-release event
     _joined: dict[int, set[int]] = field(default_factory=dict)
 
     def refresh(self) -> bool:
@@ -122,6 +123,8 @@ class RunView:
             self.rounds = [r for r in self.rounds if int(r.get("round", 0)) <= int(event.get("from_round", 0))]
         elif kind == EventKind.ROUND_END:
             self.rounds.append(event)
+        elif kind == EventKind.DP_RELEASE:  # never undone by a resume: the head was released
+            self.last_release = event
         elif kind == EventKind.RUN_END:
             self.ended, self.stopped = True, event.get("stopped")
         elif kind in (EventKind.CLIENT_REPLY, EventKind.CLIENT_FAILED, EventKind.CLIENT_REJECTED):
@@ -213,7 +216,7 @@ class RunView:
             ],
             "problems": self.problems[-50:],
             "final": summary.get("final"),
-            "privacy": _privacy(config.get("run_config", {}), self.rounds),
+            "privacy": _privacy(config.get("run_config", {}), self.rounds, self.last_release),
             "operating_points": summary.get("operating_points", []),
         }
 
@@ -225,11 +228,17 @@ def _round_fields(event: dict[str, Any]) -> dict[str, Any]:
     return {key: event.get(key) for key in _ROUND_KEYS}
 
 
-def _privacy(run_config: dict[str, Any], rounds: list[dict[str, Any]]) -> dict[str, Any] | None:
-    """A DP run's budget so far: epsilon after the latest round, at the run's delta (None without DP)."""
+def _privacy(
+    run_config: dict[str, Any], rounds: list[dict[str, Any]], last_release: dict[str, Any]
+) -> dict[str, Any] | None:
+    """A DP run's budget so far: epsilon after the latest release (which counts every release before
+    it, a round that stopped before its record included), else after the latest round, at the run's
+    delta (None without DP)."""
     if not run_config.get("dp-clipping-norm"):
         return None
     spent = [r for r in rounds if isinstance(r.get("dp_epsilon"), int | float)]
+    if isinstance(last_release.get("epsilon"), int | float):
+        spent = [{"dp_epsilon": last_release["epsilon"], "round": last_release.get("round", 0)}]
     return {
         "epsilon": spent[-1]["dp_epsilon"] if spent else 0.0,
         "delta": run_config.get("dp-delta"),

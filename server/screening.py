@@ -20,6 +20,7 @@ import numpy as np
 from flwr.app import Message, MetricRecord, RecordDict
 
 from common import protocol
+from common.board_text import MAX_BOARD_NAME, board_text
 from common.config import RunConfig
 from common.flower_glue import from_array_record, wire_bytes
 from common.kinds import EventKind
@@ -212,7 +213,7 @@ class ReplyScreen:
     ) -> _Candidate | None:
         """One reply: counted, decoded once and checked; the candidate if it may be used."""
         if reply.has_error():
-            said = str(reply.error.reason) or f"an error reply (code {reply.error.code}) that gives no reason"
+            said = board_text(reply.error.reason) or f"an error reply (code {reply.error.code}) that gives no reason"
             if reply.error.code in (protocol.SETUP_ERROR_CODE, protocol.REFUSAL_CODE):  # a retry answers the same
                 self._setup_error(node, phase, said, tally, result)
             else:
@@ -279,6 +280,7 @@ class ReplyScreen:
         if phase is Phase.TRAIN:
             tally.record.clients_rejected += 1
         extra = {key: value for key, value in extra.items() if value is not None}
+        reason = board_text(reason)  # it may quote what the board sent
         self.run_log.event(
             EventKind.CLIENT_REJECTED, round=tally.record.round, phase=phase.value, node=node, reason=reason, **extra
         )
@@ -286,7 +288,9 @@ class ReplyScreen:
 
     def _accept(self, c: _Candidate, phase: Phase, tally: RoundTally, norm: float | None, bytes_down: int) -> None:
         # The event keeps every number the node reported (telemetry included), finite ones only.
-        metrics: dict[str, Any] = {k: v for k, v in c.reply.content[protocol.METRICS].items() if is_number(v)}
+        metrics: dict[str, Any] = {
+            board_text(k, MAX_BOARD_NAME): v for k, v in c.reply.content[protocol.METRICS].items() if is_number(v)
+        }
         self.run_log.event(
             EventKind.CLIENT_REPLY,
             round=tally.record.round,

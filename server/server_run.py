@@ -67,6 +67,8 @@ class ServerRun:
     checkpoint: Checkpoint | None = None  # what a resumed run continues from
     initialisation: dict[str, Any] = field(default_factory=dict)  # how the head was initialised (FedNCM, Fed3R, LDA)
     class_counts: tuple[int, ...] = ()  # the federation's, from the one-shot statistics: the class prior
+    # DP runs: the noise multiplier of every release so far, earlier processes' included (server/dp.py)
+    dp_releases: list[float] = field(default_factory=list)
     _initial_head: dict[str, np.ndarray] | None = None
 
     @property
@@ -135,6 +137,8 @@ class ServerRun:
                 "This run asks for differential privacy (dp-clipping-norm > 0), but the checkpointed run released "
                 "heads without noise: no budget covers them. Start a new run without 'resume-from'."
             )
+        if self.config.dp:
+            self.dp_releases = checkpoint.dp_releases_so_far(self.run_log.run_dir)
         self.class_counts = tuple(int(c) for c in checkpoint.totals.get("class_counts", ()))
         self.embedding.base_computed += checkpoint.totals.get("embedding_computed", 0)
         self.embedding.base_cached += checkpoint.totals.get("embedding_cached", 0)

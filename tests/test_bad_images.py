@@ -6,18 +6,24 @@ from __future__ import annotations
 
 import io
 import struct
+import tomllib
+import tracemalloc
 import zlib
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from packaging.requirements import Requirement
 from PIL import Image
 
-from common.data import scan_image_folder
+from common import preprocess
+from common.data import IMAGE_EXTENSIONS, scan_image_folder
 from common.embedding import EmbeddingCache, embed_files
-from common.preprocess import DECODE_ERRORS, MAX_PIXELS, PreprocessSpec, UnusableImage, decode_image
+from common.preprocess import DECODE_ERRORS, IMAGE_FORMATS, MAX_PIXELS, PreprocessSpec, UnusableImage, decode_image
+from tests.conftest import REPO_ROOT
 
 PREPROCESS = PreprocessSpec(image_size=32)
 
@@ -82,6 +88,7 @@ def corpus(tmp_path: Path) -> tuple[Path, dict[str, str]]:
         crack / "truncated.jpg": (good_jpeg[: len(good_jpeg) // 3], "undecodable"),
         crack / "random.png": (np.random.default_rng(0).bytes(700), "undecodable"),
         crack / "text.jpg": (b"this is not a JPEG\n" * 10, "undecodable"),
+        crack / "pcx.png": (_encoded(_rgb(12), "PCX"), "undecodable"),  # Pillow reads PCX; the product does not
         crack / "zero.png": (b"", "empty file"),
         crack / "huge.png": (_png_header_only(9_000, 8_000), "too large"),
         crack / "notes.txt": (b"field notes", "not an image file"),
@@ -126,6 +133,33 @@ def test_every_file_of_a_bad_corpus_is_used_or_skipped_with_its_reason(
     assert f"skipped {len(skipped)} of {len(expected)} images" in warnings[0]
 
 
+@pytest.mark.parametrize("fmt", ["PCX", "TGA", "ICO", "SGI", "QOI", "DDS"])
+def test_only_the_formats_the_product_reads_are_decoded(fmt: str) -> None:
+    """Pillow decodes these; a board hands untrusted bytes to the decoders of its own formats only."""
+    data = _encoded(_rgb(13, 16), fmt)
+    with pytest.raises(UnusableImage, match="not in a format read here") as error:
+        decode_image(data)
+    assert error.value.reason == "undecodable (UnidentifiedImageError)"  # counted like other unreadable files
+
+
+def test_every_image_extension_has_its_decoder_and_nothing_more() -> None:
+    Image.init()
+    formats = {Image.registered_extensions()[extension] for extension in IMAGE_EXTENSIONS}
+    assert formats == set(IMAGE_FORMATS)
+    for data in [*SEEDS, _encoded(_rgb(14, 16), "PPM"), _encoded(_rgb(15, 16).convert("L"), "PPM")]:
+        assert decode_image(data).mode == "RGB"
+
+
+def test_the_pillow_floor_has_the_libwebp_fix() -> None:
+    """CVE-2023-4863 (libwebp heap overflow): Pillow 10.0.1's wheels bundle the fixed libwebp 1.3.2."""
+    requirement = next(Requirement(r) for r in _project()["dependencies"] if r.startswith("pillow"))
+    assert not requirement.specifier.contains("10.0.0") and requirement.specifier.contains("10.0.1")
+
+
+def _project() -> dict[str, Any]:
+    return tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())["project"]
+
+
 def test_sixteen_bit_greyscale_is_scaled_not_clipped() -> None:
     ramp = np.linspace(0, 65535, 64 * 64).reshape(64, 64).astype(np.uint16)
     image = decode_image(_encoded(Image.fromarray(ramp), "PNG"))
@@ -133,6 +167,53 @@ def test_sixteen_bit_greyscale_is_scaled_not_clipped() -> None:
     assert image.mode == "RGB"
     assert pixels.min() == 0 and pixels.max() == 255
     assert 120 < pixels.mean() < 136  # a ramp stays a ramp (clipping would make it nearly all white)
+
+
+def _previous_grey(image: Image.Image) -> np.ndarray:
+    """How high-bit-depth greyscale became 8 bits before it was done in bands: the reference."""
+    values = np.asarray(image, dtype=np.float64)
+    if image.mode == "F":
+        top = 1.0 if values.size and np.nanmax(values) <= 1.0 else 255.0
+    else:
+        top = 65535.0 if values.size and np.max(values) > 255 else 255.0
+    return np.nan_to_num(np.clip(values / top, 0.0, 1.0) * 255.0).round().astype(np.uint8)
+
+
+HIGH_BIT_DEPTH = {
+    "16-bit ramp": np.linspace(0, 65535, 37 * 53).reshape(37, 53).astype(np.uint16),
+    "16-bit, all below 256": np.arange(37 * 53).reshape(37, 53).astype(np.uint16) % 256,
+    "32-bit, out of range": np.linspace(-70_000, 140_000, 37 * 53).reshape(37, 53).astype(np.int32),
+    "float in [0, 1] with NaN": np.where(np.eye(37, 53) > 0, np.nan, np.linspace(0, 1, 37 * 53).reshape(37, 53)),
+    "float above 1 with inf": np.where(np.eye(37, 53) > 0, np.inf, np.linspace(-3, 400, 37 * 53).reshape(37, 53)),
+}
+
+
+@pytest.mark.parametrize("name", list(HIGH_BIT_DEPTH))
+def test_high_bit_depth_in_bands_equals_the_previous_pipeline(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    pixels = HIGH_BIT_DEPTH[name]
+    image = Image.fromarray(pixels.astype(np.float32) if pixels.dtype.kind == "f" else pixels)
+    monkeypatch.setattr(preprocess, "BAND_PIXELS", 100)  # bands of one or two rows: the seams are exercised
+    converted = np.asarray(preprocess.to_rgb(image))
+    expected = _previous_grey(image)
+    for channel in range(3):
+        np.testing.assert_array_equal(converted[..., channel], expected)
+
+
+def test_a_large_sixteen_bit_image_is_never_held_in_floats_at_full_size() -> None:
+    """9 MP of 16-bit greyscale: the previous pipeline's float64 copies peaked near 260 MB of NumPy
+    memory; now the 8-bit result (9 MB) and a few bands of float64 are all there is."""
+    side = 3000
+    ramp = (np.arange(side, dtype=np.uint32)[None, :] * 21 + np.arange(side, dtype=np.uint32)[:, None]) % 65536
+    data = _encoded(Image.fromarray(ramp.astype(np.uint16)), "PNG", compress_level=1)
+    del ramp
+    tracemalloc.start()
+    try:
+        image = decode_image(data)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert image.mode == "RGB" and image.size == (side, side)
+    assert peak < side * side + 4 * 8 * preprocess.BAND_PIXELS, f"peak {peak / 1e6:.0f} MB"
 
 
 @pytest.mark.parametrize("side", [9_000, 20_000])  # above our limit; above Pillow's bomb guard too

@@ -13,6 +13,7 @@ import pytest
 from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
 
 from client import app as client_app
+from client.privacy import BoardError
 from common.backbones import build_backbone, fingerprint, load_backbone_weights, preprocess_for
 from common.clipping import update_norm
 from common.engines import ENGINE_KINDS, TorchEngine
@@ -165,7 +166,59 @@ def test_a_node_without_its_data_folder_answers_with_one_coded_reason_not_a_trac
     reply = client_app.inject_faults(msg, missing, lambda m, c: client_app.privacy_guard(m, c, client_app.train))
 
     assert reply.has_error() and reply.error.code == SETUP_ERROR_CODE
-    assert "nowhere" in reply.error.reason and "does not exist" in reply.error.reason
+    assert "does not exist" in reply.error.reason and "nowhere" not in reply.error.reason  # the board's own path
+
+
+def test_no_reply_carries_the_boards_paths_or_folder_names(
+    setup: tuple[Context, Instructions, dict[str, np.ndarray], dict], tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A board at a site whose folders name a customer: its replies, its status notes, a setup
+    error and an exception that quotes a file all reach the server without them; its log keeps them."""
+    # Prepare
+    context, sent, head, backbone = setup
+    client_app.state.clear()
+    data = write_image_folder(tmp_path / "acme-site" / "images", {"ok": 4, "crack": 4}, seed=1)
+    (data / "customer-john-doe").mkdir()  # a folder the run does not know: noted, not named
+    site = Context(
+        run_id=1,
+        node_id=1,
+        node_config={"data-dir": str(data), "cache-dir": str(tmp_path / "cache")},
+        state=RecordDict(),
+        run_config=context.run_config,
+    )
+    gone = Context(
+        run_id=1,
+        node_id=1,
+        node_config={**site.node_config, "data-dir": str(tmp_path / "acme-site" / "gone")},
+        state=RecordDict(),
+        run_config=context.run_config,
+    )
+    train = Message(
+        content=RecordDict({CONFIG: ConfigRecord(sent.to_record()), ARRAYS: to_array_record(head)}),
+        dst_node_id=1,
+        message_type=MessageType.TRAIN,
+    )
+
+    def crashes(msg: Message, context: Context) -> Message:
+        raise FileNotFoundError(2, "No such file or directory", str(data / "ok" / "customer-john-doe.png"))
+
+    # Execute
+    with caplog.at_level("WARNING"):
+        trained = _send(MessageType.TRAIN, sent.to_record(), site, **{ARRAYS: head, **backbone})
+        scored = _send(MessageType.EVALUATE, sent.to_record(), site, **{ARRAYS: head})
+        refused = client_app.privacy_guard(train, gone, client_app.train)
+        with pytest.raises(BoardError) as raised:
+            client_app.privacy_guard(train, site, crashes)
+
+    # Assert
+    notes = ReplyStatus.from_record(trained.content[STATUS]).data_notes
+    assert "ignored 1 class folder(s)" in notes
+    assert refused.has_error() and "does not exist" in str(refused.error.reason)
+    assert str(raised.value).startswith("FileNotFoundError: [Errno 2] No such file or directory")
+    sent_back = [*map(str, trained.content[STATUS].values()), *map(str, scored.content[STATUS].values())]
+    for text in [*sent_back, str(refused.error.reason), str(raised.value)]:
+        assert "acme-site" not in text and "john-doe" not in text, text
+    assert "customer-john-doe" in caplog.text and "acme-site" in caplog.text  # the board's own log has them
 
 
 def test_crafted_instructions_are_refused_and_the_board_goes_on(

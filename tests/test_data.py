@@ -230,18 +230,20 @@ def test_scan_image_folder_labels_follow_the_run_class_order(tmp_path):
     assert files.notes == ()
 
 
-def test_scan_image_folder_notes_unknown_and_missing_classes(tmp_path):
+def test_scan_image_folder_notes_unknown_and_missing_classes(tmp_path, caplog):
     # Prepare
     write_png(tmp_path / "ok" / "a.png", 1)
     write_png(tmp_path / "dirt" / "b.png", 2)
 
     # Execute
-    files = scan_image_folder(tmp_path, ("ok", "crack"))
+    with caplog.at_level("WARNING"):
+        files = scan_image_folder(tmp_path, ("ok", "crack"))
 
-    # Assert
+    # Assert: the notes (which go to the server) count the board's own folders, its log names them
     assert files.labels == (0,)
     assert len(files.notes) == 2
-    assert any("dirt" in note and "ignored" in note for note in files.notes)
+    assert "ignored 1 class folder(s) not in the run's class list" in files.notes
+    assert not any("dirt" in note for note in files.notes) and "dirt" in caplog.text
     assert any("crack" in note and "no images" in note for note in files.notes)
 
 
@@ -255,19 +257,19 @@ def test_scan_image_folder_missing_root_is_a_data_error(tmp_path):
     assert "data-dir" in str(caught.value)
 
 
-def test_scan_image_folder_without_known_images_is_a_data_error(tmp_path):
+def test_scan_image_folder_without_known_images_is_a_data_error(tmp_path, caplog):
     # Prepare: images only in an unknown class, and an empty known class folder
     write_png(tmp_path / "dirt" / "a.png", 1)
     (tmp_path / "ok").mkdir()
 
     # Execute
-    with pytest.raises(DataError) as caught:
+    with caplog.at_level("WARNING"), pytest.raises(DataError) as caught:
         scan_image_folder(tmp_path, ("ok", "crack"))
 
-    # Assert
+    # Assert: the message counts the folders (it becomes the node's reply), the board's log names them
     message = str(caught.value)
     assert "no images" in message
-    assert "dirt" in message
+    assert "2 sub-folder(s)" in message and "dirt" not in message and "dirt" in caplog.text
 
 
 # --- client-side local split ----------------------------------------------------------------------

@@ -170,7 +170,8 @@ def test_tls_authenticated_deployment_with_a_board_dying_mid_round(tmp_path: Pat
         short_of_a_class = [e for e in replies if e["metrics"]["classes-missing"] == 1]
         assert len(short_of_a_class) == 2  # board-1, in both rounds
         notes = short_of_a_class[0]["notes"]
-        assert "no images for classes: ['crack']" in notes and "smudge" in notes
+        assert "no images for classes: ['crack']" in notes and "ignored 1 class folder(s)" in notes
+        assert "smudge" not in notes  # the board's own folder: counted, not named
         # Device telemetry per node and round.
         assert {e["node"] for e in replies} and all(e["metrics"]["peak-rss-mb"] > 50 for e in replies)
         assert {e["engine"] for e in replies} == {"onnx-int8"}  # the two survivors

@@ -21,7 +21,10 @@ from common.clipping import clip_update
 from common.config import ConfigError, RunConfig
 from common.flower_glue import act_as, from_array_record, to_array_record, to_config_record
 from common.protocol import ARRAYS, BACKBONE, CONFIG
+from server.checkpoint import Checkpoint, CheckpointError, count_releases
 from server.dp import epsilon_spent, noise_std, private_head
+from server.nodes import RunStopped
+from server.outcome import privacy_summary
 from server.report import _html as report_html
 from server.run_folder import RunLog
 from server.run_folder_view import RunView
@@ -244,6 +247,67 @@ def test_a_resumed_dp_run_counts_the_checkpointed_releases_in_its_budget(tmp_pat
     # Assert: rounds 3 and 4 spend on top of rounds 1 and 2
     epsilons = [r.dp_epsilon for r in resumed.run.rounds]
     assert epsilons == pytest.approx([epsilon_spent([0.8] * n, 1e-5) for n in (1, 2, 3, 4)])
+
+
+def test_a_checkpoint_with_fewer_round_records_than_releases_does_not_reset_the_budget(tmp_path: Path) -> None:
+    # Prepare: three noised rounds, then a checkpoint that kept only the first round's record
+    settings = {"fraction-evaluate": 0.0, "dp-clipping-norm": 1.0, "dp-noise-multiplier": 0.8}
+    _strategy(tmp_path / "run", **settings, **{"num-server-rounds": 3}).run_rounds(ClientsGrid([1, 2, 3]))  # type: ignore[arg-type]
+    checkpoint = Checkpoint.load(tmp_path / "run")
+    assert checkpoint.dp_releases == [0.8] * 3  # kept explicitly, beside the records
+    checkpoint.rounds = checkpoint.rounds[:1]
+    checkpoint.save(tmp_path / "run")
+
+    # Execute: the run resumed to round 5
+    resumed = _strategy(tmp_path / "run", resume=True, **settings, **{"num-server-rounds": 5})
+    resumed.run_rounds(ClientsGrid([1, 2, 3]))  # type: ignore[arg-type]
+
+    # Assert: rounds 4 and 5 spend on top of all three releases, not of the one record
+    epsilons = [r.dp_epsilon for r in resumed.run.rounds[-2:]]
+    assert epsilons == pytest.approx([epsilon_spent([0.8] * n, 1e-5) for n in (4, 5)])
+
+
+def test_a_checkpoint_whose_releases_cannot_cover_its_rounds_is_refused(tmp_path: Path) -> None:
+    settings = {"fraction-evaluate": 0.0, "dp-clipping-norm": 1.0, "dp-noise-multiplier": 0.8}
+    _strategy(tmp_path / "run", **settings, **{"num-server-rounds": 2}).run_rounds(ClientsGrid([1, 2, 3]))  # type: ignore[arg-type]
+    checkpoint = Checkpoint.load(tmp_path / "run")
+    checkpoint.dp_releases, checkpoint.rounds = [], checkpoint.rounds[:1]  # as a checkpoint that lost them
+    checkpoint.save(tmp_path / "run")
+    with pytest.raises(CheckpointError, match="counts 1 DP release"):
+        _strategy(tmp_path / "run", resume=True, **settings, **{"num-server-rounds": 4})
+
+
+class LeavingGrid(ClientsGrid):
+    """Its nodes answer round 2's training, then all disconnect: the run stops before round 2's
+    evaluation, after round 2's head was released."""
+
+    def get_node_ids(self) -> list[int]:
+        return [] if any(server_round == 2 for server_round, _ in self.trained) else list(self.nodes)
+
+
+def test_a_release_before_the_run_stops_counts_in_the_summary_and_on_resume(tmp_path: Path) -> None:
+    # Prepare
+    settings = {"dp-clipping-norm": 1.0, "dp-noise-multiplier": 0.8, "node-wait-timeout": 1, "num-server-rounds": 3}
+    loop = _strategy(tmp_path / "run", **settings)
+    loop.run.run_log.write_config({"run_config": loop.run.config.to_flower()})  # as ServerRun.prepare does
+
+    # Execute: round 2 releases its head, then the nodes leave; the run stops (and finish writes that head)
+    with pytest.raises(RunStopped, match="node-wait-timeout"):
+        loop.run_rounds(LeavingGrid([1, 2, 3]))  # type: ignore[arg-type]
+    summary = privacy_summary(loop.run.config, loop.run.rounds, loop.run.dp_releases)
+    count_releases(tmp_path / "run", loop.run.dp_releases)  # as finish does
+
+    # Assert: the summary's budget counts both releases, though only round 1 was recorded
+    assert [r.round for r in loop.run.rounds] == [1]
+    assert summary is not None and summary["releases"] == 2
+    assert summary["epsilon"] == pytest.approx(epsilon_spent([0.8] * 2, 1e-5))
+    assert RunView(tmp_path / "run").state()["privacy"]["epsilon"] == pytest.approx(summary["epsilon"])  # the report's
+    # and the resumed run, which redoes round 2 from round 1's checkpoint, counts the released head too
+    resumed = _strategy(tmp_path / "run", resume=True, **settings)
+    resumed.run_rounds(ClientsGrid([1, 2, 3]))  # type: ignore[arg-type]
+    assert [r.dp_epsilon for r in resumed.run.rounds] == pytest.approx(
+        [epsilon_spent([0.8] * n, 1e-5) for n in (1, 3, 4)]
+    )
 
 
 # --- what a reader of the run folder sees ------------------------------------------------------------

@@ -69,12 +69,14 @@ def test_user_folders_another_strategy_head_and_engine_and_a_client_without_data
     summary, events = run["summary"], run["events"]
     assert [(r["clients_ok"], r["clients_failed"]) for r in summary["rounds"]] == [(2, 1), (2, 1)]
     assert not [e for e in events if e["event"] == "head-initialised"]  # no one-shot query in a DP run
-    # client-2 has no folder: it fails both rounds, and says why once (a coded reason, not a traceback)
+    # client-2 has no folder: it fails both rounds, and says why once (a coded reason, not a traceback,
+    # without the board's path)
     failures = [e for e in events if e["event"] == "client-failed"]
     assert len(failures) == 1 and failures[0]["setup_error"] is True, failures
-    assert "client-2" in failures[0]["reason"] and "does not exist" in failures[0]["reason"]
+    assert "does not exist" in failures[0]["reason"] and str(data) not in failures[0]["reason"]
     notes = [e.get("notes", "") for e in events if e["event"] == "client-reply"]
-    assert any("smudge" in note for note in notes)
+    assert any("ignored 1 class folder(s)" in note for note in notes)  # client-1's smudge/, not by name
+    assert not any("smudge" in note for note in notes)
     assert summary["embedding"]["skipped"] == 4  # corrupt, empty, not an image, link out: counted once
     assert summary["classes"] == ["ok", "crack"]
     assert np.asarray(summary["final"]["confusion_matrix"]).sum() == 8

@@ -21,10 +21,10 @@ from common.flower_glue import act_as, mark_pushed, to_config_record
 from server.aggregation import MultiKrumOfWhatArrived
 from server.checkpoint import Checkpoint, CheckpointError, checkpoint_path
 from server.edgesplit_strategy import EdgeSplitStrategy
-from server.ledger import RoundRecord
 from server.nodes import RunStopped
 from server.round_loop import RoundLoop
 from server.run_folder import RunLog
+from server.server_run import ServerRun
 from tests.test_strategy import FP, StubRun
 
 # A client's answer to a train message: (arrays, num-examples), or None for silence, or an Error.
@@ -104,9 +104,9 @@ def task_identity() -> None:
 def _strategy(run_dir: Path, resume: bool = False, **config: object) -> RoundLoop:
     settings: dict[str, object] = {"min-clients": 2, "round-timeout": 5, **config}
     run_config = RunConfig.from_flower(settings)
-    checkpoint = Checkpoint.load(run_dir) if resume else None
-    run = StubRun(RunLog(run_dir, resume=resume), config=run_config, checkpoint=checkpoint)
-    run.rounds = [RoundRecord(**record) for record in checkpoint.rounds] if checkpoint else []  # as ServerRun does
+    run = StubRun(RunLog(run_dir, resume=resume), config=run_config)
+    if resume:
+        ServerRun.resume_from(run, Checkpoint.load(run_dir))  # type: ignore[arg-type]  # the server's own restore
     return RoundLoop(EdgeSplitStrategy.for_run(run), run)  # type: ignore[arg-type]
 
 

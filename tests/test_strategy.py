@@ -74,6 +74,7 @@ class StubRun:
     embedding: EmbeddingLedger = field(default_factory=EmbeddingLedger)
     nodes: dict[int, dict[str, Any]] = field(default_factory=dict)
     class_counts: tuple[int, ...] = ()
+    dp_releases: list[float] = field(default_factory=list)
 
     def head_shapes(self) -> dict[str, tuple[int, ...]]:
         return SHAPES
