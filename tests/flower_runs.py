@@ -1,4 +1,6 @@
-"""Helpers for the tests that run the app through the real Flower simulation runtime."""
+"""Helpers for the tests that run the app through the real Flower simulation runtime (``run_small``),
+or through its real ServerApp and ClientApp in the test process (``run_in_process``): a runtime start
+costs some 14 s and its ClientApp processes more, worth paying only where the runtime is under test."""
 
 from __future__ import annotations
 
