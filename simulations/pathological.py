@@ -197,9 +197,9 @@ def main(argv: list[str] | None = None) -> int:
         "FedNCM's head starts on the plateau, but the first rounds of local training on two classes\n"
         "each, at the full early learning rate, pull the average off it before it returns: 'rounds until\n"
         "it stays there' counts that. The LDA head (from Fed3R's statistics; each simulated board lets\n"
-        "its clear Gram go from 2 images) starts with weights of norm far above 10,000 on these tight\n"
-        "classes: its updates pass the screen because max-weight-norm counts from the round's starting\n"
-        "head, and the last column shows every round's updates taken in.\n\n"
+        "its clear Gram go from 2 images) starts with weights large enough that the old absolute\n"
+        "max-weight-norm refused every update (tests/test_personal_ncm.py reproduces it in process); the\n"
+        "bound now counts from the round's starting head, and the last column shows every round's updates taken in.\n\n"
         f"{table}\n\n"
         f"![accuracy per round](docs/{plot_path.name})\n",
     )
