@@ -26,12 +26,10 @@ from client.privacy import privacy_guard
 from client.privacy_floor import Refusal, example_floor, gram_floor
 from client.request import BoardRequest, request_of
 from client.state import process_state
-from common.backbones import get_spec
 from common.config import ConfigError
 from common.data import DataError
 from common.engines import GoldenCheckFailed
 from common.flower_glue import to_array_record, to_config_record
-from common.kinds import HeadKind
 from common.protocol import (
     ARRAYS,
     BACKBONE_RECEIVED,
@@ -46,6 +44,7 @@ from common.protocol import (
     Instructions,
     Phase,
 )
+from common.trainable import last_layer_dim
 
 state = process_state()
 inject_faults = fault_injector(state)
@@ -132,8 +131,8 @@ def query(msg: Message, context: Context) -> Message:
             stats, metrics = client.class_sums(request.trainable, instructions)
             return _reply(msg, client, request, metrics, (CLASS_STATS, to_array_record(stats.to_arrays())))
         floor = example_floor(instructions.ncm_min_examples, client.node.min_examples)
-        dim = get_spec(instructions.backbone_name).feature_dim if instructions.head == HeadKind.LINEAR else None
-        gram = gram_floor(client.node, dim or instructions.mlp_hidden)
+        dim = last_layer_dim(instructions.backbone_name, instructions.head, instructions.mlp_hidden)
+        gram = gram_floor(client.node, dim)
         ridge, metrics = client.ridge_sums(request.trainable, instructions, floor, gram)
         return _reply(msg, client, request, metrics, (RIDGE_STATS, to_array_record(ridge.to_arrays())))
     except GoldenCheckFailed as failed:

@@ -22,7 +22,6 @@ from client.redaction import local_paths, without_local_paths
 from client.request import BoardRequest, request_of
 from common.backbones import get_spec
 from common.config import NodeConfig
-from common.kinds import HeadKind
 from common.protocol import (
     ARRAYS,
     CLASS_COUNTS,
@@ -38,7 +37,7 @@ from common.protocol import (
     ReplyStatus,
     RidgeStats,
 )
-from common.trainable import trainable_shapes_of
+from common.trainable import last_layer_dim, trainable_shapes_of
 
 if TYPE_CHECKING:
     from common.flower_glue import ClientAppCallable
@@ -135,8 +134,7 @@ def allowed_arrays(request: BoardRequest) -> dict[str, dict[str, tuple[Shape, st
         if request.asks == Phase.CLASS_SUMS:
             stats = ClassStats.shapes(instructions.num_classes, feature_dim)
             return {CLASS_STATS: {name: (shape, "float32") for name, shape in stats.items()}}
-        # what the last layer sees: the features (linear head) or the MLP's hidden units
-        dim = feature_dim if instructions.head == HeadKind.LINEAR else instructions.mlp_hidden
+        dim = last_layer_dim(instructions.backbone_name, instructions.head, instructions.mlp_hidden)
         return {RIDGE_STATS: RidgeStats.shapes(instructions.num_classes, dim)}
     return {}
 

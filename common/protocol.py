@@ -25,6 +25,7 @@ fields (``snake_case`` field, ``kebab-case`` key). Plain Python: the Flower reco
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import re
 import typing
@@ -346,6 +347,7 @@ class Instructions(ConfigMessage):
 _NOT_THE_RUN_CONFIG = frozenset({"engine", "views"})
 
 
+@functools.cache  # fixed by the two dataclasses: read on every message a board decodes
 def _shared_with_run_config() -> tuple[str, ...]:
     """The Instructions fields that are run-config keys of the same meaning: copied from the run
     config by ``Instructions.from_run_config`` and held to its schema by ``Instructions.check``."""

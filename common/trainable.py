@@ -106,6 +106,12 @@ def trainable_shapes(backbone: str, cut: int, kind: HeadKind, num_classes: int, 
     return make_trainable(backbone, cut, kind, num_classes, hidden).shapes()
 
 
+def last_layer_dim(backbone: str, head: HeadKind, mlp_hidden: int) -> int:
+    """The width of what the classifier's last layer sees (Fed3R's z): the backbone's features for
+    a linear head, the MLP's hidden units otherwise."""
+    return get_spec(backbone).feature_dim if head == HeadKind.LINEAR else mlp_hidden
+
+
 def trainable_of(instructions: Instructions) -> Trainable:
     """The trainable part a message's instructions describe, its values still to be loaded: what
     the edge client trains, built from the same instructions as the shapes the guard lets out."""

@@ -36,7 +36,7 @@ from common.metrics import ClassificationReport
 from common.preprocess import PreprocessSpec
 from common.protocol import ClassStats, Instructions, Phase, RidgeStats
 from common.split import build_head
-from common.trainable import Trainable, make_trainable, trainable_shapes
+from common.trainable import Trainable, last_layer_dim, make_trainable, trainable_shapes
 from server.checkpoint import Checkpoint, CheckpointError
 from server.ledger import EmbeddingLedger, RoundRecord, human_bytes
 from server.run_folder import RunLog, new_run_id
@@ -177,7 +177,7 @@ class ServerRun:
 
     def ridge_stats_shapes(self) -> dict[str, tuple[int, ...]]:
         """Fed3R's statistics of what the last layer sees: the features, or the MLP's hidden units."""
-        dim = self.spec.feature_dim if self.config.head == HeadKind.LINEAR else self.config.mlp_hidden
+        dim = last_layer_dim(self.spec.name, self.config.head, self.config.mlp_hidden)
         return RidgeStats.shapes(len(self.classes), dim)
 
     def ridge_feature_bound(self) -> float:
