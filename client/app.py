@@ -25,6 +25,7 @@ from client.faults import fault_injector
 from client.privacy import privacy_guard
 from client.privacy_floor import Refusal, example_floor, gram_floor
 from client.request import BoardRequest, request_of
+from client.secure_sum import secure_sums
 from client.state import process_state
 from common.config import ConfigError
 from common.data import DataError
@@ -48,9 +49,10 @@ from common.trainable import last_layer_dim
 
 state = process_state()
 inject_faults = fault_injector(state)
-# Clipping runs on the honest reply and the guard checks what it leaves; an injected fault then
-# stands for a board that neither clips nor guards.
-app = ClientApp(mods=[inject_faults, privacy_guard, dp_clipping(state)])
+# Clipping runs on the honest reply and the guard checks what it leaves; a secure sum then masks
+# the checked reply (client/secure_sum.py); an injected fault stands for a board that neither
+# clips nor guards.
+app = ClientApp(mods=[inject_faults, secure_sums(state), privacy_guard, dp_clipping(state)])
 log = logging.getLogger(__name__)
 
 Handler = Callable[[Message, Context], Message]
@@ -130,9 +132,13 @@ def query(msg: Message, context: Context) -> Message:
         if request.asks == Phase.CLASS_SUMS:
             stats, metrics = client.class_sums(request.trainable, instructions)
             return _reply(msg, client, request, metrics, (CLASS_STATS, to_array_record(stats.to_arrays())))
-        floor = example_floor(instructions.ncm_min_examples, client.node.min_examples)
-        dim = last_layer_dim(instructions.backbone_name, instructions.head, instructions.mlp_hidden)
-        gram = gram_floor(client.node, dim)
+        if request.secure:  # in a secure sum the floor is the sum's boards (client/secure_sum.py)
+            floor, gram = 1, 0
+        else:
+            floor = example_floor(instructions.ncm_min_examples, client.node.min_examples)
+            gram = gram_floor(
+                client.node, last_layer_dim(instructions.backbone_name, instructions.head, instructions.mlp_hidden)
+            )
         ridge, metrics = client.ridge_sums(request.trainable, instructions, floor, gram)
         return _reply(msg, client, request, metrics, (RIDGE_STATS, to_array_record(ridge.to_arrays())))
     except GoldenCheckFailed as failed:

@@ -13,14 +13,24 @@ import time
 from collections.abc import Mapping
 
 import numpy as np
-from flwr.app import Context, Message, MessageType, MetricRecord
+from flwr.app import ConfigRecord, Context, Message, MessageType, MetricRecord
+from flwr.common import ndarray_to_bytes
 
 from client.local_data import LocalData
 from client.request import request_of
 from client.state import ProcessState
-from common import protocol
+from common import protocol, secure_sum
 from common.config import RunConfig
-from common.flower_glue import ClientAppCallable, Mod, from_array_record, to_array_record
+from common.flower_glue import (
+    SECURE_STAGE_RECORD,
+    ClientAppCallable,
+    Mod,
+    SecureKey,
+    SecureStage,
+    from_array_record,
+    masked_arrays,
+    to_array_record,
+)
 from common.kinds import FaultKind
 from common.protocol import ARRAYS, METRICS
 
@@ -70,6 +80,28 @@ def poison(
     return dict(trained)
 
 
+# The stage of a secure sum each drop-at fault leaves at.
+DROP_AT = {
+    SecureStage.SETUP: FaultKind.DROP_AT_SETUP,
+    SecureStage.SHARE_KEYS: FaultKind.DROP_AT_SHARE_KEYS,
+    SecureStage.COLLECT_MASKED_VECTORS: FaultKind.DROP_AT_COLLECT,
+    SecureStage.UNMASK: FaultKind.DROP_AT_UNMASK,
+}
+
+
+def secure_stage(msg: Message) -> str | None:
+    """The secure-sum stage ``msg`` asks for, or None for any other message."""
+    record = msg.content.config_records.get(SECURE_STAGE_RECORD)
+    return None if record is None else str(record.get(SecureKey.STAGE, ""))
+
+
+def poison_masked(record: ConfigRecord) -> ConfigRecord:
+    """A poisoning board's masked part: its honest one scaled (modulo the range), which shifts the
+    sum by a value as large as the range, as any part a board makes up would."""
+    masked = [np.mod(part * int(SCALE), secure_sum.MOD_RANGE) for part in masked_arrays(record)]
+    return ConfigRecord({**dict(record.items()), SecureKey.MASKED_PARAMETERS: [ndarray_to_bytes(a) for a in masked]})
+
+
 def with_metrics(reply: Message, extra: Mapping[str, float]) -> Message:
     """The reply with ``extra`` added to its metrics."""
     if not reply.has_error():
@@ -89,9 +121,18 @@ def fault_injector(state: ProcessState) -> Mod:
 
     def inject_faults(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
         phase = msg.metadata.message_type.split(".")[0]
+        client = state.client(context.run_config, context.node_config)
+        stage = secure_stage(msg)
+        if stage is not None:  # a stage of a secure sum: it may drop out here
+            listed = (
+                client.config.faults().get(client.node.partition_id) if client.node.partition_id is not None else None
+            )
+            if listed is not None and DROP_AT.get(stage) == listed:
+                raise InjectedFault(f"injected fault: {listed}")
+            if stage != SecureStage.COLLECT_MASKED_VECTORS:
+                return call_next(msg, context)
         if phase not in (MessageType.TRAIN, MessageType.EVALUATE):
             return call_next(msg, context)
-        client = state.client(context.run_config, context.node_config)
         request = request_of(msg)
         instructions = request.work
         fault = fault_of(client.config, client.node.partition_id, instructions.server_round)
@@ -113,7 +154,9 @@ def fault_injector(state: ProcessState) -> Mod:
             finally:
                 client.use_data(honest)
         reply = call_next(msg, context)
-        if not reply.has_error():
+        if not reply.has_error() and SECURE_STAGE_RECORD in reply.content.config_records:
+            reply.content[SECURE_STAGE_RECORD] = poison_masked(reply.content.config_records[SECURE_STAGE_RECORD])
+        elif not reply.has_error():
             trained = from_array_record(reply.content.array_records[ARRAYS])
             reply.content[ARRAYS] = to_array_record(poison(fault, trained, request.trainable))
         return reply

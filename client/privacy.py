@@ -142,8 +142,8 @@ def allowed_arrays(request: BoardRequest) -> dict[str, dict[str, tuple[Shape, st
 def statistics_violations(request: BoardRequest, reply: Message, node_config: Mapping[str, Any]) -> list[str]:
     """Fed3R's statistics below this board's own floors, which the server cannot lower: per class,
     and for the Gram matrix as a whole."""
-    if request.asks != Phase.RIDGE_SUMS or RIDGE_STATS not in reply.content.array_records:
-        return []
+    if request.asks != Phase.RIDGE_SUMS or RIDGE_STATS not in reply.content.array_records or request.secure:
+        return []  # a secure sum's floor is its number of boards, checked at its setup (client/secure_sum.py)
     node = NodeConfig.from_flower(node_config)
     record = reply.content.array_records[RIDGE_STATS]
     counts, dim = record["counts"].numpy(), record["sums"].numpy().shape[-1]

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 from flwr.app import Message
 
-from common.flower_glue import from_array_record
+from common.flower_glue import SECURE_STAGE_RECORD, from_array_record
 from common.protocol import (
     ARRAYS,
     BACKBONE,
@@ -40,6 +40,7 @@ class BoardRequest:
     trainable: dict[str, np.ndarray]  # the head (and the backbone's tail at a later cut); {} if none sent
     backbone: dict[str, np.ndarray] | None  # the frozen backbone, for a node that lacks this variant
     golden: GoldenBatch | None  # sent with the backbone: what the node checks its engine on
+    secure: bool = False  # a stage of a secure sum (client/secure_sum.py): the reply's part is masked
 
     @property
     def work(self) -> Instructions:
@@ -72,6 +73,7 @@ def decode(msg: Message) -> BoardRequest:
         trainable=from_array_record(arrays[ARRAYS]) if ARRAYS in arrays else {},
         backbone=from_array_record(arrays[BACKBONE]) if BACKBONE in arrays else None,
         golden=GoldenBatch.from_arrays(from_array_record(arrays[GOLDEN])) if GOLDEN in arrays else None,
+        secure=SECURE_STAGE_RECORD in msg.content.config_records,
     )
 
 

@@ -22,6 +22,8 @@ from common.data import class_names_for, elpv_split, is_plain_name, partition
 from common.kinds import (
     DP_STRATEGIES,
     KRUM_FAMILY,
+    MIN_SECURE_BOARDS,
+    SECURE_STRATEGIES,
     ClassBalance,
     DatasetKind,
     ElpvTask,
@@ -107,6 +109,16 @@ class RunConfig:
         1.0, "DP: the noise std on the summed updates, in units of dp-clipping-norm", **_range(0.0, 1e3)
     )
     dp_delta: float = _key(1e-5, "DP: the delta at which epsilon is reported", **_range(1e-12, 0.1))
+    # Secure sums (server/secure_sum.py): the server learns the federation's sum, never one board's part
+    secure_sums: bool = _key(
+        False,
+        "sum the one-shot statistics and the head updates with SecAgg+ (Flower's secure aggregation): the "
+        "server learns only sums over at least min-clients boards, so it cannot screen one board's reply "
+        "(needs a plain average: fedavg, fedprox or fedadam; min-clients >= 3)",
+    )
+    secure_shares: int = _key(
+        15, "secure sums: boards each board shares its secrets with (all of them in a smaller sum)", **_range(3, 1001)
+    )
     # Backbone and head
     backbone: str = _key("efficientnet_lite0", "frozen backbone", **_choice(*available_backbones()))
     backbone_weights: str = _key("", "weights file for a backbone without embedded weights")
@@ -246,6 +258,8 @@ class RunConfig:
             )
         if self.dp:
             _check_dp(self)
+        if self.secure_sums:
+            _check_secure_sums(self)
         if self.partitioner == Partitioner.PATHOLOGICAL and self.classes_per_client > len(self.classes()):
             raise ConfigError(
                 f"'classes-per-client' ({self.classes_per_client}) exceeds the number of classes "
@@ -374,6 +388,23 @@ def _check_dp(config: RunConfig) -> None:
         )
 
 
+def _check_secure_sums(config: RunConfig) -> None:
+    """The rules of a run with secure sums: an average the server can take of masked replies, and
+    enough boards in every sum."""
+    if config.strategy not in SECURE_STRATEGIES:
+        raise ConfigError(
+            f"secure-sums=true cannot run with strategy='{config.strategy}': the server sees only the sum of the "
+            "boards' masked updates, so it cannot screen, rank or trim one of them (a median, a trimmed mean, "
+            f"Krum). Choose screened clear replies (secure-sums=false) or a strategy in "
+            f"{[str(name) for name in SECURE_STRATEGIES]}."
+        )
+    if config.min_clients < MIN_SECURE_BOARDS:
+        raise ConfigError(
+            f"secure-sums=true needs min-clients >= {MIN_SECURE_BOARDS} (got {config.min_clients}): a sum over two "
+            "boards tells each of them the other's part. Raise min-clients."
+        )
+
+
 def _plain(value: Any) -> Any:
     return value.value if isinstance(value, StrEnum) else value
 
@@ -424,6 +455,8 @@ NODE_CONFIG_KEYS = {
     "min-gram-examples": "the fewest images this board shares a clear Gram matrix of (Fed3R, LDA); default: the "
     "feature dimension, below which the Gram is an exact membership test of an image (README, trust model); "
     f"a simulated board, whose node config Flower fixes, reads ${MIN_GRAM_ENV}",
+    "min-secure-boards": "the fewest boards this board lets a secure sum of its part add up (SecAgg+: it refuses a "
+    f"smaller sum at the first stage; at least {MIN_SECURE_BOARDS}, the default)",
 }
 
 
@@ -438,6 +471,7 @@ class NodeConfig:
     engine: EngineChoice | None = None
     min_examples: int | None = None  # None: the default floor (client/privacy_floor.py, example_floor)
     min_gram_examples: int | None = None  # None: the feature dimension (client/agreement.py, gram_floor)
+    min_secure_boards: int = MIN_SECURE_BOARDS  # the fewest boards in a secure sum of its part
 
     @classmethod
     def from_flower(cls, node_config: Mapping[str, Any]) -> NodeConfig:
@@ -466,6 +500,14 @@ class NodeConfig:
             if isinstance(value, bool) or not isinstance(value, int) or not 2 <= value <= 10**6:
                 raise ConfigError(f"Node-config key {key!r} must be an int in [2, 1000000], got {value!r}.")
             values[key.replace("-", "_")] = value
+        if "min-secure-boards" in node_config:
+            value = node_config["min-secure-boards"]
+            if isinstance(value, bool) or not isinstance(value, int) or not MIN_SECURE_BOARDS <= value <= 10**6:
+                raise ConfigError(
+                    f"Node-config key 'min-secure-boards' must be an int in [{MIN_SECURE_BOARDS}, 1000000], "
+                    f"got {value!r}."
+                )
+            values["min_secure_boards"] = value
         if "engine" in node_config:
             values["engine"] = parse_kind(EngineChoice, node_config["engine"], "Node-config key 'engine'")
         node = cls(**values)

@@ -15,6 +15,8 @@ each use with what it rests on, so that a Flower upgrade is checked in one file:
 - the ClientApp mod types, Flower's noise formula, its ArrayRecord aggregation, its config-string
   parser and the FAB build's ignore rules;
 - a SuperNode that declares a shorter node heartbeat (``run_supernode_with_heartbeat``);
+- secure sums: Flower's SecAgg+ stages and primitives (``SecureBoard``, ``unmask_sum``), for sums
+  of any arrays rather than the weighted average of one model its workflow and mod compute;
 - what tests need to stand in for Flower's runtime (``act_as``, ``mark_pushed``, ...).
 
 Written for Flower 1.42 (pyproject.toml pins it; README, "Flower versions").
@@ -22,14 +24,16 @@ Written for Flower 1.42 (pyproject.toml pins it; README, "Flower versions").
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, RecordDict
 from flwr.clientapp.typing import ClientAppCallable, Mod
 from flwr.common.constant import ErrorCode
+from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, RECORD_KEY_STATE, Key, Stage
 from flwr.proto.node_pb2 import NodeInfo
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
@@ -45,6 +49,8 @@ __all__ = [
     "Mod",
     "NodeInfo",
     "Run",
+    "SecureKey",
+    "SecureStage",
 ]
 
 # --- records -----------------------------------------------------------------------------------
@@ -235,6 +241,154 @@ def run_supernode_with_heartbeat(seconds: float, arguments: list[str]) -> None:
         setattr(module, "HEARTBEAT_DEFAULT_INTERVAL", seconds)  # noqa: B010  (a module's constant, on purpose)
     sys.argv = ["flower-supernode", *arguments]  # what Flower's parser reads
     flower_supernode()
+
+
+# --- secure sums: Flower's SecAgg+ -------------------------------------------------------------
+#
+# Flower's ``SecAggPlusWorkflow`` and ``secaggplus_mod`` compute one thing: the weighted average of a
+# model in a legacy ``FitRes``, through a ``LegacyContext`` strategy, on train messages only, with
+# the values clipped to +-8 and quantised to 2**22 levels. The statistics this project sums (a Gram
+# matrix, class sums, counts) and its head updates need exact sums of fixed-point integers, asked
+# in its own messages. So the protocol is run here on Flower's own parts: the mod's stage checks
+# and its setup, key-sharing and unmasking stages as they are (the board's keys, Shamir shares and
+# encrypted share exchange), and the masking and unmasking arithmetic rebuilt from Flower's
+# primitives (key agreement, pseudo-random masks). On an upgrade, check that
+# ``secaggplus_mod`` still has ``SecAggPlusState``, ``check_stage``, ``check_configs``, ``_setup``,
+# ``_share_keys`` and ``_unmask`` with these signatures (tests/test_secure_sum.py runs them all).
+
+# The stage's config record, the board's saved state, the stages in order and the records' keys.
+SECURE_STAGE_RECORD, SECURE_STATE_RECORD = RECORD_KEY_CONFIGS, RECORD_KEY_STATE
+SecureStage, SecureKey = Stage, Key
+
+
+def _mask_pair(state: Any, node: int, other: int, shapes: list[tuple[int, ...]], mod_range: int) -> list[np.ndarray]:
+    """The pairwise mask ``node`` shares with ``other`` (Flower's key agreement and generator)."""
+    from flwr.common.secure_aggregation.crypto.symmetric_encryption import generate_shared_key
+    from flwr.common.secure_aggregation.secaggplus_utils import pseudo_rand_gen
+    from flwr.supercore.primitives.asymmetric import bytes_to_private_key, bytes_to_public_key
+
+    shared = generate_shared_key(bytes_to_private_key(state.sk1), bytes_to_public_key(state.public_keys_dict[other][0]))
+    return pseudo_rand_gen(shared, mod_range, shapes)
+
+
+def _add(a: list[np.ndarray], b: list[np.ndarray], mod_range: int, sign: int = 1) -> list[np.ndarray]:
+    """``a + sign * b`` modulo ``mod_range``, element-wise; both below ``mod_range`` <= 2**62, so
+    int64 never overflows before the modulo."""
+    return [np.mod(x + sign * y, mod_range) for x, y in zip(a, b, strict=True)]
+
+
+class SecureBoard:
+    """One board's side of SecAgg+, its state kept in the node's Flower ``Context.state`` between
+    messages (as Flower's mod keeps it). ``begin`` checks a stage's config record and says which
+    stage it is; ``answer`` does the stage's work and returns the reply's config record."""
+
+    def __init__(self, context_state: RecordDict, node_id: int) -> None:
+        # the module, not the mod function its package exports under the same name
+        flower: Any = importlib.import_module("flwr.client.mod.secure_aggregation.secaggplus_mod")
+        self._flower, self._context_state, self.node_id = flower, context_state, node_id
+        if SECURE_STATE_RECORD not in context_state.config_records:
+            context_state.config_records[SECURE_STATE_RECORD] = ConfigRecord({})
+        self.state = flower.SecAggPlusState(**context_state.config_records[SECURE_STATE_RECORD])
+
+    def begin(self, configs: ConfigRecord) -> str:
+        """The stage ``configs`` asks for, after Flower's checks of the order and of the keys
+        (ValueError, KeyError or TypeError naming what is wrong)."""
+        self._flower.check_stage(self.state.current_stage, configs)
+        stage = str(configs[SecureKey.STAGE])
+        without_stage = ConfigRecord({k: v for k, v in configs.items() if k != SecureKey.STAGE})
+        self._flower.check_configs(stage, without_stage)
+        return stage
+
+    def answer(self, configs: ConfigRecord, integers: list[np.ndarray] | None = None) -> ConfigRecord:
+        """Do the stage ``configs`` asks for (``integers``: this board's part, for the collect
+        stage, each in [0, mod range)), save the state and return the reply's config record."""
+        state, stage = self.state, str(configs[SecureKey.STAGE])
+        body = ConfigRecord({k: v for k, v in configs.items() if k != SecureKey.STAGE})
+        if stage == SecureStage.SETUP:
+            state.nid = self.node_id
+            reply = self._flower._setup(state, body)
+        elif stage == SecureStage.SHARE_KEYS:
+            reply = self._flower._share_keys(state, body)
+        elif stage == SecureStage.COLLECT_MASKED_VECTORS:
+            if integers is None:
+                raise ValueError("the collect stage needs this board's part")
+            reply = self._masked(body, integers)
+        else:
+            reply = self._flower._unmask(state, body)
+        state.current_stage = stage
+        self._context_state.config_records[SECURE_STATE_RECORD] = ConfigRecord(state.to_dict())
+        return ConfigRecord(reply, False)
+
+    def _masked(self, configs: ConfigRecord, integers: list[np.ndarray]) -> dict[str, Any]:
+        """Flower's collect stage without its weighting and quantisation: keep the neighbours'
+        shares (decrypted, their sources checked), then add the private mask and the pairwise
+        masks to ``integers`` modulo the mod range."""
+        from flwr.common import ndarray_to_bytes
+        from flwr.common.secure_aggregation.crypto.symmetric_encryption import decrypt
+        from flwr.common.secure_aggregation.secaggplus_utils import pseudo_rand_gen, share_keys_plaintext_separate
+
+        state = self.state
+        ciphertexts = cast(list[bytes], configs[SecureKey.CIPHERTEXT_LIST])
+        sources = cast(list[int], configs[SecureKey.SOURCE_LIST])
+        if len(ciphertexts) + 1 < state.threshold:
+            raise ValueError(f"{len(ciphertexts)} neighbours left, fewer than the threshold {state.threshold}")
+        for source, ciphertext in zip(sources, ciphertexts, strict=True):
+            if source not in state.ss2_dict:
+                raise ValueError(f"shares from node {source}, which is not a neighbour of this board")
+            sender, receiver, seed_share, key_share = share_keys_plaintext_separate(
+                decrypt(state.ss2_dict[source], ciphertext)
+            )
+            if (sender, receiver) != (source, state.nid):
+                raise ValueError(
+                    f"shares said to come from node {source} for {state.nid} are from {sender} for {receiver}"
+                )
+            state.rd_seed_share_dict[source], state.sk1_share_dict[source] = seed_share, key_share
+        shapes = [a.shape for a in integers]
+        masked = _add(integers, pseudo_rand_gen(state.rd_seed, state.mod_range, shapes), state.mod_range)
+        for other in sources:
+            sign = 1 if state.nid > other else -1
+            masked = _add(masked, _mask_pair(state, state.nid, other, shapes, state.mod_range), state.mod_range, sign)
+        return {SecureKey.MASKED_PARAMETERS: [ndarray_to_bytes(a) for a in masked]}
+
+
+def masked_arrays(reply: ConfigRecord) -> list[np.ndarray]:
+    """The masked part a board's collect-stage reply carries."""
+    from flwr.common import bytes_to_ndarray
+
+    return [bytes_to_ndarray(b) for b in cast(list[bytes], reply[SecureKey.MASKED_PARAMETERS])]
+
+
+def unmask_sum(
+    masked_sum: list[np.ndarray],
+    shares: Mapping[int, list[bytes]],
+    in_sum: set[int],
+    public_keys: Mapping[int, tuple[bytes, bytes]],
+    neighbours: Mapping[int, set[int]],
+    mod_range: int,
+) -> list[np.ndarray]:
+    """The sum of the parts of the boards ``in_sum`` from the sum of their masked parts: each
+    board's private mask comes off with its seed rebuilt from its neighbours' shares; a board
+    that shared keys but sent no part (a dropout, or a part the server refused) has its secret
+    key rebuilt instead, and the pairwise masks it shares with boards in the sum come off.
+    ``shares`` maps each board to the shares its neighbours returned (at least the threshold)."""
+    from flwr.common.secure_aggregation.crypto.shamir import combine_shares
+    from flwr.common.secure_aggregation.crypto.symmetric_encryption import generate_shared_key
+    from flwr.common.secure_aggregation.secaggplus_utils import pseudo_rand_gen
+    from flwr.supercore.primitives.asymmetric import bytes_to_private_key, bytes_to_public_key
+
+    shapes = [a.shape for a in masked_sum]
+    total = list(masked_sum)
+    for node, node_shares in sorted(shares.items()):
+        secret = combine_shares(node_shares)
+        if node in in_sum:
+            total = _add(total, pseudo_rand_gen(secret, mod_range, shapes), mod_range, -1)
+            continue
+        for other in sorted(neighbours[node] & in_sum):
+            shared = generate_shared_key(bytes_to_private_key(secret), bytes_to_public_key(public_keys[other][0]))
+            # ``other`` added this mask if other > node, subtracted it otherwise
+            sign = -1 if other > node else 1
+            total = _add(total, pseudo_rand_gen(shared, mod_range, shapes), mod_range, sign)
+    return total
 
 
 # --- standing in for Flower's runtime, in tests --------------------------------------------------

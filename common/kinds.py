@@ -29,6 +29,10 @@ class StrategyName(StrEnum):
 KRUM_FAMILY = frozenset({StrategyName.KRUM, StrategyName.MULTIKRUM})
 # Strategies whose aggregate is a plain average, the one the DP noise is calibrated to (server/dp.py).
 DP_STRATEGIES = (StrategyName.FEDAVG, StrategyName.FEDPROX)
+# Strategies that need only the average of the updates, which a secure sum gives (server/secure_sum.py).
+SECURE_STRATEGIES = (StrategyName.FEDAVG, StrategyName.FEDPROX, StrategyName.FEDADAM)
+# The fewest boards a secure sum may add up: with two, each learns the other's part from the sum.
+MIN_SECURE_BOARDS = 3
 
 
 class EngineName(StrEnum):
@@ -119,6 +123,11 @@ class FaultKind(StrEnum):
     HOT_BOARD = "hot-board"  # reports a CPU temperature, as a board with a thermal zone does
     EXTRA_METRIC = "extra-metric"  # reports a metric no other node does
     INF_COUNTS = "inf-counts"  # claims an infinite number of embedded images
+    # Dropping out of a secure sum at one of its four stages (an error reply instead of the stage's):
+    DROP_AT_SETUP = "drop-at-setup"
+    DROP_AT_SHARE_KEYS = "drop-at-share-keys"
+    DROP_AT_COLLECT = "drop-at-collect"
+    DROP_AT_UNMASK = "drop-at-unmask"
 
 
 class EventKind(StrEnum):
