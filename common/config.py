@@ -119,6 +119,9 @@ class RunConfig:
     secure_shares: int = _key(
         15, "secure sums: boards each board shares its secrets with (all of them in a smaller sum)", **_range(3, 1001)
     )
+    min_sum_examples: int = _key(
+        0, "secure sums: the fewest images a summed Gram may cover (0: the feature dimension)", **_range(0, 10**9)
+    )
     # Backbone and head
     backbone: str = _key("efficientnet_lite0", "frozen backbone", **_choice(*available_backbones()))
     backbone_weights: str = _key("", "weights file for a backbone without embedded weights")
@@ -229,42 +232,8 @@ class RunConfig:
         return {f.name.replace("_", "-"): _plain(getattr(self, f.name)) for f in fields(self)}
 
     def check_consistency(self) -> None:
-        """Rules that involve more than one key."""
-        if self.dataset == DatasetKind.FOLDER:
-            if not self.class_list():
-                raise ConfigError("dataset='folder' needs 'class-names', e.g. class-names='ok,crack,finger'.")
-            _check_class_names(self)
-            if not self.server_test_dir:
-                raise ConfigError(
-                    "dataset='folder' needs 'server-test-dir': an ImageFolder the server holds for central evaluation."
-                )
-        self.faults()  # raises on a malformed list
-        self.view_names()  # raises on an unknown view
-        try:
-            check_cut(self.backbone, self.cut)
-        except BackboneError as error:
-            raise ConfigError(str(error)) from None
-        if self.head_init == HeadInit.NCM and self.head != HeadKind.LINEAR:
-            raise ConfigError("head-init='ncm' sets a linear classifier from class means; it needs head='linear'.")
-        if self.num_server_rounds == 0 and self.head_init == HeadInit.RANDOM:
-            raise ConfigError("num-server-rounds=0 keeps the initial head: it needs head-init='fed3r', 'lda' or 'ncm'.")
-        unknown = sorted(set(self.operating_class_list()) - set(self.classes()))
-        if unknown:
-            raise ConfigError(f"'operating-classes' names {unknown}, not among the classes {list(self.classes())}.")
-        if self.strategy in KRUM_FAMILY and self.min_clients < 2 * self.krum_malicious + 3:
-            raise ConfigError(
-                f"strategy='{self.strategy}' with krum-malicious={self.krum_malicious} needs min-clients >= "
-                f"{2 * self.krum_malicious + 3} (Krum scores each update against n - f - 2 others)."
-            )
-        if self.dp:
-            _check_dp(self)
-        if self.secure_sums:
-            _check_secure_sums(self)
-        if self.partitioner == Partitioner.PATHOLOGICAL and self.classes_per_client > len(self.classes()):
-            raise ConfigError(
-                f"'classes-per-client' ({self.classes_per_client}) exceeds the number of classes "
-                f"({len(self.classes())})."
-            )
+        """Rules that involve more than one key (``check_consistency``)."""
+        check_consistency(self)
 
     @property
     def dp(self) -> bool:
@@ -339,6 +308,45 @@ def check_simulated_split(config: RunConfig, num_clients: int) -> None:
                 config.dirichlet_alpha,
                 config.classes_per_client,
             )
+
+
+def check_consistency(config: RunConfig) -> None:
+    """Rules that involve more than one key."""
+    if config.dataset == DatasetKind.FOLDER:
+        if not config.class_list():
+            raise ConfigError("dataset='folder' needs 'class-names', e.g. class-names='ok,crack,finger'.")
+        _check_class_names(config)
+        if not config.server_test_dir:
+            raise ConfigError(
+                "dataset='folder' needs 'server-test-dir': an ImageFolder the server holds for central evaluation."
+            )
+    config.faults()  # raises on a malformed list
+    config.view_names()  # raises on an unknown view
+    try:
+        check_cut(config.backbone, config.cut)
+    except BackboneError as error:
+        raise ConfigError(str(error)) from None
+    if config.head_init == HeadInit.NCM and config.head != HeadKind.LINEAR:
+        raise ConfigError("head-init='ncm' sets a linear classifier from class means; it needs head='linear'.")
+    if config.num_server_rounds == 0 and config.head_init == HeadInit.RANDOM:
+        raise ConfigError("num-server-rounds=0 keeps the initial head: it needs head-init='fed3r', 'lda' or 'ncm'.")
+    unknown = sorted(set(config.operating_class_list()) - set(config.classes()))
+    if unknown:
+        raise ConfigError(f"'operating-classes' names {unknown}, not among the classes {list(config.classes())}.")
+    if config.strategy in KRUM_FAMILY and config.min_clients < 2 * config.krum_malicious + 3:
+        raise ConfigError(
+            f"strategy='{config.strategy}' with krum-malicious={config.krum_malicious} needs min-clients >= "
+            f"{2 * config.krum_malicious + 3} (Krum scores each update against n - f - 2 others)."
+        )
+    if config.dp:
+        _check_dp(config)
+    if config.secure_sums:
+        _check_secure_sums(config)
+    if config.partitioner == Partitioner.PATHOLOGICAL and config.classes_per_client > len(config.classes()):
+        raise ConfigError(
+            f"'classes-per-client' ({config.classes_per_client}) exceeds the number of classes "
+            f"({len(config.classes())})."
+        )
 
 
 def _check_class_names(config: RunConfig) -> None:

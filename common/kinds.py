@@ -137,6 +137,7 @@ class EventKind(StrEnum):
     # The run
     RUN_START = "run-start"  # backbone, fingerprint and engine of a new run
     RUN_RESUMED = "run-resumed"  # a run continued from its checkpoint (from_round)
+    SECURE_SUM = "secure-sum"  # a secure sum's stages: boards asked, answering, dropped, bytes, seconds
     NODES_MET = "nodes-met"  # before round 1: how many nodes were asked which engine they run, and answered
     HEAD_INITIALISED = "head-initialised"  # a one-shot initialisation (or counts query): method, nodes, bytes
     INITIAL_EVALUATION = "initial-evaluation"  # the server's scores of the head before round 1

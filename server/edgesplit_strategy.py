@@ -37,6 +37,7 @@ from server.ledger import RoundTally
 from server.nodes import FixedNodesGrid, RunStopped, board_names, wait_for_nodes
 from server.run_folder import RunLog
 from server.screening import ExpectedReplies, ReplyScreen, Screened, ScreeningBounds
+from server.secure_sum import SecureSettings
 from server.server_run import ServerRun
 from server.validation import number
 
@@ -64,13 +65,15 @@ class EdgeSplitStrategy(Strategy):
         distributor: BackboneDistributor,
         screen: ReplyScreen,
         privacy: PrivateRelease | None = None,
+        secure: SecureSettings | None = None,
     ) -> None:
         self.inner, self.run_log = inner, run_log
+        self.secure = secure  # with secure sums (server/secure_sum.py): how they are taken
         self.min_clients, self.node_wait_timeout = min_clients, node_wait_timeout
         self.distributor, self.screen, self.privacy = distributor, screen, privacy
         self.tally = RoundTally()
         self._sent: dict[Phase, list[tuple[Message, int]]] = {}  # what each phase sent this round
-        self._start_head: dict[str, np.ndarray] | None = None  # the head this round's updates start from
+        self.start_head: dict[str, np.ndarray] | None = None  # the head this round's updates start from
         self._connected: list[int] = []  # the nodes connected when a phase was last configured
 
     @classmethod
@@ -107,6 +110,9 @@ class EdgeSplitStrategy(Strategy):
             distributor=BackboneDistributor(run.run_log, run.variants, run.engine, config.round_timeout),
             screen=screen,
             privacy=privacy,
+            secure=SecureSettings(config.secure_shares, config.seed, config.round_timeout)
+            if config.secure_sums
+            else None,
         )
 
     def summary(self) -> None:
@@ -162,7 +168,7 @@ class EdgeSplitStrategy(Strategy):
 
     def screened(self, phase: Phase, replies: Iterable[Message]) -> Screened:
         """The replies that may be used; nodes that failed must be asked for their backbone again."""
-        start = self._start_head if phase is Phase.TRAIN else None
+        start = self.start_head if phase is Phase.TRAIN else None
         result = self.screen.screen(phase, self._sent.pop(phase, []), list(replies), self.tally, start)
         self.distributor.forget(result.lost)
         return result
@@ -173,7 +179,7 @@ class EdgeSplitStrategy(Strategy):
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         self.tally.begin(server_round)
-        self._start_head = from_array_record(arrays)
+        self.start_head = from_array_record(arrays)
         nodes = FixedNodesGrid(grid, self.connected(grid))
         return self.prepare(Phase.TRAIN, self.inner.configure_train(server_round, arrays, config, nodes), grid)
 
@@ -208,7 +214,7 @@ class EdgeSplitStrategy(Strategy):
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         """DP (server/dp.py): the inner strategy averages the updates ``privacy`` clipped, and
         ``privacy`` releases the round's head from that average."""
-        start = self._start_head
+        start = self.start_head
         assert start is not None  # configure_train set it
         for reply in accepted:
             arrays = from_array_record(reply.content.array_records[protocol.ARRAYS])

@@ -9,6 +9,7 @@ Their class counts become the run's class prior (class-balance)."""
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import time
 from collections.abc import Callable
@@ -19,27 +20,47 @@ import numpy as np
 from flwr.app import ConfigRecord, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 
-from common import protocol
+from common import protocol, secure_sum
 from common.balance import class_prior, posthoc_offsets
 from common.config import RunConfig
-from common.fed3r import add_stats, calibrated_temperature, ridge_head_arrays, ridge_scores, solve_lda, solve_ridge
-from common.flower_glue import to_array_record
+from common.fed3r import calibrated_temperature, ridge_head_arrays, ridge_scores, solve_lda, solve_ridge
+from common.flower_glue import from_array_record, to_array_record
 from common.kinds import ClassBalance, HeadInit, HeadKind
 from common.numpy_head import layer_names, log_softmax, ncm_head_arrays
 from common.protocol import Phase, RidgeStats
 from server.edgesplit_strategy import EdgeSplitStrategy
 from server.ledger import RoundRecord
-from server.screening import class_counts_of, class_stats_of, ridge_stats_of
+from server.secure_rounds import summed
 from server.server_run import ServerRun
 
 log = logging.getLogger(__name__)
 
 
-def _ask_all(
+@dataclass
+class Gathered:
+    """The federation's sum of one query's statistics (by array name; None if there is none), the
+    boards it sums over, and what the run records of how it was taken."""
+
+    total: dict[str, np.ndarray] | None
+    boards: int
+    facts: dict[str, Any]
+
+
+# The record each query's statistics travel in.
+RECORDS = {
+    Phase.CLASS_SUMS: protocol.CLASS_STATS,
+    Phase.RIDGE_SUMS: protocol.RIDGE_STATS,
+    Phase.CLASS_COUNTS: protocol.CLASS_COUNTS,
+}
+
+
+def _gather(
     strategy: EdgeSplitStrategy, run: ServerRun, grid: Grid, head: dict[str, np.ndarray], phase: Phase
-) -> list[Message]:
-    """Send the one-shot query, with the run's instructions, to every connected node; the screened
-    replies (counted in the initialisation's tally: bytes both ways, backbones sent)."""
+) -> Gathered:
+    """Send the one-shot query, with the run's instructions, to every connected node, and add up
+    their statistics: each screened reply in the clear, or with secure sums only their sum
+    (server/secure_sum.py), itself checked (``sum_problem``). Counted in the initialisation's
+    tally: bytes both ways, backbones sent."""
     strategy.tally.begin(0)
     question = ConfigRecord({**run.instructions(0, phase).to_record(), protocol.ACTION: phase.value})
     arrays = to_array_record(head)
@@ -51,9 +72,68 @@ def _ask_all(
         )
         for node in strategy.connected(grid)
     ]
+    if run.config.secure_sums:
+        shapes = secure_sum.statistics_part_shapes(run.statistics_shapes(phase))
+        result = summed(strategy, phase, messages, grid, shapes)
+        facts, total = result.facts(), result.total
+        problem = result.reason or (sum_problem(run, phase, total) if total is not None else None)
+        if problem is not None:
+            log.warning("%s: no usable secure sum: %s", phase.value, problem)
+            return Gathered(None, 0, {**facts, "no_sum": problem})
+        assert total is not None
+        return Gathered({k: v for k, v in total.items() if k != secure_sum.NUM_EXAMPLES}, result.boards, facts)
     prepared = strategy.prepare(phase, messages, grid)
     replies = grid.send_and_receive(prepared, timeout=run.config.round_timeout)
-    return strategy.screened(phase, replies).accepted
+    accepted = strategy.screened(phase, replies).accepted
+    parts = [from_array_record(reply.content.array_records[RECORDS[phase]]) for reply in accepted]
+    # in an order of their content, not of their arrival: the same replies give the same sum
+    parts.sort(key=lambda part: hashlib.sha256(b"".join(part[n].tobytes() for n in sorted(part))).digest())
+    total = {name: np.sum([p[name].astype(np.float64) for p in parts], axis=0) for name in parts[0]} if parts else None
+    return Gathered(total, len(accepted), {"secure": False})
+
+
+def sum_problem(run: ServerRun, phase: Phase, total: dict[str, np.ndarray]) -> str | None:
+    """Why a secure sum of statistics cannot be used (no reply of it could be screened, so the sum
+    is): values not finite, counts that are no counts or not the images summed, a Gram matrix's
+    trace beyond what that many images' features can have, or fewer images than the Gram floor."""
+    if not all(np.all(np.isfinite(values)) for values in total.values()):
+        return "the sum has values that are not finite"
+    counts, images = total["counts"], float(total[secure_sum.NUM_EXAMPLES][0])
+    if np.any(counts < -1e-3) or np.abs(counts - np.rint(counts)).max() > 1e-3:
+        return "the summed class counts are not counts (a board's part was not what it should be)"
+    counted = float(np.rint(counts).sum())
+    if counted > images + 1e-3 or (phase is not Phase.CLASS_SUMS and abs(counted - images) > 1e-3):
+        return f"the statistics count {counted:.0f} images where the boards' parts say {images:.0f}"
+    if phase is Phase.RIDGE_SUMS:
+        trace = float(np.trace(RidgeStats(gram=total["gram"], sums=total["sums"], counts=counts).full_gram()))
+        if trace > counted * run.ridge_feature_bound() * (1 + 1e-6) + 1e-3:
+            return f"the summed Gram's trace {trace:.4g} is beyond what {counted:.0f} images' features can have"
+        floor = run.config.min_sum_examples or run.ridge_stats_shapes()["sums"][-1]
+        if counted < floor:
+            return (
+                f"the sum covers {counted:.0f} images, fewer than the {floor} below which a Gram matrix is an exact "
+                "membership test of its images (README, trust model); more boards or more images are needed"
+            )
+    return None
+
+
+def _floored(run: ServerRun, total: dict[str, np.ndarray], secure: bool) -> dict[str, np.ndarray]:
+    """With secure sums the per-class floor holds for the federation's total: a class with fewer
+    images than ncm-min-examples in the whole sum is left out of the head (its sums and count set
+    to zero), as a board leaves it out of a clear reply."""
+    if not secure:
+        return total
+    few = (total["counts"] > 0) & (total["counts"] < run.config.ncm_min_examples)
+    if not np.any(few):
+        return total
+    floored = {**total, "counts": np.where(few, 0.0, total["counts"])}
+    floored["sums"] = np.where(few[:, None], 0.0, total["sums"])
+    log.warning(
+        "classes %s have fewer than %d images in the whole federation: left out",
+        np.flatnonzero(few).tolist(),
+        run.config.ncm_min_examples,
+    )
+    return floored
 
 
 def _record(run: ServerRun, record: RoundRecord, started: float, **facts: Any) -> None:
@@ -72,12 +152,12 @@ def fedncm_head(
 ) -> dict[str, np.ndarray]:
     """The initial head with its classifier set from the nodes' class sums (``head`` if none came)."""
     started = time.perf_counter()
-    accepted = _ask_all(strategy, run, grid, head, Phase.CLASS_SUMS)
-    stats = [class_stats_of(reply) for reply in accepted]
+    gathered = _gather(strategy, run, grid, head, Phase.CLASS_SUMS)
     counts, known = np.zeros(len(run.classes)), list[int]()
-    if stats:
-        counts = np.sum([s.counts for s in stats], axis=0)
-        head, known = ncm_head_arrays(head, np.sum([s.sums for s in stats], axis=0), counts)
+    if gathered.total is not None:
+        total = _floored(run, gathered.total, gathered.facts["secure"])
+        counts = total["counts"]
+        head, known = ncm_head_arrays(head, total["sums"], counts)
     else:
         log.warning("FedNCM: no usable class statistics arrived; the head starts random")
     _record(
@@ -85,9 +165,10 @@ def fedncm_head(
         strategy.tally.record,
         started,
         method=HeadInit.NCM,
-        nodes=len(accepted),
+        nodes=gathered.boards,
         classes_set=known,
-        class_counts=counts.astype(int).tolist(),
+        class_counts=np.rint(counts).astype(int).tolist(),
+        **gathered.facts,
     )
     return head
 
@@ -98,8 +179,8 @@ def federated_class_counts(
     """Class balance without FedNCM's or Fed3R's statistics: one counts-only query (labels only,
     no image embedded) gives the run its class prior."""
     started = time.perf_counter()
-    accepted = _ask_all(strategy, run, grid, head, Phase.CLASS_COUNTS)
-    counts = np.sum([class_counts_of(reply) for reply in accepted], axis=0) if accepted else None
+    gathered = _gather(strategy, run, grid, head, Phase.CLASS_COUNTS)
+    counts = gathered.total["counts"] if gathered.total is not None else None
     if counts is None:
         log.warning("class balance: no usable class counts arrived; training is not balanced")
         counts = np.zeros(len(run.classes))
@@ -108,8 +189,9 @@ def federated_class_counts(
         strategy.tally.record,
         started,
         method=HeadInit.RANDOM,
-        nodes=len(accepted),
-        class_counts=counts.astype(int).tolist(),
+        nodes=gathered.boards,
+        class_counts=np.rint(counts).astype(int).tolist(),
+        **gathered.facts,
     )
 
 
@@ -123,30 +205,29 @@ def fed3r_head(
     is adjusted by the federation's class prior."""
     started = time.perf_counter()
     method = run.config.head_init
-    accepted = _ask_all(strategy, run, grid, head, Phase.RIDGE_SUMS)
-    if not accepted:
+    gathered = _gather(strategy, run, grid, head, Phase.RIDGE_SUMS)
+    tally = strategy.tally.record
+    if gathered.total is None:
         log.warning("%s: no usable ridge statistics arrived; the head starts random", method)
         no_classes = [0] * len(run.classes)
-        _record(run, strategy.tally.record, started, method=method, nodes=0, classes_set=[], class_counts=no_classes)
+        _record(run, tally, started, method=method, nodes=0, classes_set=[], class_counts=no_classes, **gathered.facts)
         return head
-    # in an order of their content, not of their arrival: the same replies give the same head
-    replies = sorted(
-        (ridge_stats_of(reply) for reply in accepted), key=lambda r: r.counts.tobytes() + r.gram[:64].tobytes()
-    )
-    stats = add_stats(replies)
+    total = _floored(run, gathered.total, gathered.facts["secure"])
+    stats = RidgeStats(gram=total["gram"], sums=total["sums"], counts=total["counts"])
     settings = ClosedFormSettings.from_config(run.config)
     last_inputs = run.trainable(head).last_inputs
     head, solved = closed_form_head(settings, method, head, stats, last_inputs, run.test.features, run.test.labels)
-    counts = stats.counts.astype(int)
+    counts = np.rint(stats.counts).astype(int)
     _record(
         run,
-        strategy.tally.record,
+        tally,
         started,
         method=method,
-        nodes=len(accepted),
+        nodes=gathered.boards,
         classes_set=[c for c in range(len(counts)) if counts[c] > 0],
         class_counts=counts.tolist(),
         **solved,
+        **gathered.facts,
     )
     return head
 

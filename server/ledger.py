@@ -27,6 +27,7 @@ class RoundRecord:
     client_personal_accuracy: float = float("nan")  # the same shares, each client's personal head
     max_bytes_up_per_client: int = 0
     attempts: int = 1  # more than 1: the round was retried after too few usable updates
+    secure: bool = False  # the updates were summed with secure sums (server/secure_rounds.py)
     dp_noise_multiplier: float = 0.0  # DP runs: the noise this round's head was released with (0: none)
     dp_epsilon: float = float("nan")  # DP runs: epsilon spent by the rounds so far, at the run's dp-delta
 

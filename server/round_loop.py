@@ -27,6 +27,7 @@ from server.checkpoint import Checkpoint, random_state_from_json, random_state_t
 from server.edgesplit_strategy import EdgeSplitStrategy
 from server.head_init import fed3r_head, federated_class_counts, fedncm_head
 from server.nodes import RunStopped
+from server.secure_rounds import train_secure
 from server.server_run import ServerRun
 
 log = logging.getLogger(__name__)
@@ -83,9 +84,13 @@ class RoundLoop:
         instructions = to_config_record(self.run.instructions(server_round, Phase.TRAIN))
         for attempt in range(config.round_retries + 1):
             strategy.tally.record.attempts = attempt + 1
-            messages = strategy.configure_train(server_round, to_array_record(self.global_head), instructions, grid)
-            replies = grid.send_and_receive(messages, timeout=config.round_timeout)
-            aggregated, _ = strategy.aggregate_train(server_round, replies)
+            head = to_array_record(self.global_head)
+            if strategy.secure is not None:
+                aggregated = train_secure(strategy, server_round, head, instructions, grid)
+            else:
+                messages = strategy.configure_train(server_round, head, instructions, grid)
+                replies = grid.send_and_receive(messages, timeout=config.round_timeout)
+                aggregated, _ = strategy.aggregate_train(server_round, replies)
             if aggregated is not None:
                 return from_array_record(aggregated)
             if attempt < config.round_retries:

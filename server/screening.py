@@ -232,7 +232,7 @@ class ReplyScreen:
                 or unreadable
                 or self._reject_reason(reply, arrays, phase, node, status, start_head)
             )
-            self._note_engine(node, status, refused=reason is not None)
+            self.note_engine(node, status, refused=reason is not None)
             if reason is not None and status.fallback:
                 result.lost.add(node)  # ask for its engine again: it may have fallen back
         if reason is None and status is not None:
@@ -315,7 +315,7 @@ class ReplyScreen:
                 int(number(metrics.get(protocol.IMAGES_SKIPPED))),
             )
 
-    def _note_engine(self, node: int, status: ReplyStatus, refused: bool) -> None:
+    def note_engine(self, node: int, status: ReplyStatus, refused: bool) -> None:
         self.nodes[node] = {
             "engine": status.engine,
             "golden_cosine": None if status.golden_cosine < 0 else round(status.golden_cosine, 6),

@@ -35,6 +35,7 @@ from common.flower_glue import (
     unmask_sum,
     wire_bytes,
 )
+from server.validation import head_reject_reason, update_norm
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +43,15 @@ log = logging.getLogger(__name__)
 OnDropped = Callable[[int, str, str], None]
 # why a board's collect-stage reply (its status; the part is masked) cannot go into the sum, or None
 PartCheck = Callable[[Message, int], "str | None"]
+
+
+@dataclass(frozen=True)
+class SecureSettings:
+    """How a run's secure sums are taken (run config: secure-shares, seed, round-timeout)."""
+
+    shares: int
+    seed: int
+    timeout: float
 
 
 @dataclass
@@ -305,6 +315,36 @@ class _Round:
             return True
         log.warning("secure sum stopped: %s", result.reason)
         return False
+
+
+def mean_of_sum(
+    total: Mapping[str, np.ndarray],
+    boards: int,
+    start: Mapping[str, np.ndarray],
+    max_weight_norm: float,
+    dp_clipping_norm: float,
+) -> tuple[dict[str, np.ndarray], dict[str, float], str | None]:
+    """The round's averaged head and training metrics from the secure sum of the boards' weighted
+    train parts (common/secure_sum.py), or why the sum cannot be used. No reply could be screened,
+    so the sum is: finite, a positive weight (in a DP run exactly one per board), the average's
+    arrays within max-weight-norm of the round's start, and (DP) its update within the clipping
+    norm, as a mean of clipped updates must be."""
+    weight = float(total[secure_sum.WEIGHT][0])
+    if not all(np.all(np.isfinite(v)) for v in total.values()) or weight <= 0:
+        return {}, {}, f"the summed updates are not usable (total weight {weight:.6g}, or values not finite)"
+    if dp_clipping_norm > 0 and abs(weight - boards) > 1e-3:
+        return {}, {}, f"the summed weights are {weight:.6g} where {boards} boards of a DP run weigh 1 each"
+    mean = {name: (total[name] / weight).astype(np.float32) for name in start}
+    metrics = {key[1:]: float(total[key][0]) / weight for key in secure_sum.WEIGHTED_METRICS}
+    metrics[protocol.NUM_EXAMPLES] = float(round(weight))
+    reason = head_reject_reason(mean, {n: a.shape for n, a in start.items()}, max_weight_norm, start)
+    if reason is None and dp_clipping_norm > 0 and update_norm(mean, start) > dp_clipping_norm * (1 + 1e-5):
+        reason = (
+            f"the average update's norm {update_norm(mean, start):.4g} exceeds dp-clipping-norm={dp_clipping_norm:g}"
+        )
+    if reason is None and not 0 <= metrics[protocol.TRAIN_ACCURACY] <= 1 + 1e-6:
+        reason = f"the average training accuracy {metrics[protocol.TRAIN_ACCURACY]:.4g} is no accuracy"
+    return mean, metrics, reason
 
 
 def _message(template: Message, stage: dict[str, object], config: bool = False) -> Message:

@@ -34,7 +34,7 @@ from common.heads import Head, load_head_arrays
 from common.kinds import DatasetKind, EventKind, HeadKind, StrategyName
 from common.metrics import ClassificationReport
 from common.preprocess import PreprocessSpec
-from common.protocol import ClassStats, Instructions, Phase, RidgeStats
+from common.protocol import ClassCounts, ClassStats, Instructions, Phase, RidgeStats
 from common.split import build_head
 from common.trainable import Trainable, last_layer_dim, make_trainable, trainable_shapes
 from server.checkpoint import Checkpoint, CheckpointError
@@ -179,6 +179,14 @@ class ServerRun:
         """Fed3R's statistics of what the last layer sees: the features, or the MLP's hidden units."""
         dim = last_layer_dim(self.spec.name, self.config.head, self.config.mlp_hidden)
         return RidgeStats.shapes(len(self.classes), dim)
+
+    def statistics_shapes(self, phase: Phase) -> dict[str, tuple[int, ...]]:
+        """The arrays of a one-shot query's statistics, by name."""
+        if phase == Phase.CLASS_SUMS:
+            return self.class_stats_shapes()
+        if phase == Phase.RIDGE_SUMS:
+            return self.ridge_stats_shapes()
+        return ClassCounts.shapes(len(self.classes))
 
     def ridge_feature_bound(self) -> float:
         """The largest squared norm a z of Fed3R's sums can have: the head's input features have

@@ -36,6 +36,7 @@ LONGEST_FIRST = (
     "test_deployment.py",
     "test_faults_runtime.py",
     "test_personal_ncm.py",
+    "test_secure_runs.py",
     "test_flower_runtime.py",
     "test_flower_variants.py",
     "test_edge_client.py",

@@ -8,18 +8,24 @@ from collections.abc import Iterable
 
 import numpy as np
 import pytest
-from flwr.app import ConfigRecord, Error, Message, RecordDict
+from flwr.app import ConfigRecord, Context, Error, Message, RecordDict
 
+from client.privacy_floor import Refusal
+from client.secure_sum import check_setup
 from common import protocol, secure_sum
+from common.config import NodeConfig, RunConfig
 from common.flower_glue import (
     SECURE_STAGE_RECORD,
+    SECURE_STATE_RECORD,
     SecureBoard,
     SecureKey,
     SecureStage,
     act_as,
     mark_pushed,
 )
+from common.protocol import Phase
 from server.secure_sum import SecureSum
+from tests.protocol_samples import instructions
 
 SHAPES = {"gram": (6,), "sums": (2, 3), secure_sum.NUM_EXAMPLES: (1,)}
 
@@ -162,3 +168,69 @@ def test_no_sum_below_min_boards_and_nothing_unmasked() -> None:
     result, _ = run_sum(grid, nodes, min_boards=3)
     assert result.total is None and "fewer than min-clients=3" in str(result.reason)
     assert not any(str(m.content.config_records[SECURE_STAGE_RECORD][SecureKey.STAGE]) == "unmask" for m in grid.seen)
+
+
+# --- the board's own checks (client/secure_sum.py) -------------------------------------------------
+
+AGREED = {"dataset": "folder", "class-names": "ok,crack", "server-test-dir": "/srv", "min-clients": 3}
+
+
+def _setup(boards: int = 5, shares: int = 5, threshold: int = 3, **changes: object) -> ConfigRecord:
+    values = {
+        SecureKey.STAGE: SecureStage.SETUP,
+        SecureKey.SAMPLE_NUMBER: boards,
+        SecureKey.SHARE_NUMBER: shares,
+        SecureKey.THRESHOLD: threshold,
+        SecureKey.CLIPPING_RANGE: 0.0,
+        SecureKey.TARGET_RANGE: secure_sum.SCALE,
+        SecureKey.MOD_RANGE: secure_sum.MOD_RANGE,
+        SecureKey.MAX_WEIGHT: 0.0,
+        **changes,
+    }
+    return ConfigRecord(values)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("keys", "setup", "asks", "refused"),
+    [
+        ({"secure-sums": True}, _setup(), Phase.TRAIN, None),
+        ({"secure-sums": True, "head-init": "lda"}, _setup(), Phase.RIDGE_SUMS, None),
+        ({"secure-sums": True}, _setup(), Phase.RIDGE_SUMS, "asks no secure sum of ridge-sums"),
+        ({"secure-sums": True}, _setup(boards=2, shares=2, threshold=2), Phase.TRAIN, "below this board's floor of 3"),
+        ({"secure-sums": True}, _setup(threshold=2), Phase.TRAIN, "must be a strict majority"),
+        ({"secure-sums": True}, _setup(**{SecureKey.MOD_RANGE: 2**32}), Phase.TRAIN, "encoding"),
+    ],
+)
+def test_a_board_takes_part_only_in_the_sums_it_agreed_to(
+    keys: dict[str, object], setup: ConfigRecord, asks: Phase, refused: str | None
+) -> None:
+    config = RunConfig.from_flower({**AGREED, **keys})
+    if refused is None:
+        check_setup(setup, asks, config, NodeConfig())
+        return
+    with pytest.raises(Refusal, match=refused):
+        check_setup(setup, asks, config, NodeConfig())
+
+
+def test_a_board_of_a_clear_run_refuses_any_stage_of_a_secure_sum() -> None:
+    """Through the real ClientApp: a board whose run sums in the clear keeps its per-board floors
+    and takes part in no secure sum (whose floor is the number of boards instead)."""
+    from client.app import app
+
+    run_config = {**RunConfig.from_flower(AGREED).to_flower(), "secure-sums": False}
+    context = Context(run_id=1, node_id=5, node_config={}, state=RecordDict(), run_config=run_config)
+    message = Message(
+        RecordDict({protocol.CONFIG: ConfigRecord(instructions().to_record()), SECURE_STAGE_RECORD: _setup()}),
+        dst_node_id=5,
+        message_type="train",
+    )
+    act_as(0)
+    mark_pushed(message)
+    act_as(5)
+    try:
+        reply = app(message, context)
+    finally:
+        act_as(0)
+    assert reply.has_error() and reply.error.code == protocol.REFUSAL_CODE
+    assert "secure-sums=false" in str(reply.error.reason)
+    assert SECURE_STATE_RECORD not in context.state.config_records  # no keys were made
