@@ -119,6 +119,9 @@ class RunConfig:
     secure_shares: int = _key(
         15, "secure sums: boards each board shares its secrets with (all of them in a smaller sum)", **_range(3, 1001)
     )
+    secure_group_size: int = _key(
+        100, "secure sums: boards per sum; a larger federation is summed in groups of this size", **_range(3, 10**6)
+    )
     min_sum_examples: int = _key(
         0, "secure sums: the fewest images a summed Gram may cover (0: the feature dimension)", **_range(0, 10**9)
     )

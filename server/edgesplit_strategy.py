@@ -110,7 +110,7 @@ class EdgeSplitStrategy(Strategy):
             distributor=BackboneDistributor(run.run_log, run.variants, run.engine, config.round_timeout),
             screen=screen,
             privacy=privacy,
-            secure=SecureSettings(config.secure_shares, config.seed, config.round_timeout)
+            secure=SecureSettings(config.secure_shares, config.seed, config.round_timeout, config.secure_group_size)
             if config.secure_sums
             else None,
         )

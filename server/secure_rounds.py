@@ -53,7 +53,15 @@ def summed(
         seed=settings.seed + server_round,
         on_dropped=dropped,
     )
-    result = summing.run(prepared, shapes, lambda reply, node: part_reason(strategy, reply, node))
+    check = lambda reply, node: part_reason(strategy, reply, node)  # noqa: E731
+    # A large federation is summed group by group (each group a sum over at least min-clients
+    # boards): the server holds one group's masked parts at a time.
+    groups = max(1, -(-len(prepared) // settings.group_size))
+    result = SumResult(total=None, boards=0)
+    for group in range(groups):
+        result.add(summing.run(prepared[group::groups], shapes, check))
+    if result.total is not None:
+        result.reason = None  # a group without a sum is in ``dropped`` and the events; the others count
     for stage in result.stages:  # the collect stage's messages were counted when prepared
         tally.record.bytes_up += stage.bytes_up
         if stage.stage != SecureStage.COLLECT_MASKED_VECTORS:

@@ -52,6 +52,7 @@ class SecureSettings:
     shares: int
     seed: int
     timeout: float
+    group_size: int = 100  # boards per sum: a larger federation is summed group by group
 
 
 @dataclass
@@ -76,6 +77,17 @@ class SumResult:
     stages: list[StageRecord] = field(default_factory=list)
     dropped: dict[str, list[int]] = field(default_factory=dict)
     reason: str | None = None
+
+    def add(self, other: SumResult) -> None:
+        """Take in the sum of another group of boards (no sum of this one, if it had none)."""
+        self.stages += other.stages
+        for stage, nodes in other.dropped.items():
+            self.dropped.setdefault(stage, []).extend(nodes)
+        if other.total is None:
+            self.reason = other.reason if self.reason is None else f"{self.reason}; {other.reason}"
+            return
+        self.total = other.total if self.total is None else {k: v + other.total[k] for k, v in self.total.items()}
+        self.boards += other.boards
 
     def facts(self) -> dict[str, object]:
         """What the run records of it (events.jsonl, summary.json)."""

@@ -24,7 +24,7 @@ from common.flower_glue import (
     mark_pushed,
 )
 from common.protocol import Phase
-from server.secure_sum import SecureSum
+from server.secure_sum import SecureSum, SumResult
 from tests.protocol_samples import instructions
 
 SHAPES = {"gram": (6,), "sums": (2, 3), secure_sum.NUM_EXAMPLES: (1,)}
@@ -234,3 +234,17 @@ def test_a_board_of_a_clear_run_refuses_any_stage_of_a_secure_sum() -> None:
     assert reply.has_error() and reply.error.code == protocol.REFUSAL_CODE
     assert "secure-sums=false" in str(reply.error.reason)
     assert SECURE_STATE_RECORD not in context.state.config_records  # no keys were made
+
+
+def test_a_large_federation_is_summed_group_by_group() -> None:
+    """Each group is a sum over at least min-boards boards; a group without a sum is left out."""
+    nodes = list(range(1, 9))
+    parts = random_parts(nodes, seed=9)
+    act_as(0)
+    grid = BoardGrid(parts, drop={2: SecureStage.SETUP, 4: SecureStage.SETUP})  # group 1 keeps 2 of 4: no sum
+    summing = SecureSum(grid, timeout=10, min_boards=3, shares=15, seed=1, on_dropped=lambda *d: None)
+    result = SumResult(total=None, boards=0)
+    for group in range(2):
+        result.add(summing.run(collect_messages(nodes[group::2]), SHAPES, lambda reply, node: None))
+    assert result.total is not None and result.boards == 4 and "fewer than min-clients=3" in str(result.reason)
+    np.testing.assert_allclose(result.total["sums"], np.sum([parts[n]["sums"] for n in nodes[0::2]], axis=0), atol=1e-5)
