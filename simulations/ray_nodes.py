@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -30,6 +31,15 @@ from simulations.fleet_rounds import cpu_class
 
 COMMAND = "python -m simulations.ray_nodes"
 SECTION = "The simulation past one Ray node: one node against two"
+
+
+def cpu_model() -> str:
+    """The CPU's model name (x86: /proc/cpuinfo's "model name")."""
+    cpuinfo = Path("/proc/cpuinfo")
+    for line in cpuinfo.read_text().splitlines() if cpuinfo.exists() else []:
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return "unknown CPU"
 
 
 def measured_run(tmp: Path, name: str, config: dict[str, Any], clients: int, address: str) -> dict[str, Any]:
@@ -106,14 +116,17 @@ def main(argv: list[str] | None = None) -> int:
     print(table)
     body = (
         f'Command: `{COMMAND} --clients {args.clients} --rounds {args.rounds} --run-config "{args.run_config}"`. '
-        f"CPU: {cpu_class()}; {os.cpu_count()} cores, both nodes on this one machine.\n"
-        "ELPV, Dirichlet 0.3, head only, onnx-int8, warm embedding cache; 2 client slots in every run "
-        '(`client-resources-num-cpus=1`). The clusters are started as in the README ("Past one machine"), '
+        f"CPU: {cpu_model()} ({cpu_class()}); {os.cpu_count()} cores, both nodes on this one machine.\n"
+        f"ELPV, Dirichlet 0.3, head only, onnx-int8, warm embedding cache, {args.rounds} rounds (a round's "
+        "time is the mean over them; the first includes each actor's first ClientApp load); 2 client slots "
+        'in every run (`client-resources-num-cpus=1`). The clusters are started as in the README ("Past one machine"), '
         "the run attaches through `RAY_ADDRESS`; the nodes that ran a ClientApp are read from the cluster's "
         "actor table. Two nodes on one 2-core machine show that the path works and what it costs, not a "
-        "speed-up.\n\n" + table
+        "speed-up. A cluster run's wall leaves out the cluster's start (`ray start`, some 15 s for two nodes "
+        "here); the reference's includes the start of its own Ray.\n\n" + table
     )
     update_section(args.out, SECTION, body)
+    shutil.rmtree(tmp, ignore_errors=True)
     return 0
 
 
