@@ -54,6 +54,8 @@ def load_local_data(config: RunConfig, node: NodeConfig) -> LocalData:
             config.seed,
             config.dirichlet_alpha,
             config.classes_per_client,
+            dirichlet_min_size=config.dirichlet_min_partition_size,
+            dirichlet_retries=config.dirichlet_max_retries,
         )
     train, test = local_split(files, config.client_test_fraction, node_seed)
     return LocalData(train, test, files.notes)

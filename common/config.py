@@ -205,6 +205,8 @@ class RunConfig:
     partitioner: Partitioner = _key(Partitioner.DIRICHLET, "how ELPV is split over clients")
     dirichlet_alpha: float = _key(0.3, "Dirichlet concentration (lower: more skewed)", **_range(1e-3, 1e6))
     classes_per_client: int = _key(2, "pathological partitioner: classes per client", **_range(1, 10_000))
+    dirichlet_min_partition_size: int = _key(0, "dirichlet: fewest images a client gets (0: auto)", **_range(0, 10**6))
+    dirichlet_max_retries: int = _key(10, "dirichlet: redraws before a top-up to the minimum", **_range(0, 1000))
     seed: int = _key(42, "seed for splits, partitions, head init and sampling", **_range(0, 2**31 - 1))
     # Injected faults, for scenario runs and tests (simulated clients, by partition id)
     fault_clients: str = _key(
@@ -310,6 +312,8 @@ def check_simulated_split(config: RunConfig, num_clients: int) -> None:
                 config.seed,
                 config.dirichlet_alpha,
                 config.classes_per_client,
+                dirichlet_min_size=config.dirichlet_min_partition_size,
+                dirichlet_retries=config.dirichlet_max_retries,
             )
 
 

@@ -10,6 +10,7 @@ import functools
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -228,6 +229,19 @@ def elpv_split(task: ElpvTask, subset: int, test_fraction: float, seed: int) -> 
     return stratified_split(files, test_fraction, seed)
 
 
+DIRICHLET_AUTO_MIN = 0  # dirichlet-min-partition-size 0: dirichlet_floor() derives it from the data
+
+
+def dirichlet_floor(num_samples: int, num_partitions: int, min_size: int = DIRICHLET_AUTO_MIN) -> int:
+    """The fewest samples a Dirichlet split leaves on a client: ``min_size``, or for 0 (auto) a
+    tenth of an even share, at least 1 and at most 10 (flwr-datasets' own default). A tenth keeps
+    the skew the draw makes (a client may hold a tenth of the average) while refusing empty
+    clients; 10 clients of ELPV's 1,968 training images get 10, as before the key existed."""
+    if min_size != DIRICHLET_AUTO_MIN:
+        return min_size
+    return max(1, min(10, num_samples // (10 * max(num_partitions, 1))))
+
+
 def partition(
     files: LabelledFiles,
     num_partitions: int,
@@ -236,13 +250,23 @@ def partition(
     seed: int,
     dirichlet_alpha: float = 0.3,
     classes_per_client: int = 2,
+    *,
+    dirichlet_min_size: int = DIRICHLET_AUTO_MIN,
+    dirichlet_retries: int = 10,
 ) -> LabelledFiles:
     """One client's share, by a flwr-datasets partitioner over a local ``datasets.Dataset``."""
     if not 0 <= partition_id < num_partitions:
         raise DataError(f"partition-id {partition_id} is outside [0, {num_partitions}).")
-    indices = _partition_indices(files.labels, num_partitions, method, seed, dirichlet_alpha, classes_per_client)[
-        partition_id
-    ]
+    indices = _partition_indices(
+        files.labels,
+        num_partitions,
+        method,
+        seed,
+        dirichlet_alpha,
+        classes_per_client,
+        dirichlet_min_size,
+        dirichlet_retries,
+    )[partition_id]
     if not indices:
         raise DataError(
             f"Partition {partition_id} of {num_partitions} is empty ({len(files)} samples, "
@@ -259,6 +283,8 @@ def _partition_indices(
     seed: int,
     dirichlet_alpha: float,
     classes_per_client: int,
+    dirichlet_min_size: int = DIRICHLET_AUTO_MIN,
+    dirichlet_retries: int = 10,
 ) -> tuple[list[int], ...]:
     import datasets
     from flwr_datasets import partitioner as flwr_partitioner
@@ -268,18 +294,22 @@ def _partition_indices(
             f"{num_partitions} clients but only {len(labels)} training samples: every client "
             "needs at least one. Use fewer clients (num-supernodes) or more data (subset=0)."
         )
+    table = datasets.Dataset.from_dict({"index": list(range(len(labels))), "label": list(labels)})
+    # IidPartitioner shards contiguously; shuffle so that file order (often by source) does not leak.
+    table = table.shuffle(seed=seed)
+    if method == Partitioner.DIRICHLET:
+        floor = dirichlet_floor(len(labels), num_partitions, dirichlet_min_size)
+        if floor * num_partitions > len(labels):
+            raise DataError(
+                f"Cannot split {len(labels)} samples over {num_partitions} clients with at least {floor} each "
+                f"(dirichlet-min-partition-size={dirichlet_min_size}). Use fewer clients, more data (subset=0) "
+                f"or 'dirichlet-min-partition-size' at most {len(labels) // num_partitions} (0: auto)."
+            )
+        parts = _dirichlet_parts(table, num_partitions, dirichlet_alpha, seed, floor, dirichlet_retries)
+        return tuple(sorted(part) for part in parts)
     partitioner: flwr_partitioner.Partitioner
     if method == Partitioner.IID:
         partitioner = flwr_partitioner.IidPartitioner(num_partitions=num_partitions)
-    elif method == Partitioner.DIRICHLET:
-        partitioner = flwr_partitioner.DirichletPartitioner(
-            num_partitions=num_partitions,
-            partition_by="label",
-            alpha=dirichlet_alpha,
-            min_partition_size=min(10, len(labels) // num_partitions),
-            self_balancing=False,
-            seed=seed,
-        )
     elif method == Partitioner.PATHOLOGICAL:
         partitioner = flwr_partitioner.PathologicalPartitioner(
             num_partitions=num_partitions,
@@ -290,13 +320,75 @@ def _partition_indices(
         )
     else:
         raise DataError(f"Unknown partitioner {method!r}; use one of {kind_values(Partitioner)}.")
-    table = datasets.Dataset.from_dict({"index": list(range(len(labels))), "label": list(labels)})
-    # IidPartitioner shards contiguously; shuffle so that file order (often by source) does not leak.
-    partitioner.dataset = table.shuffle(seed=seed)
+    partitioner.dataset = table
     try:
         return tuple(sorted(partitioner.load_partition(pid)["index"]) for pid in range(num_partitions))
-    except ValueError as error:  # e.g. Dirichlet draws that leave a client (almost) empty
+    except ValueError as error:  # e.g. more classes per client than the data holds
         raise DataError(
             f"Cannot split {len(labels)} samples over {num_partitions} clients with the '{method}' "
-            f"partitioner: {error} Use fewer clients, more data (subset=0) or a larger 'dirichlet-alpha'."
+            f"partitioner: {error} Use fewer clients or more data (subset=0)."
         ) from error
+
+
+def _dirichlet_parts(
+    table: Any, num_partitions: int, alpha: float, seed: int, floor: int, retries: int
+) -> list[list[int]]:
+    """Each client's indices from flwr-datasets' DirichletPartitioner: the first of ``retries + 1``
+    draws that leaves every client ``floor`` samples, else the first draw topped up to it.
+
+    Each draw is one partitioner (minimum 0, so it never redraws or gives up itself: its own
+    limit is 10 redraws); draw 0 is seeded with ``seed`` as before these keys existed, so a split
+    whose first draw met the minimum is unchanged, and draw k with a seed derived from (seed, k).
+    At 1,000 clients of ELPV at alpha 0.3 about 29% of the clients of any draw are empty, so no
+    number of redraws helps: the top-up then moves the few samples the short clients lack
+    (295 of 1,968 there; ``_top_up``)."""
+    from flwr_datasets.partitioner import DirichletPartitioner
+
+    first: DirichletPartitioner | None = None
+    for attempt in range(retries + 1):
+        draw_seed = seed if attempt == 0 else int(np.random.SeedSequence([seed, attempt]).generate_state(1)[0])
+        partitioner = DirichletPartitioner(
+            num_partitions=num_partitions,
+            partition_by="label",
+            alpha=alpha,
+            min_partition_size=0,
+            self_balancing=False,
+            seed=draw_seed,
+        )
+        partitioner.dataset = table
+        first = first or partitioner
+        parts: list[list[int]] = []
+        for pid in range(num_partitions):  # stop at the first client short of the floor
+            parts.append(list(partitioner.load_partition(pid)["index"]))
+            if len(parts[-1]) < floor:
+                break
+        else:
+            return parts
+    assert first is not None
+    return _top_up([list(first.load_partition(pid)["index"]) for pid in range(num_partitions)], floor, seed)
+
+
+def _top_up(parts: list[list[int]], floor: int, seed: int) -> list[list[int]]:
+    """``parts`` with every one below ``floor`` filled, one sample at a time, from a client above it
+    drawn with odds in proportion to its excess (seeded): donors shrink in proportion, none below
+    the floor, so the draw's spread of sizes keeps its shape. A moved sample is the last of the
+    donor's list, which flwr-datasets shuffled."""
+    rng = np.random.default_rng(seed)
+    excess = np.array([max(len(part) - floor, 0) for part in parts], dtype=np.float64)
+    short = [pid for pid, part in enumerate(parts) if len(part) < floor]
+    moved = 0
+    for pid in short:
+        while len(parts[pid]) < floor:
+            donor = int(rng.choice(len(parts), p=excess / excess.sum()))
+            parts[pid].append(parts[donor].pop())
+            excess[donor] -= 1
+            moved += 1
+    log.info(
+        "No Dirichlet draw gave each of %d clients %d samples: %d samples moved to the %d below from the others "
+        "(dirichlet-min-partition-size, dirichlet-max-retries)",
+        len(parts),
+        floor,
+        moved,
+        len(short),
+    )
+    return parts

@@ -66,6 +66,11 @@ def flower_env(flwr_home: Path, extra: Mapping[str, str] | None = None) -> dict[
     env["FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION"] = "1"
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
     env.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
+    # Flower's Ray backend calls ray.init() without an address: Ray then joins the cluster RAY_ADDRESS
+    # names (a user's `ray start` cluster: README, "Past one machine"), else the last one started on
+    # this machine, if any is running. "local": a Ray instance of this run's own, never a cluster
+    # someone else left running here.
+    env.setdefault("RAY_ADDRESS", "local")
     env.update(extra or {})
     return env
 

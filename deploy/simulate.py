@@ -33,6 +33,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--clients", type=int, default=10, help="simulated edge clients (num-supernodes)")
     parser.add_argument("--run-config", default="", help="run-config overrides, Flower syntax")
     parser.add_argument("--no-reference", action="store_true", help="skip the centralised reference probe")
+    parser.add_argument(
+        "--ray-address",
+        default="",
+        help="run the simulated clients on the Ray cluster at this address (HOST:PORT, or 'auto' for the one "
+        "started on this machine); default: $RAY_ADDRESS, else a Ray instance of the run's own",
+    )
+    parser.add_argument(
+        "--client-cpus", type=int, default=0, help="CPUs Ray reserves per simulated client (0: Flower's default, 2)"
+    )
     args = parser.parse_args(argv)
 
     overrides = parse_run_config(args.run_config)
@@ -46,7 +55,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"Cannot start: {error}", file=sys.stderr)
         return 2
     started = time.time()
-    result = flwr_run(overrides, args.clients, PROJECT_ROOT / ".flwr", stream_to=sys.stdout)
+    env = {"RAY_ADDRESS": args.ray_address} if args.ray_address else None
+    federation = {"client-resources-num-cpus": args.client_cpus} if args.client_cpus > 0 else None
+    result = flwr_run(
+        overrides, args.clients, PROJECT_ROOT / ".flwr", env=env, stream_to=sys.stdout, federation=federation
+    )
     candidates = [Path(config.resume_from) / "summary.json"] if config.resume_from else []
     candidates += Path(config.runs_dir).glob("*/summary.json")
     summaries = [p for p in candidates if p.is_file() and p.stat().st_mtime >= started]

@@ -444,3 +444,23 @@ def test_node_config_engine_is_parsed_into_its_kind() -> None:
     with pytest.raises(ConfigError) as caught:
         NodeConfig.from_flower({"engine": "tensorrt"})
     assert _listed_choices(str(caught.value)) == ["auto", "torch", "onnx", "onnx-int8"]
+
+
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [("dirichlet-min-partition-size", -1), ("dirichlet-max-retries", -1), ("dirichlet-max-retries", 1001)],
+)
+def test_dirichlet_floor_and_retries_are_range_checked(key, value):
+    with pytest.raises(ConfigError, match=f"'{key}' must be in"):
+        RunConfig.from_flower({key: value})
+
+
+def test_a_dirichlet_floor_too_high_for_the_clients_stops_the_run_naming_the_key():
+    from common.config import check_simulated_split
+    from common.data import DataError
+
+    config = RunConfig.from_flower({"dirichlet-min-partition-size": 20})
+    check_simulated_split(config, 98)  # 1,968 training images: 98 clients can have 20 each
+    with pytest.raises(DataError) as caught:
+        check_simulated_split(config, 100)
+    assert "dirichlet-min-partition-size" in str(caught.value) and "at most 19" in str(caught.value)

@@ -145,25 +145,73 @@ def test_partitions_are_seeded():
     assert first.paths != other.paths
 
 
-@pytest.mark.filterwarnings("ignore:The specified min_partition_size:UserWarning")
-def test_unsatisfiable_dirichlet_partition_is_a_data_error():
-    """400 samples, 10 clients, alpha 0.3, seed 1: flwr-datasets gives up after 10 draws because
-    some client gets fewer than min_partition_size (10) samples. The user should get a DataError
-    that says what to change (not flwr-datasets' bare ValueError), or, if the minimum is relaxed,
-    a valid partition. The same happens with subset=400 and 10 clients for most seeds."""
-    # Prepare
+def test_a_dirichlet_draw_flwr_datasets_alone_refuses_still_splits():
+    """400 samples, 10 clients, alpha 0.3, seed 1: flwr-datasets, asked for 10 per client, gave up
+    after 10 redraws (a DataError before dirichlet-min-partition-size existed). Now the floor is
+    met by a redraw or by moving samples, and the partition is valid."""
     files = _synthetic()
 
-    # Execute
-    try:
-        parts = [partition(files, 10, pid, "dirichlet", seed=1) for pid in range(10)]
-    except DataError as error:
-        # Assert (error path)
-        assert "dirichlet-alpha" in str(error)
-        return
-    # Assert (success path)
+    parts = [partition(files, 10, pid, "dirichlet", seed=1, dirichlet_min_size=10) for pid in range(10)]
+
     assert sorted(p for part in parts for p in part.paths) == sorted(files.paths)
-    assert all(len(part) > 0 for part in parts)
+    assert min(len(part) for part in parts) >= 10
+
+
+# sha256 of the 10-client Dirichlet(0.3) split of ELPV's 1,968 training images at seed 42, as every
+# benchmark since the first measured it (before dirichlet-min-partition-size existed)
+DEFAULT_SPLIT_SHA256 = "2298810586cda1a94ad41f03fcaaf55b630563964fb6753e69ae0e8df20c82c9"
+
+
+def _elpv_dirichlet_split(clients: int, **kwargs: int) -> list[LabelledFiles]:
+    client_share, _ = elpv_split("4-level", 0, 0.25, 42)
+    return [partition(client_share, clients, pid, "dirichlet", 42, 0.3, **kwargs) for pid in range(clients)]
+
+
+def test_the_default_ten_client_dirichlet_split_of_elpv_is_unchanged():
+    import hashlib
+    import json
+
+    client_share, _ = elpv_split("4-level", 0, 0.25, 42)
+    index = {path: i for i, path in enumerate(client_share.paths)}
+    parts = [[index[path] for path in part.paths] for part in _elpv_dirichlet_split(10)]
+
+    assert [len(part) for part in parts] == [268, 472, 25, 402, 31, 24, 139, 111, 225, 271]
+    assert hashlib.sha256(json.dumps(parts).encode()).hexdigest() == DEFAULT_SPLIT_SHA256
+
+
+@pytest.mark.parametrize("clients", [100, 1000])
+def test_a_dirichlet_split_of_elpv_over_100_and_1000_clients_leaves_no_client_empty(clients):
+    """flwr-datasets alone refuses these (100: no draw in 11 gives every client 10 images; 1,000:
+    about 29% of the clients of any draw are empty); the auto floor (1) and the top-up split them."""
+    parts = _elpv_dirichlet_split(clients)
+
+    paths = [path for part in parts for path in part.paths]
+    assert min(len(part) for part in parts) >= 1
+    assert len(paths) == len(set(paths)) == 1968
+    majority = [max(part.class_counts()) / len(part) for part in parts]
+    assert sum(majority) / clients > 0.7  # still label-skewed: ELPV's largest class is 57% of it
+
+
+def test_a_dirichlet_floor_is_met_by_a_redraw_or_by_moving_samples():
+    files = _synthetic()  # 400 samples; at seed 1 the first draw leaves a client below 10
+
+    def split(**kwargs: int) -> list[LabelledFiles]:
+        return [partition(files, 10, pid, "dirichlet", seed=1, dirichlet_min_size=10, **kwargs) for pid in range(10)]
+
+    topped_up, redrawn = split(dirichlet_retries=0), split(dirichlet_retries=20)
+    high = [partition(files, 10, pid, "dirichlet", seed=1, dirichlet_min_size=40) for pid in range(10)]
+
+    for parts, floor in ((topped_up, 10), (redrawn, 10), (high, 40)):
+        assert min(len(part) for part in parts) >= floor
+        assert sorted(path for part in parts for path in part.paths) == sorted(files.paths)
+    assert [part.paths for part in topped_up] != [part.paths for part in redrawn]
+    assert sorted(len(part) for part in high) == [40] * 10  # 400 over 10 with at least 40 each: even
+
+
+def test_a_dirichlet_floor_the_data_cannot_meet_names_the_key():
+    with pytest.raises(DataError) as caught:
+        partition(_synthetic(), 10, 0, "dirichlet", seed=1, dirichlet_min_size=41)
+    assert "dirichlet-min-partition-size" in str(caught.value) and "at most 40" in str(caught.value)
 
 
 def test_iid_partition_sizes_are_balanced():
@@ -306,7 +354,9 @@ def test_an_impossible_simulated_split_stops_the_main_job_once_before_flower_sta
     from deploy import simulate as main_job
 
     monkeypatch.setattr(main_job, "flwr_run", lambda *a, **k: pytest.fail("Flower must not start"))
-    code = main_job.main(["--clients", "30", "--run-config", "subset=60 dirichlet-alpha=0.05", "--no-reference"])
+    # 45 training images cannot give 30 clients 2 each
+    run_config = "subset=60 dirichlet-min-partition-size=2"
+    code = main_job.main(["--clients", "30", "--run-config", run_config, "--no-reference"])
     error = capsys.readouterr().err
     assert code == 2 and error.count("Cannot split") == 1 and "Use fewer clients" in error
 
@@ -315,7 +365,7 @@ def test_the_server_finds_an_impossible_split_or_missing_client_folders_before_r
     from server.nodes import RunStopped
     from server.round_loop import check_start
 
-    elpv = RunConfig.from_flower({"subset": 60, "dirichlet-alpha": 0.05})
+    elpv = RunConfig.from_flower({"subset": 60, "dirichlet-min-partition-size": 2})
     check_start(elpv, 3)  # three clients can share 60 images
     with pytest.raises(RunStopped) as stopped:
         check_start(elpv, 30)
