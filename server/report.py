@@ -167,6 +167,15 @@ def _facts(state: dict[str, Any]) -> list[tuple[str, Any]]:
                 f"{_format(privacy['clipping_norm'], 'g')})",
             )
         )
+    secure = state.get("secure_sums") or {}
+    sums = [
+        f"{s.get('phase')} (round {s.get('round')}): "
+        + (f"no sum: {s['no_sum']}" if s.get("no_sum") else f"{s.get('boards')} boards, {s.get('dropped', 0)} dropped")
+        for s in secure.get("sums", [])
+    ]
+    facts.append(
+        ("secure sums", "; ".join(sums) if secure.get("used") else "no: each board's reply is read in the clear")
+    )
     return facts
 
 

@@ -82,6 +82,7 @@ class RunView:
     ended: bool = False
     stopped: str | None = None  # why the run ended early, if it did
     last_release: dict[str, Any] = field(default_factory=dict)  # a DP run's latest dp-release event
+    secure_sums: list[dict[str, Any]] = field(default_factory=list)  # each secure sum: query or round, boards
     _joined: dict[int, set[int]] = field(default_factory=dict)
 
     def refresh(self) -> bool:
@@ -125,6 +126,10 @@ class RunView:
             self.rounds.append(event)
         elif kind == EventKind.DP_RELEASE:  # never undone by a resume: the head was released
             self.last_release = event
+        elif kind == EventKind.SECURE_SUM:
+            dropped = sum(int(n) for n in dict(event.get("dropped", {})).values())
+            summed = {"round": event.get("round"), "phase": event.get("phase"), "boards": event.get("boards_in_sum")}
+            self.secure_sums.append({**summed, "dropped": dropped, "no_sum": event.get("no_sum")})
         elif kind == EventKind.RUN_END:
             self.ended, self.stopped = True, event.get("stopped")
         elif kind in (EventKind.CLIENT_REPLY, EventKind.CLIENT_FAILED, EventKind.CLIENT_REJECTED):
@@ -217,6 +222,10 @@ class RunView:
             "problems": self.problems[-50:],
             "final": summary.get("final"),
             "privacy": _privacy(config.get("run_config", {}), self.rounds, self.last_release),
+            "secure_sums": {
+                "used": bool(config.get("run_config", {}).get("secure-sums")),
+                "sums": self.secure_sums[-5:],
+            },
             "operating_points": summary.get("operating_points", []),
         }
 

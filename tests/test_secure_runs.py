@@ -127,3 +127,18 @@ def test_no_reply_of_a_secure_run_carries_a_clear_part(runs: dict[str, Any]) -> 
     assert len(collect) == 2 * CLIENTS
     assert all(set(r["metrics"].get("metrics", {})) <= {"backbone-received"} for r in collect)
     json.dumps(audit)
+
+
+def test_the_dashboard_and_report_say_whether_sums_were_secure(runs: dict[str, Any]) -> None:
+    from server.report import _facts
+    from server.run_folder_view import RunView
+
+    secure = RunView(runs["dropped"]["run_dir"]).state()
+    assert secure["secure_sums"]["used"] is True
+    assert [(s["phase"], s["boards"], s["dropped"]) for s in secure["secure_sums"]["sums"]] == [
+        ("ridge-sums", CLIENTS - 1, 1),
+        ("train", CLIENTS - 1, 1),
+    ]
+    assert "ridge-sums (round 0): 3 boards, 1 dropped" in dict(_facts(secure))["secure sums"]
+    clear = RunView(runs["clear"]["run_dir"]).state()
+    assert clear["secure_sums"]["used"] is False and "in the clear" in dict(_facts(clear))["secure sums"]

@@ -163,6 +163,10 @@ function render(state) {
     facts.push(["privacy (DP)", `epsilon ${fmt(p.epsilon)} at delta ${p.delta} after round ${p.round} ` +
       `(noise multiplier ${p.noise_multiplier}, clipping norm ${p.clipping_norm})`]);
   }
+  const secure = state.secure_sums ?? { used: false, sums: [] };
+  facts.push(["secure sums", !secure.used ? "no: each board's reply is read in the clear" : secure.sums.map((s) =>
+    `${s.phase} (round ${s.round}): ${s.no_sum ? "no sum: " + s.no_sum : s.boards + " boards"}${s.dropped ? `, ${s.dropped} dropped` : ""}`)
+    .join("; ") || "yes, none taken yet"]);
   for (const point of state.operating_points ?? []) {
     facts.push([`recall at precision ${fmt(point.target_precision, 2)}`, `${point.name}: ${fmt(point.recall, 3)}`]);
   }
