@@ -258,6 +258,7 @@ def run_supernode_with_heartbeat(seconds: float, arguments: list[str]) -> None:
 
 # The stage's config record, the board's saved state, the stages in order and the records' keys.
 SECURE_STAGE_RECORD, SECURE_STATE_RECORD = RECORD_KEY_CONFIGS, RECORD_KEY_STATE
+SECURE_SHARES_SENT = "edgesplit_secure_shares_sent"  # a board's key-sharing reply, for a re-sent message
 SecureStage, SecureKey = Stage, Key
 
 
@@ -286,15 +287,20 @@ class SecureBoard:
         # the module, not the mod function its package exports under the same name
         flower: Any = importlib.import_module("flwr.client.mod.secure_aggregation.secaggplus_mod")
         self._flower, self._context_state, self.node_id = flower, context_state, node_id
+        self.repeat = False  # the stage asked is the one the board answered last (a re-sent message)
         if SECURE_STATE_RECORD not in context_state.config_records:
             context_state.config_records[SECURE_STATE_RECORD] = ConfigRecord({})
         self.state = flower.SecAggPlusState(**context_state.config_records[SECURE_STATE_RECORD])
 
     def begin(self, configs: ConfigRecord) -> str:
         """The stage ``configs`` asks for, after Flower's checks of the order and of the keys
-        (ValueError, KeyError or TypeError naming what is wrong)."""
-        self._flower.check_stage(self.state.current_stage, configs)
+        (ValueError, KeyError or TypeError naming what is wrong). The stage the board is at may
+        come again: the server re-sends a message whose reply was lost or late (server/delivery.py),
+        and the board must then answer as it did, not with new secrets."""
         stage = str(configs[SecureKey.STAGE])
+        self.repeat = stage == self.state.current_stage
+        if not self.repeat:
+            self._flower.check_stage(self.state.current_stage, configs)
         without_stage = ConfigRecord({k: v for k, v in configs.items() if k != SecureKey.STAGE})
         self._flower.check_configs(stage, without_stage)
         return stage
@@ -306,9 +312,16 @@ class SecureBoard:
         body = ConfigRecord({k: v for k, v in configs.items() if k != SecureKey.STAGE})
         if stage == SecureStage.SETUP:
             state.nid = self.node_id
+            keys = (state.sk1, state.pk1, state.sk2, state.pk2)
             reply = self._flower._setup(state, body)
+            if self.repeat:  # the same keys again (the settings as sent now)
+                state.sk1, state.pk1, state.sk2, state.pk2 = keys
+                reply = {SecureKey.PUBLIC_KEY_1: state.pk1, SecureKey.PUBLIC_KEY_2: state.pk2}
+        elif stage == SecureStage.SHARE_KEYS and self.repeat:  # the same shares again
+            reply = dict(self._context_state.config_records[SECURE_SHARES_SENT].items())
         elif stage == SecureStage.SHARE_KEYS:
             reply = self._flower._share_keys(state, body)
+            self._context_state.config_records[SECURE_SHARES_SENT] = ConfigRecord(dict(reply))
         elif stage == SecureStage.COLLECT_MASKED_VECTORS:
             if integers is None:
                 raise ValueError("the collect stage needs this board's part")

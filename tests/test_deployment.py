@@ -191,12 +191,18 @@ def test_tls_authenticated_deployment_with_a_board_dying_mid_round(tmp_path: Pat
                 image.unlink()
         deployment.start_supernode(VICTIM)
         deployment.wait_until_online(3, timeout=90)
-        _finish(deployment.submit(_run_config(tmp_path, "second", rounds=1)))
+        # This run sums the updates with SecAgg+ (secure sums): the boards' protocol state lives in
+        # each SuperNode's context between the ClientApp processes of its four stages.
+        secure = {"secure-sums": True, "min-clients": 3}
+        _finish(deployment.submit(_run_config(tmp_path, "second", rounds=1) | secure))
         summary, events = _summary_and_events(tmp_path, "second")
         assert summary["rounds"][0]["backbones_sent"] == 0
-        assert summary["rounds"][0]["clients_ok"] == 3
+        assert summary["rounds"][0]["clients_ok"] == 3 and summary["rounds"][0]["secure"] is True
         assert summary["rounds"][0]["bytes_down"] < 100_000
-        assert {e["node"]: e["engine"] for e in events if e["event"] == "client-reply"}[victim_node] == "torch"
+        sums = [e for e in events if e["event"] == "secure-sum"]
+        assert [(e["boards_in_sum"], e["dropped"]) for e in sums] == [(3, {})]
+        assert not [e for e in events if e["event"] == "client-reply" and e["phase"] == "train"]  # no clear update
+        assert summary["nodes"][str(victim_node)]["engine"] == "torch"
 
         # A larger backbone (ResNet-18, 44.7 MB of float32 weights) streams through the same link.
         torch.manual_seed(0)

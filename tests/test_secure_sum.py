@@ -248,3 +248,29 @@ def test_a_large_federation_is_summed_group_by_group() -> None:
         result.add(summing.run(collect_messages(nodes[group::2]), SHAPES, lambda reply, node: None))
     assert result.total is not None and result.boards == 4 and "fewer than min-clients=3" in str(result.reason)
     np.testing.assert_allclose(result.total["sums"], np.sum([parts[n]["sums"] for n in nodes[0::2]], axis=0), atol=1e-5)
+
+
+class RepeatingGrid(BoardGrid):
+    """Every message arrives twice (a re-sent instruction whose first reply was late), and the
+    server gets the first copy's reply: the board must answer the second as it did the first."""
+
+    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> list[Message]:
+        messages = list(messages)
+        first = super().send_and_receive(messages, timeout=timeout)
+        copies = [Message(m.content, m.metadata.dst_node_id, m.metadata.message_type) for m in messages]
+        second = super().send_and_receive(copies, timeout=timeout)
+        for one, other in zip(first, second, strict=True):
+            if not one.has_error() and SecureKey.PUBLIC_KEY_1 in one.content.config_records[SECURE_STAGE_RECORD]:
+                assert dict(one.content.config_records[SECURE_STAGE_RECORD].items()) == dict(
+                    other.content.config_records[SECURE_STAGE_RECORD].items()
+                )
+        return first
+
+
+def test_a_re_sent_stage_is_answered_as_before_and_the_sum_holds() -> None:
+    nodes = [1, 2, 3, 4]
+    parts = random_parts(nodes, seed=11)
+    act_as(0)
+    result, dropped = run_sum(RepeatingGrid(parts), nodes)
+    assert result.total is not None and not dropped and result.boards == 4
+    np.testing.assert_allclose(result.total["gram"], np.sum([parts[n]["gram"] for n in nodes], axis=0), atol=1e-5)
