@@ -237,6 +237,34 @@ def run_supernode_with_heartbeat(seconds: float, arguments: list[str]) -> None:
     flower_supernode()
 
 
+def allow_slow_app_start(seconds: float) -> None:
+    """Give each app process this SuperNode's SuperExec starts ``seconds`` to connect (Flower: 30 s).
+
+    The SuperExec claims a task token, then starts a ClientApp process with it; if that process
+    has not activated the token 30 s later (``HEARTBEAT_DEFAULT_INTERVAL``), the node state puts the
+    task back to pending and the SuperExec starts another. An emulated board (qemu-aarch64 on a busy
+    machine) takes longer than that to import Flower, so it would start ClientApps without end and
+    none would answer. Flower has no option for it; this sets the constant in the node state's
+    internal module, in this SuperNode process only: a running app then also counts as dead after
+    two such windows without a heartbeat. On a Flower upgrade, check that the module still reads it.
+    """
+    from flwr.supercore.corestate import in_memory_corestate
+
+    if not hasattr(in_memory_corestate, "HEARTBEAT_DEFAULT_INTERVAL"):
+        raise RuntimeError("flwr.supercore.corestate.in_memory_corestate no longer reads HEARTBEAT_DEFAULT_INTERVAL")
+    setattr(in_memory_corestate, "HEARTBEAT_DEFAULT_INTERVAL", seconds)  # noqa: B010  (a module's constant, on purpose)
+
+
+def run_supernode(arguments: list[str]) -> None:
+    """``flower-supernode <arguments>`` in this process."""
+    import sys
+
+    from flwr.supernode.cli import flower_supernode
+
+    sys.argv = ["flower-supernode", *arguments]  # what Flower's parser reads
+    flower_supernode()
+
+
 # --- standing in for Flower's runtime, in tests --------------------------------------------------
 
 

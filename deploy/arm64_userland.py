@@ -151,9 +151,17 @@ def project_requirements(project: Path = PROJECT_ROOT) -> list[str]:
     return [*spec["dependencies"], *spec["optional-dependencies"]["edge"]]
 
 
+def board_data_requirements(project: Path = PROJECT_ROOT) -> list[str]:
+    """ELPV's images as the server extra pins them: an emulated board of ``deploy-local``'s ELPV split
+    reads its partition from them, as the x86 boards do (a real board has its own image folder)."""
+    spec = tomllib.loads((project / "pyproject.toml").read_text())["project"]
+    return [r for r in spec["optional-dependencies"]["server"] if r.startswith("elpv-dataset")]
+
+
 def userland_key(project: Path = PROJECT_ROOT) -> str:
     """Changes when anything the userland is made from changes: rebuild then."""
-    parts = [*DEBIAN_SOURCES, *DEBIAN_PACKAGES, *WHEEL_PLATFORMS, *project_requirements(project), "cp311"]
+    requirements = [*project_requirements(project), *board_data_requirements(project)]
+    parts = [*DEBIAN_SOURCES, *DEBIAN_PACKAGES, *WHEEL_PLATFORMS, *requirements, "cp311"]
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]
 
 
@@ -174,7 +182,7 @@ def require(root: Path | None = None) -> Userland:
     if userland is None:
         state = "is out of date" if (root / "ready").is_file() else "is missing"
         raise SetupError(
-            f"The emulated arm64 userland at {root} {state}. Make it once (about 2 minutes, 200 MB; "
+            f"The emulated arm64 userland at {root} {state}. Make it once (2-3 minutes, 700 MB; "
             f"`make setup` does it): {Path(sys.executable).name} -m deploy.arm64_userland"
         )
     return Userland(userland.root, qemu)
@@ -251,7 +259,18 @@ def download_wheels(wheels: Path, project: Path = PROJECT_ROOT) -> Path:
     target = ["--only-binary=:all:", "--python-version", "3.11", "--implementation", "cp", "--abi", "cp311"]
     requirement = f"edgesplit[edge] @ {built.resolve().as_uri()}"
     _run(
-        [*pip, "download", "--quiet", *platforms, *target, "-d", str(wheels), requirement, "pip"],
+        [
+            *pip,
+            "download",
+            "--quiet",
+            *platforms,
+            *target,
+            "-d",
+            str(wheels),
+            requirement,
+            *board_data_requirements(project),
+            "pip",
+        ],
         "pip download (aarch64)",
     )
     return built
@@ -266,7 +285,8 @@ def install_board(userland: Userland, wheels: Path, cpu: str = DEFAULT_CPU) -> N
     env = {key: value for key, value in os.environ.items() if not key.startswith(("PIP_", "PYTHON"))}
     env["PIP_CONFIG_FILE"] = os.devnull
     pip_wheel = next(wheels.glob("pip-*.whl"))
-    install = ["install", "--quiet", "--no-index", "--find-links", str(wheels), "edgesplit[edge]"]
+    wanted = ["edgesplit[edge]", *board_data_requirements()]  # and ELPV's images (board_data_requirements)
+    install = ["install", "--quiet", "--no-index", "--find-links", str(wheels), *wanted]
     _run(userland.command(f"{pip_wheel}/pip", *install, cpu=cpu), "pip install edgesplit[edge] on aarch64", env=env)
 
 
