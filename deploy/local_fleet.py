@@ -375,6 +375,12 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
 
     overrides = parse_run_config(args.run_config)
+    if args.arm_boards and not args.data_root:  # an ARM board holds a folder, as a real one (deploy/elpv_folders.py)
+        from deploy.elpv_folders import write_elpv_folders
+
+        args.data_root = args.workdir.resolve() / "elpv-folders"
+        overrides = write_elpv_folders(args.data_root, args.boards, overrides)
+        print(f"ELPV split over {args.boards} boards written as image folders in {args.data_root}")
     boards = _boards(parser, args)
     if args.data_root and overrides.get("dataset") != DatasetKind.FOLDER:
         parser.error("--data-root needs --run-config \"dataset='folder' class-names='a,b' server-test-dir='...'\"")
