@@ -6,9 +6,22 @@ SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 PY := $(VENV)/bin/python
 RUN_CONFIG ?=
 
-.PHONY: setup run test lint benchmark clean
+.PHONY: setup arm64 run test lint benchmark clean
 
-setup: $(VENV)/.installed
+setup: $(VENV)/.installed arm64
+
+# qemu-user 10 (Debian 12's own 7.2 crashes importing ONNX Runtime for aarch64; bookworm-backports has 10.0)
+# and the emulated arm64 board's userland (deploy/arm64_userland.py; cached in ~/.cache/edgesplit/arm64,
+# made once, about 2 minutes): the ARM numerics test and `edgesplit deploy-local --arm-boards` run on them.
+BACKPORTS := deb http://deb.debian.org/debian bookworm-backports main
+arm64: $(VENV)/.installed
+	@$(PY) -m deploy.arm64_userland --qemu 2>/dev/null || { \
+	  grep -qs bookworm /etc/os-release || { $(PY) -m deploy.arm64_userland --check; exit 1; }; \
+	  grep -qrs bookworm-backports /etc/apt/sources.list /etc/apt/sources.list.d/ || \
+	    echo "$(BACKPORTS)" | $(SUDO) tee /etc/apt/sources.list.d/bookworm-backports.list >/dev/null; \
+	  $(SUDO) apt-get update -qq && \
+	  $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq -t bookworm-backports qemu-user; }
+	$(PY) -m deploy.arm64_userland
 
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)

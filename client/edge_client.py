@@ -9,6 +9,7 @@ test share. Its images and embeddings never leave this module except as head wei
 from __future__ import annotations
 
 import logging
+import platform
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -139,6 +140,7 @@ class EdgeClient:
             engine_fingerprint=instructions.engine_fingerprint,
             data_notes="; ".join(self.data.notes),
             golden_cosine=self._golden_cosines.get(instructions.engine_fingerprint, -1.0),
+            machine=platform.machine(),
         )
 
     def embedded(self, instructions: Instructions) -> EmbeddedData:

@@ -14,7 +14,8 @@ each use with what it rests on, so that a Flower upgrade is checked in one file:
 - the FedOpt strategies' moments, for the checkpoint (``strategy_state``);
 - the ClientApp mod types, Flower's noise formula, its ArrayRecord aggregation, its config-string
   parser and the FAB build's ignore rules;
-- a SuperNode that declares a shorter node heartbeat (``run_supernode_with_heartbeat``);
+- a SuperNode that declares a shorter node heartbeat (``run_supernode_with_heartbeat``), and one
+  whose app processes may take longer to start (``allow_slow_app_start``, an emulated board);
 - secure sums: Flower's SecAgg+ stages and primitives (``SecureBoard``, ``unmask_sum``), for sums
   of any arrays rather than the weighted average of one model its workflow and mod compute;
 - what tests need to stand in for Flower's runtime (``act_as``, ``mark_pushed``, ...).
@@ -402,6 +403,37 @@ def unmask_sum(
             sign = -1 if other > node else 1
             total = _add(total, pseudo_rand_gen(shared, mod_range, shapes), mod_range, sign)
     return total
+
+
+# --- a SuperNode whose apps start slowly (an emulated board) -----------------------------------
+
+
+def allow_slow_app_start(seconds: float) -> None:
+    """Give each app process this SuperNode's SuperExec starts ``seconds`` to connect (Flower: 30 s).
+
+    The SuperExec claims a task token, then starts a ClientApp process with it; if that process
+    has not activated the token 30 s later (``HEARTBEAT_DEFAULT_INTERVAL``), the node state puts the
+    task back to pending and the SuperExec starts another. An emulated board (qemu-aarch64 on a busy
+    machine) takes longer than that to import Flower, so it would start ClientApps without end and
+    none would answer. Flower has no option for it; this sets the constant in the node state's
+    internal module, in this SuperNode process only: a running app then also counts as dead after
+    two such windows without a heartbeat. On a Flower upgrade, check that the module still reads it.
+    """
+    from flwr.supercore.corestate import in_memory_corestate
+
+    if not hasattr(in_memory_corestate, "HEARTBEAT_DEFAULT_INTERVAL"):
+        raise RuntimeError("flwr.supercore.corestate.in_memory_corestate no longer reads HEARTBEAT_DEFAULT_INTERVAL")
+    setattr(in_memory_corestate, "HEARTBEAT_DEFAULT_INTERVAL", seconds)  # noqa: B010  (a module's constant, on purpose)
+
+
+def run_supernode(arguments: list[str]) -> None:
+    """``flower-supernode <arguments>`` in this process."""
+    import sys
+
+    from flwr.supernode.cli import flower_supernode
+
+    sys.argv = ["flower-supernode", *arguments]  # what Flower's parser reads
+    flower_supernode()
 
 
 # --- standing in for Flower's runtime, in tests --------------------------------------------------

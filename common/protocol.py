@@ -434,6 +434,7 @@ class ReplyStatus(BoardMessage):
     data_notes: str = ""  # what it skipped or lacks (short, no per-image content)
     golden_cosine: float = -1.0  # its engine's agreement with the server on the golden batch (-1: unchecked)
     fallback: str = ""  # set when its engine failed the golden check: what it does about it
+    machine: str = ""  # the board's CPU architecture, platform.machine(): x86_64, aarch64 ("": an older node)
 
     def check(self) -> None:
         check_cosine(self.golden_cosine)

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from common.kinds import DatasetKind
+from deploy.arm64_userland import DEFAULT_CPU, Userland
 from deploy.local_simulation import (
     PROJECT_ROOT,
     app_source,
@@ -35,6 +36,10 @@ from server.credentials import Credentials, make_credentials
 
 log = logging.getLogger(__name__)
 HEARTBEAT_LAUNCHER = Path(__file__).with_name("supernode_heartbeat.py")
+EMULATED_LAUNCHER = Path(__file__).with_name("emulated_supernode.py")
+# Seconds an emulated board's ClientApp process has to connect (Flower: 30); importing Flower under
+# qemu-aarch64 took longer than 30 s on this busy 2-core machine.
+EMULATED_APP_START_SECONDS = 300
 
 CONNECTION = "edgesplit-deployment"
 INSECURE_WARNING = (
@@ -51,6 +56,15 @@ class Board:
     name: str
     node_config: Mapping[str, Any] = field(default_factory=dict)
     env: Mapping[str, str] = field(default_factory=dict)
+    # How this board runs Python, where it is not this interpreter: an emulated arm64 board's
+    # launcher (deploy/arm64_userland.py), whose env also puts its Flower commands first on PATH.
+    python: tuple[str, ...] = ()
+
+
+def arm64_board(name: str, node_config: Mapping[str, Any], userland: Userland, cpu: str = DEFAULT_CPU) -> Board:
+    """A board whose SuperNode, SuperExec and ClientApps all run on the emulated aarch64 Python of
+    ``userland`` (qemu-aarch64 -cpu ``cpu``), with ``edgesplit[edge]`` as pip installed it there."""
+    return Board(name, node_config, userland.board_env(cpu), (str(userland.bin_dir / "python3"),))
 
 
 @dataclass
@@ -106,7 +120,7 @@ class LocalDeployment:
     def __exit__(self, *exc: object) -> None:
         self.stop()
 
-    def start(self, wait_online: float = 120) -> None:
+    def start(self, wait_online: float | None = None) -> None:
         """Credentials, SuperLink, registration of every board's key, then the SuperNodes."""
         if self.insecure:
             log.warning(INSECURE_WARNING)
@@ -122,7 +136,9 @@ class LocalDeployment:
             list(pool.map(self.register, [board.name for board in self.boards]))
         for board in self.boards:
             self.start_supernode(board.name)
-        self.wait_until_online(len(self.boards), wait_online)
+        # An emulated board's SuperNode imports Flower under qemu: a minute or more on a busy machine.
+        emulated = any(board.python for board in self.boards)
+        self.wait_until_online(len(self.boards), wait_online or (600 if emulated else 120))
 
     def stop(self) -> None:
         """Stop every process this deployment started, all at once: SuperNodes, the SuperLink, and
@@ -211,7 +227,10 @@ class LocalDeployment:
         board = next((b for b in self.boards if b.name == name), Board(name))
         node_config = {"cache-dir": str(self.board_dir(name) / "cache"), **board.node_config}
         launcher = ["flower-supernode"]
-        if self.heartbeat_interval is not None:
+        if board.python:  # an emulated board: slow to start its ClientApps (deploy/emulated_supernode.py)
+            heartbeat = str(self.heartbeat_interval or 0)
+            launcher = [*board.python, str(EMULATED_LAUNCHER), str(EMULATED_APP_START_SECONDS), heartbeat]
+        elif self.heartbeat_interval is not None:
             launcher = [sys.executable, str(HEARTBEAT_LAUNCHER), str(self.heartbeat_interval)]
         command = [
             *launcher,
@@ -294,6 +313,33 @@ def _last_json(output: str) -> dict[str, Any]:
     return parsed
 
 
+def _boards(parser: Any, args: Any) -> list[Board]:
+    """The boards ``deploy-local`` starts: x86 ones, then ``--arm-boards`` emulated ARM64 ones."""
+    from deploy.arm64_userland import SetupError, require
+
+    if not 0 <= args.arm_boards <= args.boards:
+        parser.error(f"--arm-boards must be between 0 and --boards ({args.boards})")
+    userland = None
+    if args.arm_boards:
+        try:
+            userland = require()
+        except SetupError as error:
+            parser.error(f"--arm-boards: {error}")
+    boards = []
+    for index in range(args.boards):
+        config: dict[str, Any] = {"partition-id": index, "num-partitions": args.boards}
+        if args.data_root:
+            folder = args.data_root.expanduser().resolve() / f"client-{index}"
+            if not folder.is_dir():
+                parser.error(f"{folder} does not exist: --data-root must hold client-0/ ... client-{args.boards - 1}/")
+            config = {"data-dir": str(folder)}
+        if userland is not None and index >= args.boards - args.arm_boards:
+            boards.append(arm64_board(f"board-{index}-aarch64", config, userland))
+        else:
+            boards.append(Board(f"board-{index}", config))
+    return boards
+
+
 def main(argv: list[str] | None = None) -> int:
     """``edgesplit deploy-local``: the whole deployment on this machine, then one run (or serve)."""
     import argparse
@@ -310,6 +356,13 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--boards", type=int, default=3, help="number of SuperNodes (default 3)")
     parser.add_argument(
+        "--arm-boards",
+        type=int,
+        default=0,
+        help="of these, how many run as emulated ARM64 boards (the last ones): flower-supernode installed with "
+        "edgesplit[edge] on Debian's arm64 Python under qemu-aarch64 (set up once: python -m deploy.arm64_userland)",
+    )
+    parser.add_argument(
         "--data-root",
         type=Path,
         help="folder holding client-<i>/ ImageFolders, one per board (default: ELPV, split over the boards)",
@@ -322,15 +375,13 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
 
     overrides = parse_run_config(args.run_config)
-    boards = []
-    for index in range(args.boards):
-        if args.data_root:
-            folder = args.data_root.expanduser().resolve() / f"client-{index}"
-            if not folder.is_dir():
-                parser.error(f"{folder} does not exist: --data-root must hold client-0/ ... client-{args.boards - 1}/")
-            boards.append(Board(f"board-{index}", {"data-dir": str(folder)}))
-        else:
-            boards.append(Board(f"board-{index}", {"partition-id": index, "num-partitions": args.boards}))
+    if args.arm_boards and not args.data_root:  # an ARM board holds a folder, as a real one (deploy/elpv_folders.py)
+        from deploy.elpv_folders import write_elpv_folders
+
+        args.data_root = args.workdir.resolve() / "elpv-folders"
+        overrides = write_elpv_folders(args.data_root, args.boards, overrides)
+        print(f"ELPV split over {args.boards} boards written as image folders in {args.data_root}")
+    boards = _boards(parser, args)
     if args.data_root and overrides.get("dataset") != DatasetKind.FOLDER:
         parser.error("--data-root needs --run-config \"dataset='folder' class-names='a,b' server-test-dir='...'\"")
 

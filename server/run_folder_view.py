@@ -50,6 +50,7 @@ class ClientRow:
     node: int
     board: str = ""  # the name its SuperNode was registered under, where it has one
     engine: str = ""
+    machine: str = ""  # the CPU architecture it reports (x86_64, aarch64)
     golden_cosine: float | None = None  # its engine's golden check (None: not reported)
     samples: int = 0
     rounds_joined: int = 0
@@ -149,6 +150,7 @@ class RunView:
             row.bytes_up += int(_bounded(event.get("bytes", 0), protocol.COUNT_LIMIT) or 0)
             row.bytes_down += int(_bounded(event.get("bytes_down", 0), protocol.COUNT_LIMIT) or 0)
             row.engine = event.get("engine", row.engine) or row.engine
+            row.machine = str(event.get("machine", row.machine) or row.machine)
             peak = _bounded(metrics.get(protocol.PEAK_RSS_MB, 0.0), protocol.METRIC_RANGES[protocol.PEAK_RSS_MB][1])
             row.peak_rss_mb = max(row.peak_rss_mb, peak or 0.0)
             low, high = protocol.METRIC_RANGES[protocol.CPU_TEMP_C]

@@ -299,6 +299,7 @@ class ReplyScreen:
             bytes=c.size,
             bytes_down=bytes_down,
             engine=c.status.engine,
+            machine=c.status.machine,
             golden_cosine=c.status.golden_cosine,
             metrics=metrics,
             **({"update_norm": round(norm, 6)} if norm is not None else {}),
@@ -318,6 +319,7 @@ class ReplyScreen:
     def note_engine(self, node: int, status: ReplyStatus, refused: bool) -> None:
         self.nodes[node] = {
             "engine": status.engine,
+            "machine": status.machine,
             "golden_cosine": None if status.golden_cosine < 0 else round(status.golden_cosine, 6),
             "fallback": status.fallback,
             "refused": refused,

@@ -342,3 +342,16 @@ def test_events_and_the_client_table_name_each_board(tmp_path: Path) -> None:
     assert [e.get("board") for e in events] == [None, "greenhouse-pi", None]  # node 7 has no name
     boards = {c["node"]: c["board"] for c in RunView(tmp_path / "run").state()["clients"]}
     assert boards == {"5": "greenhouse-pi", "7": ""}
+
+
+def test_the_client_table_shows_each_boards_machine_and_golden_cosine(tmp_path: Path) -> None:
+    """A mixed fleet: what each board reports of its CPU architecture and its engine's golden check."""
+    log = RunLog(tmp_path / "run")
+    log.event("client-reply", **_reply(1, 5, 0.2), engine="onnx-int8", machine="aarch64", golden_cosine=0.9931)
+    log.event("client-reply", **_reply(1, 7, 0.2), engine="onnx-int8", machine="x86_64", golden_cosine=0.9942)
+    log.event("client-reply", **_reply(2, 5, 0.2), engine="onnx-int8", golden_cosine=0.9931)  # an older node's key
+    rows = {
+        c["node"]: (c["machine"], c["engine"], c["golden_cosine"]) for c in RunView(tmp_path / "run").state()["clients"]
+    }
+    assert rows == {"5": ("aarch64", "onnx-int8", 0.9931), "7": ("x86_64", "onnx-int8", 0.9942)}
+    log.close()

@@ -102,6 +102,56 @@ def test_onnx_int8_holds_on_an_emulated_avx2_cpu_without_vnni(
     assert fast.mean() < 0.95, fast  # the saturation the engine avoids is really there on this class
 
 
+# Run by the emulated arm64 Python: the int8 engine as a board sets it up, and what the emulated CPU
+# says it has (AT_HWCAP from the auxiliary vector: bit 20 is the dot-product instructions, asimddp).
+_ARM64_CHILD = """
+import json, platform, struct, sys
+import numpy as np
+from common.engines import OnnxEngine, int8_kernels_saturate
+images = np.load(sys.argv[2])
+auxv = dict(struct.iter_unpack("<QQ", open("/proc/self/auxv", "rb").read()))
+features = OnnxEngine(sys.argv[1], 1)(images).tolist()
+print(json.dumps({"machine": platform.machine(), "dotprod": bool(auxv.get(16, 0) >> 20 & 1),
+                  "saturates": int8_kernels_saturate(), "features": features}))
+"""
+
+
+@pytest.mark.skipif(platform.machine() != "x86_64", reason="compares an emulated aarch64 board with this x86-64 host")
+def test_onnx_int8_on_an_emulated_arm64_board_computes_the_x86_features(
+    real_lite0: RealLite0, reference: np.ndarray, tmp_path: Path
+) -> None:
+    """A Raspberry Pi 5's CPU (qemu-aarch64 -cpu cortex-a76: dot-product instructions) runs the int8
+    model in the aarch64 ONNX Runtime wheel of a board's install (deploy/arm64_userland.py) and
+    computes this x86 host's int8 features: both accumulate int8 products in 32 bits, so only the
+    float parts differ. The bar (cosine 0.999 on every image) sits between that agreement and the
+    int8-vs-fp32 gap (about 0.994), so a saturating or otherwise different ARM kernel fails it."""
+    from deploy.arm64_userland import SetupError, require
+
+    try:
+        userland = require()
+    except SetupError as error:
+        pytest.fail(str(error))
+    images = real_lite0.images[:4]
+    np.save(tmp_path / "images.npy", images)
+    model = str(real_lite0.variants.path("onnx-int8"))
+    done = subprocess.run(
+        userland.command("-c", _ARM64_CHILD, model, str(tmp_path / "images.npy"), cpu="cortex-a76"),
+        cwd=Path(__file__).resolve().parent.parent,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    answer = json.loads(done.stdout.splitlines()[-1])
+    assert (answer["machine"], answer["dotprod"], answer["saturates"]) == ("aarch64", True, False)
+    arm = np.asarray(answer["features"])
+    x86 = OnnxEngine(real_lite0.variants.path("onnx-int8"), 1)(images)  # exact on every x86 class (above)
+    to_x86 = _cosines(arm, x86)
+    assert to_x86.min() > 0.999, to_x86
+    to_fp32 = _cosines(arm, reference[:4])
+    assert to_fp32.mean() > 0.98 and to_fp32.min() > 0.95, to_fp32  # the golden check's bar
+
+
 def test_variant_fingerprints_name_the_engine_and_cover_the_bytes(real_lite0: RealLite0) -> None:
     variants = real_lite0.variants
     prints = {engine: variants.variant_fingerprint(engine) for engine in ("torch", "onnx", "onnx-int8")}

@@ -408,12 +408,13 @@ def test_a_node_failing_its_golden_check_is_refused_then_gets_the_safer_variant(
     status = protocol.ReplyStatus(FP, "onnx-int8", "x", golden_cosine=0.61, fallback=why)
     failed.content[protocol.STATUS] = to_config_record(status)
     passed = _reply(sent[2], _head(0.5))
-    passed.content[protocol.STATUS] = to_config_record(protocol.ReplyStatus(FP, "onnx-int8", "x", golden_cosine=0.995))
+    arm = protocol.ReplyStatus(FP, "onnx-int8", "x", golden_cosine=0.995, machine="aarch64")
+    passed.content[protocol.STATUS] = to_config_record(arm)
     arrays, _ = strategy.aggregate_train(1, [failed, passed])
     assert arrays is not None and strategy.tally.record.clients_rejected == 1
     nodes = strategy.screen.nodes  # the run's (summary.json's "nodes")
-    assert nodes[1] == {"engine": "onnx-int8", "golden_cosine": 0.61, "fallback": why, "refused": True}
-    assert nodes[2]["golden_cosine"] == 0.995 and not nodes[2]["refused"]
+    assert nodes[1] == {"engine": "onnx-int8", "machine": "", "golden_cosine": 0.61, "fallback": why, "refused": True}
+    assert nodes[2]["golden_cosine"] == 0.995 and not nodes[2]["refused"] and nodes[2]["machine"] == "aarch64"
 
     grid.engines[1] = "onnx"  # what node 1 answers now: client/golden.py's fallback
     grid.fallbacks = {1: "onnx-int8 golden cosine 0.6100 < golden-min-cosine 0.98; runs onnx"}

@@ -84,6 +84,7 @@ function confusion(table, matrix, classes, recall) {
 const CLIENT_COLUMNS = [
   ["node", "node", (c) => c.node],
   ["board", "board", (c) => c.board || "–"],
+  ["machine", "machine", (c) => c.machine || "–"],
   ["engine", "engine", (c) => c.engine],
   ["golden_cosine", "golden cos", (c) => (c.golden_cosine == null ? "–" : fmt(c.golden_cosine, 4))],
   ["samples", "samples", (c) => c.samples],
