@@ -3,7 +3,9 @@ the server does about them: a ClientApp mod, so that the training code has no fa
 
 Set by run-config ``fault-clients`` (by partition id), ``fault-dropout`` and ``fault-delay``; a
 client without a partition id (a real board) commits none. Train messages get every fault;
-evaluate messages the ones that happen before any work (crash, dropout, straggle).
+evaluate messages the ones that happen before any work (crash, dropout, straggle). In a secure
+sum, a ``drop-at-<stage>`` fault drops out at that stage only, and a poisoning fault spoils the
+masked part (the server can only refuse the sum).
 """
 
 from __future__ import annotations
