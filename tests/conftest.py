@@ -35,6 +35,7 @@ torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER") else 2)
 LONGEST_FIRST = (
     "test_deployment.py",
     "test_faults_runtime.py",
+    "test_ray_cluster.py",
     "test_personal_ncm.py",
     "test_secure_runs.py",
     "test_flower_runtime.py",
