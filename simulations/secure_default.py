@@ -90,13 +90,15 @@ def split_of(images: dict[str, tuple[np.ndarray, int]], config: RunConfig) -> tu
     return pool, parts
 
 
-def lda_statistics(pool: Pool, parts: list[np.ndarray], start: dict[str, np.ndarray], secure: bool) -> RidgeStats:
+def lda_statistics(
+    pool: Pool, parts: list[np.ndarray], start: dict[str, np.ndarray], secure: bool, floor: int = 5
+) -> RidgeStats:
     """The federation's statistics: in the clear, each board leaving out a class it holds fewer
-    than 5 images of and summing in float64; secure, every image, each board's part in fixed point
-    summed modulo the range as the unmasked secure sum is."""
+    than ``floor`` images of and summing in float64; secure, every image, each board's part in fixed
+    point summed modulo the range as the unmasked secure sum is."""
     head = NumpyHead(HeadKind.LINEAR, start)
     boards = [
-        ridge_sums(head.last_inputs, pool.train_x[s], pool.train_y[s], pool.num_classes, 1 if secure else 5)
+        ridge_sums(head.last_inputs, pool.train_x[s], pool.train_y[s], pool.num_classes, 1 if secure else floor)
         for s in parts
     ]
     names = ("counts", "gram", "sums")
@@ -127,14 +129,12 @@ def one_seed(
     found["old default (random, 30 rounds)"] = federate(pool, parts, base, start, base.num_server_rounds)[-1]
     secured = lda_statistics(pool, parts, start, secure=True)
     clear = lda_statistics(pool, parts, start, secure=False)
+    exact = lda_statistics(pool, parts, start, secure=False, floor=1)  # every image, in float64
     secure_head = closed_form_start(pool, lda, HeadInit.LDA, start, secured)
     found["LDA, tau 0.5, clear (floor 5 per board)"] = evaluate(
         pool, HeadKind.LINEAR, closed_form_start(pool, lda, HeadInit.LDA, start, clear)
     )
     found["LDA, tau 0.5, secure sums (0 rounds)"] = evaluate(pool, HeadKind.LINEAR, secure_head)
-    exact = RidgeStats(
-        **{n: np.asarray(getattr(lda_statistics_float(pool, parts, start), n)) for n in ("gram", "sums", "counts")}
-    )
     found["LDA, tau 0.5, float sums (reference)"] = evaluate(
         pool, HeadKind.LINEAR, closed_form_start(pool, lda, HeadInit.LDA, start, exact)
     )
@@ -156,15 +156,6 @@ def one_seed(
     train = Pool(pool.train_x, pool.train_y, pool.test_x, pool.test_y, pool.num_classes, True)
     found["centralised logistic probe (accuracy)"] = centralised_logistic(train, seed, work)
     return found
-
-
-def lda_statistics_float(pool: Pool, parts: list[np.ndarray], start: dict[str, np.ndarray]) -> RidgeStats:
-    """Every image, summed in float64: what the secure sum's fixed point is held to."""
-    head = NumpyHead(HeadKind.LINEAR, start)
-    boards = [ridge_sums(head.last_inputs, pool.train_x[s], pool.train_y[s], pool.num_classes, 1) for s in parts]
-    return RidgeStats(
-        **{n: np.sum([getattr(b, n).astype(np.float64) for b in boards], axis=0) for n in ("gram", "sums", "counts")}
-    )
 
 
 def table(results: list[dict[str, Any]]) -> list[str]:
