@@ -139,7 +139,15 @@ def test_every_reply_holds_only_head_arrays_and_numbers(elpv_runs: tuple[dict[st
             assert isinstance(value, int | float) and not isinstance(value, bool)
         assert set(reply["configs"]) <= {"status"}
         for key, value in reply["configs"].get("status", {}).items():
-            allowed = {"fingerprint", "engine", "engine-fingerprint", "held-fingerprint", "data-notes", "fallback"}
+            allowed = {
+                "fingerprint",
+                "engine",
+                "engine-fingerprint",
+                "held-fingerprint",
+                "data-notes",
+                "fallback",
+                "machine",
+            }
             if key == "golden-cosine":  # the one number of a status: the engine's golden check
                 assert isinstance(value, float)
             else:
