@@ -34,7 +34,7 @@ $(VENV)/.installed: pyproject.toml
 	command -v chromium >/dev/null && command -v qemu-x86_64 >/dev/null || { $(SUDO) apt-get update -qq && $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium qemu-user; }
 	touch $@
 
-run: setup
+run: $(VENV)/.installed  # the main job needs no emulated board
 	$(PY) -m deploy.simulate --run-config "$(RUN_CONFIG)"
 
 lint: setup
@@ -46,7 +46,7 @@ test: lint
 	# Two workers, one test file each at a time (module fixtures stay in one process), longest files first (tests/conftest.py).
 	$(PY) -m pytest -n 2 --dist loadfile --no-loadscope-reorder --durations=10
 
-benchmark: setup
+benchmark: $(VENV)/.installed
 	$(PY) -m simulations.benchmark
 
 clean:
