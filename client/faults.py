@@ -123,8 +123,10 @@ def fault_injector(state: ProcessState) -> Mod:
 
     def inject_faults(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
         phase = msg.metadata.message_type.split(".")[0]
-        client = state.client(context.run_config, context.node_config)
         stage = secure_stage(msg)
+        if stage is None and phase not in (MessageType.TRAIN, MessageType.EVALUATE):
+            return call_next(msg, context)
+        client = state.client(context.run_config, context.node_config)
         if stage is not None:  # a stage of a secure sum: it may drop out here
             listed = (
                 client.config.faults().get(client.node.partition_id) if client.node.partition_id is not None else None

@@ -39,20 +39,15 @@ from common.flower_glue import (
 from common.protocol import (
     ARRAYS,
     BACKBONE_RECEIVED,
-    CLASS_COUNTS,
-    CLASS_STATS,
     METRICS,
     NUM_EXAMPLES,
     REFUSAL_CODE,
-    RIDGE_STATS,
+    STATISTICS_RECORDS,
     STATUS,
     Phase,
 )
 
 log = logging.getLogger(__name__)
-
-# The record a statistics reply carries its statistics in, by what the query asks.
-STATISTICS_RECORDS = {Phase.CLASS_SUMS: CLASS_STATS, Phase.RIDGE_SUMS: RIDGE_STATS, Phase.CLASS_COUNTS: CLASS_COUNTS}
 
 
 def secure_sums(state: ProcessState) -> Mod:

@@ -172,6 +172,8 @@ class Phase(StrEnum):
 
 # The phases that travel as a query message, told apart by their action.
 QUERIES = (Phase.BACKBONE_STATUS, Phase.CLASS_SUMS, Phase.RIDGE_SUMS, Phase.CLASS_COUNTS)
+# The record each one-shot query's statistics travel in.
+STATISTICS_RECORDS = {Phase.CLASS_SUMS: CLASS_STATS, Phase.RIDGE_SUMS: RIDGE_STATS, Phase.CLASS_COUNTS: CLASS_COUNTS}
 
 
 class ProtocolError(ValueError):

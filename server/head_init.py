@@ -46,14 +46,6 @@ class Gathered:
     facts: dict[str, Any]
 
 
-# The record each query's statistics travel in.
-RECORDS = {
-    Phase.CLASS_SUMS: protocol.CLASS_STATS,
-    Phase.RIDGE_SUMS: protocol.RIDGE_STATS,
-    Phase.CLASS_COUNTS: protocol.CLASS_COUNTS,
-}
-
-
 def _gather(
     strategy: EdgeSplitStrategy, run: ServerRun, grid: Grid, head: dict[str, np.ndarray], phase: Phase
 ) -> Gathered:
@@ -76,7 +68,7 @@ def _gather(
         shapes = secure_sum.statistics_part_shapes(run.statistics_shapes(phase))
         result = summed(strategy, phase, messages, grid, shapes)
         facts, total = result.facts(), result.total
-        problem = result.reason or (sum_problem(run, phase, total) if total is not None else None)
+        problem = result.reason or (sum_problem(strategy, run, phase, total) if total is not None else None)
         if problem is not None:
             log.warning("%s: no usable secure sum: %s", phase.value, problem)
             return Gathered(None, 0, {**facts, "no_sum": problem})
@@ -85,35 +77,31 @@ def _gather(
     prepared = strategy.prepare(phase, messages, grid)
     replies = grid.send_and_receive(prepared, timeout=run.config.round_timeout)
     accepted = strategy.screened(phase, replies).accepted
-    parts = [from_array_record(reply.content.array_records[RECORDS[phase]]) for reply in accepted]
+    parts = [from_array_record(reply.content.array_records[protocol.STATISTICS_RECORDS[phase]]) for reply in accepted]
     # in an order of their content, not of their arrival: the same replies give the same sum
     parts.sort(key=lambda part: hashlib.sha256(b"".join(part[n].tobytes() for n in sorted(part))).digest())
     total = {name: np.sum([p[name].astype(np.float64) for p in parts], axis=0) for name in parts[0]} if parts else None
     return Gathered(total, len(accepted), {"secure": False})
 
 
-def sum_problem(run: ServerRun, phase: Phase, total: dict[str, np.ndarray]) -> str | None:
+def sum_problem(strategy: EdgeSplitStrategy, run: ServerRun, phase: Phase, total: dict[str, np.ndarray]) -> str | None:
     """Why a secure sum of statistics cannot be used (no reply of it could be screened, so the sum
-    is): values not finite, counts that are no counts or not the images summed, a Gram matrix's
-    trace beyond what that many images' features can have, or fewer images than the Gram floor."""
-    if not all(np.all(np.isfinite(values)) for values in total.values()):
-        return "the sum has values that are not finite"
-    counts, images = total["counts"], float(total[secure_sum.NUM_EXAMPLES][0])
-    if np.any(counts < -1e-3) or np.abs(counts - np.rint(counts)).max() > 1e-3:
-        return "the summed class counts are not counts (a board's part was not what it should be)"
-    counted = float(np.rint(counts).sum())
+    is): whatever the reply screen refuses in one board's statistics of this query (a sum of honest
+    parts passes it too: finite, whole counts, Cauchy-Schwarz, the trace bound), counts that are not
+    the images the parts say they summed, or fewer images than the Gram floor."""
+    statistics = {name: values for name, values in total.items() if name != secure_sum.NUM_EXAMPLES}
+    reason = strategy.screen.statistics[phase][1](statistics)
+    if reason is not None:
+        return f"the sum fails the check of one board's statistics: {reason}"
+    counted, images = float(total["counts"].sum()), float(total[secure_sum.NUM_EXAMPLES][0])
     if counted > images + 1e-3 or (phase is not Phase.CLASS_SUMS and abs(counted - images) > 1e-3):
         return f"the statistics count {counted:.0f} images where the boards' parts say {images:.0f}"
-    if phase is Phase.RIDGE_SUMS:
-        trace = float(np.trace(RidgeStats(gram=total["gram"], sums=total["sums"], counts=counts).full_gram()))
-        if trace > counted * run.ridge_feature_bound() * (1 + 1e-6) + 1e-3:
-            return f"the summed Gram's trace {trace:.4g} is beyond what {counted:.0f} images' features can have"
-        floor = run.config.min_sum_examples or run.ridge_stats_shapes()["sums"][-1]
-        if counted < floor:
-            return (
-                f"the sum covers {counted:.0f} images, fewer than the {floor} below which a Gram matrix is an exact "
-                "membership test of its images (README, trust model); more boards or more images are needed"
-            )
+    floor = run.config.min_sum_examples or run.ridge_stats_shapes()["sums"][-1]
+    if phase is Phase.RIDGE_SUMS and counted < floor:
+        return (
+            f"the sum covers {counted:.0f} images, fewer than the {floor} below which a Gram matrix is an exact "
+            "membership test of its images (README, trust model); more boards or more images are needed"
+        )
     return None
 
 
