@@ -340,9 +340,11 @@ def mean_of_sum(
     train parts (common/secure_sum.py), or why the sum cannot be used. No reply could be screened,
     so the sum is: finite, a positive weight (in a DP run exactly one per board), the average's
     arrays within max-weight-norm of the round's start, and (DP) its update within the clipping
-    norm, as a mean of clipped updates must be."""
+    norm, as a mean of clipped updates must be. The weight must be a whole number."""
     weight = float(total[secure_sum.WEIGHT][0])
-    if not all(np.all(np.isfinite(v)) for v in total.values()) or weight <= 0:
+    # Each weight is a whole number of images, encoded exactly: a sum with a fraction holds a part
+    # that is no honest board's (a made-up part lands on a whole number once in 2**20).
+    if not all(np.all(np.isfinite(v)) for v in total.values()) or weight <= 0 or weight != round(weight):
         return {}, {}, f"the summed updates are not usable (total weight {weight:.6g}, or values not finite)"
     if dp_clipping_norm > 0 and abs(weight - boards) > 1e-3:
         return {}, {}, f"the summed weights are {weight:.6g} where {boards} boards of a DP run weigh 1 each"
