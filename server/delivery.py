@@ -5,7 +5,10 @@ objects did not all reach the SuperLink comes back as "message unavailable", and
 board's push can fail with no reply ever coming. Waiting for ``round-timeout`` then costs the whole
 round. So a node's instruction is sent again, a bounded number of times, when its reply is
 reported lost, or when it is overdue by that node's own deadline: a few times its slowest reply so
-far, so that a slow board is waited for and a lost message is not. Training is idempotent (the
+far, so that a slow board is waited for and a lost message is not. The deadline counts from the
+later of the node's last send and the exchange's last reply: while replies keep arriving the
+federation is working through a queue (two ClientApp actors serving a thousand simulated boards,
+a loaded SuperLink), and a board waiting its turn is late, not lost. Training is idempotent (the
 same head, seed and cached embeddings give the same update), so whichever copy's reply comes
 first is the node's reply; a later one is dropped.
 """
@@ -66,17 +69,20 @@ class Delivery:
             node_of[message_id] = node
         end = None if timeout is None else started + timeout
         replies: list[Message] = []
+        progress = started  # when the last reply of this exchange arrived
         while pending:
             for reply in self.grid.pull_messages(list(node_of)):
                 node = node_of.pop(reply.metadata.reply_to_message_id, -1)
                 if node in pending:
                     self._arrived(reply, node, pending, node_of, replies)
+                    progress = time.monotonic()
             now = time.monotonic()
             if not pending or (end is not None and now >= end):
                 break
             for node, item in list(pending.items()):
                 limit = self.deadline(node)
-                if limit is not None and item.resends < MAX_RESENDS and now - item.last_sent >= limit:
+                waited = now - max(item.last_sent, progress)
+                if limit is not None and item.resends < MAX_RESENDS and waited >= limit:
                     self._resend(node, item, node_of, f"no reply within {limit:.0f}s ({OVERDUE_FACTOR:g}x its slowest)")
             time.sleep(self.poll)
         return replies

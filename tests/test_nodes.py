@@ -116,6 +116,24 @@ def test_an_overdue_reply_is_sent_again_by_the_nodes_own_deadline_and_counted_on
     assert events == ["message-resent", "reply-recovered"]
 
 
+def test_a_node_waiting_its_turn_while_replies_keep_arriving_is_not_sent_again(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(delivery, "OVERDUE_MIN_SECONDS", 0.15)
+    # Round 1: every node answers at once. Round 2: a queue (two actors, many boards): node k
+    # answers 0.05 k s after the push, node 6 at twice its deadline, yet one after another.
+    rounds = {"now": 1}
+    grid = FleetGrid(lambda node, copy: (0.0 if rounds["now"] == 1 else 0.05 * node, float(node)))
+    events: list[str] = []
+    channel = Delivery(grid, 0.01, lambda kind, **f: events.append(kind))
+    channel.send_and_receive(_messages(1, 2, 3, 4, 5, 6), 5)  # type: ignore[arg-type]
+    assert channel.deadline(6) == pytest.approx(0.15)
+    rounds["now"] = 2
+    replies = channel.send_and_receive(_messages(1, 2, 3, 4, 5, 6), 5)  # type: ignore[arg-type]
+    assert _values(replies) == {k: float(k) for k in range(1, 7)}
+    assert events == [] and len(grid.pushed) == 12  # nothing re-sent
+
+
 def test_a_node_that_died_is_not_sent_again() -> None:
     dead = Error(code=ErrorCode.NODE_UNAVAILABLE, reason="Node Unavailable")
     grid = FleetGrid(lambda node, copy: (0.0, dead) if node == 2 else (0.0, 1.0))
