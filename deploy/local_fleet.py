@@ -41,6 +41,8 @@ EMULATED_LAUNCHER = Path(__file__).with_name("emulated_supernode.py")
 # qemu-aarch64 took longer than 30 s on this busy 2-core machine.
 EMULATED_APP_START_SECONDS = 300
 
+HEARTBEAT_DEFAULT = 30.0  # seconds: Flower's node heartbeat, where heartbeat_interval is None
+
 CONNECTION = "edgesplit-deployment"
 INSECURE_WARNING = (
     "\n" + "!" * 78 + "\n"
@@ -85,6 +87,8 @@ class LocalDeployment:
     heartbeat_interval: float | None = None
     _superlink: subprocess.Popen[bytes] | None = field(default=None, init=False, repr=False)
     _supernodes: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict, init=False, repr=False)
+    _node_ids: dict[str, int] = field(default_factory=dict, init=False, repr=False)  # board -> its node id
+    _started: set[str] = field(default_factory=set, init=False, repr=False)  # boards started at least once
 
     # --- paths -------------------------------------------------------------------------------
 
@@ -203,7 +207,12 @@ class LocalDeployment:
         does once per board); the run's events, dashboard and report then name the board."""
         key = str(self.credentials.board_public_key(name))
         output = self._flwr("supernode", "register", key, CONNECTION, "--name", name, "--format", "json")
-        return int(_last_json(output)["node-id"])
+        self._node_ids[name] = int(_last_json(output)["node-id"])
+        return self._node_ids[name]
+
+    def node_id(self, name: str) -> int:
+        """The node id the SuperLink gave the board's key when it was registered (a restarted board keeps it)."""
+        return self._node_ids[name]
 
     def node_status(self) -> dict[int, str]:
         """Node id -> status ("registered", "online", "offline", ...) as the SuperLink sees it."""
@@ -252,6 +261,7 @@ class LocalDeployment:
 
     def start_supernode(self, name: str, key: Path | None = None) -> subprocess.Popen[bytes]:
         """Start (or restart) a board's SuperNode; ``key`` overrides its private key (tests)."""
+        self._wait_until_offline(name)
         home = self.board_dir(name) / "flwr-home"
         home.mkdir(parents=True, exist_ok=True)
         board = next((b for b in self.boards if b.name == name), Board(name))
@@ -261,7 +271,23 @@ class LocalDeployment:
             flower_env(home, {**(self.extra_env or {}), **board.env}),
         )
         self._supernodes[name] = process
+        self._started.add(name)
         return process
+
+    def _wait_until_offline(self, name: str) -> None:
+        """Before a board starts again: the SuperLink refuses to activate a node it still counts online
+        (the new SuperNode exits with code 305, "Failed to activate SuperNode"), and it counts a
+        SuperNode that died without saying goodbye (killed, unplugged) online until it has missed two
+        heartbeats. So wait until it counts the node offline: at most two heartbeat intervals."""
+        node = self._node_ids.get(name)
+        if name not in self._started or node is None or self.node_status().get(node) != "online":
+            return  # a first start, or after a clean stop (a SuperNode deactivates its node as it exits)
+        timeout = 2 * (self.heartbeat_interval or HEARTBEAT_DEFAULT) + 30
+        deadline = time.monotonic() + timeout
+        while self.node_status().get(node) == "online":
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"the SuperLink still counts {name} (node {node}) online after {timeout:.0f}s")
+            time.sleep(0.5)
 
     def stop_supernode(self, name: str, kill: bool = False) -> None:
         """Stop a board's SuperNode and its ClientApp; ``kill`` pulls the plug (SIGKILL, no goodbye)."""

@@ -21,6 +21,8 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -69,17 +71,31 @@ def _run(deployment: LocalDeployment, config: dict[str, Any], timeout: float) ->
 
 
 def warm_run(
-    label: str, app_dir: Path, workdir: Path, fleet: list[Board], config: dict[str, Any], rounds: int, timeout: float
+    label: str,
+    app_dir: Path,
+    workdir: Path,
+    fleet: list[Board],
+    config: dict[str, Any],
+    rounds: int,
+    timeout: float,
+    during: Callable[[LocalDeployment, Path], None] | None = None,
 ) -> tuple[Path, float]:
     """Start the fleet, fill its caches with a one-round run, then run ``rounds`` rounds warm:
-    (that run's folder, its wall time in seconds)."""
+    (that run's folder, its wall time in seconds). ``during(deployment, run folder)`` runs beside
+    the warm run, in a thread (it must return by itself, the run's end does not stop it)."""
     config = {"runs-dir": str(workdir / "runs"), "cache-dir": str(workdir / "server-cache"), **config}
+    run_dir = workdir / "runs" / f"{label}-warm"
     with LocalDeployment(workdir / label, fleet, app_dir=app_dir) as deployment:
         print(f"{label}: {len(fleet)} boards online; filling their caches", flush=True)
         _run(deployment, {**config, "num-server-rounds": 1, "run-name": f"{label}-fill"}, timeout)
         print(f"{label}: measuring a warm run of {rounds} rounds", flush=True)
-        wall = _run(deployment, {**config, "num-server-rounds": rounds, "run-name": f"{label}-warm"}, timeout)
-    return workdir / "runs" / f"{label}-warm", wall
+        warm = {**config, "num-server-rounds": rounds, "run-name": run_dir.name}
+        with ThreadPoolExecutor(max_workers=1) as pool:
+            beside = pool.submit(during, deployment, run_dir) if during is not None else None
+            wall = _run(deployment, warm, timeout)
+            if beside is not None:
+                beside.result()
+    return run_dir, wall
 
 
 def events_of(run_dir: Path) -> list[dict[str, Any]]:
