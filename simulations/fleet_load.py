@@ -9,9 +9,11 @@ processes at their replies: start-up, work and nothing else).
 
 With ``--restart-in-round K`` (default 2; 0: none), one board's SuperNode is killed (SIGKILL, no
 goodbye) while it works on round K's training and started again at once, with its key, node config
-and cache: the table says in which round it replied again.
+and cache: the table says in which round it replied again. A run without a restart writes the section
+"A fleet under load: 10 and 30 boards on one SuperLink", one with it a section of its own.
 
-    python -m simulations.fleet_load --boards 10 30 --rounds 5
+    python -m simulations.fleet_load --boards 10 30 --rounds 5 --restart-in-round 0
+    python -m simulations.fleet_load --boards 30 --rounds 5 --restart-in-round 2
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ from simulations.fleet_rounds import cpu_class, events_of, warm_run
 
 COMMAND = "python -m simulations.fleet_load"
 SECTION = "A fleet under load: 10 and 30 boards on one SuperLink"
+SECTION_RESTART = "A fleet under load with a board restarted mid-run"
 CLASSES = ("ok", "crack")
 
 
@@ -213,7 +216,7 @@ def main(argv: list[str] | None = None) -> int:
     restart = args.restart_in_round
     update_section(
         args.output,
-        SECTION,
+        SECTION_RESTART if restart else SECTION,
         f"Command: `{COMMAND} --boards {' '.join(map(str, args.boards))} --rounds {args.rounds} "
         f"--restart-in-round {restart}`. "
         f"CPU: {cpu_class()}; {len(os.sched_getaffinity(0))} cores, every process on this one machine.\n"
