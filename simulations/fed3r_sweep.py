@@ -147,14 +147,21 @@ def federate(
     start: dict[str, np.ndarray],
     rounds: int,
     prior: np.ndarray | None = None,
+    per_round: int = 0,
 ) -> list[ClassificationReport]:
     """``rounds`` of FedAvg from ``start``: each client trains the NumPy head as a board does
-    (client/edge_client.py), Flower's FedAvg averages by examples; the report after each round."""
+    (client/edge_client.py), Flower's FedAvg averages by examples; the report after each round.
+    ``per_round``: clients sampled each round, seeded by the run's seed (0: every client)."""
     head, reports = dict(start), []
     prior_shares = () if prior is None else tuple(prior)
+    sampler = np.random.default_rng(config.seed)
     for server_round in range(1, rounds + 1):
         replies = []
-        for k, share in enumerate(parts):
+        chosen = sorted(sampler.choice(len(parts), per_round, replace=False)) if per_round else range(len(parts))
+        for k in chosen:
+            share = parts[k]
+            if len(share) == 0:  # an empty client trains nothing (Flower's FedAvg would weigh it 0)
+                continue
             local_counts = np.bincount(pool.train_y[share], minlength=pool.num_classes)
             weights, offsets = training_offsets(
                 config.class_balance,

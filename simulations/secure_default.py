@@ -64,9 +64,12 @@ def all_images(config: RunConfig) -> dict[str, tuple[np.ndarray, int]]:
     return found
 
 
-def split_of(images: dict[str, tuple[np.ndarray, int]], config: RunConfig) -> tuple[Pool, list[np.ndarray]]:
-    """The seed's split as a run with ``config`` makes it: the server's held-out files, and each
-    client's training share (the board trains on it; its local test share is not scored here)."""
+def split_of(
+    images: dict[str, tuple[np.ndarray, int]], config: RunConfig, clients: int = CLIENTS
+) -> tuple[Pool, list[np.ndarray]]:
+    """The seed's split as a run with ``config`` over ``clients`` makes it: the server's held-out
+    files, and each client's training share (the board trains on it; its local test share is not
+    scored here)."""
     from client.local_data import load_local_data
     from server.server_run import server_test_files
 
@@ -74,8 +77,8 @@ def split_of(images: dict[str, tuple[np.ndarray, int]], config: RunConfig) -> tu
     train_x: list[np.ndarray] = []
     train_y: list[int] = []
     parts: list[np.ndarray] = []
-    for k in range(CLIENTS):
-        share = load_local_data(config, NodeConfig(partition_id=k, num_partitions=CLIENTS)).train
+    for k in range(clients):
+        share = load_local_data(config, NodeConfig(partition_id=k, num_partitions=clients)).train
         parts.append(np.arange(len(train_y), len(train_y) + len(share.paths)))
         train_x += [images[p][0] for p in share.paths]
         train_y += [images[p][1] for p in share.paths]
