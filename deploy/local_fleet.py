@@ -41,6 +41,7 @@ EMULATED_LAUNCHER = Path(__file__).with_name("emulated_supernode.py")
 # qemu-aarch64 took longer than 30 s on this busy 2-core machine.
 EMULATED_APP_START_SECONDS = 300
 
+PORT_TAKEN = "address already in use"  # a SuperNode's log when its API port went to another process
 HEARTBEAT_DEFAULT = 30.0  # seconds: Flower's node heartbeat, where heartbeat_interval is None
 
 CONNECTION = "edgesplit-deployment"
@@ -222,6 +223,7 @@ class LocalDeployment:
 
     def wait_until_online(self, count: int, timeout: float) -> None:
         deadline = time.monotonic() + timeout
+        port_retries: dict[str, int] = {}
         while time.monotonic() < deadline:
             try:
                 # Thirty SuperNodes starting on two busy cores can keep `flwr supernode list` past
@@ -231,9 +233,16 @@ class LocalDeployment:
                 continue
             if sum(status == "online" for status in statuses.values()) >= count:
                 return
-            for name, process in self._supernodes.items():
-                if process.poll() is not None:
-                    raise RuntimeError(f"SuperNode {name} exited with {process.returncode}; see {self.log_path(name)}")
+            for name, process in list(self._supernodes.items()):
+                if process.poll() is None:
+                    continue
+                # Its API port was free when picked and taken before it bound it (Ray and other
+                # SuperNodes open ports too): start it again on a new one, a few times at most.
+                if PORT_TAKEN in self.log_path(name).read_text(errors="replace") and port_retries.get(name, 0) < 3:
+                    port_retries[name] = port_retries.get(name, 0) + 1
+                    self.start_supernode(name)
+                    continue
+                raise RuntimeError(f"SuperNode {name} exited with {process.returncode}; see {self.log_path(name)}")
             time.sleep(0.5)
         raise RuntimeError(f"Fewer than {count} SuperNodes came online within {timeout:.0f}s; see {self.workdir}/logs")
 
