@@ -257,3 +257,39 @@ def test_tls_authenticated_deployment_with_a_board_dying_mid_round(tmp_path: Pat
             break
         time.sleep(0.5)
     assert leftovers.strip() == "", f"processes left running: {leftovers}"
+
+
+def _exited(text: str, log: Path) -> subprocess.Popen[bytes]:
+    """A SuperNode that wrote ``text`` to its log and exited."""
+    log.parent.mkdir(parents=True, exist_ok=True)
+    log.write_text(text)
+    process = subprocess.Popen(["true"])
+    process.wait()
+    return process
+
+
+def test_a_supernode_whose_port_was_taken_starts_again_and_another_exit_is_an_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    deployment = LocalDeployment(tmp_path, [Board("board-0")])
+    taken = "ERROR: [Errno 98] error while attempting to bind on address ('127.0.0.1', 55591): address already in use"
+    deployment._supernodes["board-0"] = _exited(taken, deployment.log_path("board-0"))
+    restarts: list[str] = []
+    with subprocess.Popen(["sleep", "30"]) as running_again:
+
+        def start_again(name: str) -> subprocess.Popen[bytes]:
+            restarts.append(name)
+            deployment._supernodes[name] = running_again
+            return running_again
+
+        monkeypatch.setattr(deployment, "start_supernode", start_again)
+        monkeypatch.setattr(deployment, "node_status", lambda timeout=60: {7: "online"} if restarts else {})
+        deployment.wait_until_online(1, timeout=10)
+        running_again.kill()
+    assert restarts == ["board-0"]
+
+    deployment._supernodes["board-0"] = _exited("Failed to activate SuperNode\n", deployment.log_path("board-0"))
+    monkeypatch.setattr(deployment, "node_status", lambda timeout=60: {})
+    with pytest.raises(RuntimeError, match="SuperNode board-0 exited with 0"):
+        deployment.wait_until_online(1, timeout=10)
+    assert restarts == ["board-0"]
