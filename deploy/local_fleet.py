@@ -298,12 +298,15 @@ class LocalDeployment:
         node = self._node_ids.get(name)
         if name not in self._started or node is None or self.node_status().get(node) != "online":
             return  # a first start, or after a clean stop (a SuperNode deactivates its node as it exits)
-        timeout = 2 * (self.heartbeat_interval or HEARTBEAT_DEFAULT) + 30
+        heartbeat = self.heartbeat_interval or HEARTBEAT_DEFAULT
+        timeout = 2 * heartbeat + 30
         deadline = time.monotonic() + timeout
         while self.node_status().get(node) == "online":
             if time.monotonic() > deadline:
                 raise RuntimeError(f"the SuperLink still counts {name} (node {node}) online after {timeout:.0f}s")
-            time.sleep(0.5)
+            # Each `flwr supernode list` is a Python process of its own: asking a few times per
+            # heartbeat is enough, and leaves the cores to the run going on meanwhile.
+            time.sleep(heartbeat / 4)
 
     def stop_supernode(self, name: str, kill: bool = False) -> None:
         """Stop a board's SuperNode and its ClientApp; ``kill`` pulls the plug (SIGKILL, no goodbye)."""

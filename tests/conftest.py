@@ -32,12 +32,9 @@ torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER") else 2)
 # (the deployment, about 3 minutes) starts beside a short one while the other worker works through
 # the next longest, and no long file starts last and runs alone. The 2nd makes the session's shared
 # Lite0 variants at once (its first run is in process), before the deployment's first run needs them.
-# With --dist loadfile each worker holds two files at a time: the deployment test's partner is a
-# short file, so the other long ones go to the other worker while the deployment runs.
 LONGEST_FIRST = (
     "test_deployment.py",
     "test_faults_runtime.py",
-    "test_config.py",
     "test_ray_cluster.py",
     "test_personal_ncm.py",
     "test_secure_runs.py",
