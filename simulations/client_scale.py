@@ -26,7 +26,6 @@ import os
 import shutil
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 from statistics import mean
@@ -35,7 +34,7 @@ from typing import Any
 from deploy.local_simulation import PROJECT_ROOT, flwr_run_results
 from simulations.benchmark import markdown_table, save_figure, update_section
 from simulations.fleet_rounds import cpu_class
-from simulations.sim_memory import tree_rss_mib
+from simulations.sim_memory import peak_memory
 
 COMMAND = "python -m simulations.client_scale"
 SECTION = "10, 100 and 1,000 simulated clients: random and closed-form starts"
@@ -73,22 +72,12 @@ def run_config(clients: int, partitioner: str, start: str, rounds: int, cache: P
 def measure(clients: int, partitioner: str, start: str, rounds: int, timeout: float) -> dict[str, Any]:
     """One run, its memory sampled every half second; its cold cache is deleted after."""
     tmp = Path(tempfile.mkdtemp(prefix=f"edgesplit-scale-{clients}-"))
-    peak = [0.0]
-    done = threading.Event()
-
-    def sample() -> None:
-        while not done.wait(0.5):
-            peak[0] = max(peak[0], tree_rss_mib(os.getpid()))
-
-    sampler = threading.Thread(target=sample, daemon=True)
-    sampler.start()
     started = time.monotonic()
     try:
-        config = run_config(clients, partitioner, start, rounds, tmp / "cache")
-        summary, events = flwr_run_results(tmp, "scale", config, clients, timeout=timeout)
+        with peak_memory() as peak:
+            config = run_config(clients, partitioner, start, rounds, tmp / "cache")
+            summary, events = flwr_run_results(tmp, "scale", config, clients, timeout=timeout)
     finally:
-        done.set()
-        sampler.join()
         shutil.rmtree(tmp, ignore_errors=True)
     initial = next(e for e in events if e["event"] == "initial-evaluation")
     head_init = summary["head_init"]
@@ -105,7 +94,7 @@ def measure(clients: int, partitioner: str, start: str, rounds: int, timeout: fl
         "boards_in_statistics": head_init.get("boards_in_sum", head_init.get("nodes", 0)),
         "resent": sum(e["event"] == "message-resent" for e in events),
         "failed": sum(e["event"] == "client-failed" for e in events),
-        "peak_mib": round(peak[0]),
+        "peak_mib": round(peak.mib),
         "wall_seconds": round(time.monotonic() - started, 1),
         "cpu": cpu_class(),
     }

@@ -17,6 +17,8 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 from deploy.local_simulation import flwr_run, process_tree
@@ -34,6 +36,33 @@ def tree_rss_mib(pid: int) -> float:
     return total / 1024
 
 
+@dataclass
+class Peak:
+    mib: float = 0.0  # the largest summed resident set seen
+    processes: int = 0  # how many processes held it
+
+
+@contextlib.contextmanager
+def peak_memory(interval: float = 0.5) -> Iterator[Peak]:
+    """The peak summed resident set of this process's descendants while the block runs, sampled
+    every ``interval`` seconds in a thread."""
+    peak, done = Peak(), threading.Event()
+
+    def sample() -> None:
+        while not done.wait(interval):
+            rss = tree_rss_mib(os.getpid())
+            if rss > peak.mib:
+                peak.mib, peak.processes = rss, len(process_tree(os.getpid()))
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    try:
+        yield peak
+    finally:
+        done.set()
+        sampler.join()
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--clients", type=int, default=1000)
@@ -44,21 +73,9 @@ def main(argv: list[str] | None = None) -> int:
     tmp = Path(tempfile.mkdtemp(prefix="edgesplit-sim-memory-"))
     config = {"export-model": False, "runs-dir": str(tmp / "runs"), "run-name": "memory"}
     config.update(parse_run_config(args.run_config))
-    peak = [0.0, 0]  # MiB, processes then
-    done = threading.Event()
-
-    def sample() -> None:
-        while not done.wait(0.5):
-            rss = tree_rss_mib(os.getpid())
-            if rss > peak[0]:
-                peak[:] = [rss, len(process_tree(os.getpid()))]
-
-    sampler = threading.Thread(target=sample, daemon=True)
-    sampler.start()
     started = time.monotonic()
-    result = flwr_run(config, args.clients, tmp / "home", timeout=args.timeout)
-    done.set()
-    sampler.join()
+    with peak_memory() as peak:
+        result = flwr_run(config, args.clients, tmp / "home", timeout=args.timeout)
     summary_path = tmp / "runs" / "memory" / "summary.json"
     summary = json.loads(summary_path.read_text()) if summary_path.is_file() else {}
     shutil.rmtree(tmp, ignore_errors=True)
@@ -69,8 +86,8 @@ def main(argv: list[str] | None = None) -> int:
                 "run_config": args.run_config,
                 "returncode": result.returncode,
                 "wall_seconds": round(time.monotonic() - started, 1),
-                "peak_tree_rss_mib": round(peak[0]),
-                "processes_at_peak": peak[1],
+                "peak_tree_rss_mib": round(peak.mib),
+                "processes_at_peak": peak.processes,
                 "rounds": [
                     {key: record.get(key) for key in ("round", "accuracy", "macro_f1", "seconds", "clients_ok")}
                     for record in summary.get("rounds", [])
