@@ -24,6 +24,7 @@ from flwr.serverapp import Grid
 
 from common.flower_glue import LOST_REPLY_CODES, answer_to
 from common.kinds import EventKind
+from common.protocol import SERVER_ROUND
 
 OVERDUE_FACTOR = 3.0  # a node's deadline: this many times its slowest reply so far ...
 OVERDUE_MIN_SECONDS = 30.0  # ... and never less than this (a ClientApp process starts per message)
@@ -136,6 +137,11 @@ class Delivery:
 
 
 def _round(message: Message) -> int | None:
-    """The round a message belongs to (Flower's strategies put it in the group id)."""
+    """The round a message belongs to: Flower's strategies put it in every config record (and the
+    legacy workflows in the group id); a query before round 1 has neither."""
+    for record in message.content.config_records.values():
+        server_round = record.get(SERVER_ROUND)
+        if isinstance(server_round, int):
+            return server_round
     group = message.metadata.group_id
     return int(group) if group.isdigit() else None

@@ -8,7 +8,7 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 import pytest
-from flwr.app import Error, Message, MetricRecord, RecordDict
+from flwr.app import ConfigRecord, Error, Message, MetricRecord, RecordDict
 
 from common.flower_glue import ErrorCode, act_as, mark_pushed
 from server import delivery
@@ -61,7 +61,9 @@ def task_identity() -> None:
 
 
 def _messages(*nodes: int) -> list[Message]:
-    return [Message(RecordDict(), node, "train", group_id="4") for node in nodes]
+    """Round 4's train messages as Flower 1.42's strategies make them: the round in the config
+    record, not in the group id."""
+    return [Message(RecordDict({"config": ConfigRecord({"server-round": 4})}), node, "train") for node in nodes]
 
 
 def _values(replies: list[Message]) -> dict[int, Any]:
