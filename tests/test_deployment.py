@@ -6,8 +6,8 @@ TLS is on; an unregistered board is refused; each board gets the backbone varian
 (the default int8 ONNX model, or torch weights where its node config says so); a board is killed
 in the middle of a round and the round completes with the others; started again at once, it
 rejoins the same run under the same node id, in the next round that starts after it is back, and
-does not download the backbone again; a 44.7 MB backbone goes through, and stopping in the middle
-of that run stops every process.
+does not download the backbone again; a run with secure sums and a 44.7 MB backbone goes through,
+and stopping in the middle of that run stops every process.
 """
 
 from __future__ import annotations
@@ -213,20 +213,12 @@ def test_tls_authenticated_deployment_with_a_board_dying_mid_round(tmp_path: Pat
         assert table["board-1"]["cpu_temp_c"] is None and table[VICTIM]["failures"] == 1
         assert all(e["metrics"]["train-seconds"] > 0 for e in replies)
 
-        # This run sums the updates with SecAgg+ (secure sums): the boards' protocol state lives in
-        # each SuperNode's context between the ClientApp processes of its four stages.
-        secure = {"secure-sums": True, "min-clients": 3}
-        _finish(deployment.submit(_run_config(tmp_path, "second", rounds=1) | secure))
-        summary, events = _summary_and_events(tmp_path, "second")
-        assert summary["rounds"][0]["backbones_sent"] == 0
-        assert summary["rounds"][0]["clients_ok"] == 3 and summary["rounds"][0]["secure"] is True
-        assert summary["rounds"][0]["bytes_down"] < 100_000
-        sums = [e for e in events if e["event"] == "secure-sum"]
-        assert [(e["boards_in_sum"], e["dropped"]) for e in sums] == [(3, {})]
-        assert not [e for e in events if e["event"] == "client-reply" and e["phase"] == "train"]  # no clear update
-        assert summary["nodes"][str(victim_node)]["engine"] == "torch"
-
-        # A larger backbone (ResNet-18, 44.7 MB of float32 weights) streams through the same link.
+        # The last run sums the updates with SecAgg+ (secure sums): the boards' protocol state lives
+        # in each SuperNode's context between the ClientApp processes of its four stages. Its backbone
+        # is new to every board and large (ResNet-18, 44.7 MB of float32 weights): it streams through
+        # the same link. Stopping in the middle of a run (what Ctrl-C or SIGTERM on deploy-local does)
+        # ends every process, the ServerApp included: Flower starts it in a session of its own. This
+        # run is the one stopped, after its first round.
         torch.manual_seed(0)
         torch.save(torchvision.models.resnet18().state_dict(), tmp_path / "resnet18.pt")
         large = {
@@ -234,17 +226,19 @@ def test_tls_authenticated_deployment_with_a_board_dying_mid_round(tmp_path: Pat
             "backbone-weights": str(tmp_path / "resnet18.pt"),
             "image-size": 64,
             "engine": "torch",  # the float32 weights themselves, for every board
+            "secure-sums": True,
+            "min-clients": 3,
         }
-        # Stopping in the middle of a run (what Ctrl-C or SIGTERM on deploy-local does) ends every
-        # process, the ServerApp included: Flower starts it in a session of its own. The large
-        # backbone's run is the one stopped, after its first round.
         deployment.submit(_run_config(tmp_path, "large", rounds=100) | large)
         _wait_for_line(tmp_path / "runs" / "large" / "events.jsonl", '"round-end"', timeout=240)
         lines = (tmp_path / "runs" / "large" / "events.jsonl").read_text().splitlines(keepends=True)
         events = [json.loads(line) for line in lines if line.endswith("\n")]
         first_round = next(e for e in events if e["event"] == "round-end" and e["round"] == 1)
-        assert first_round["backbones_sent"] == 3 and first_round["clients_ok"] == 3
+        assert first_round["backbones_sent"] == 3 and first_round["clients_ok"] == 3 and first_round["secure"] is True
         assert first_round["bytes_down"] > 3 * 44_000_000
+        sums = [e for e in events if e["event"] == "secure-sum"]
+        assert [(e["boards_in_sum"], e["dropped"]) for e in sums] == [(3, {})]
+        assert not [e for e in events if e["event"] == "client-reply" and e["phase"] == "train"]  # no clear update
         running_before = deployment.process_ids()
         assert any("flwr-serverapp" in _command_names(pid) for pid in running_before)
         started = [deployment.supernode(b.name) for b in boards]
