@@ -34,6 +34,7 @@ from typing import Any
 from deploy.local_simulation import PROJECT_ROOT, flwr_run_results
 from simulations.benchmark import markdown_table, save_figure, update_section
 from simulations.fleet_rounds import cpu_class
+from simulations.secure_default import LDA_KEYS
 from simulations.sim_memory import peak_memory
 
 COMMAND = "python -m simulations.client_scale"
@@ -53,7 +54,7 @@ STARTS: dict[str, dict[str, Any]] = {
     },
 }
 # The secure default's logit adjustment (tau 0.5) trades accuracy for the rare defect levels' recall.
-STARTS["lda-adjusted"] = {**STARTS["lda"], "class-balance": "logit-adjusted", "logit-adjust-tau": 0.5}
+STARTS["lda-adjusted"] = {**STARTS["lda"], **LDA_KEYS}
 
 
 def run_config(clients: int, partitioner: str, start: str, rounds: int, cache: Path) -> dict[str, Any]:

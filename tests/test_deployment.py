@@ -38,6 +38,7 @@ pytestmark = pytest.mark.flower
 CLASSES = {"ok": 8, "crack": 8}
 VICTIM = "board-2"
 HEARTBEAT = 10.0
+ROUNDS = 5  # of the first run: the rounds after the kill give the restarted board time to be back
 
 
 def _run_config(tmp: Path, name: str, rounds: int) -> dict[str, Any]:
@@ -140,7 +141,7 @@ def test_tls_authenticated_deployment_with_a_board_dying_mid_round(tmp_path: Pat
 
         # Run 1: the victim is killed (SIGKILL, with its ClientApp) while it embeds in round 1, and
         # started again at once, as a board that reboots: its key, node config and cache.
-        first = deployment.submit(_run_config(tmp_path, "first", rounds=5))
+        first = deployment.submit(_run_config(tmp_path, "first", rounds=ROUNDS))
         output: list[str] = []
         reader = threading.Thread(target=lambda: output.append(_finish(first)))
         reader.start()
@@ -160,7 +161,8 @@ def test_tls_authenticated_deployment_with_a_board_dying_mid_round(tmp_path: Pat
         reader.join(timeout=420)
         assert output, "the run did not finish"
         summary, events = _summary_and_events(tmp_path, "first")
-        assert [r["round"] for r in summary["rounds"]] == [1, 2, 3, 4, 5]
+        later = range(2, ROUNDS + 1)
+        assert [r["round"] for r in summary["rounds"]] == [1, *later]
         assert summary["rounds"][0]["clients_ok"] == 2 and summary["rounds"][0]["clients_failed"] == 1
         assert summary["final"]["accuracy"] >= 0.75
         failed = [e for e in events if e["event"] == "client-failed"]
@@ -174,17 +176,17 @@ def test_tls_authenticated_deployment_with_a_board_dying_mid_round(tmp_path: Pat
         # round after. Round 1 ends as the SuperLink counts it offline, the earliest it can be let in
         # again: it comes back during round 2 (with two boards, a few seconds) or at its end.
         began = {e["round"] + 1: e["time"] for e in events if e["event"] == "round-end"}
-        after_restart = [r for r in (2, 3, 4, 5) if began[r] > back_at]
+        after_restart = [r for r in later if began[r] > back_at]
         replies_of_victim = [e for e in events if e["event"] == "client-reply" and e["node"] == victim_node]
         rejoined = sorted({e["round"] for e in replies_of_victim})
         assert rejoined, f"back at {back_at - killed_at:.1f}s after the kill: {events}"
-        assert rejoined == list(range(rejoined[0], 6)), (rejoined, back_at - killed_at)  # to the run's end
+        assert rejoined == list(range(rejoined[0], ROUNDS + 1)), (rejoined, back_at - killed_at)  # to the run's end
         assert not after_restart or rejoined[0] <= after_restart[0], (rejoined, after_restart)
         trained = {e["round"] for e in replies_of_victim if e["phase"] == "train"}
-        assert [r["clients_ok"] for r in summary["rounds"]] == [2] + [2 + (r in trained) for r in (2, 3, 4, 5)]
+        assert [r["clients_ok"] for r in summary["rounds"]] == [2] + [2 + (r in trained) for r in later]
         # all three in round 1, before the kill; restarted with its cache, the victim was asked what it
         # holds (a failed node may have lost its cache) and got no backbone again
-        assert [r["backbones_sent"] for r in summary["rounds"]] == [3, 0, 0, 0, 0]
+        assert [r["backbones_sent"] for r in summary["rounds"]] == [3] + [0] * len(later)
         sent = {e["node"]: e["engine"] for e in events if e["event"] == "backbone-sent"}
         assert sent.pop(victim_node) == "torch" and list(sent.values()) == ["onnx-int8"] * 2
         # 13.6 MB of torch weights for the victim, 3.9 MB of int8 model for each of the others, and
@@ -194,7 +196,7 @@ def test_tls_authenticated_deployment_with_a_board_dying_mid_round(tmp_path: Pat
         assert all(r["bytes_down"] < 100_000 for r in summary["rounds"][1:])
         replies = [e for e in events if e["event"] == "client-reply"]
         short_of_a_class = [e for e in replies if e["metrics"]["classes-missing"] == 1]
-        assert len(short_of_a_class) == 5  # board-1, in every round
+        assert len(short_of_a_class) == ROUNDS  # board-1, in every round
         notes = short_of_a_class[0]["notes"]
         assert "no images for classes: ['crack']" in notes and "ignored 1 class folder(s)" in notes
         assert "smudge" not in notes  # the board's own folder: counted, not named
